@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test CI runs, on a fresh Linux machine with Rust, installing what it needs.
+# README.md names this script as the project's one test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "unit, property, integration and fuzz-smoke tests"
+cargo test --workspace --quiet 2>&1 | tee /tmp/stompd-cargo-test.log
+# Surface one closing tally for CI logs that only read the last lines.
+awk '/^test result:/ { split($0, a, " "); p += a[4]; f += a[6] } END { printf "cargo tests: %d passed, %d failed\n", p, f }' /tmp/stompd-cargo-test.log
+
+step "fuzz smoke (libFuzzer, needs a nightly toolchain)"
+scripts/fuzz-smoke.sh "${STOMPD_FUZZ_SECONDS:-30}"
