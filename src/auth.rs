@@ -281,6 +281,16 @@ fn valid_user(user: &str) -> bool {
         && !user.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
+/// Bounds on the work one verification may take, so a mistyped parameter cannot make loading
+/// (which hashes a dummy at the file's cost) or every CONNECT take minutes. Each is several
+/// times the strongest setting in common advice: argon2id 256 MiB (OWASP's minimum is 19 MiB,
+/// RFC 9106's first choice 2 GiB is for disk encryption, not logins), 16 passes, 16 lanes;
+/// bcrypt cost 16 (about 5 s; NATS uses 11, the bcrypt crate defaults to 12).
+pub const ARGON2_M_COST_MAX: u32 = 256 * 1024;
+pub const ARGON2_T_COST_MAX: u32 = 16;
+pub const ARGON2_P_COST_MAX: u32 = 16;
+pub const BCRYPT_COST_MAX: u32 = 16;
+
 fn parse_hash(hash: &str, user: &str, line: usize) -> Result<Credential, PasswordFileError> {
     let malformed = |kind, reason: String| PasswordFileError::MalformedHash {
         line,
@@ -292,9 +302,22 @@ fn parse_hash(hash: &str, user: &str, line: usize) -> Result<Credential, Passwor
         // password_hash errors describe the field, never echo the string.
         let parsed =
             PasswordHash::new(hash).map_err(|error| malformed("argon2id", error.to_string()))?;
-        Params::try_from(&parsed).map_err(|error| malformed("argon2id", error.to_string()))?;
+        let params =
+            Params::try_from(&parsed).map_err(|error| malformed("argon2id", error.to_string()))?;
         if parsed.hash.is_none() {
             return Err(malformed("argon2id", "no hash output".to_owned()));
+        }
+        if params.m_cost() > ARGON2_M_COST_MAX
+            || params.t_cost() > ARGON2_T_COST_MAX
+            || params.p_cost() > ARGON2_P_COST_MAX
+        {
+            return Err(malformed(
+                "argon2id",
+                format!(
+                    "parameters above stompd's bounds (m <= {ARGON2_M_COST_MAX} KiB, \
+                     t <= {ARGON2_T_COST_MAX}, p <= {ARGON2_P_COST_MAX})"
+                ),
+            ));
         }
         Ok(Credential::Argon2(hash.to_owned()))
     } else if ["$2a$", "$2b$", "$2y$"]
@@ -302,12 +325,21 @@ fn parse_hash(hash: &str, user: &str, line: usize) -> Result<Credential, Passwor
         .any(|prefix| hash.starts_with(prefix))
     {
         // bcrypt's own error would quote the hash, so the reason is ours.
-        hash.parse::<bcrypt::HashParts>().map_err(|_| {
+        let parts = hash.parse::<bcrypt::HashParts>().map_err(|_| {
             malformed(
                 "bcrypt",
                 "expected $2b$<cost>$ and 53 characters of salt and hash".to_owned(),
             )
         })?;
+        if parts.get_cost() > BCRYPT_COST_MAX {
+            return Err(malformed(
+                "bcrypt",
+                format!(
+                    "cost {} is above stompd's bound of {BCRYPT_COST_MAX}",
+                    parts.get_cost()
+                ),
+            ));
+        }
         Ok(Credential::Bcrypt(hash.to_owned()))
     } else {
         Err(PasswordFileError::UnsupportedHash {

@@ -150,6 +150,23 @@ fn malformed_lines_name_the_line_and_never_the_hash() {
 }
 
 #[test]
+fn hashes_costlier_than_the_bounds_are_refused_without_hashing_them() {
+    // Hand-written strings: producing them would take the time the bound prevents.
+    let salt_and_hash = "c29tZXNhbHRzb21lc2FsdA$ofc77LQgxnLmnj6+TIKK/eJ3GIY0QjGH/32+jayI1/s";
+    for params in ["m=262145,t=1,p=1", "m=8,t=17,p=1", "m=256,t=1,p=17"] {
+        let text = format!("a:$argon2id$v=19${params}${salt_and_hash}\n");
+        let message = error(&text).to_string();
+        assert!(
+            message.contains("above stompd's bounds"),
+            "{params}: {message}"
+        );
+    }
+    let cost_17 = cheap_bcrypt("x").replacen("$04$", "$17$", 1);
+    let message = error(&format!("a:{cost_17}\n")).to_string();
+    assert!(message.contains("cost 17"), "{message}");
+}
+
+#[test]
 fn duplicate_users_are_an_error_naming_both_lines() {
     let text = format!(
         "alice:{}\n# comment\nalice:{}\n",
@@ -240,4 +257,46 @@ fn password_file_is_shareable_across_threads() {
         })
         .collect();
     assert!(handles.into_iter().all(|handle| handle.join().unwrap()));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the bytes, loading returns a file or an error; it never panics.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = PasswordFile::parse(&bytes, PasswordFormat::Hashed);
+            let _ = PasswordFile::parse(&bytes, PasswordFormat::StompserverPlain);
+        }
+
+        /// Lines shaped like hashes (right prefix, random rest) are refused or accepted, never
+        /// a panic; cheap because nothing valid is hashed.
+        #[test]
+        fn hash_shaped_garbage_never_panics(
+            prefix in prop_oneof![Just("$argon2id$"), Just("$2b$"), Just("$2y$04$")],
+            rest in "[ -~]{0,80}",
+        ) {
+            let text = format!("u:{prefix}{rest}\n");
+            let _ = PasswordFile::parse(text.as_bytes(), PasswordFormat::Hashed);
+        }
+
+        /// In stompserver's format, every user's own password verifies and no other does.
+        #[test]
+        fn plain_passwords_verify_exactly(
+            entries in proptest::collection::btree_map("[a-z0-9_.@-]{1,12}", "[!-~]([ -~]{0,20}[!-~])?", 1..8),
+        ) {
+            let text: String = entries.iter().map(|(user, password)| format!("{user}:{password}\n")).collect();
+            let file = PasswordFile::parse(text.as_bytes(), PasswordFormat::StompserverPlain).unwrap();
+            prop_assert_eq!(file.len(), entries.len());
+            for (user, password) in &entries {
+                prop_assert!(file.verify(user.as_bytes(), password.as_bytes()));
+                let wrong = format!("{password}x");
+                prop_assert!(!file.verify(user.as_bytes(), wrong.as_bytes()));
+                let unknown = format!("{user}~");
+                prop_assert!(!file.verify(unknown.as_bytes(), password.as_bytes()));
+            }
+        }
+    }
 }

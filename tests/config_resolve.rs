@@ -668,3 +668,55 @@ fn a_bad_password_file_is_a_config_error() {
     assert!(file.verify(b"alice", b"plain"));
     assert!(config::load_password_file(&ok(&[], &[])).unwrap().is_none());
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Any valid combination survives print-config and reading back through `-C`.
+        #[test]
+        fn valid_settings_round_trip_through_print_config(
+            shards in 1usize..=1024,
+            frame in 1024usize..=1 << 30,
+            line_pick in any::<usize>(),
+            body_pick in any::<usize>(),
+            headers in 8usize..=100_000,
+            connections in 1usize..=1_000_000,
+            heartbeat in prop_oneof![Just(0u64), 100u64..=3_600_000],
+            grace_tenths in 10u32..=100,
+            fsync in prop_oneof![
+                Just(FsyncPolicy::Always),
+                Just(FsyncPolicy::Never),
+                (1u64..=60_000).prop_map(FsyncPolicy::Every),
+            ],
+            port in any::<u16>(),
+        ) {
+            let line = 256 + line_pick % (frame - 255);
+            let body = 1 + body_pick % frame;
+            let grace = f64::from(grace_tenths) / 10.0;
+            let owned = [
+                "--shards".to_owned(), shards.to_string(),
+                "--frame-bytes-max".to_owned(), frame.to_string(),
+                "--header-line-bytes-max".to_owned(), line.to_string(),
+                "--body-bytes-max".to_owned(), body.to_string(),
+                "--headers-count-max".to_owned(), headers.to_string(),
+                "--connections-max".to_owned(), connections.to_string(),
+                "--heartbeat-send-ms".to_owned(), heartbeat.to_string(),
+                "--heartbeat-read-grace-factor".to_owned(), grace.to_string(),
+                "--fsync".to_owned(), fsync.to_string(),
+                "-p".to_owned(), port.to_string(),
+            ];
+            let flags: Vec<&str> = owned.iter().map(String::as_str).collect();
+            let resolved = ok(&flags, &[]);
+            prop_assert_eq!(resolved.config.limits.header_line_bytes_max, line);
+            prop_assert_eq!(resolved.config.fsync, fsync);
+            let dir = tempfile::tempdir().unwrap();
+            let path = toml_file(dir.path(), &resolved.to_toml());
+            let again = ok(&["-C", path.to_str().unwrap()], &[]);
+            prop_assert_eq!(again.config, resolved.config);
+        }
+    }
+}
