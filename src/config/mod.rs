@@ -425,41 +425,21 @@ pub fn resolve(args: &RunArgs, env: &BTreeMap<String, String>) -> Result<Resolve
         }
     }
 
-    let lookup = |name: &str| env.get(name).cloned();
-    match Layer::from_env(&lookup) {
-        Ok(mut layer) => {
-            let mut log_var = env_var_name("log_level");
-            if layer.log_level.is_none() {
-                if let Some(filter) = env.get("RUST_LOG").filter(|value| !value.trim().is_empty()) {
-                    layer.log_level = Some(filter.clone());
-                    log_var = "RUST_LOG".to_owned();
-                }
-            }
-            merged.overlay(
-                layer,
-                &|key| {
-                    if key == "log_level" {
-                        Origin::Env(log_var.clone())
-                    } else {
-                        Origin::Env(env_var_name(key))
-                    }
-                },
-                &mut origins,
-            );
-        }
+    match env_layer(env) {
+        Ok((layer, log_var)) => merged.overlay(
+            layer,
+            &|key| {
+                Origin::Env(if key == "log_level" {
+                    log_var.clone()
+                } else {
+                    env_var_name(key)
+                })
+            },
+            &mut origins,
+        ),
         Err(env_errors) => errors.extend(env_errors),
     }
-    let known: Vec<String> = Layer::KEYS.iter().map(|key| env_var_name(key)).collect();
-    for name in env.keys() {
-        let ours =
-            name.starts_with("STOMPD_") && name != "STOMPD_CONFIG" && name != "STOMPD_WORKDIR";
-        if ours && !known.contains(name) {
-            warnings.push(format!(
-                "environment variable {name} is not a stompd setting and is ignored \
-                 (stompd --help lists them)"
-            ));
-        }
-    }
+    warnings.extend(unknown_env_warnings(env));
 
     merged.overlay(
         args.to_layer(),
@@ -468,33 +448,14 @@ pub fn resolve(args: &RunArgs, env: &BTreeMap<String, String>) -> Result<Resolve
         },
         &mut origins,
     );
-    if args.host.is_some() || args.port.is_some() {
-        let base = merged.listen.clone().unwrap_or_default();
-        match split_host_port(&base) {
-            Ok((host, port)) => {
-                let host = args.host.clone().unwrap_or(host);
-                let port = args.port.unwrap_or(port);
-                merged.listen = Some(join_host_port(&host, port));
-                let flag = match (&args.host, &args.port) {
-                    (Some(_), Some(_)) => "-b/--host and -p/--port",
-                    (Some(_), None) => "-b/--host",
-                    _ => "-p/--port",
-                };
-                origins.insert("listen", Origin::Flag(flag.to_owned()));
-            }
-            Err(reason) => errors.push(ConfigError::Invalid {
-                key: "listen",
-                value: base,
-                origin: origins["listen"].clone(),
-                reason: format!("{reason} (so -b/-p cannot edit it)"),
-            }),
-        }
+    if let Err(error) = apply_host_port(args, &mut merged, &mut origins) {
+        errors.push(error);
     }
     if let Some(seconds) = args.checkpoint.filter(|&seconds| seconds > 0) {
         warnings.push(format!(
             "-c {seconds}: stompserver's checkpoint interval is mapped to fsync = every:{}; \
-             messages receipted in the last {seconds} s can be lost on power loss. Drop -c to \
-             keep fsync = always.",
+             messages receipted in the last {seconds} s can be lost on power loss. Without -c \
+             the fsync setting applies (default always).",
             seconds.saturating_mul(1000)
         ));
     }
@@ -553,6 +514,65 @@ pub fn resolve_file(path: &Path) -> Result<Resolved, ConfigErrors> {
         ..RunArgs::default()
     };
     resolve(&args, &BTreeMap::new())
+}
+
+/// The environment's layer, and the variable `log_level` came from (`RUST_LOG` counts when
+/// `STOMPD_LOG_LEVEL` is unset, since that is where Rust operators look first).
+fn env_layer(env: &BTreeMap<String, String>) -> Result<(Layer, String), Vec<ConfigError>> {
+    let mut layer = Layer::from_env(&|name: &str| env.get(name).cloned())?;
+    let mut log_var = env_var_name("log_level");
+    if layer.log_level.is_none() {
+        if let Some(filter) = env.get("RUST_LOG").filter(|value| !value.trim().is_empty()) {
+            layer.log_level = Some(filter.clone());
+            log_var = "RUST_LOG".to_owned();
+        }
+    }
+    Ok((layer, log_var))
+}
+
+/// A `STOMPD_` variable that is no setting is most likely a typo the operator wants to hear of.
+fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
+    let known: Vec<String> = Layer::KEYS.iter().map(|key| env_var_name(key)).collect();
+    env.keys()
+        .filter(|name| name.starts_with("STOMPD_"))
+        .filter(|name| !["STOMPD_CONFIG", "STOMPD_WORKDIR"].contains(&name.as_str()))
+        .filter(|name| !known.contains(name))
+        .map(|name| {
+            format!(
+                "environment variable {name} is not a stompd setting and is ignored \
+                 (stompd --help lists them)"
+            )
+        })
+        .collect()
+}
+
+/// stompserver's `-b HOST` / `-p PORT` replace one half of the listen address the lower layers
+/// agreed on (clap already refuses them next to `--listen`).
+fn apply_host_port(
+    args: &RunArgs,
+    merged: &mut Layer,
+    origins: &mut BTreeMap<&'static str, Origin>,
+) -> Result<(), ConfigError> {
+    if args.host.is_none() && args.port.is_none() {
+        return Ok(());
+    }
+    let base = merged.listen.clone().unwrap_or_default();
+    let (host, port) = split_host_port(&base).map_err(|reason| ConfigError::Invalid {
+        key: "listen",
+        value: base.clone(),
+        origin: origins["listen"].clone(),
+        reason: format!("{reason} (so -b/-p cannot edit it)"),
+    })?;
+    let host = args.host.clone().unwrap_or(host);
+    let port = args.port.unwrap_or(port);
+    merged.listen = Some(join_host_port(&host, port));
+    let flag = match (&args.host, &args.port) {
+        (Some(_), Some(_)) => "-b/--host and -p/--port",
+        (Some(_), None) => "-b/--host",
+        _ => "-p/--port",
+    };
+    origins.insert("listen", Origin::Flag(flag.to_owned()));
+    Ok(())
 }
 
 /// Splits `HOST:PORT` (`[v6]:PORT` for IPv6).
