@@ -69,7 +69,7 @@ fn defaults_when_nothing_is_said() {
     assert_eq!(config.out_buffer_bytes_max, defaults::OUT_BUFFER_BYTES_MAX);
     assert_eq!(config.heartbeat_send_ms, 10_000);
     assert_eq!(config.heartbeat_receive_ms, 10_000);
-    assert_eq!(config.heartbeat_read_grace_factor, 1.5);
+    assert_eq!(config.heartbeat_read_grace_percent, 200);
     assert_eq!(config.fsync, FsyncPolicy::Always);
     assert_eq!(config.queue_type, QueueType::File);
     assert_eq!(config.auth, AuthConfig::Off);
@@ -136,7 +136,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("out_buffer_bytes_max", "65536", "65536"),
         ("heartbeat_send_ms", "0", "0"),
         ("heartbeat_receive_ms", "2000", "2000"),
-        ("heartbeat_read_grace_factor", "2.5", "2.5"),
+        ("heartbeat_read_grace_percent", "250", "250"),
         ("fsync", "\"every:20\"", "every:20"),
         ("queue_type", "\"memory\"", "memory"),
         ("auth_file", "\"/etc/stompd/users\"", "/etc/stompd/users"),
@@ -170,8 +170,12 @@ fn every_key_is_read_from_file_env_and_flags() {
         assert_eq!(config.out_buffer_bytes_max, 65536, "{source}");
         assert_eq!(config.heartbeat_send_ms, 0, "{source}");
         assert_eq!(config.heartbeat_receive_ms, 2000, "{source}");
-        assert_eq!(config.heartbeat_read_grace_factor, 2.5, "{source}");
-        assert_eq!(config.fsync, FsyncPolicy::Every(20), "{source}");
+        assert_eq!(config.heartbeat_read_grace_percent, 250, "{source}");
+        assert_eq!(
+            config.fsync,
+            FsyncPolicy::Every { interval_ms: 20 },
+            "{source}"
+        );
         assert_eq!(config.queue_type, QueueType::Memory, "{source}");
         assert_eq!(
             config.auth,
@@ -363,7 +367,10 @@ fn stompserver_auth_reads_plain_dot_passwd() {
 #[test]
 fn stompserver_checkpoint_maps_onto_fsync_every() {
     let resolved = ok(&["-c", "5"], &[]);
-    assert_eq!(resolved.config.fsync, FsyncPolicy::Every(5000));
+    assert_eq!(
+        resolved.config.fsync,
+        FsyncPolicy::Every { interval_ms: 5000 }
+    );
     assert_eq!(
         resolved.origins["fsync"],
         Origin::Flag("-c/--checkpoint".into())
@@ -432,8 +439,8 @@ fn out_of_range_numbers_name_key_range_and_origin() {
             "3600001",
             "0 (no heart-beats) or 100..=3600000",
         ),
-        ("heartbeat_read_grace_factor", "0.5", "1.0..=10.0"),
-        ("heartbeat_read_grace_factor", "10.5", "1.0..=10.0"),
+        ("heartbeat_read_grace_percent", "99", "100..=1000"),
+        ("heartbeat_read_grace_percent", "1001", "100..=1000"),
         ("fsync", "every:0", "every:1..=60000"),
         ("fsync", "every:60001", "every:1..=60000"),
         ("dead_letter_deliveries_max", "0", "1..=10000"),
@@ -632,7 +639,7 @@ fn printed_config_reads_back_as_the_same_config() {
             "u",
             "--auth-plaintext",
         ],
-        &[("STOMPD_HEARTBEAT_READ_GRACE_FACTOR", "2")],
+        &[("STOMPD_HEARTBEAT_READ_GRACE_PERCENT", "300")],
     );
     let dir = tempfile::tempdir().unwrap();
     let path = toml_file(dir.path(), &resolved.to_toml());
@@ -686,17 +693,16 @@ mod properties {
             headers in 8usize..=100_000,
             connections in 1usize..=1_000_000,
             heartbeat in prop_oneof![Just(0u64), 100u64..=3_600_000],
-            grace_tenths in 10u32..=100,
+            grace in 100u64..=1000,
             fsync in prop_oneof![
                 Just(FsyncPolicy::Always),
                 Just(FsyncPolicy::Never),
-                (1u64..=60_000).prop_map(FsyncPolicy::Every),
+                (1u64..=60_000).prop_map(|interval_ms| FsyncPolicy::Every { interval_ms }),
             ],
             port in any::<u16>(),
         ) {
             let line = 256 + line_pick % (frame - 255);
             let body = 1 + body_pick % frame;
-            let grace = f64::from(grace_tenths) / 10.0;
             let owned = [
                 "--shards".to_owned(), shards.to_string(),
                 "--frame-bytes-max".to_owned(), frame.to_string(),
@@ -705,7 +711,7 @@ mod properties {
                 "--headers-count-max".to_owned(), headers.to_string(),
                 "--connections-max".to_owned(), connections.to_string(),
                 "--heartbeat-send-ms".to_owned(), heartbeat.to_string(),
-                "--heartbeat-read-grace-factor".to_owned(), grace.to_string(),
+                "--heartbeat-read-grace-percent".to_owned(), grace.to_string(),
                 "--fsync".to_owned(), fsync.to_string(),
                 "-p".to_owned(), port.to_string(),
             ];

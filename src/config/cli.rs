@@ -189,7 +189,7 @@ pub struct RunArgs {
     pub connections_max: Option<usize>,
 
     /// Bytes waiting to be sent on one connection before it is given no more messages
-    /// (4096..=1073741824). [default: 4194304] [env: STOMPD_OUT_BUFFER_BYTES_MAX]
+    /// (4096..=1073741824). [default: 262144] [env: STOMPD_OUT_BUFFER_BYTES_MAX]
     /// [toml: out_buffer_bytes_max]
     #[arg(long, value_name = "BYTES")]
     pub out_buffer_bytes_max: Option<usize>,
@@ -206,11 +206,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS")]
     pub heartbeat_receive_ms: Option<u64>,
 
-    /// Silence tolerated from a client, as a multiple of the negotiated heart-beat interval
-    /// (1.0..=10.0). [default: 1.5] [env: STOMPD_HEARTBEAT_READ_GRACE_FACTOR]
-    /// [toml: heartbeat_read_grace_factor]
-    #[arg(long, value_name = "FACTOR")]
-    pub heartbeat_read_grace_factor: Option<f64>,
+    /// Silence tolerated from a client, in percent of the negotiated heart-beat interval
+    /// (100..=1000). [default: 200] [env: STOMPD_HEARTBEAT_READ_GRACE_PERCENT]
+    /// [toml: heartbeat_read_grace_percent]
+    #[arg(long, value_name = "PERCENT")]
+    pub heartbeat_read_grace_percent: Option<u64>,
 
     /// When the log fsyncs: always (before each RECEIPT; survives power loss), every:<ms>
     /// (survives kill -9, may lose the last <ms> on power loss) or never.
@@ -300,7 +300,7 @@ impl RunArgs {
             out_buffer_bytes_max: self.out_buffer_bytes_max,
             heartbeat_send_ms: self.heartbeat_send_ms,
             heartbeat_receive_ms: self.heartbeat_receive_ms,
-            heartbeat_read_grace_factor: self.heartbeat_read_grace_factor,
+            heartbeat_read_grace_percent: self.heartbeat_read_grace_percent,
             fsync: self.fsync,
             queue_type: self.queue_type,
             auth_file: self.auth_file.clone(),
@@ -313,7 +313,9 @@ impl RunArgs {
             layer.log_level = Some("debug".to_owned());
         }
         if let Some(seconds) = self.checkpoint.filter(|&seconds| seconds > 0) {
-            layer.fsync = Some(FsyncPolicy::Every(seconds.saturating_mul(1000)));
+            layer.fsync = Some(FsyncPolicy::Every {
+                interval_ms: seconds.saturating_mul(1000),
+            });
         }
         if self.stompserver_auth {
             layer.auth_file = Some(PathBuf::from(".passwd"));

@@ -66,16 +66,7 @@ macro_rules! from_env_via_from_str {
     )*};
 }
 
-from_env_via_from_str!(
-    usize,
-    u32,
-    u64,
-    f64,
-    String,
-    PathBuf,
-    FsyncPolicy,
-    QueueType
-);
+from_env_via_from_str!(usize, u32, u64, String, PathBuf, FsyncPolicy, QueueType);
 
 impl FromEnv for bool {
     fn from_env(text: &str) -> Result<bool, String> {
@@ -167,9 +158,9 @@ layer! {
     heartbeat_send_ms: u64,
     /// The heart-beat interval the server asks clients for in CONNECTED (`sy`), ms; 0 = none.
     heartbeat_receive_ms: u64,
-    /// Silence tolerated before a connection is declared dead, as a multiple of the
-    /// negotiated client-to-server heart-beat interval.
-    heartbeat_read_grace_factor: f64,
+    /// Silence tolerated before a connection is declared dead, in percent of the negotiated
+    /// client-to-server heart-beat interval.
+    heartbeat_read_grace_percent: u64,
     /// When the log fsyncs: `always`, `every:<ms>` or `never`.
     fsync: FsyncPolicy,
     /// Where queue messages live: `file` (the log) or `memory`.

@@ -51,16 +51,17 @@ pub mod defaults {
     /// frame of input, so the product bounds memory. Also well under common `nofile` limits
     /// that operators raise anyway.
     pub const CONNECTIONS_MAX: usize = 10_000;
-    /// 4 MiB keeps a fast consumer's socket full between loop turns (a few ms at 10 Gbit/s)
-    /// while a stalled consumer holds at most this much before it gets no more messages.
-    pub const OUT_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024;
+    /// 256 KiB (the server's own default): about ten round trips of a fast consumer's
+    /// window, while 10,000 stalled consumers hold 2.5 GiB at most before they get no more.
+    pub const OUT_BUFFER_BYTES_MAX: usize = 256 * 1024;
     /// A dead peer is noticed within tens of seconds at one small frame per 10 s.
     pub const HEARTBEAT_SEND_MS: u64 = 10_000;
     /// As for sending: 10 s between client heart-beats is cheap and detects dead peers.
     pub const HEARTBEAT_RECEIVE_MS: u64 = 10_000;
-    /// ActiveMQ's `hbGracePeriodMultiplier` default: one late heart-beat is tolerated, a
-    /// missing one is not.
-    pub const HEARTBEAT_READ_GRACE_FACTOR: f64 = 1.5;
+    /// Two intervals, as Artemis' `heartBeatToConnectionTtlModifier` 2.0 and RabbitMQ's two
+    /// missed beats: the spec asks for tolerance and networks stall, while a dead peer found
+    /// one interval later costs little. (The server and broker modules use 200 % too.)
+    pub const HEARTBEAT_READ_GRACE_PERCENT: u64 = 200;
     /// ActiveMQ's default (one delivery plus six redeliveries): a poison message stops
     /// cycling after a few tries instead of forever.
     pub const DEAD_LETTER_DELIVERIES_MAX: u32 = 7;
@@ -98,8 +99,9 @@ pub mod bounds {
     pub const OUT_BUFFER_BYTES: RangeInclusive<usize> = 4096..=1 << 30;
     /// Besides 0 (off): faster than 100 ms is a busy loop, slower than an hour detects nothing.
     pub const HEARTBEAT_MS: RangeInclusive<u64> = 100..=3_600_000;
-    /// Below 1 the server would time out before the client's interval has passed.
-    pub const HEARTBEAT_READ_GRACE_FACTOR: RangeInclusive<f64> = 1.0..=10.0;
+    /// Below 100 % the server would time out before the client's interval has passed; above
+    /// 1000 % a dead peer holds its resources for ten intervals.
+    pub const HEARTBEAT_READ_GRACE_PERCENT: RangeInclusive<u64> = 100..=1000;
     pub const DEAD_LETTER_DELIVERIES: RangeInclusive<u32> = 1..=10_000;
     pub const PREFETCH: RangeInclusive<u32> = 1..=1_000_000;
 }
@@ -135,8 +137,8 @@ pub struct Config {
     pub heartbeat_send_ms: u64,
     /// CONNECTED `heart-beat` sy: the interval the server asks of clients, ms; 0 = none.
     pub heartbeat_receive_ms: u64,
-    /// A client is dead after this many negotiated intervals without a byte.
-    pub heartbeat_read_grace_factor: f64,
+    /// A client is dead after this percentage of the negotiated interval without a byte.
+    pub heartbeat_read_grace_percent: u64,
     /// When the log fsyncs.
     pub fsync: FsyncPolicy,
     /// Where queue messages live.
@@ -166,7 +168,7 @@ impl Config {
             out_buffer_bytes_max: Some(defaults::OUT_BUFFER_BYTES_MAX),
             heartbeat_send_ms: Some(defaults::HEARTBEAT_SEND_MS),
             heartbeat_receive_ms: Some(defaults::HEARTBEAT_RECEIVE_MS),
-            heartbeat_read_grace_factor: Some(defaults::HEARTBEAT_READ_GRACE_FACTOR),
+            heartbeat_read_grace_percent: Some(defaults::HEARTBEAT_READ_GRACE_PERCENT),
             fsync: Some(FsyncPolicy::default()),
             queue_type: Some(QueueType::default()),
             auth_file: None,
@@ -197,7 +199,7 @@ impl Config {
             out_buffer_bytes_max: Some(self.out_buffer_bytes_max),
             heartbeat_send_ms: Some(self.heartbeat_send_ms),
             heartbeat_receive_ms: Some(self.heartbeat_receive_ms),
-            heartbeat_read_grace_factor: Some(self.heartbeat_read_grace_factor),
+            heartbeat_read_grace_percent: Some(self.heartbeat_read_grace_percent),
             fsync: Some(self.fsync),
             queue_type: Some(self.queue_type),
             auth_file,
@@ -745,26 +747,26 @@ fn validate(
             });
         }
     }
-    let heartbeat_read_grace_factor = get(
-        layer.heartbeat_read_grace_factor,
-        "heartbeat_read_grace_factor",
+    let heartbeat_read_grace_percent = get(
+        layer.heartbeat_read_grace_percent,
+        "heartbeat_read_grace_percent",
     );
-    if !bounds::HEARTBEAT_READ_GRACE_FACTOR.contains(&heartbeat_read_grace_factor) {
+    if !bounds::HEARTBEAT_READ_GRACE_PERCENT.contains(&heartbeat_read_grace_percent) {
         errors.push(ConfigError::OutOfRange {
-            key: "heartbeat_read_grace_factor",
-            value: heartbeat_read_grace_factor.to_string(),
-            origin: origin("heartbeat_read_grace_factor"),
+            key: "heartbeat_read_grace_percent",
+            value: heartbeat_read_grace_percent.to_string(),
+            origin: origin("heartbeat_read_grace_percent"),
             allowed: format!(
-                "{:?}..={:?}",
-                bounds::HEARTBEAT_READ_GRACE_FACTOR.start(),
-                bounds::HEARTBEAT_READ_GRACE_FACTOR.end()
+                "{}..={}",
+                bounds::HEARTBEAT_READ_GRACE_PERCENT.start(),
+                bounds::HEARTBEAT_READ_GRACE_PERCENT.end()
             ),
         });
     }
 
     let fsync = get(layer.fsync, "fsync");
-    if let FsyncPolicy::Every(ms) = fsync {
-        if !(FsyncPolicy::EVERY_MS_MIN..=FsyncPolicy::EVERY_MS_MAX).contains(&ms) {
+    if let FsyncPolicy::Every { interval_ms } = fsync {
+        if !(FsyncPolicy::EVERY_MS_MIN..=FsyncPolicy::EVERY_MS_MAX).contains(&interval_ms) {
             errors.push(ConfigError::OutOfRange {
                 key: "fsync",
                 value: fsync.to_string(),
@@ -854,7 +856,7 @@ fn validate(
         out_buffer_bytes_max,
         heartbeat_send_ms,
         heartbeat_receive_ms,
-        heartbeat_read_grace_factor,
+        heartbeat_read_grace_percent,
         fsync,
         queue_type: get(layer.queue_type, "queue_type"),
         auth,

@@ -19,14 +19,15 @@ use thiserror::Error;
 /// is affordable because the log commits in groups: one fsync covers every record appended
 /// since the last one, so its cost is per batch, not per message.
 ///
-/// Maps one to one onto the log's own `FsyncPolicy { Always, Every(ms), Never }`.
+/// The same shape as the log's own `log::FsyncPolicy { Always, Every { interval_ms }, Never }`
+/// (whose `every:` bound is looser: every value valid here is valid there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum FsyncPolicy {
     /// fsync before a RECEIPT is sent or a message is acknowledged as stored.
     #[default]
     Always,
     /// fsync at most this many milliseconds after an append; receipts do not wait for it.
-    Every(u64),
+    Every { interval_ms: u64 },
     /// Never fsync; the kernel writes back when it likes. For tests and throwaway brokers.
     Never,
 }
@@ -42,7 +43,7 @@ impl fmt::Display for FsyncPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FsyncPolicy::Always => f.write_str("always"),
-            FsyncPolicy::Every(ms) => write!(f, "every:{ms}"),
+            FsyncPolicy::Every { interval_ms } => write!(f, "every:{interval_ms}"),
             FsyncPolicy::Never => f.write_str("never"),
         }
     }
@@ -64,7 +65,7 @@ impl FromStr for FsyncPolicy {
             other => other
                 .strip_prefix("every:")
                 .and_then(|ms| ms.trim().parse::<u64>().ok())
-                .map(FsyncPolicy::Every)
+                .map(|interval_ms| FsyncPolicy::Every { interval_ms })
                 .ok_or_else(|| ParseFsyncError(text.to_owned())),
         }
     }
@@ -145,13 +146,16 @@ mod tests {
         for policy in [
             FsyncPolicy::Always,
             FsyncPolicy::Never,
-            FsyncPolicy::Every(1),
-            FsyncPolicy::Every(250),
+            FsyncPolicy::Every { interval_ms: 1 },
+            FsyncPolicy::Every { interval_ms: 250 },
         ] {
             assert_eq!(policy.to_string().parse::<FsyncPolicy>(), Ok(policy));
         }
         assert_eq!("ALWAYS".parse(), Ok(FsyncPolicy::Always));
-        assert_eq!(" every: 5 ".parse(), Ok(FsyncPolicy::Every(5)));
+        assert_eq!(
+            " every: 5 ".parse(),
+            Ok(FsyncPolicy::Every { interval_ms: 5 })
+        );
     }
 
     #[test]
@@ -199,7 +203,7 @@ mod tests {
         assert_eq!(
             doc,
             Doc {
-                fsync: FsyncPolicy::Every(20),
+                fsync: FsyncPolicy::Every { interval_ms: 20 },
                 queue_type: QueueType::Memory
             }
         );
