@@ -431,13 +431,13 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("out_buffer_bytes_max", "4095", "4096..=1073741824"),
         (
             "heartbeat_send_ms",
-            "99",
-            "0 (no heart-beats) or 100..=3600000",
+            "999",
+            "0 (no heart-beats) or 1000..=3600000",
         ),
         (
             "heartbeat_receive_ms",
             "3600001",
-            "0 (no heart-beats) or 100..=3600000",
+            "0 (no heart-beats) or 1000..=3600000",
         ),
         ("heartbeat_read_grace_percent", "99", "100..=1000"),
         ("heartbeat_read_grace_percent", "1001", "100..=1000"),
@@ -692,7 +692,7 @@ mod properties {
             body_pick in any::<usize>(),
             headers in 8usize..=100_000,
             connections in 1usize..=1_000_000,
-            heartbeat in prop_oneof![Just(0u64), 100u64..=3_600_000],
+            heartbeat in prop_oneof![Just(0u64), 1000u64..=3_600_000],
             grace in 100u64..=1000,
             fsync in prop_oneof![
                 Just(FsyncPolicy::Always),

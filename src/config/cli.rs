@@ -195,13 +195,13 @@ pub struct RunArgs {
     pub out_buffer_bytes_max: Option<usize>,
 
     /// Heart-beat interval the server offers to send (CONNECTED heart-beat sx), ms; 0 = none,
-    /// else 100..=3600000. [default: 10000] [env: STOMPD_HEARTBEAT_SEND_MS]
+    /// else 1000..=3600000. [default: 10000] [env: STOMPD_HEARTBEAT_SEND_MS]
     /// [toml: heartbeat_send_ms]
     #[arg(long, value_name = "MS")]
     pub heartbeat_send_ms: Option<u64>,
 
     /// Heart-beat interval the server asks clients for (CONNECTED heart-beat sy), ms; 0 = none,
-    /// else 100..=3600000. [default: 10000] [env: STOMPD_HEARTBEAT_RECEIVE_MS]
+    /// else 1000..=3600000. [default: 10000] [env: STOMPD_HEARTBEAT_RECEIVE_MS]
     /// [toml: heartbeat_receive_ms]
     #[arg(long, value_name = "MS")]
     pub heartbeat_receive_ms: Option<u64>,

@@ -97,8 +97,10 @@ pub mod bounds {
     pub const CONNECTIONS: RangeInclusive<usize> = 1..=1_000_000;
     /// One page at least, so small frames can be batched; at most 1 GiB per connection.
     pub const OUT_BUFFER_BYTES: RangeInclusive<usize> = 4096..=1 << 30;
-    /// Besides 0 (off): faster than 100 ms is a busy loop, slower than an hour detects nothing.
-    pub const HEARTBEAT_MS: RangeInclusive<u64> = 100..=3_600_000;
+    /// Besides 0 (off): 1 s at the fastest, the broker's own floor for sending (a client must
+    /// not make the server beat thousands of times a second); slower than an hour detects
+    /// nothing.
+    pub const HEARTBEAT_MS: RangeInclusive<u64> = 1000..=3_600_000;
     /// Below 100 % the server would time out before the client's interval has passed; above
     /// 1000 % a dead peer holds its resources for ten intervals.
     pub const HEARTBEAT_READ_GRACE_PERCENT: RangeInclusive<u64> = 100..=1000;
