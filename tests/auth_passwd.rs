@@ -76,6 +76,29 @@ fn default_file_name_is_stompd_passwd() {
 }
 
 #[test]
+fn file_defaults_to_stompd_auth_file_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stompd"))
+        .args(["passwd", "dora"])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("STOMPD_AUTH_FILE", "from-env.passwd")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"explorer\n")
+        .unwrap();
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+    assert!(load(&dir.path().join("from-env.passwd")).verify(b"dora", b"explorer"));
+    assert!(!dir.path().join("stompd.passwd").exists());
+}
+
+#[test]
 fn changes_a_user_in_place_and_keeps_every_other_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("users");

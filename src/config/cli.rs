@@ -86,11 +86,13 @@ pub enum Command {
 /// `stompd passwd [--file PATH] USER`.
 #[derive(Args, Debug)]
 pub struct PasswdArgs {
-    /// The password file to edit; created when missing.
+    /// The password file to edit; created when missing. Defaults to the broker's auth_file
+    /// when STOMPD_AUTH_FILE is set, so both name the same file.
     #[arg(
         long,
         short = 'f',
         value_name = "PATH",
+        env = "STOMPD_AUTH_FILE",
         default_value = "stompd.passwd"
     )]
     pub file: PathBuf,
