@@ -72,7 +72,8 @@ pub enum PasswordFileError {
     },
 }
 
-/// What a user's line holds, ready to verify against.
+/// What a user's line holds, ready to verify against. `Debug` is derived for the unit tests
+/// only; [`PasswordFile`]'s own `Debug` never shows these.
 #[derive(Clone, Debug)]
 enum Credential {
     /// An argon2id PHC string, checked to parse at load.
@@ -144,12 +145,22 @@ fn plain_digest(password: &[u8]) -> [u8; 64] {
 /// and/or cache successful `(login, passcode)` checks keyed by a fast keyed digest. The type
 /// is `Send + Sync` and `verify` takes `&self`, so one `Arc<PasswordFile>` serves every
 /// thread; reloading (SIGHUP) is loading a new one and swapping the `Arc`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PasswordFile {
     users: HashMap<Vec<u8>, Credential>,
     /// Checked when the login is unknown, to take as long as a known login.
     dummy: Credential,
     format: PasswordFormat,
+}
+
+/// Users and format only: hashes stay out of logs and panic messages.
+impl std::fmt::Debug for PasswordFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordFile")
+            .field("users", &self.users.len())
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PasswordFile {

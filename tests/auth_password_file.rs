@@ -246,6 +246,19 @@ fn stompserver_plain_files_still_refuse_bad_lines_and_duplicates() {
 }
 
 #[test]
+fn debug_output_shows_no_hash_or_password() {
+    let hash = cheap_argon2("x");
+    let file = hashed(&format!("alice:{hash}\n")).unwrap();
+    let shown = format!("{file:?}");
+    assert!(
+        !shown.contains("argon2") && !shown.contains("alice"),
+        "{shown}"
+    );
+    let plain = PasswordFile::parse(b"bob:hunter2\n", PasswordFormat::StompserverPlain).unwrap();
+    assert!(!format!("{plain:?}").contains("hunter2"));
+}
+
+#[test]
 fn password_file_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<PasswordFile>();
