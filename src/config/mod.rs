@@ -121,7 +121,7 @@ pub enum AuthConfig {
 
 /// The validated settings of one broker process. Plain data; the server, broker and log take
 /// the parts they need.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Address of the STOMP listener.
     pub listen: SocketAddr,
