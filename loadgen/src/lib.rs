@@ -1,0 +1,15 @@
+//! stompd-loadgen: load for any STOMP broker, and the numbers that say how it coped.
+//!
+//! [`client`] is a small blocking STOMP client on the broker's own codec; [`workload`] runs
+//! the queue, topic, latency, ping-pong, backlog and connection workloads on it; [`tracker`]
+//! decides from the stamps in message bodies ([`payload`]) whether anything was lost,
+//! duplicated or reordered; [`report`] prints the result. [`relay`] is the reference broker
+//! the tool is measured against: the simplest in-memory forwarder.
+
+pub mod client;
+pub mod payload;
+pub mod relay;
+pub mod report;
+pub mod stats;
+pub mod tracker;
+pub mod workload;
