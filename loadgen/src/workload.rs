@@ -156,6 +156,8 @@ struct ProducerShared {
     /// Per producer, msgs/s.
     rate: Option<f64>,
     epoch: Epoch,
+    /// When sending starts; paced producers schedule message N at `start_ns + N / rate`.
+    start_ns: u64,
     deadline_ns: u64,
     receipt_timeout: Duration,
     stop: AtomicBool,
@@ -175,7 +177,7 @@ fn produce(
         stats::tight_timer_slack();
     }
     let body_bytes = STAMP_BYTES + shared.padding.len();
-    let start_ns = shared.epoch.elapsed_ns();
+    let start_ns = shared.start_ns;
     let mut sent = 0u64;
     let mut digits = [0u8; 20];
     while sent < count {
@@ -418,29 +420,20 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     } else {
         common.warmup
     };
-    let warmup_ns = warmup.as_nanos() as u64;
     let mut report = Report {
         workload: flow.name.to_string(),
         warmup_s: warmup.as_secs_f64(),
         ..Report::default()
     };
 
-    let consumer_shared = Arc::new(ConsumerShared {
-        ack: flow.ack,
-        prefetch: common.prefetch,
-        epoch,
-        warmup_ns,
-        stop: AtomicBool::new(false),
-        meter: Meter::new(flow.consumers),
-    });
-    let mut consumers = Vec::new();
+    // Subscribed before any producer connects, so that topic subscribers miss nothing.
+    let mut consumer_connections = Vec::new();
     if !flow.backlog {
-        let connections = connect_consumers(common, flow, &destination)?;
-        if let Some(first) = connections.first() {
+        consumer_connections = connect_consumers(common, flow, &destination)?;
+        if let Some(first) = consumer_connections.first() {
             report.stomp_version = first.version().to_string();
             report.server = first.server().map(str::to_string);
         }
-        consumers = spawn_consumers(connections, &consumer_shared);
     }
 
     let producer_connections: Vec<Connection> = (0..flow.producers)
@@ -450,13 +443,26 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         report.stomp_version = producer_connections[0].version().to_string();
         report.server = producer_connections[0].server().map(str::to_string);
     }
+    // Time counts from here: connection set-up is neither warm-up nor measurement.
+    let producers_start = epoch.elapsed_ns();
+    let warmup_ns = producers_start + warmup.as_nanos() as u64;
+    let consumer_shared = Arc::new(ConsumerShared {
+        ack: flow.ack,
+        prefetch: common.prefetch,
+        epoch,
+        warmup_ns,
+        stop: AtomicBool::new(false),
+        meter: Meter::new(flow.consumers),
+    });
+    let mut consumers = spawn_consumers(consumer_connections, &consumer_shared);
     let producer_shared = Arc::new(ProducerShared {
         destination: destination.clone(),
         persistent: flow.persistent,
         receipt_every: flow.receipt_every,
         rate: flow.rate.map(|rate| rate / flow.producers as f64),
         epoch,
-        deadline_ns: epoch.elapsed_ns() + common.duration.as_nanos() as u64,
+        start_ns: producers_start,
+        deadline_ns: producers_start + common.duration.as_nanos() as u64,
         receipt_timeout: common.receipt_timeout,
         stop: AtomicBool::new(false),
         meter: Meter::new(flow.producers),
@@ -464,7 +470,6 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     });
     let per_producer = common.messages / flow.producers as u64;
     let remainder = common.messages % flow.producers as u64;
-    let producers_start = epoch.elapsed_ns();
     let producers: Vec<_> = producer_connections
         .into_iter()
         .enumerate()
@@ -491,7 +496,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     let mut drain_start_ns = 0u64;
     loop {
         thread::sleep(TICK);
-        let elapsed = epoch.instant().elapsed();
+        let elapsed = Duration::from_nanos(epoch.elapsed_ns() - producers_start);
         let (sent, _) = producer_shared.meter.total();
         let (received, _) = consumer_shared.meter.total();
         if elapsed >= next_tick {
@@ -615,8 +620,9 @@ pub fn run_pingpong(common: &Common) -> Result<Report, ClientError> {
         ..Report::default()
     };
     let pad = padding(common.body_bytes);
-    let warmup_ns = common.warmup.as_nanos() as u64;
-    let deadline_ns = common.duration.as_nanos() as u64;
+    let start_ns = epoch.elapsed_ns();
+    let warmup_ns = start_ns + common.warmup.as_nanos() as u64;
+    let deadline_ns = start_ns + common.duration.as_nanos() as u64;
     let mut histogram = latency_histogram();
     let mut tracker = Tracker::new();
     let mut progress = Progress::new(common.messages, common.quiet);
