@@ -37,11 +37,15 @@ pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("connecting to {address}: {source}")]
-    Connect { address: String, source: io::Error },
-    #[error("I/O: {0}")]
+    #[error("connecting to {address}")]
+    Connect {
+        address: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("I/O with the broker")]
     Io(#[from] io::Error),
-    #[error("the broker sent a frame we cannot decode: {0}")]
+    #[error("the broker sent a frame we cannot decode")]
     Decode(#[from] DecodeError),
     #[error("the broker closed the connection")]
     Closed,

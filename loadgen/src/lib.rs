@@ -3,7 +3,8 @@
 //! [`client`] is a small blocking STOMP client on the broker's own codec; [`workload`] runs
 //! the queue, topic, latency, ping-pong, backlog and connection workloads on it; [`tracker`]
 //! decides from the stamps in message bodies ([`payload`]) whether anything was lost,
-//! duplicated or reordered; [`report`] prints the result. [`relay`] is the reference broker
+//! duplicated or reordered; [`report`] prints the result, and [`summary`] turns many results
+//! into the comparison table. [`relay`] is the reference broker
 //! the tool is measured against: the simplest in-memory forwarder.
 
 pub mod client;
@@ -11,5 +12,6 @@ pub mod payload;
 pub mod relay;
 pub mod report;
 pub mod stats;
+pub mod summary;
 pub mod tracker;
 pub mod workload;

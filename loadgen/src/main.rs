@@ -27,7 +27,8 @@ use stompd_loadgen::workload::{self, AckMode, Common, Flow};
 ///   stompd-loadgen latency --rate 10000 --duration 10
 ///   stompd-loadgen --port 61613 --login admin --passcode admin backlog --messages 1000000
 #[derive(Parser, Debug, Serialize)]
-#[command(version, verbatim_doc_comment)]
+// A flag given twice takes its last value, so scripts can override their defaults.
+#[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     broker: BrokerArgs,
@@ -145,6 +146,17 @@ enum Workload {
         #[arg(long, default_value_t = 4)]
         threads: usize,
     },
+    /// Print the markdown comparison table for DIR/<case>/<broker>.<repeat>.json reports
+    /// (what benches/compare.sh writes). Connects to nothing.
+    Summarize {
+        dir: std::path::PathBuf,
+        /// Brokers, in column order.
+        #[arg(long, value_delimiter = ',', default_value = "activemq,stompd,relay")]
+        brokers: Vec<String>,
+        /// The broker the ratios are taken against.
+        #[arg(long, default_value = "activemq")]
+        baseline: String,
+    },
 }
 
 fn parse_version(text: &str) -> Result<Version, String> {
@@ -161,6 +173,23 @@ fn seconds(value: f64, name: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Workload::Summarize {
+        dir,
+        brokers,
+        baseline,
+    } = &cli.workload
+    {
+        return match stompd_loadgen::summary::markdown(dir, brokers, baseline) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("stompd-loadgen: reading {}: {error}", dir.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&cli) {
         Ok(report) => {
             if cli.run.json {
@@ -285,6 +314,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             connections,
             threads,
         } => workload::run_connections(&common, *connections, *threads)?,
+        Workload::Summarize { .. } => unreachable!("handled in main"),
     };
     Ok(report)
 }

@@ -105,6 +105,9 @@ pub struct Report {
     pub client_cpu_s: f64,
     /// Client CPU over the run's wall time; 100 is one core busy.
     pub client_cpu_percent: f64,
+    /// Client CPU per message handled (sent plus received), in ns: what the load generator
+    /// costs, independent of how fast the broker was.
+    pub client_cpu_ns_per_msg: Option<f64>,
     pub broker_cpu_s: Option<f64>,
     pub broker_cpu_percent: Option<f64>,
     pub broker_rss_kib_before: Option<u64>,
@@ -227,6 +230,9 @@ impl Report {
             "  client CPU {:.2} s ({:.0}% of one core)",
             self.client_cpu_s, self.client_cpu_percent
         );
+        if let Some(ns) = self.client_cpu_ns_per_msg {
+            let _ = write!(text, ", {ns:.0} ns per message handled");
+        }
         if let (Some(seconds), Some(percent)) = (self.broker_cpu_s, self.broker_cpu_percent) {
             let _ = write!(text, ", broker CPU {seconds:.2} s ({percent:.0}%)");
         }

@@ -121,6 +121,13 @@ impl Baseline {
         report.elapsed_s = elapsed;
         report.client_cpu_s = stats::own_cpu_seconds() - self.cpu_s;
         report.client_cpu_percent = 100.0 * report.client_cpu_s / elapsed.max(1e-9);
+        let handled = [&report.sent, &report.received]
+            .into_iter()
+            .flatten()
+            .map(|rate| rate.messages)
+            .sum::<u64>();
+        report.client_cpu_ns_per_msg =
+            (handled > 0).then(|| report.client_cpu_s * 1e9 / handled as f64);
         if let Some(pid) = common.broker_pid {
             if let (Some(before), Some(after)) =
                 (self.broker_cpu_s, stats::process_cpu_seconds(pid))
@@ -395,7 +402,13 @@ fn join<T>(handle: JoinHandle<Result<T, ClientError>>, errors: &mut Vec<String>)
     match handle.join() {
         Ok(Ok(value)) => Some(value),
         Ok(Err(error)) => {
-            errors.push(error.to_string());
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            errors.push(text);
             None
         }
         Err(_) => {
