@@ -74,7 +74,7 @@ struct RunArgs {
     /// Seconds at the start left out of rates and latency percentiles.
     #[arg(long, global = true, default_value_t = 0.0)]
     warmup: f64,
-    /// Message body size in bytes (at least 20, the stamp).
+    /// Message body size in bytes (at least 40, the stamp).
     #[arg(long, short = 's', global = true, default_value_t = 128)]
     size: usize,
     /// Destination; by default a fresh /queue/loadgen-… or /topic/loadgen-… per run.

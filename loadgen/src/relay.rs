@@ -5,9 +5,10 @@
 //! CONNECT gets CONNECTED, SUBSCRIBE registers, SEND becomes a MESSAGE to every subscriber of a
 //! `/topic/...` destination or to one subscriber (round robin) of any other destination, a
 //! `receipt` header gets a RECEIPT, DISCONNECT closes. ACK and NACK are read and ignored.
-//! Messages sent to a queue with no subscriber are kept in memory and handed to the first
-//! subscriber, which is what the backlog workload needs; messages to a topic with no
-//! subscriber are dropped, as topics do.
+//! Messages sent to a queue with no subscriber are kept in memory (up to
+//! [`QUEUE_BACKLOG_MESSAGES_MAX`]) and handed to the first subscriber, which is what the backlog
+//! workload needs; messages to a topic with no subscriber are dropped, as topics do.
+//! Connections are not limited: this is a bench helper for loopback, not a server to expose.
 //!
 //! A SEND's MESSAGEs are written by the sender's thread straight into each subscriber's socket,
 //! batched per read: everything decoded from one read is routed, then each touched subscriber
@@ -27,6 +28,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
 use stompd::codec::{Command, Decoded, Decoder, Frame, FrameWriter, Limits, Version};
+
+/// Messages one queue keeps while it has no subscriber. 16 Mi messages is 16 times the largest
+/// backlog the comparison runs (1 M) yet bounds a mistaken run to a few GiB; past it the relay
+/// drops, and the load generator reports the loss.
+pub const QUEUE_BACKLOG_MESSAGES_MAX: usize = 16 * 1024 * 1024;
 
 /// A deliberate fault, counted per destination over the messages it routes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,7 +369,7 @@ fn route(
         None => destinations.entry(name.to_vec()).or_default(),
     };
     if destination.subscribers.is_empty() {
-        if !is_topic {
+        if !is_topic && destination.backlog.len() < QUEUE_BACKLOG_MESSAGES_MAX {
             destination.backlog.push_back((message_id, body.to_vec()));
         }
         return;
