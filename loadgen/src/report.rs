@@ -102,12 +102,14 @@ pub struct Report {
     /// Connections workload: connections opened and subscribed, per second.
     pub connect_per_s: Option<f64>,
     pub connections: Option<u64>,
+    /// Client CPU (user and system) in the measured window, after warm-up.
     pub client_cpu_s: f64,
-    /// Client CPU over the run's wall time; 100 is one core busy.
+    /// Client CPU over the measured window's wall time; 100 is one core busy.
     pub client_cpu_percent: f64,
     /// Client CPU per message handled (sent plus received), in ns: what the load generator
     /// costs, independent of how fast the broker was.
     pub client_cpu_ns_per_msg: Option<f64>,
+    /// Broker CPU in the measured window, with `--broker-pid`.
     pub broker_cpu_s: Option<f64>,
     pub broker_cpu_percent: Option<f64>,
     pub broker_rss_kib_before: Option<u64>,

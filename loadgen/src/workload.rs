@@ -98,29 +98,40 @@ pub struct Flow {
     pub backlog: bool,
 }
 
-/// Everything sampled at the start, to subtract at the end.
+/// Everything sampled at the start of the run and of its measured window (after warm-up), to
+/// subtract at the end.
 struct Baseline {
     epoch: Epoch,
-    cpu_s: f64,
-    broker_cpu_s: Option<f64>,
     broker_rss_kib: Option<u64>,
+    window_start: Instant,
+    window_cpu_s: f64,
+    window_broker_cpu_s: Option<f64>,
 }
 
 impl Baseline {
     fn take(common: &Common) -> Baseline {
+        let epoch = Epoch::now();
         Baseline {
-            epoch: Epoch::now(),
-            cpu_s: stats::own_cpu_seconds(),
-            broker_cpu_s: common.broker_pid.and_then(stats::process_cpu_seconds),
+            epoch,
             broker_rss_kib: common.broker_pid.and_then(stats::process_rss_kib),
+            window_start: epoch.instant(),
+            window_cpu_s: stats::own_cpu_seconds(),
+            window_broker_cpu_s: common.broker_pid.and_then(stats::process_cpu_seconds),
         }
     }
 
+    /// The measured window starts now: CPU used before (warm-up) is not counted.
+    fn start_window(&mut self, common: &Common) {
+        self.window_start = Instant::now();
+        self.window_cpu_s = stats::own_cpu_seconds();
+        self.window_broker_cpu_s = common.broker_pid.and_then(stats::process_cpu_seconds);
+    }
+
     fn fill(&self, common: &Common, report: &mut Report) {
-        let elapsed = self.epoch.instant().elapsed().as_secs_f64();
-        report.elapsed_s = elapsed;
-        report.client_cpu_s = stats::own_cpu_seconds() - self.cpu_s;
-        report.client_cpu_percent = 100.0 * report.client_cpu_s / elapsed.max(1e-9);
+        report.elapsed_s = self.epoch.instant().elapsed().as_secs_f64();
+        let window = self.window_start.elapsed().as_secs_f64().max(1e-9);
+        report.client_cpu_s = stats::own_cpu_seconds() - self.window_cpu_s;
+        report.client_cpu_percent = 100.0 * report.client_cpu_s / window;
         let handled = [&report.sent, &report.received]
             .into_iter()
             .flatten()
@@ -130,10 +141,10 @@ impl Baseline {
             (handled > 0).then(|| report.client_cpu_s * 1e9 / handled as f64);
         if let Some(pid) = common.broker_pid {
             if let (Some(before), Some(after)) =
-                (self.broker_cpu_s, stats::process_cpu_seconds(pid))
+                (self.window_broker_cpu_s, stats::process_cpu_seconds(pid))
             {
                 report.broker_cpu_s = Some(after - before);
-                report.broker_cpu_percent = Some(100.0 * (after - before) / elapsed.max(1e-9));
+                report.broker_cpu_percent = Some(100.0 * (after - before) / window);
             }
             report.broker_rss_kib_before = self.broker_rss_kib;
             report.broker_rss_kib_after = stats::process_rss_kib(pid);
@@ -425,7 +436,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         common.body_bytes >= STAMP_BYTES,
         "bodies hold at least the stamp"
     );
-    let baseline = Baseline::take(common);
+    let mut baseline = Baseline::take(common);
     let epoch = baseline.epoch;
     let destination = fresh_destination(common, flow.topic);
     let warmup = if flow.backlog {
@@ -502,6 +513,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     let mut warmup_mark: Option<(u64, u64, u64)> = None; // (ns, sent, received)
     if warmup.is_zero() {
         warmup_mark = Some((producers_start, 0, 0));
+        baseline.start_window(common);
     }
     let mut producers_done_ns: Option<u64> = None;
     let mut sent_per_producer = vec![0u64; flow.producers];
@@ -518,6 +530,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         }
         if warmup_mark.is_none() && elapsed >= warmup {
             warmup_mark = Some((epoch.elapsed_ns(), sent, received));
+            baseline.start_window(common);
         }
         if producers_done_ns.is_none()
             && producers
@@ -619,7 +632,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
 
 /// One message in flight: send, wait for its delivery on the same connection, repeat.
 pub fn run_pingpong(common: &Common) -> Result<Report, ClientError> {
-    let baseline = Baseline::take(common);
+    let mut baseline = Baseline::take(common);
     let epoch = baseline.epoch;
     let destination = fresh_destination(common, false);
     let mut connection = Connection::connect(&common.connect)?;
@@ -695,6 +708,7 @@ pub fn run_pingpong(common: &Common) -> Result<Report, ClientError> {
         if sent_ns >= warmup_ns {
             if measured.1 == 0 {
                 measured.0 = sent_ns;
+                baseline.start_window(common);
             }
             measured.1 += 1;
         }
