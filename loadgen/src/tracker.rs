@@ -347,3 +347,49 @@ mod tests {
         assert_eq!(set.count_from(0), 6);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the broker does to a stream (drop, repeat, shuffle), every expected message
+        /// is either received or lost, never both, and a clean verdict means an exact, in-order
+        /// copy of what was sent.
+        #[test]
+        fn accounting_adds_up(
+            sent in 0u64..300,
+            deliveries in proptest::collection::vec(0u64..320, 0..600),
+        ) {
+            let mut tracker = Tracker::new();
+            for &sequence in &deliveries {
+                tracker.record(0, sequence, false);
+            }
+            let integrity = Integrity::for_subscriber(&tracker, &[sent]);
+            prop_assert_eq!(integrity.received + integrity.lost, sent);
+            let distinct_in_range = deliveries
+                .iter()
+                .filter(|&&s| s < sent)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as u64;
+            prop_assert_eq!(integrity.received, distinct_in_range);
+            let clean = deliveries == (0..sent).collect::<Vec<_>>();
+            prop_assert_eq!(!integrity.failed(), clean);
+        }
+
+        /// Competing consumers that split a stream between them, each in order, are clean.
+        #[test]
+        fn any_in_order_split_is_clean(
+            owners in proptest::collection::vec(0usize..4, 0..500),
+        ) {
+            let mut trackers = vec![Tracker::new(); 4];
+            for (sequence, &owner) in owners.iter().enumerate() {
+                trackers[owner].record(0, sequence as u64, false);
+            }
+            let integrity = Integrity::for_queue(&trackers, &[owners.len() as u64]);
+            prop_assert!(!integrity.failed(), "{:?}", integrity);
+            prop_assert_eq!(integrity.received, owners.len() as u64);
+        }
+    }
+}

@@ -856,3 +856,68 @@ pub fn run_connections(
     drop(opened);
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stompd::codec::{Decoded, Decoder, Limits};
+
+    /// The ACK written for a MESSAGE, decoded back.
+    fn ack_for(version: Version) -> Vec<(String, String)> {
+        let message = Frame::new(Command::Message)
+            .with_header(b"destination", b"/queue/a")
+            .with_header(b"message-id", b"m-7")
+            .with_header(b"subscription", b"s-1")
+            .with_header(b"ack", b"a-9");
+        let mut out = Vec::new();
+        write_ack(
+            &mut Outbox {
+                out: &mut out,
+                version,
+            },
+            &message,
+        );
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        decoder.set_version(version);
+        let Ok(Decoded::Frame { frame, consumed }) = decoder.decode(&out) else {
+            panic!("an ACK decodes: {out:?}");
+        };
+        assert_eq!(consumed, out.len());
+        assert_eq!(frame.command, Command::Ack);
+        frame
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    String::from_utf8_lossy(&h.name).into_owned(),
+                    String::from_utf8_lossy(&h.value).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn ack_1_2_names_the_ack_header() {
+        // STOMP 1.2 "ACK": "id" matching the MESSAGE's "ack" header.
+        assert_eq!(ack_for(Version::V1_2), pairs(&[("id", "a-9")]));
+    }
+
+    #[test]
+    fn ack_1_1_names_message_and_subscription() {
+        assert_eq!(
+            ack_for(Version::V1_1),
+            pairs(&[("message-id", "m-7"), ("subscription", "s-1")])
+        );
+    }
+
+    #[test]
+    fn ack_1_0_names_the_message() {
+        assert_eq!(ack_for(Version::V1_0), pairs(&[("message-id", "m-7")]));
+    }
+}
