@@ -1,14 +1,19 @@
 //! Every workload, run as the real binary with `--json`, against the reference relay started
-//! in this process on a free port (or against the broker named by `LOADGEN_TEST_BROKER`,
-//! `host:port`, for the tests that expect a correct broker: that is how CI points them at
-//! stompd). Counts are small and every child process is killed after a deadline.
+//! in this process on a free port. The tests that expect a correct broker can be pointed at
+//! another one, which is how CI runs them against stompd:
+//! - `LOADGEN_TEST_STOMPD=path/to/stompd`: each test starts that binary with
+//!   `--listen 127.0.0.1:PORT` on a free port and kills it afterwards;
+//! - `LOADGEN_TEST_BROKER=host:port`: a broker that is already running.
+//!
+//! Counts are small and every child process is killed after a deadline.
 //!
 //! The detector tests run against a relay that drops, duplicates or reorders on purpose and
 //! check that the run fails (exit 1, a loud line, the right counter): the loss check is a test
 //! that can fail.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,33 +25,91 @@ use stompd_loadgen::relay::{self, Fault, RelayConfig};
 /// a second each.
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
 
+/// How long a broker binary may take to start listening.
+const BROKER_START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A broker to run against; a broker process started for the test dies with this value.
+struct Broker {
+    host: String,
+    port: u16,
+    process: Option<Child>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(process) = &mut self.process {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
 struct Outcome {
     code: i32,
     report: Value,
     stderr: String,
 }
 
-fn relay_with(config: RelayConfig) -> (String, u16) {
+fn relay_with(config: RelayConfig) -> Broker {
     let relay = relay::spawn("127.0.0.1:0", config).expect("binding a relay on a free port");
-    (relay.address.ip().to_string(), relay.address.port())
+    Broker {
+        host: relay.address.ip().to_string(),
+        port: relay.address.port(),
+        process: None,
+    }
+}
+
+fn start_broker_binary(path: &str) -> Broker {
+    // Bind, note the port, release it: the broker binds it a moment later.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let process = Command::new(path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {path}: {error}"));
+    let broker = Broker {
+        host: "127.0.0.1".to_string(),
+        port,
+        process: Some(process),
+    };
+    let deadline = Instant::now() + BROKER_START_DEADLINE;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{path} did not listen on {port} within {BROKER_START_DEADLINE:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    broker
 }
 
 /// The broker for tests that expect a correct one.
-fn correct_broker() -> (String, u16) {
+fn correct_broker() -> Broker {
+    if let Ok(path) = std::env::var("LOADGEN_TEST_STOMPD") {
+        return start_broker_binary(&path);
+    }
     match std::env::var("LOADGEN_TEST_BROKER") {
         Ok(address) => {
             let (host, port) = address
                 .rsplit_once(':')
                 .expect("LOADGEN_TEST_BROKER is host:port");
-            (host.to_string(), port.parse().expect("a port number"))
+            Broker {
+                host: host.to_string(),
+                port: port.parse().expect("a port number"),
+                process: None,
+            }
         }
         Err(_) => relay_with(RelayConfig::default()),
     }
 }
 
-fn loadgen(broker: &(String, u16), args: &[&str]) -> Outcome {
+fn loadgen(broker: &Broker, args: &[&str]) -> Outcome {
     let mut child = Command::new(env!("CARGO_BIN_EXE_stompd-loadgen"))
-        .args(["--host", &broker.0, "--port", &broker.1.to_string()])
+        .args(["--host", &broker.host, "--port", &broker.port.to_string()])
         .args(["--json", "--quiet", "--drain-timeout", "2"])
         .args(args)
         .stdout(Stdio::piped())
@@ -223,22 +286,24 @@ fn backlog_fills_then_drains() {
 
 #[test]
 fn connections_each_with_a_live_subscription() {
-    let outcome = loadgen(
-        &correct_broker(),
-        &[
-            "connections",
-            "-m",
-            "200",
-            "--broker-pid",
-            &std::process::id().to_string(),
-        ],
-    );
+    let broker = correct_broker();
+    // The in-process relay's pid is this test's; a started broker has its own; an external
+    // broker's is unknown.
+    let pid = match &broker.process {
+        Some(process) => Some(process.id()),
+        None if std::env::var("LOADGEN_TEST_BROKER").is_err() => Some(std::process::id()),
+        None => None,
+    };
+    let pid_text = pid.map(|pid| pid.to_string()).unwrap_or_default();
+    let mut args = vec!["connections", "-m", "200"];
+    if pid.is_some() {
+        args.extend(["--broker-pid", &pid_text]);
+    }
+    let outcome = loadgen(&broker, &args);
     assert_clean(&outcome, 200);
     assert_eq!(outcome.report["connections"], 200);
     assert!(outcome.report["connect_per_s"].as_f64().unwrap() > 0.0);
-    // The relay runs in this test process, so "the broker" is us; with a real broker the pid
-    // is the broker's.
-    if std::env::var("LOADGEN_TEST_BROKER").is_err() {
+    if pid.is_some() {
         assert!(outcome.report["broker_rss_kib_after"].as_u64().unwrap() > 0);
     }
 }
@@ -306,7 +371,7 @@ fn a_duration_bound_stops_a_large_count() {
 
 // The detector, against a relay that misbehaves on purpose.
 
-fn faulty(fault: Fault) -> (String, u16) {
+fn faulty(fault: Fault) -> Broker {
     relay_with(RelayConfig {
         fault: Some(fault),
         ..RelayConfig::default()
