@@ -11,7 +11,7 @@
 //! no heart-beats unless told to.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use stompd::codec::{Command, DecodeError, Decoded, Decoder, Frame, FrameWriter, Limits, Version};
@@ -116,17 +116,13 @@ impl Connection {
     /// Opens a TCP connection, sends CONNECT and waits for CONNECTED.
     pub fn connect(options: &ConnectOptions) -> Result<Connection, ClientError> {
         let address = format!("{}:{}", options.host, options.port);
-        let stream = address
-            .to_socket_addrs()
-            .and_then(|mut addresses| {
-                addresses
-                    .next()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
-            })
-            .and_then(TcpStream::connect)
-            .map_err(|source| ClientError::Connect {
-                address: address.clone(),
-                source,
+        // Tries every address the name resolves to ("localhost" may be ::1 first).
+        let stream =
+            TcpStream::connect((options.host.as_str(), options.port)).map_err(|source| {
+                ClientError::Connect {
+                    address: address.clone(),
+                    source,
+                }
             })?;
         // Load generation sends small frames back to back; Nagle would hold them for an ACK.
         stream.set_nodelay(true)?;
@@ -260,8 +256,8 @@ impl Connection {
 
     /// Sends DISCONNECT with a receipt and waits for it, so that everything sent before was
     /// processed (STOMP 1.2 "DISCONNECT": graceful shutdown). Frames that arrive meanwhile are
-    /// dropped.
-    pub fn disconnect(mut self, timeout: Duration) -> Result<(), ClientError> {
+    /// dropped. The broker closes the connection after the receipt; drop it afterwards.
+    pub fn disconnect(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let mut frame = self.frame(Command::Disconnect);
         frame.header(b"receipt", b"loadgen-bye");
         frame.finish(b"");
@@ -396,6 +392,39 @@ impl Connection {
         }
     }
 }
+
+impl Connection {
+    /// After a failed write, the broker has often said why in an ERROR frame before closing
+    /// (a refused SEND, a full disk): return that instead of the bare I/O error when it is
+    /// there to read.
+    pub fn explain(&mut self, error: ClientError) -> ClientError {
+        if !matches!(error, ClientError::Io(_)) {
+            return error;
+        }
+        // Whatever is still unsent is moot now; the socket is broken for writing.
+        self.out.clear();
+        if self.set_read_timeout(Some(EXPLAIN_WAIT)).is_err() {
+            return error;
+        }
+        loop {
+            match self.try_decode(&mut |frame, _| {
+                (frame.command == Command::Error).then(|| error_of(frame))
+            }) {
+                Ok(Some(Some(broker_error))) => return broker_error,
+                Ok(Some(None)) => continue,
+                // `out` is empty, so fill only reads.
+                Ok(None) => match self.fill() {
+                    Ok(true) => continue,
+                    _ => return error,
+                },
+                Err(_) => return error,
+            }
+        }
+    }
+}
+
+/// How long [`Connection::explain`] waits for an ERROR frame after a failed write.
+const EXPLAIN_WAIT: Duration = Duration::from_millis(200);
 
 /// The write side, lent to a frame handler so it can answer (ACK) while the frame it answers
 /// still borrows the read buffer.

@@ -8,6 +8,7 @@
 //! the tool is measured against: the simplest in-memory forwarder.
 
 pub mod client;
+pub mod interrupt;
 pub mod payload;
 pub mod relay;
 pub mod report;

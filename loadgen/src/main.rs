@@ -18,7 +18,8 @@ use stompd_loadgen::workload::{self, AckMode, Common, Flow};
 ///
 /// Every message body starts with a stamp (producer, sequence, send time); consumers check it
 /// and the run fails loudly (exit 1) if anything was lost, duplicated or out of order.
-/// Each run stops at --messages or --duration, whichever comes first.
+/// Each run stops at --messages or --duration, whichever comes first, or at Ctrl-C (which
+/// still drains and prints the summary; a second Ctrl-C kills).
 ///
 /// Examples:
 ///   stompd-loadgen queue --producers 4 --consumers 4 --size 1024
@@ -173,6 +174,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    stompd_loadgen::interrupt::install();
     if let Workload::Summarize {
         dir,
         brokers,

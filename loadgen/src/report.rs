@@ -175,11 +175,16 @@ impl Report {
                 rate.seconds
             );
         };
+        let (sent_name, received_name) = match self.workload.as_str() {
+            "backlog" => ("fill", "drain"),
+            "topic" => ("sent", "delivered"),
+            _ => ("sent", "received"),
+        };
         if let Some(rate) = &self.sent {
-            rate_line(&mut text, "sent", rate);
+            rate_line(&mut text, sent_name, rate);
         }
         if let Some(rate) = &self.received {
-            rate_line(&mut text, "received", rate);
+            rate_line(&mut text, received_name, rate);
         }
         if let Some(per_s) = self.connect_per_s {
             let _ = writeln!(

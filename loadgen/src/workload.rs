@@ -19,6 +19,7 @@ use serde::Serialize;
 use stompd::codec::{format_u64, Command, Frame, Version};
 
 use crate::client::{error_of, ClientError, ConnectOptions, Connection, Outbox};
+use crate::interrupt;
 use crate::payload::{padding, Epoch, Stamp, STAMP_BYTES};
 use crate::report::{latency_histogram, Latency, Progress, Rate, Report};
 use crate::stats::{self, Meter};
@@ -194,6 +195,15 @@ fn produce(
     if shared.rate.is_some() {
         stats::tight_timer_slack();
     }
+    send_all(&mut connection, producer, count, shared).map_err(|error| connection.explain(error))
+}
+
+fn send_all(
+    connection: &mut Connection,
+    producer: u32,
+    count: u64,
+    shared: &ProducerShared,
+) -> Result<u64, ClientError> {
     let body_bytes = STAMP_BYTES + shared.padding.len();
     let start_ns = shared.start_ns;
     let mut sent = 0u64;
@@ -571,7 +581,9 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
                 break;
             }
         }
-        if elapsed >= common.duration && !producer_shared.stop.load(Ordering::Relaxed) {
+        if (elapsed >= common.duration || interrupt::interrupted())
+            && !producer_shared.stop.load(Ordering::Relaxed)
+        {
             producer_shared.stop.store(true, Ordering::Relaxed);
         }
     }
@@ -655,7 +667,10 @@ pub fn run_pingpong(common: &Common) -> Result<Report, ClientError> {
     let mut next_tick = Duration::from_secs(1);
     let mut sent = 0u64;
     let mut measured = (0u64, 0u64); // (first measured ns, messages)
-    'run: while sent < common.messages && epoch.elapsed_ns() < deadline_ns {
+    'run: while sent < common.messages
+        && epoch.elapsed_ns() < deadline_ns
+        && !interrupt::interrupted()
+    {
         let sent_ns = epoch.elapsed_ns();
         {
             let mut frame = connection.frame(Command::Send);
@@ -792,7 +807,7 @@ pub fn run_connections(
             progress.tick(elapsed, meter.total().0, 0);
             next_tick += Duration::from_secs(1);
         }
-        if elapsed >= common.duration {
+        if elapsed >= common.duration || interrupt::interrupted() {
             stop.store(true, Ordering::Relaxed);
         }
     }

@@ -452,3 +452,88 @@ fn cannot_start_without_a_broker() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("connecting to"));
 }
+
+/// A broker that accepts one connection, answers CONNECT, then sends ERROR and stops
+/// writing, reading (and discarding) everything until the client goes away.
+fn refusing_broker(message: &'static str) -> Broker {
+    use std::io::Write;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                let mut seen = Vec::new();
+                // Wait for the end of CONNECT.
+                while !seen.contains(&0) {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => seen.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let reply = format!("CONNECTED\nversion:1.2\n\n\0ERROR\nmessage:{message}\n\n\0");
+                let _ = stream.write_all(reply.as_bytes());
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                while matches!(stream.read(&mut buffer), Ok(read) if read > 0) {}
+            });
+        }
+    });
+    Broker {
+        host: "127.0.0.1".to_string(),
+        port,
+        process: None,
+    }
+}
+
+#[test]
+fn a_broker_error_is_reported_with_its_message() {
+    let outcome = loadgen(
+        &refusing_broker("disk full"),
+        &["-n", "1000", "queue", "-c", "0"],
+    );
+    assert_fails_loudly(&outcome);
+    let errors = outcome.report["errors"].to_string();
+    assert!(errors.contains("disk full"), "{errors}");
+}
+
+#[test]
+fn ctrl_c_drains_and_reports() {
+    use std::io::{BufRead, BufReader};
+    let broker = correct_broker();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stompd-loadgen"))
+        .args(["--port", &broker.port.to_string(), "--host", &broker.host])
+        .args(["--json", "-n", "1000000000", "-d", "100"])
+        .args(["latency", "--rate", "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first per-second line proves the run (and its signal handler) is going.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("sent"), "{line}");
+    // SAFETY: kill() on the pid of a child we own.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let deadline = Instant::now() + RUN_DEADLINE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("stompd-loadgen did not stop after SIGINT");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report:#}");
+    let sent = report["sent"]["messages"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 1_000_000_000);
+    assert_eq!(report["integrity"]["lost"], 0);
+}
