@@ -216,7 +216,7 @@ for ((repeat = 1; repeat <= REPEATS; repeat++)); do
             # Exit status 1 (lost messages) is in the report; the matrix goes on.
             "$LOADGEN_BIN" --port "${PORT[$broker]}" "${pid_args[@]}" "${credentials[@]}" \
                 --json --quiet -n "$MANY" -d "$DURATION" --warmup "$WARMUP" \
-                --drain-timeout 60 "${args[@]}" \
+                --drain-timeout 30 "${args[@]}" \
                 >"$WORK/runs/$name/$broker.$repeat.json" 2>"$WORK/runs/$name/$broker.$repeat.err" ||
                 log "$name on $broker failed: $(tail -n 1 "$WORK/runs/$name/$broker.$repeat.err")"
         done

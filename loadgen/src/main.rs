@@ -81,7 +81,7 @@ struct RunArgs {
     /// Destination; by default a fresh /queue/loadgen-… or /topic/loadgen-… per run.
     #[arg(long, global = true)]
     destination: Option<String>,
-    /// Seconds consumers may take after the last send before missing messages count as lost.
+    /// After the last send, seconds without any delivery before missing messages count as lost.
     #[arg(long, global = true, default_value_t = 10.0)]
     drain_timeout: f64,
     /// Seconds a receipt may take.

@@ -69,7 +69,8 @@ pub struct Common {
     /// Destination name; `None` picks a fresh one per run, so runs never see each other's
     /// leftovers.
     pub destination: Option<String>,
-    /// How long consumers may take after the last send before missing messages count as lost.
+    /// After the last send, how long consumers may go without any delivery before the
+    /// messages still missing count as lost.
     pub drain_timeout: Duration,
     /// How long a receipt may take (persistent sends can be slow).
     pub receipt_timeout: Duration,
@@ -528,12 +529,19 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     let mut producers_done_ns: Option<u64> = None;
     let mut sent_per_producer = vec![0u64; flow.producers];
     let mut producers = Some(producers);
-    let mut drain_start_ns = 0u64;
+    // The last time the consumers' count moved: a drain times out only after that long without
+    // any delivery, so a slow broker with a deep queue is not mistaken for a lossy one.
+    let mut progress_ns = producers_start;
+    let mut last_received = 0u64;
     loop {
         thread::sleep(TICK);
         let elapsed = Duration::from_nanos(epoch.elapsed_ns() - producers_start);
         let (sent, _) = producer_shared.meter.total();
         let (received, _) = consumer_shared.meter.total();
+        if received != last_received {
+            last_received = received;
+            progress_ns = epoch.elapsed_ns();
+        }
         if elapsed >= next_tick {
             progress.tick(elapsed, sent, received);
             next_tick += Duration::from_secs(1);
@@ -554,7 +562,6 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
             }
             let done = epoch.elapsed_ns();
             producers_done_ns = Some(done);
-            drain_start_ns = done;
             if flow.backlog && flow.consumers > 0 {
                 let fill = Rate::new(
                     sent_per_producer.iter().sum(),
@@ -563,7 +570,8 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
                 );
                 report.sent = Some(fill);
                 let connections = connect_consumers(common, flow, &destination)?;
-                drain_start_ns = epoch.elapsed_ns();
+                let drain_start_ns = epoch.elapsed_ns();
+                progress_ns = drain_start_ns;
                 warmup_mark = Some((drain_start_ns, sent, 0));
                 consumers = spawn_consumers(connections, &consumer_shared);
             }
@@ -572,9 +580,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
             let sent_total: u64 = sent_per_producer.iter().sum();
             let expected = sent_total * if flow.topic { flow.consumers as u64 } else { 1 };
             let drained = received >= expected;
-            let timed_out = epoch
-                .elapsed_ns()
-                .saturating_sub(done_ns.max(drain_start_ns))
+            let timed_out = epoch.elapsed_ns().saturating_sub(done_ns.max(progress_ns))
                 > common.drain_timeout.as_nanos() as u64;
             let consumers_failed = consumers.iter().any(JoinHandle::is_finished);
             if flow.consumers == 0 || drained || timed_out || consumers_failed {
