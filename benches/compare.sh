@@ -10,7 +10,7 @@
 #              latency tails carry about 40 ms of Nagle delay) and its data in a scratch dir.
 #   stompd     $STOMPD_BIN, or target/release/stompd built here.
 #   relay      stompd-relay: the simplest in-memory forwarder, a ceiling to report against.
-#   rabbitmq   optional: Debian's rabbitmq-server with the STOMP plugin (best effort).
+#   rabbitmq   optional: Debian's rabbitmq-server with the STOMP plugin, guest/guest, vhost /.
 #
 # Every case runs against every broker in turn, repeat after repeat (interleaved, so that a
 # noisy neighbour hurts all brokers alike). Each run writes its --json report to
@@ -18,7 +18,7 @@
 # the baseline) goes to $OUT and stdout. A run that lost, duplicated or reordered messages is
 # flagged in the table, never averaged in.
 #
-# Environment: BROKERS, REPEATS, DURATION (s per throughput run), WARMUP (s), BACKLOG
+# Environment: BROKERS, ONLY (a regex: run only the cases whose names match), REPEATS, DURATION (s per throughput run), WARMUP (s), BACKLOG
 # (messages), CONNECTIONS, WORK (scratch dir), OUT (markdown file), STOMPD_BIN, LOADGEN_BIN,
 # RELAY_BIN.
 set -euo pipefail
@@ -33,6 +33,7 @@ else
     : "${REPEATS:=3}" "${DURATION:=10}" "${WARMUP:=2}" "${BACKLOG:=1000000}" "${CONNECTIONS:=1000}"
 fi
 : "${BROKERS:=activemq stompd relay}"
+: "${ONLY:=.}"
 : "${WORK:=$ROOT/target/compare}"
 : "${OUT:=$WORK/results.md}"
 
@@ -94,15 +95,17 @@ STARTED=()
 
 stop_all() {
     local pid
+    if [[ -n ${RABBIT_NODE:-} ]]; then
+        rabbit_env "$RABBIT_BIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
+        # Erlang starts an epmd daemon; stop it unless one was running before us.
+        if ((!EPMD_WAS_RUNNING)); then epmd -kill >/dev/null 2>&1 || true; fi
+    fi
     for pid in "${STARTED[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
     for pid in "${STARTED[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
-    if [[ -n ${RABBIT_NODE:-} ]]; then
-        rabbitmqctl -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
-    fi
 }
 trap stop_all EXIT
 
@@ -161,28 +164,38 @@ start_relay() {
     wait_port "$port" 30 "${PID[relay]}" || die "stompd-relay did not start: see $WORK/relay.log"
 }
 
-# Best effort, not yet tried on the reference machine.
+# Runs RabbitMQ's own start script as the current user (Debian's /usr/sbin wrapper would switch
+# to the rabbitmq user, who cannot write the scratch dir), with node, data, logs, config and
+# Erlang cookie (HOME) all in the scratch dir.
+RABBIT_BIN=/usr/lib/rabbitmq/bin
+rabbit_env() {
+    local dir=$WORK/rabbitmq
+    env HOME="$dir" RABBITMQ_NODENAME="$RABBIT_NODE" RABBITMQ_MNESIA_BASE="$dir/mnesia" \
+        RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_CONFIG_FILE="$dir/rabbitmq" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" "$@"
+}
+
 start_rabbitmq() {
-    command -v rabbitmq-server >/dev/null || install_package rabbitmq-server
+    [[ -x $RABBIT_BIN/rabbitmq-server ]] || install_package rabbitmq-server
     local dir=$WORK/rabbitmq port
     port=$(free_port)
     rm -rf "$dir"
     mkdir -p "$dir"
+    EPMD_WAS_RUNNING=0
+    if pgrep -x epmd >/dev/null; then EPMD_WAS_RUNNING=1; fi
     RABBIT_NODE=loadgen-$$@localhost
     printf 'stomp.listeners.tcp.1 = 127.0.0.1:%s\nloopback_users = none\nlisteners.tcp = none\n' \
         "$port" >"$dir/rabbitmq.conf"
     echo '[rabbitmq_stomp].' >"$dir/enabled_plugins"
     # RabbitMQ stops answering CONNECT near its open-file limit; raise it first.
     ulimit -n 65536 2>/dev/null || log "could not raise the open-file limit for RabbitMQ"
-    RABBITMQ_NODENAME=$RABBIT_NODE RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log \
-        RABBITMQ_CONFIG_FILE=$dir/rabbitmq RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins \
-        RABBITMQ_DIST_PORT=$(free_port) \
-        rabbitmq-server >"$dir/out.log" 2>&1 &
+    rabbit_env RABBITMQ_DIST_PORT="$(free_port)" "$RABBIT_BIN/rabbitmq-server" >"$dir/out.log" 2>&1 &
     STARTED+=($!)
     PORT[rabbitmq]=$port
     wait_port "$port" 120 || die "RabbitMQ did not open port $port: see $dir/out.log"
     # The Erlang VM is a child of the start script: report its CPU and memory.
-    PID[rabbitmq]=$(pgrep -f "beam.*$RABBIT_NODE" | head -n 1 || true)
+    PID[rabbitmq]=$(pgrep -f "beam.*-home $dir " | head -n 1 || true)
+    [[ -n ${PID[rabbitmq]} ]] || log "RabbitMQ's Erlang VM not found: no CPU or memory figures for it"
 }
 
 mkdir -p "$WORK"
@@ -204,6 +217,7 @@ for ((repeat = 1; repeat <= REPEATS; repeat++)); do
         case=${CASES[$index]}
         # The number keeps the table in this order; the summary shows the name without it.
         name=$(printf '%02d-%s' "$index" "${case%%|*}")
+        [[ $name =~ $ONLY ]] || continue
         read -r -a args <<<"${case#*|}"
         mkdir -p "$WORK/runs/$name"
         for broker in "${BROKER_LIST[@]}"; do
