@@ -229,13 +229,16 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             lock(&writer).write_all(&own)?;
             own.clear();
         }
-        for target in &mut pending {
-            if !target.bytes.is_empty() {
-                // A subscriber that went away loses its messages; the sender carries on.
-                let _ = lock(&target.writer).write_all(&target.bytes);
-                target.bytes.clear();
+        // A subscriber that went away loses its messages and leaves the cache (which would
+        // otherwise keep its socket open); the sender carries on.
+        pending.retain_mut(|target| {
+            if target.bytes.is_empty() {
+                return true;
             }
-        }
+            let written = lock(&target.writer).write_all(&target.bytes);
+            target.bytes.clear();
+            written.is_ok()
+        });
         if closing {
             break 'connection Ok(());
         }
@@ -254,12 +257,17 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             }
         }
     };
-    let mut destinations = lock(&shared.destinations);
-    for destination in destinations.values_mut() {
-        destination
-            .subscribers
-            .retain(|subscriber| subscriber.connection != connection);
+    {
+        let mut destinations = lock(&shared.destinations);
+        for destination in destinations.values_mut() {
+            destination
+                .subscribers
+                .retain(|subscriber| subscriber.connection != connection);
+        }
     }
+    // Other threads may still hold this socket's writer; shutting the socket down (not just
+    // dropping our handle) closes the connection now and makes their writes fail.
+    let _ = reader.shutdown(std::net::Shutdown::Both);
     result
 }
 
