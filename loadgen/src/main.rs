@@ -20,6 +20,8 @@ use stompd_loadgen::workload::{self, AckMode, Common, Flow};
 /// and the run fails loudly (exit 1) if anything was lost, duplicated or out of order.
 /// Each run stops at --messages or --duration, whichever comes first, or at Ctrl-C (which
 /// still drains and prints the summary; a second Ctrl-C kills).
+/// Exit status: 0 clean, 1 messages lost/duplicated/reordered or a worker failed, 2 could
+/// not start.
 ///
 /// Examples:
 ///   stompd-loadgen queue --producers 4 --consumers 4 --size 1024
