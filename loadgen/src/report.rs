@@ -274,20 +274,25 @@ pub fn group(value: u64) -> String {
 }
 
 /// The once-a-second display: a bar on a terminal, a plain line on stderr otherwise, nothing
-/// with `--quiet`.
+/// with `--quiet`. The bar shows whichever bound is nearer, the message count or the duration.
 pub struct Progress {
     bar: Option<ProgressBar>,
     lines: bool,
     last: (u64, u64),
+    total: u64,
+    duration: Duration,
 }
 
+/// Steps of the bar: per mille.
+const BAR_STEPS: u64 = 1000;
+
 impl Progress {
-    pub fn new(total: u64, quiet: bool) -> Progress {
+    pub fn new(total: u64, duration: Duration, quiet: bool) -> Progress {
         let terminal = std::io::stderr().is_terminal();
         let bar = (terminal && !quiet).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(Some(BAR_STEPS), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+                ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {percent:>3}% {msg}")
                     .expect("static template")
                     .progress_chars("=> "),
             );
@@ -297,6 +302,8 @@ impl Progress {
             bar,
             lines: !terminal && !quiet,
             last: (0, 0),
+            total: total.max(1),
+            duration,
         }
     }
 
@@ -311,7 +318,10 @@ impl Progress {
             group(received_rate)
         );
         if let Some(bar) = &self.bar {
-            bar.set_position(sent.max(received));
+            let by_count = sent.max(received) as f64 / self.total as f64;
+            let by_time = elapsed.as_secs_f64() / self.duration.as_secs_f64().max(1e-9);
+            bar.set_position((by_count.max(by_time).min(1.0) * BAR_STEPS as f64) as u64);
+            // Short enough for an 80-column terminal with the bar.
             bar.set_message(message);
         } else if self.lines {
             eprintln!(

@@ -519,7 +519,11 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         .collect();
 
     let expected_total = common.messages * if flow.topic { flow.consumers as u64 } else { 1 };
-    let mut progress = Progress::new(expected_total.max(common.messages), common.quiet);
+    let mut progress = Progress::new(
+        expected_total.max(common.messages),
+        common.duration,
+        common.quiet,
+    );
     let mut next_tick = Duration::from_secs(1);
     let mut warmup_mark: Option<(u64, u64, u64)> = None; // (ns, sent, received)
     if warmup.is_zero() {
@@ -669,7 +673,7 @@ pub fn run_pingpong(common: &Common) -> Result<Report, ClientError> {
     let deadline_ns = start_ns + common.duration.as_nanos() as u64;
     let mut histogram = latency_histogram();
     let mut tracker = Tracker::new();
-    let mut progress = Progress::new(common.messages, common.quiet);
+    let mut progress = Progress::new(common.messages, common.duration, common.quiet);
     let mut next_tick = Duration::from_secs(1);
     let mut sent = 0u64;
     let mut measured = (0u64, 0u64); // (first measured ns, messages)
@@ -804,7 +808,7 @@ pub fn run_connections(
         workload: "connections".to_string(),
         ..Report::default()
     };
-    let mut progress = Progress::new(connections as u64, common.quiet);
+    let mut progress = Progress::new(connections as u64, common.duration, common.quiet);
     let mut next_tick = Duration::from_secs(1);
     while !handles.iter().all(JoinHandle::is_finished) {
         thread::sleep(TICK);
