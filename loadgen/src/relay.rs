@@ -34,6 +34,10 @@ use stompd::codec::{Command, Decoded, Decoder, Frame, FrameWriter, Limits, Versi
 /// drops, and the load generator reports the loss.
 pub const QUEUE_BACKLOG_MESSAGES_MAX: usize = 16 * 1024 * 1024;
 
+/// Each connection's read buffer: a few thousand small SENDs per read, so routing and writes
+/// are batched; it grows (to twice the frame limit) only for a frame that does not fit.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
 /// A deliberate fault, counted per destination over the messages it routes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -171,7 +175,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let mut reader = stream;
     let mut decoder = Decoder::new(Limits::DEFAULT);
     let mut version = Version::V1_0;
-    let mut buffer = vec![0u8; 256 * 1024];
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
     let (mut start, mut end) = (0usize, 0usize);
     let mut pending: Vec<Pending> = Vec::new();
     let mut own = Vec::with_capacity(4096);
