@@ -23,7 +23,7 @@ use crate::interrupt;
 use crate::payload::{padding, Epoch, Stamp, STAMP_BYTES};
 use crate::report::{latency_histogram, Latency, Progress, Rate, Report};
 use crate::stats::{self, Meter};
-use crate::tracker::{Integrity, Tracker};
+use crate::tracker::{Integrity, Observation, Tracker};
 
 /// How often the coordinating thread looks at the counters.
 const TICK: Duration = Duration::from_millis(20);
@@ -284,7 +284,11 @@ struct ConsumerShared {
     epoch: Epoch,
     warmup_ns: u64,
     stop: AtomicBool,
+    /// Every delivery, for rates.
     meter: Meter,
+    /// First deliveries only (no duplicates or redeliveries), for deciding the drain is done:
+    /// counting duplicates could stop consumers while originals are still in flight.
+    fresh: Meter,
 }
 
 struct ConsumerOutcome {
@@ -303,7 +307,7 @@ fn consume(
     connection.set_read_timeout(Some(CONSUMER_POLL))?;
     let mut tracker = Tracker::new();
     let mut histogram = latency_histogram();
-    let (mut count, mut bytes, mut last_ns) = (0u64, 0u64, 0u64);
+    let (mut count, mut bytes, mut last_ns, mut fresh) = (0u64, 0u64, 0u64, 0u64);
     let ack_batch = (shared.prefetch / 2).max(1);
     let mut unacked = 0u32;
     while !shared.stop.load(Ordering::Relaxed) {
@@ -316,7 +320,11 @@ fn consume(
                 match Stamp::read(frame.body) {
                     Some(stamp) => {
                         let redelivered = frame.header(b"redelivered") == Some(b"true");
-                        tracker.record(stamp.producer, stamp.sequence, redelivered);
+                        let observation =
+                            tracker.record(stamp.producer, stamp.sequence, redelivered);
+                        if matches!(observation, Observation::Fresh | Observation::OutOfOrder) {
+                            fresh += 1;
+                        }
                         if stamp.sent_ns >= shared.warmup_ns {
                             histogram.saturating_record(now.saturating_sub(stamp.sent_ns));
                         }
@@ -344,12 +352,17 @@ fn consume(
                 result?;
                 if count % METER_EVERY == 0 {
                     shared.meter.store(index, count, bytes);
+                    shared.fresh.store(index, fresh, 0);
                 }
             }
-            None => shared.meter.store(index, count, bytes),
+            None => {
+                shared.meter.store(index, count, bytes);
+                shared.fresh.store(index, fresh, 0);
+            }
         }
     }
     shared.meter.store(index, count, bytes);
+    shared.fresh.store(index, fresh, 0);
     // Leaving politely is not part of the measurement; a broker slow to answer it is fine.
     let _ = connection.disconnect(Duration::from_secs(2));
     Ok(ConsumerOutcome {
@@ -488,6 +501,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         warmup_ns,
         stop: AtomicBool::new(false),
         meter: Meter::new(flow.consumers),
+        fresh: Meter::new(flow.consumers),
     });
     let mut consumers = spawn_consumers(consumer_connections, &consumer_shared);
     let producer_shared = Arc::new(ProducerShared {
@@ -583,7 +597,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         if let Some(done_ns) = producers_done_ns {
             let sent_total: u64 = sent_per_producer.iter().sum();
             let expected = sent_total * if flow.topic { flow.consumers as u64 } else { 1 };
-            let drained = received >= expected;
+            let drained = consumer_shared.fresh.total().0 >= expected;
             let timed_out = epoch.elapsed_ns().saturating_sub(done_ns.max(progress_ns))
                 > common.drain_timeout.as_nanos() as u64;
             let consumers_failed = consumers.iter().any(JoinHandle::is_finished);

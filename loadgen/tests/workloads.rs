@@ -110,7 +110,9 @@ fn correct_broker() -> Broker {
 fn loadgen(broker: &Broker, args: &[&str]) -> Outcome {
     let mut child = Command::new(env!("CARGO_BIN_EXE_stompd-loadgen"))
         .args(["--host", &broker.host, "--port", &broker.port.to_string()])
-        .args(["--json", "--quiet", "--drain-timeout", "2"])
+        // Reached only when messages are missing: generous, so a starved CI machine is not
+        // mistaken for a lossy broker. The fault tests shorten it.
+        .args(["--json", "--quiet", "--drain-timeout", "30"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -371,6 +373,9 @@ fn a_duration_bound_stops_a_large_count() {
 
 // The detector, against a relay that misbehaves on purpose.
 
+/// Fault runs do wait out the drain timeout for what was dropped, so keep it short.
+const FAULT_DRAIN: [&str; 2] = ["--drain-timeout", "1"];
+
 fn faulty(fault: Fault) -> Broker {
     relay_with(RelayConfig {
         fault: Some(fault),
@@ -390,7 +395,10 @@ fn assert_fails_loudly(outcome: &Outcome) {
 
 #[test]
 fn detects_dropped_messages() {
-    let outcome = loadgen(&faulty(Fault::DropEvery(100)), &["-n", "1000", "queue"]);
+    let outcome = loadgen(
+        &faulty(Fault::DropEvery(100)),
+        &[FAULT_DRAIN[0], FAULT_DRAIN[1], "-n", "1000", "queue"],
+    );
     assert_fails_loudly(&outcome);
     assert_eq!(integrity(&outcome)["lost"], 10);
     assert_eq!(integrity(&outcome)["duplicated"], 0);
@@ -400,7 +408,7 @@ fn detects_dropped_messages() {
 fn detects_duplicated_messages() {
     let outcome = loadgen(
         &faulty(Fault::DuplicateEvery(100)),
-        &["-n", "1000", "queue"],
+        &[FAULT_DRAIN[0], FAULT_DRAIN[1], "-n", "1000", "queue"],
     );
     assert_fails_loudly(&outcome);
     assert_eq!(integrity(&outcome)["duplicated"], 10);
@@ -410,7 +418,10 @@ fn detects_duplicated_messages() {
 #[test]
 fn detects_reordered_messages() {
     // 999 messages: the last held-back one (the 990th) is released by the 991st.
-    let outcome = loadgen(&faulty(Fault::ReorderEvery(10)), &["-n", "999", "queue"]);
+    let outcome = loadgen(
+        &faulty(Fault::ReorderEvery(10)),
+        &[FAULT_DRAIN[0], FAULT_DRAIN[1], "-n", "999", "queue"],
+    );
     assert_fails_loudly(&outcome);
     assert_eq!(integrity(&outcome)["out_of_order"], 99);
     assert_eq!(integrity(&outcome)["lost"], 0);
@@ -420,7 +431,15 @@ fn detects_reordered_messages() {
 fn detects_an_incomplete_topic_subscriber() {
     let outcome = loadgen(
         &faulty(Fault::DropEvery(50)),
-        &["-n", "1000", "topic", "-k", "2"],
+        &[
+            FAULT_DRAIN[0],
+            FAULT_DRAIN[1],
+            "-n",
+            "1000",
+            "topic",
+            "-k",
+            "2",
+        ],
     );
     assert_fails_loudly(&outcome);
     let completeness = outcome.report["per_subscriber_completeness"]
@@ -433,7 +452,10 @@ fn detects_an_incomplete_topic_subscriber() {
 
 #[test]
 fn detects_loss_in_ping_pong() {
-    let outcome = loadgen(&faulty(Fault::DropEvery(10)), &["-n", "100", "pingpong"]);
+    let outcome = loadgen(
+        &faulty(Fault::DropEvery(10)),
+        &[FAULT_DRAIN[0], FAULT_DRAIN[1], "-n", "100", "pingpong"],
+    );
     assert_fails_loudly(&outcome);
 }
 
