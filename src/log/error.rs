@@ -31,7 +31,9 @@ pub enum LogError {
     MisplacedSegment { path: PathBuf, what: String },
     /// An earlier sync failed. After a failed fsync Linux may have dropped the dirty pages, so
     /// the log can no longer promise durability and refuses further appends.
-    #[error("an earlier sync of the log failed; restart the broker to recover from what is on disk")]
+    #[error(
+        "an earlier sync of the log failed; restart the broker to recover from what is on disk"
+    )]
     SyncFailed,
     /// The configuration cannot work.
     #[error("invalid log configuration: {0}")]

@@ -20,6 +20,6 @@ pub use format::{FormatError, MessageRecord, Position, RecordView, FORMAT_VERSIO
 pub use policy::FsyncPolicy;
 pub use segment::{list_segments, SegmentReader};
 pub use shard::{
-    shard_dir, LogConfig, RecoveredMessage, RecoveredQueue, Recovery, RecoveryReport,
-    ShardLog, SkippedRecord, SyncRequest, SyncTarget, TailCut,
+    shard_dir, LogConfig, RecoveredMessage, RecoveredQueue, Recovery, RecoveryReport, ShardLog,
+    SkippedRecord, SyncRequest, SyncTarget, TailCut,
 };

@@ -96,10 +96,22 @@ mod tests {
     #[test]
     fn refuses_malformed_policies() {
         for text in [
-            "", "Always", "every", "every:", "every:0", "every:+5", "every:-5", "every:5ms",
-            "every:3600001", "sometimes", " always",
+            "",
+            "Always",
+            "every",
+            "every:",
+            "every:0",
+            "every:+5",
+            "every:-5",
+            "every:5ms",
+            "every:3600001",
+            "sometimes",
+            " always",
         ] {
-            assert!(text.parse::<FsyncPolicy>().is_err(), "{text:?} was accepted");
+            assert!(
+                text.parse::<FsyncPolicy>().is_err(),
+                "{text:?} was accepted"
+            );
         }
     }
 

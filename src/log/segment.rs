@@ -73,11 +73,7 @@ pub struct Segment {
 impl Segment {
     /// Creates segment `sequence` in `dir`: allocates all `segment_bytes`, writes the header and
     /// maps it. On any failure the partial file is removed, so nothing is left to recover.
-    pub fn create(
-        dir: &Path,
-        header: SegmentHeader,
-        populate: bool,
-    ) -> Result<Segment, LogError> {
+    pub fn create(dir: &Path, header: SegmentHeader, populate: bool) -> Result<Segment, LogError> {
         debug_assert_eq!(header.format_version, FORMAT_VERSION);
         let path = dir.join(segment_file_name(header.sequence));
         let file = OpenOptions::new()
@@ -145,7 +141,8 @@ impl Segment {
             .map_err(|e| LogError::io(path, e))?;
         let segment_bytes = file.metadata().map_err(|e| LogError::io(path, e))?.len();
         // SAFETY: as in `create`; recovery runs before the shard serves, so no one else writes.
-        let map = unsafe { MmapOptions::new().map_mut(&file) }.map_err(|e| LogError::io(path, e))?;
+        let map =
+            unsafe { MmapOptions::new().map_mut(&file) }.map_err(|e| LogError::io(path, e))?;
         Ok(Segment {
             sequence,
             path: path.to_owned(),
@@ -201,7 +198,10 @@ impl Segment {
     pub fn append(&mut self, record: &RecordRef<'_>) -> u64 {
         let len = record.encoded_len() as u64;
         let offset = self.write_offset;
-        assert!(len <= self.remaining(), "record does not fit: caller must roll");
+        assert!(
+            len <= self.remaining(),
+            "record does not fit: caller must roll"
+        );
         let map = self.map.as_mut().expect("appending to a sealed segment");
         let out = &mut map[offset as usize..(offset + len) as usize];
         let written = encode_record(out, self.sequence, record) as u64;
@@ -233,8 +233,8 @@ impl Segment {
 /// Allocates every block of a new file. `fallocate` reserves blocks without writing them; where
 /// the file system lacks it, zeros are written instead, which also allocates every block.
 fn allocate(file: &File, len: u64) -> io::Result<()> {
-    let len_off = libc::off_t::try_from(len)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let len_off =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: fallocate on a descriptor we own, with no pointers involved.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
     if rc == 0 {

@@ -205,7 +205,11 @@ impl fmt::Display for RecoveryReport {
             self.reclaimed.len()
         )?;
         for s in &self.skipped {
-            write!(f, "; skipped damaged record at {} ({} bytes: {})", s.position, s.bytes, s.error)?;
+            write!(
+                f,
+                "; skipped damaged record at {} ({} bytes: {})",
+                s.position, s.bytes, s.error
+            )?;
         }
         for c in &self.cuts {
             write!(
@@ -394,7 +398,10 @@ impl ShardLog {
         let mut queue_index: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut live_messages = 0;
         for (&sequence, state) in states.iter_mut() {
-            let bytes = state.segment.bytes().expect("recovered segments are mapped");
+            let bytes = state
+                .segment
+                .bytes()
+                .expect("recovered segments are mapped");
             for item in SegmentScan::new(bytes, sequence) {
                 let ScanItem::Record {
                     offset,
@@ -559,7 +566,12 @@ impl ShardLog {
         Ok(())
     }
 
-    fn append_refs(&mut self, positions: &[Position], ack: bool, now_ms: u64) -> Result<(), LogError> {
+    fn append_refs(
+        &mut self,
+        positions: &[Position],
+        ack: bool,
+        now_ms: u64,
+    ) -> Result<(), LogError> {
         for chunk in positions.chunks(self.config.refs_per_record_max()) {
             let record = if ack {
                 RecordRef::Ack(chunk)
@@ -661,7 +673,10 @@ impl ShardLog {
             FsyncPolicy::Every { interval_ms }
                 if !self.failed && !self.sync_in_flight && self.has_unsynced() =>
             {
-                Some(self.last_sync_issued_ms.map_or(0, |t| t.saturating_add(interval_ms)))
+                Some(
+                    self.last_sync_issued_ms
+                        .map_or(0, |t| t.saturating_add(interval_ms)),
+                )
             }
             _ => None,
         }
@@ -674,8 +689,7 @@ impl ShardLog {
     fn sync_request(&self) -> SyncRequest {
         let mut targets = SmallVec::new();
         for (&sequence, state) in self.segments.range(self.synced.segment..) {
-            if sequence > self.synced.segment || state.segment.write_offset() > self.synced.offset
-            {
+            if sequence > self.synced.segment || state.segment.write_offset() > self.synced.offset {
                 targets.push(SyncTarget {
                     fd: state.segment.raw_fd(),
                     data_only: true,
@@ -718,8 +732,7 @@ impl ShardLog {
         }
         let request = self.sync_request();
         for (&sequence, state) in self.segments.range(self.synced.segment..) {
-            if sequence > self.synced.segment || state.segment.write_offset() > self.synced.offset
-            {
+            if sequence > self.synced.segment || state.segment.write_offset() > self.synced.offset {
                 if let Err(error) = state.segment.sync_data() {
                     self.failed = true;
                     return Err(error);
@@ -770,7 +783,10 @@ impl ShardLog {
 
     /// Bytes of disk the segment files take.
     pub fn disk_bytes(&self) -> u64 {
-        self.segments.values().map(|s| s.segment.segment_bytes()).sum()
+        self.segments
+            .values()
+            .map(|s| s.segment.segment_bytes())
+            .sum()
     }
 
     /// Deletes every segment that no longer holds anything needed (see the module invariants)
