@@ -29,7 +29,9 @@ fn config(dir: &Path) -> LogConfig {
 }
 
 fn body(id: u64) -> Vec<u8> {
-    format!("<{id}>").repeat(1 + (id % 13) as usize).into_bytes()
+    format!("<{id}>")
+        .repeat(1 + (id % 13) as usize)
+        .into_bytes()
 }
 
 /// Message ids are `cycle * 1_000_000 + n`, so each cycle's messages are told apart.
@@ -102,7 +104,9 @@ fn crash_child() {
         writeln!(out, "acking {ack_below}").unwrap();
         out.flush().unwrap();
         log.ack(&acks, 0).unwrap();
-        let request = log.pending_sync(0).expect("always policy has a sync to issue");
+        let request = log
+            .pending_sync(0)
+            .expect("always policy has a sync to issue");
         for target in &request.targets {
             fsync(target.fd, target.data_only);
         }
@@ -126,7 +130,13 @@ fn kill9_during_synced_appends_loses_nothing_reported_durable() {
         seed ^= seed << 17;
         let kill_after_lines = 20 + seed % 180;
         let mut child = Command::new(&exe)
-            .args(["crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "crash_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(DIR_VAR, tmp.path())
             .env(CYCLE_VAR, cycle.to_string())
             .stdout(Stdio::piped())
@@ -157,7 +167,10 @@ fn kill9_during_synced_appends_loses_nothing_reported_durable() {
             }
         }
         let status = child.wait().unwrap();
-        assert!(killed, "cycle {cycle}: the child ended on its own: {status:?}");
+        assert!(
+            killed,
+            "cycle {cycle}: the child ended on its own: {status:?}"
+        );
         assert!(drained, "cycle {cycle}: the child never recovered");
         let (last_durable, lowest_unacked) = durable.unwrap();
 
@@ -184,7 +197,10 @@ fn kill9_during_synced_appends_loses_nothing_reported_durable() {
         for pair in ids.windows(2) {
             assert_eq!(pair[1], pair[0] + 1, "cycle {cycle}: gap or reorder");
         }
-        assert!(*ids.last().unwrap() >= last_durable, "cycle {cycle}: lost {last_durable}");
+        assert!(
+            *ids.last().unwrap() >= last_durable,
+            "cycle {cycle}: lost {last_durable}"
+        );
         for m in messages {
             let id = parse_id(&m.message_id);
             assert_eq!(m.body, body(id), "cycle {cycle}: body of {id}");
