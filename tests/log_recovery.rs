@@ -592,3 +592,32 @@ fn the_read_only_reader_works_beside_a_live_writer() {
     assert_eq!(records.len(), 3, "a record being written is not reported");
     assert_eq!(SEGMENT_HEADER_BYTES, 64);
 }
+
+#[test]
+fn a_segment_in_an_unfinished_sync_is_not_deleted_until_it_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(tmp.path());
+    let mut in_first = Vec::new();
+    while log.appended_upto().segment == 0 {
+        in_first.push(append(&mut log, "/queue/a", in_first.len()));
+    }
+    let last = in_first.pop().unwrap(); // landed in segment 1
+    let request = log.pending_sync(0).unwrap();
+    assert_eq!(
+        request.targets.len(),
+        3,
+        "segments 0 and 1, and the directory"
+    );
+    log.ack(&in_first, 0).unwrap();
+    assert_eq!(
+        log.reclaim().unwrap(),
+        Vec::<u64>::new(),
+        "segment 0's fd is in flight"
+    );
+    // A blocking sync meanwhile does not release it either.
+    log.sync_now().unwrap();
+    assert_eq!(log.reclaim().unwrap(), Vec::<u64>::new());
+    log.mark_synced(request.upto);
+    assert_eq!(log.reclaim().unwrap(), vec![0]);
+    log.ack(&[last], 0).unwrap();
+}

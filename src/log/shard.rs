@@ -262,8 +262,9 @@ pub struct ShardLog {
     appended: Position,
     /// Everything before this is durable.
     synced: Position,
-    /// A sync request is out and not yet marked synced or failed.
-    sync_in_flight: bool,
+    /// A sync request is out and not yet marked synced or failed: the lowest segment sequence
+    /// among its targets, whose descriptors must stay open until it completes.
+    sync_in_flight: Option<u64>,
     /// When the last sync request was issued, for `every:<ms>`.
     last_sync_issued_ms: Option<u64>,
     /// A segment was created since the directory was last synced.
@@ -465,7 +466,7 @@ impl ShardLog {
             next_sequence,
             appended,
             synced: appended,
-            sync_in_flight: false,
+            sync_in_flight: None,
             last_sync_issued_ms: None,
             dir_dirty: false,
             failed: false,
@@ -645,7 +646,7 @@ impl ShardLog {
     /// unsynced and no sync is in flight; under `every:<ms>` at most once per interval; never
     /// under `never`. The request covers every record appended so far (group commit).
     pub fn pending_sync(&mut self, now_ms: u64) -> Option<SyncRequest> {
-        if self.failed || self.sync_in_flight || !self.has_unsynced() {
+        if self.failed || self.sync_in_flight.is_some() || !self.has_unsynced() {
             return None;
         }
         match self.config.fsync {
@@ -660,7 +661,7 @@ impl ShardLog {
             }
         }
         let request = self.sync_request();
-        self.sync_in_flight = true;
+        self.sync_in_flight = Some(self.synced.segment);
         self.dir_dirty = false;
         self.last_sync_issued_ms = Some(now_ms);
         Some(request)
@@ -671,7 +672,7 @@ impl ShardLog {
     pub fn next_sync_due_ms(&self) -> Option<u64> {
         match self.config.fsync {
             FsyncPolicy::Every { interval_ms }
-                if !self.failed && !self.sync_in_flight && self.has_unsynced() =>
+                if !self.failed && self.sync_in_flight.is_none() && self.has_unsynced() =>
             {
                 Some(
                     self.last_sync_issued_ms
@@ -713,13 +714,13 @@ impl ShardLog {
     pub fn mark_synced(&mut self, upto: Position) {
         assert!(upto <= self.appended, "synced past the end of the log");
         self.synced = self.synced.max(upto);
-        self.sync_in_flight = false;
+        self.sync_in_flight = None;
     }
 
     /// A sync failed. Linux may drop the dirty pages of a failed writeback, so retrying could
     /// report success for data that is gone; the log stops accepting appends instead.
     pub fn mark_sync_failed(&mut self) {
-        self.sync_in_flight = false;
+        self.sync_in_flight = None;
         self.failed = true;
     }
 
@@ -807,7 +808,7 @@ impl ShardLog {
             if state.refs.iter().any(|r| self.segments.contains_key(r)) {
                 continue;
             }
-            if self.sync_in_flight && sequence >= self.synced.segment {
+            if self.sync_in_flight.is_some_and(|first| sequence >= first) {
                 continue;
             }
             let state = self.segments.remove(&sequence).expect("candidate");
