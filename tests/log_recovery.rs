@@ -240,6 +240,13 @@ fn garbage_after_the_last_record_is_cut() {
     assert_eq!(cut.bytes, 1005);
     let bytes = fs::read(&path).unwrap();
     assert!(bytes[end.offset as usize..].iter().all(|&b| b == 0));
+    // What was zeroed is kept beside the segment, and is not mistaken for a segment.
+    let saved = fs::read(cut.saved_to.as_ref().unwrap()).unwrap();
+    assert_eq!(saved.len(), 1005);
+    assert_eq!(&saved[..16], &[0xFF; 16]);
+    assert_eq!(&saved[1000..], b"stray");
+    let (_, recovery) = open(tmp.path());
+    assert!(recovery.report.is_clean(), "{}", recovery.report);
 }
 
 #[test]

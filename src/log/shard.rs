@@ -164,6 +164,9 @@ pub struct TailCut {
     /// Whether the bytes were zeroed so that new records can follow. Only the last segment is
     /// appended to, so only its tail is zeroed; earlier tails are left as evidence.
     pub zeroed: bool,
+    /// Where the zeroed bytes were copied first (`<segment>.seg.cut-<offset>` beside it), unless
+    /// that copy failed.
+    pub saved_to: Option<PathBuf>,
     /// Why the scan stopped there.
     pub error: Option<FormatError>,
 }
@@ -221,6 +224,9 @@ impl fmt::Display for RecoveryReport {
             )?;
             if let Some(e) = &c.error {
                 write!(f, " ({e})")?;
+            }
+            if let Some(p) = &c.saved_to {
+                write!(f, ", saved to {}", p.display())?;
             }
         }
         for p in &self.removed_incomplete {
@@ -359,6 +365,15 @@ impl ShardLog {
                 let tail = &bytes[last_good_end as usize..];
                 if let Some(last_nonzero) = tail.iter().rposition(|&b| b != 0) {
                     let cut_bytes = last_nonzero as u64 + 1;
+                    // Keep what is about to be zeroed beside the log: a damaged length in the
+                    // middle of the segment also lands here, with good records behind it that
+                    // an operator may want back. Best effort: a full disk must not stop recovery.
+                    let saved = segment
+                        .path()
+                        .with_extension(format!("seg.cut-{last_good_end}"));
+                    let saved_to = fs::write(&saved, &tail[..cut_bytes as usize])
+                        .ok()
+                        .map(|()| saved);
                     let map = segment.bytes_mut().expect("mapped");
                     map[last_good_end as usize..(last_good_end + cut_bytes) as usize].fill(0);
                     segment.sync_data()?;
@@ -369,6 +384,7 @@ impl ShardLog {
                         },
                         bytes: cut_bytes,
                         zeroed: true,
+                        saved_to,
                         error: tail_error,
                     });
                 }
@@ -380,6 +396,7 @@ impl ShardLog {
                     },
                     bytes: scan_end.max(last_good_end) - last_good_end,
                     zeroed: false,
+                    saved_to: None,
                     error: tail_error,
                 });
             }
