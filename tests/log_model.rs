@@ -1,5 +1,5 @@
 //! Property test of a shard's log against a model: any sequence of appends, acks, delivered
-//! marks, reclaims and restarts leaves exactly the model's pending messages, per queue, in
+//! marks, reclaims, spare segments and restarts leaves exactly the model's pending messages, per queue, in
 //! order, with the model's redelivered marks; and once everything is acknowledged the log
 //! shrinks to one segment.
 
@@ -17,6 +17,7 @@ enum Op {
     AckAll,
     Delivered(prop::sample::Index),
     Reclaim,
+    PrepareSpare,
     Restart,
 }
 
@@ -28,6 +29,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::AckAll),
         4 => any::<prop::sample::Index>().prop_map(Op::Delivered),
         4 => Just(Op::Reclaim),
+        2 => Just(Op::PrepareSpare),
         3 => Just(Op::Restart),
     ]
 }
@@ -117,7 +119,7 @@ proptest! {
                         headers: &headers,
                         body: &body,
                     }, id).unwrap();
-                    prop_assert!(positions.last().is_none_or(|last| *last < p));
+                    prop_assert!(positions.last().map_or(true, |last| *last < p));
                     bodies.insert(id, body_len);
                     model.push(Pending { id, queue, delivered: false });
                     positions.push(p);
@@ -140,6 +142,11 @@ proptest! {
                 }
                 Op::Reclaim => {
                     log.reclaim().unwrap();
+                }
+                Op::PrepareSpare => {
+                    if log.wants_spare() {
+                        log.prepare_spare(0).unwrap();
+                    }
                 }
                 Op::Restart => {
                     drop(log);

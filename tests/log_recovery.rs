@@ -628,3 +628,41 @@ fn a_segment_in_an_unfinished_sync_is_not_deleted_until_it_completes() {
     assert_eq!(log.reclaim().unwrap(), vec![0]);
     log.ack(&[last], 0).unwrap();
 }
+
+#[test]
+fn a_prepared_spare_is_taken_by_the_next_roll_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(tmp.path());
+    assert!(log.wants_spare(), "no active segment yet");
+    let mut positions = vec![append(&mut log, "/queue/a", 0)];
+    assert!(!log.wants_spare(), "segment 0 is nearly empty");
+    while !log.wants_spare() {
+        positions.push(append(&mut log, "/queue/a", positions.len()));
+    }
+    log.prepare_spare(7).unwrap();
+    assert!(!log.wants_spare());
+    // The spare's name is made durable by the next sync.
+    let request = log.pending_sync(0).unwrap();
+    assert!(request.targets.iter().any(|t| !t.data_only));
+    log.mark_synced(request.upto);
+    // Restart with the spare on disk: it becomes the active segment, nothing is lost.
+    drop(log);
+    let (mut log, recovery) = open(tmp.path());
+    assert!(recovery.report.is_clean(), "{}", recovery.report);
+    assert_eq!(queue(&recovery, "/queue/a").messages.len(), positions.len());
+    assert_eq!(log.segment_sequences(), [0, 1]);
+    let next = append(&mut log, "/queue/a", 999);
+    assert_eq!(next.segment, 1, "appends continue in the spare");
+    // A spare taken by a roll keeps its sequence; the one after is new.
+    log.prepare_spare(8).unwrap();
+    while log.appended_upto().segment == 1 {
+        append(&mut log, "/queue/a", 1000);
+    }
+    assert_eq!(log.appended_upto().segment, 2);
+    let header = SegmentReader::open(2, &segment_path(tmp.path(), 2))
+        .unwrap()
+        .header()
+        .clone()
+        .unwrap();
+    assert_eq!(header.created_ms, 8, "the prepared segment was used");
+}

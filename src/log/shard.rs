@@ -264,6 +264,8 @@ pub struct ShardLog {
     active: Option<u64>,
     /// Sequence number of the next segment to create.
     next_sequence: u64,
+    /// A segment created ahead of need by `prepare_spare`, taken by the next roll.
+    spare: Option<Segment>,
     /// End of the last appended record.
     appended: Position,
     /// Everything before this is durable.
@@ -481,6 +483,7 @@ impl ShardLog {
             segments: states,
             active,
             next_sequence,
+            spare: None,
             appended,
             synced: appended,
             sync_in_flight: None,
@@ -571,13 +574,20 @@ impl ShardLog {
     }
 
     fn check_live(&self, positions: &[Position]) -> Result<(), LogError> {
-        let mut seen = HashSet::new();
         for p in positions {
             let live = self
                 .segments
                 .get(&p.segment)
                 .is_some_and(|s| s.live.contains(&p.offset));
-            if !live || !seen.insert(*p) {
+            if !live {
+                return Err(LogError::NotLive(*p));
+            }
+        }
+        // A position twice in one call would be removed once and counted twice; the set is only
+        // built for batches, so a single ack does not allocate.
+        if positions.len() > 1 {
+            let mut seen = HashSet::with_capacity(positions.len());
+            if let Some(p) = positions.iter().find(|p| !seen.insert(**p)) {
                 return Err(LogError::NotLive(*p));
             }
         }
@@ -625,15 +635,11 @@ impl ShardLog {
     }
 
     fn roll(&mut self, now_ms: u64) -> Result<u64, LogError> {
-        let sequence = self.next_sequence;
-        let header = SegmentHeader {
-            format_version: FORMAT_VERSION,
-            shard: self.config.shard,
-            sequence,
-            segment_bytes: self.config.segment_bytes,
-            created_ms: now_ms,
+        let segment = match self.spare.take() {
+            Some(spare) => spare,
+            None => self.create_segment(now_ms)?,
         };
-        let segment = Segment::create(&self.config.dir, header, self.config.populate)?;
+        let sequence = segment.sequence();
         if let Some(old) = self.active {
             self.segments
                 .get_mut(&old)
@@ -654,9 +660,44 @@ impl ShardLog {
             },
         );
         self.active = Some(sequence);
-        self.next_sequence += 1;
-        self.dir_dirty = true;
         Ok(sequence)
+    }
+
+    fn create_segment(&mut self, now_ms: u64) -> Result<Segment, LogError> {
+        let header = SegmentHeader {
+            format_version: FORMAT_VERSION,
+            shard: self.config.shard,
+            sequence: self.next_sequence,
+            segment_bytes: self.config.segment_bytes,
+            created_ms: now_ms,
+        };
+        let segment = Segment::create(&self.config.dir, header, self.config.populate)?;
+        self.next_sequence += 1;
+        // The new name reaches the disk with the next sync request.
+        self.dir_dirty = true;
+        Ok(segment)
+    }
+
+    /// Whether a spare segment should be prepared: none is ready and the active segment is past
+    /// half full (or there is none yet).
+    pub fn wants_spare(&self) -> bool {
+        self.spare.is_none()
+            && !self.failed
+            && self.active.map_or(true, |sequence| {
+                self.segments[&sequence].segment.remaining() < self.config.segment_bytes / 2
+            })
+    }
+
+    /// Creates (allocates, maps, prefaults) the next segment now, so that the roll that needs it
+    /// costs nothing. Creating a segment blocks for a few milliseconds at the default size; the
+    /// event loop calls this when `wants_spare` says so, at a moment of its choosing (an idle
+    /// turn), instead of paying it inside the append that happens to fill a segment.
+    /// `NoSpace` here is an early warning: nothing changed.
+    pub fn prepare_spare(&mut self, now_ms: u64) -> Result<(), LogError> {
+        if self.spare.is_none() {
+            self.spare = Some(self.create_segment(now_ms)?);
+        }
+        Ok(())
     }
 
     /// The sync the event loop should issue now, if any: under `always` whenever something is
