@@ -1,6 +1,5 @@
 //! Append throughput of a shard's log for 128-byte and 1 KiB messages under each `--fsync`
-//! policy, on real disk (Cargo's target tmp directory), with the default 64 MiB prefaulted
-//! segments.
+//! policy, on real disk (Cargo's target tmp directory), with the default 64 MiB segments.
 //!
 //! What is timed: appending messages, including segment rolls (allocate + map a new file, once
 //! per 64 MiB), and the syncs the policy calls for. The syncs are made blocking here, in the
@@ -20,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use stompd::codec::Header;
-use stompd::log::{FsyncPolicy, LogConfig, MessageRecord, Position, ShardLog};
+use stompd::log::format::SegmentHeader;
+use stompd::log::segment::Segment;
+use stompd::log::{FsyncPolicy, LogConfig, MessageRecord, Position, ShardLog, FORMAT_VERSION};
 
 const CHUNK: u64 = 4096;
 const ALWAYS_BATCH: u64 = 64;
@@ -49,17 +50,20 @@ fn sync_fd(fd: RawFd, data_only: bool) {
 fn bench_append(c: &mut Criterion) {
     let mut group = c.benchmark_group("log_append");
     group.sample_size(20);
+    // The last variant prefaults each new segment (MAP_POPULATE), to show what it is worth.
     let policies = [
-        ("never", FsyncPolicy::Never),
-        ("every:10", FsyncPolicy::Every { interval_ms: 10 }),
-        ("always/64", FsyncPolicy::Always),
+        ("never", FsyncPolicy::Never, false),
+        ("every:10", FsyncPolicy::Every { interval_ms: 10 }, false),
+        ("always/64", FsyncPolicy::Always, false),
+        ("never-populate", FsyncPolicy::Never, true),
     ];
     for payload in [128usize, 1024] {
         group.throughput(Throughput::Elements(1));
-        for (name, policy) in policies {
+        for (name, policy, prefault) in policies {
             let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
             let mut config = LogConfig::new(tmp.path(), 0);
             config.fsync = policy;
+            config.populate = prefault;
             let (mut log, _) = ShardLog::open(config).unwrap();
             let body = vec![b'x'; payload];
             let headers = [Header::new(b"persistent", b"true")];
@@ -115,5 +119,40 @@ fn bench_append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_append);
+/// What a roll costs: creating one default-size segment (fallocate, header, map), with and
+/// without MAP_POPULATE. Deleting it afterwards is untimed.
+fn bench_roll(c: &mut Criterion) {
+    let mut group = c.benchmark_group("log_segment_create");
+    group.sample_size(10);
+    for populate in [true, false] {
+        let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let mut sequence = 0;
+        let name = if populate { "populate" } else { "plain" };
+        group.bench_function(BenchmarkId::new(name, "64MiB"), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let header = SegmentHeader {
+                        format_version: FORMAT_VERSION,
+                        shard: 0,
+                        sequence,
+                        segment_bytes: LogConfig::SEGMENT_BYTES_DEFAULT,
+                        created_ms: 0,
+                    };
+                    sequence += 1;
+                    let start = Instant::now();
+                    let segment = Segment::create(tmp.path(), header, populate).unwrap();
+                    timed += start.elapsed();
+                    let path = segment.path().to_owned();
+                    drop(segment);
+                    std::fs::remove_file(path).unwrap();
+                }
+                timed
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_append, bench_roll);
 criterion_main!(benches);

@@ -63,6 +63,8 @@ fn a_full_disk_refuses_sends_keeps_acks_working_and_damages_nothing() {
     };
     let mut config = LogConfig::new(tmp.path(), 0);
     config.segment_bytes = SEGMENT_BYTES;
+    // Also exercises prefaulted maps (MAP_POPULATE), which the other tests leave off.
+    config.populate = true;
     let (mut log, _) = ShardLog::open(config.clone()).unwrap();
 
     let mut stored = Vec::new();

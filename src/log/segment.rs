@@ -122,8 +122,7 @@ impl Segment {
             .map_err(|e| LogError::io(path, e))?;
         let mut options = MmapOptions::new();
         if populate {
-            // Prefaulting costs once per segment and made appends 4-5x faster in the research
-            // spike: every first write to an unpopulated shared page otherwise faults.
+            // See `LogConfig::populate` for when this pays.
             options.populate();
         }
         // SAFETY: the file is ours (created with create_new in the shard's directory, which only

@@ -47,8 +47,11 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// When appended records are made durable.
     pub fsync: FsyncPolicy,
-    /// Prefault new segments' pages when mapping them (see the research note: 4-5x faster
-    /// appends, paid once per segment).
+    /// Prefault a new segment's pages when mapping it (MAP_POPULATE). Off by default: the
+    /// research spike measured 4-5x faster appends with it, but on the project machine
+    /// (Linux 6.18, ext4) a later measurement (notes/log.md) found writing a fresh 64 MiB segment
+    /// without it as fast or faster in total, while populating stalls the caller for 8-17 ms
+    /// per segment. Kept as a switch so other hosts can be measured.
     pub populate: bool,
 }
 
@@ -69,7 +72,7 @@ impl LogConfig {
             shard,
             segment_bytes: LogConfig::SEGMENT_BYTES_DEFAULT,
             fsync: FsyncPolicy::Always,
-            populate: true,
+            populate: false,
         }
     }
 
