@@ -82,7 +82,7 @@ impl Segment {
             .create_new(true)
             .mode(0o640)
             .open(&path)
-            .map_err(|e| LogError::io(&path, e))?;
+            .map_err(|e| space_or_io(&path, e))?;
         let built = Self::fill_new(&file, &path, header, populate);
         match built {
             Ok(map) => Ok(Segment {
@@ -109,17 +109,11 @@ impl Segment {
         header: SegmentHeader,
         populate: bool,
     ) -> Result<MmapMut, LogError> {
-        allocate(file, header.segment_bytes).map_err(|source| match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => LogError::NoSpace {
-                path: path.to_owned(),
-                source,
-            },
-            _ => LogError::io(path, source),
-        })?;
+        allocate(file, header.segment_bytes).map_err(|e| space_or_io(path, e))?;
         let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
         header.encode(&mut bytes);
         file.write_all_at(&bytes, 0)
-            .map_err(|e| LogError::io(path, e))?;
+            .map_err(|e| space_or_io(path, e))?;
         let mut options = MmapOptions::new();
         if populate {
             // See `LogConfig::populate` for when this pays.
@@ -229,17 +223,34 @@ impl Segment {
     }
 }
 
+/// Out of blocks, inodes or quota, or over the file-size limit: the broker answers a SEND with
+/// an ERROR for these, and they clear once acknowledged segments are deleted.
+fn space_or_io(path: &Path, source: io::Error) -> LogError {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => LogError::NoSpace {
+            path: path.to_owned(),
+            source,
+        },
+        _ => LogError::io(path, source),
+    }
+}
+
 /// Allocates every block of a new file. `fallocate` reserves blocks without writing them; where
 /// the file system lacks it, zeros are written instead, which also allocates every block.
 fn allocate(file: &File, len: u64) -> io::Result<()> {
     let len_off =
         libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: fallocate on a descriptor we own, with no pointers involved.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
+    let error = loop {
+        // SAFETY: fallocate on a descriptor we own, with no pointers involved.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            break error;
+        }
+    };
     if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
         return Err(error);
     }
