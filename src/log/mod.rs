@@ -2,7 +2,7 @@
 //! acknowledgements that retire them, to its own memory-mapped segmented log, and rebuilds its
 //! queues from it at start. Topics never touch it.
 //!
-//! - [`format`]: the bytes on disk (sans-IO encode, decode and scan), described byte by byte
+//! - [`format`](mod@format): the bytes on disk (sans-IO encode, decode and scan), described byte by byte
 //!   in `docs/log-format.md`.
 //! - [`segment`]: one preallocated, mapped segment file; read-only opening for tools.
 //! - [`shard`]: the shard's log: append, ack, delivered marks, group-commit syncs handed to
