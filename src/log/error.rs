@@ -51,3 +51,38 @@ impl LogError {
         }
     }
 }
+
+impl LogError {
+    /// Text for the `message` header of the ERROR frame a client gets when its SEND could not be
+    /// stored. The `Display` text names server paths and OS errors, which belong in the broker's
+    /// log, not in a reply to a client.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            LogError::NoSpace { .. } => "message not stored: the broker's storage is full",
+            LogError::RecordTooLarge { .. } => "message not stored: too large for the broker's log",
+            LogError::FieldTooLong { .. } => "message not stored: a header is too long to store",
+            LogError::SyncFailed => "message not stored: the broker's storage failed",
+            _ => "message not stored: storage error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_name_no_paths() {
+        let no_space = LogError::NoSpace {
+            path: PathBuf::from("/var/lib/stompd/shard-0/00000000000000000001.seg"),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(no_space.to_string().contains("/var/lib/stompd"));
+        assert_eq!(
+            no_space.client_message(),
+            "message not stored: the broker's storage is full"
+        );
+        let io = LogError::io("/secret/path", io::Error::from_raw_os_error(libc::EIO));
+        assert!(!io.client_message().contains('/'));
+    }
+}
