@@ -666,3 +666,26 @@ fn a_prepared_spare_is_taken_by_the_next_roll_and_survives_a_restart() {
         .unwrap();
     assert_eq!(header.created_ms, 8, "the prepared segment was used");
 }
+
+/// Recovery looks only at the regions the file system reports as data; a stray byte at the very
+/// end of the preallocated segment is still found.
+#[test]
+fn a_stray_byte_at_the_end_of_the_segment_is_found_and_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let end;
+    {
+        let (mut log, _) = open(tmp.path());
+        append(&mut log, "/queue/a", 0);
+        end = log.appended_upto();
+        log.sync_now().unwrap();
+    }
+    let path = segment_path(tmp.path(), end.segment);
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(b"!", SEGMENT_BYTES - 1).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let (_, recovery) = open(tmp.path());
+    assert_eq!(recovery.report.cuts.len(), 1, "{}", recovery.report);
+    assert_eq!(recovery.report.cuts[0].bytes, SEGMENT_BYTES - end.offset);
+    assert_eq!(ids(queue(&recovery, "/queue/a")), ["id-0"]);
+}

@@ -368,8 +368,9 @@ impl ShardLog {
                 .or(stop.map(|(_, e)| e));
             if index == last_index {
                 let tail = &bytes[last_good_end as usize..];
-                if let Some(last_nonzero) = tail.iter().rposition(|&b| b != 0) {
-                    let cut_bytes = last_nonzero as u64 + 1;
+                let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
+                if let Some(last_nonzero) = last_nonzero {
+                    let cut_bytes = last_nonzero - last_good_end + 1;
                     // Keep what is about to be zeroed beside the log: a damaged length in the
                     // middle of the segment also lands here, with good records behind it that
                     // an operator may want back. Best effort: a full disk must not stop recovery.
@@ -947,6 +948,52 @@ fn open_checked(
         }),
         None => Ok(Some(segment)),
     }
+}
+
+/// The offset of the last non-zero byte at or after `from` in a segment's bytes, if any.
+///
+/// Only regions the file system reports as data (SEEK_DATA/SEEK_HOLE) are read: the unwritten
+/// rest of a preallocated segment is a hole to it, so recovery does not fault in (and fill the
+/// page cache with) up to a whole segment of zeros. Pages written through the map but not yet on
+/// disk are in the page cache, which SEEK_DATA counts as data. Where lseek cannot tell, the whole
+/// range is read.
+fn last_nonzero_from(fd: RawFd, bytes: &[u8], from: u64) -> Option<u64> {
+    let end = bytes.len() as u64;
+    let mut last = None;
+    let mut at = from;
+    while at < end {
+        // SAFETY: lseek on a descriptor the caller keeps open; no pointers involved.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data from `at` to the end of the file
+            }
+            return scan_last_nonzero(bytes, at, end).or(last);
+        }
+        let data = (data as u64).max(at);
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        if data >= end {
+            break;
+        }
+        if let Some(found) = scan_last_nonzero(bytes, data, hole) {
+            last = Some(found);
+        }
+        at = hole.max(data + 1);
+    }
+    last
+}
+
+fn scan_last_nonzero(bytes: &[u8], from: u64, to: u64) -> Option<u64> {
+    bytes[from as usize..to as usize]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map(|i| from + i as u64)
 }
 
 fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
