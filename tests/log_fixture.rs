@@ -139,6 +139,7 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
         assert_eq!(m.headers[1].name.as_ref(), b"priority");
         assert_eq!(m.headers[1].value.as_ref(), (i % 10).to_string().as_bytes());
         assert_eq!(m.redelivered, i == 10 || i == 11, "order {i}");
+        assert_eq!(m.deliveries, u32::from(m.redelivered), "order {i}");
     }
     // Header 64 + ten orders of 16 + 90 + 400 + 4 = 510 -> 512 bytes + two audit messages of
     // 16 + 119 + 4 = 139 -> 144 bytes (docs/log-format.md, worked by hand).

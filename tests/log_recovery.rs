@@ -149,12 +149,17 @@ fn delivered_but_unacked_messages_come_back_redelivered() {
         let p: Vec<Position> = (0..4).map(|i| append(&mut log, "/queue/a", i)).collect();
         log.delivered(&p[0..2], 0).unwrap();
         log.ack(&p[0..1], 0).unwrap();
+        // Delivered again (after a NACK, say), in a record of its own.
+        log.delivered(&p[1..2], 0).unwrap();
+        log.delivered(&p[3..4], 0).unwrap();
     }
     let (_, recovery) = open(tmp.path());
     let q = queue(&recovery, "/queue/a");
     assert_eq!(ids(q), ["id-1", "id-2", "id-3"]);
     let marks: Vec<bool> = q.messages.iter().map(|m| m.redelivered).collect();
-    assert_eq!(marks, [true, false, false]);
+    assert_eq!(marks, [true, false, true]);
+    let counts: Vec<u32> = q.messages.iter().map(|m| m.deliveries).collect();
+    assert_eq!(counts, [2, 0, 1], "one count per logged delivery");
 }
 
 #[test]

@@ -139,6 +139,9 @@ pub struct RecoveredMessage {
     pub body: Vec<u8>,
     /// A delivered record names it: a consumer may have seen it before the restart.
     pub redelivered: bool,
+    /// How many deliveries were logged for it (one delivered reference per delivery), for the
+    /// dead-letter limit; 0 when `redelivered` is false.
+    pub deliveries: u32,
 }
 
 /// A queue's unacknowledged messages, in the order they were sent.
@@ -308,7 +311,7 @@ impl ShardLog {
 
         // Pass 1: acks, delivered marks, damage, and where each segment's good data ends.
         let mut acked: HashSet<Position> = HashSet::new();
-        let mut delivered: HashSet<Position> = HashSet::new();
+        let mut deliveries: HashMap<Position, u32> = HashMap::new();
         let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
         let last_index = opened.len().wrapping_sub(1);
         for (index, mut segment) in opened.into_iter().enumerate() {
@@ -329,14 +332,18 @@ impl ShardLog {
                         report.records += 1;
                         last_good_end = offset + len;
                         match record {
-                            RecordView::Ack(list) | RecordView::Delivered(list) => {
-                                let set = if matches!(record, RecordView::Ack(_)) {
-                                    &mut acked
-                                } else {
-                                    &mut delivered
-                                };
+                            RecordView::Ack(list) => {
                                 for p in list.iter() {
-                                    set.insert(p);
+                                    acked.insert(p);
+                                    if p.segment != sequence {
+                                        refs.insert(p.segment);
+                                    }
+                                }
+                            }
+                            RecordView::Delivered(list) => {
+                                for p in list.iter() {
+                                    let count = deliveries.entry(p).or_insert(0u32);
+                                    *count = count.saturating_add(1);
                                     if p.segment != sequence {
                                         refs.insert(p.segment);
                                     }
@@ -459,7 +466,8 @@ impl ShardLog {
                     timestamp_ms: m.timestamp_ms,
                     headers: m.headers_owned(),
                     body: m.body.to_vec(),
-                    redelivered: delivered.contains(&position),
+                    deliveries: deliveries.get(&position).copied().unwrap_or(0),
+                    redelivered: deliveries.contains_key(&position),
                 });
             }
         }
@@ -568,7 +576,9 @@ impl ShardLog {
     }
 
     /// Records that these messages were handed to a consumer, so that after a crash they come
-    /// back marked redelivered. Needs no sync of its own: it rides on the next one.
+    /// back marked redelivered, with the number of deliveries logged (call it on every delivery
+    /// to keep a dead-letter count across restarts). Needs no sync of its own: it rides on the
+    /// next one.
     pub fn delivered(&mut self, positions: &[Position], now_ms: u64) -> Result<(), LogError> {
         self.check_live(positions)?;
         if self.failed {
