@@ -12,7 +12,9 @@
 //!   is live, (3) every segment its ack and delivered records point into is already gone (an ack
 //!   must outlive the message it acks, or the message would come back after a restart), and
 //!   (4) no sync in flight uses its descriptor.
-//! - The active segment is never deleted, so segment sequence numbers never repeat.
+//! - The active segment is never deleted, so segment sequence numbers never repeat. A spare
+//!   segment prepared ahead has the next sequence number; on disk it is an empty segment, which
+//!   recovery simply takes as the active one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
