@@ -1,8 +1,10 @@
 //! stompd: a thread-per-core STOMP 1.0/1.1/1.2 message broker.
 //!
 //! The library holds the parts that know no sockets, so they can be tested deterministically:
-//! [`codec`] turns bytes into frames and back. The `stompd` binary drives them.
+//! [`codec`] turns bytes into frames and back; [`log`] stores durable queues; [`config`] and
+//! [`auth`] are what the operator sets. The `stompd` binary drives them.
 
 pub mod auth;
 pub mod codec;
 pub mod config;
+pub mod log;

@@ -1,0 +1,25 @@
+//! The durable-queue log: each shard appends the messages of its queues, and the
+//! acknowledgements that retire them, to its own memory-mapped segmented log, and rebuilds its
+//! queues from it at start. Topics never touch it.
+//!
+//! - [`format`](mod@format): the bytes on disk (sans-IO encode, decode and scan), described byte by byte
+//!   in `docs/log-format.md`.
+//! - [`segment`]: one preallocated, mapped segment file; read-only opening for tools.
+//! - [`shard`]: the shard's log: append, ack, delivered marks, group-commit syncs handed to
+//!   the event loop, reclamation of fully-acknowledged segments, recovery.
+//! - [`policy`]: `--fsync always | every:<ms> | never`.
+
+pub mod error;
+pub mod format;
+pub mod policy;
+pub mod segment;
+pub mod shard;
+
+pub use error::LogError;
+pub use format::{FormatError, MessageRecord, Position, RecordView, FORMAT_VERSION};
+pub use policy::FsyncPolicy;
+pub use segment::{list_segments, SegmentReader};
+pub use shard::{
+    shard_dir, LogConfig, RecoveredMessage, RecoveredQueue, Recovery, RecoveryReport, ShardLog,
+    SkippedRecord, SyncRequest, SyncTarget, TailCut,
+};

@@ -1,0 +1,317 @@
+//! One segment file: preallocated, memory-mapped, appended to until full.
+//!
+//! This module owns the file-level operations: creating a segment (allocate every block up
+//! front, write the header), mapping it, appending encoded records into the map, and opening a
+//! segment read-only for inspection. Invariants: a segment file never changes length after it is
+//! created (so a reader's map never faults past the end of the file); records are appended only
+//! at `write_offset`, which only grows; a record never spans two segments.
+//!
+//! Why `fallocate` and not `set_len`: a sparse file would let the disk fill up underneath the
+//! map, and a write fault on a page with no block behind it kills the process with SIGBUS.
+//! Allocating every block at creation turns "disk full" into an error on the one call that can
+//! return it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+
+use super::error::LogError;
+use super::format::{
+    encode_record, RecordRef, SegmentHeader, SegmentScan, FORMAT_VERSION, SEGMENT_HEADER_BYTES,
+};
+
+/// File name suffix of segment files.
+pub const SEGMENT_SUFFIX: &str = ".seg";
+
+/// The file name of segment `sequence`: 20 decimal digits, so names sort like numbers.
+pub fn segment_file_name(sequence: u64) -> String {
+    format!("{sequence:020}{SEGMENT_SUFFIX}")
+}
+
+/// The segments in `dir`, sorted by sequence. Files with other names are left alone.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    let mut found = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(sequence) = stem.parse() {
+                found.push((sequence, entry.path()));
+            }
+        }
+    }
+    found.sort_unstable_by_key(|&(sequence, _)| sequence);
+    Ok(found)
+}
+
+/// A writable, mapped segment.
+#[derive(Debug)]
+pub struct Segment {
+    /// Sequence number, also the file name.
+    sequence: u64,
+    /// Where the file lives, for errors and deletion.
+    path: PathBuf,
+    /// Kept open for syncs (the server passes its fd to io_uring) even after the map is dropped.
+    file: File,
+    /// The whole file mapped shared; `None` once the segment is sealed and no longer written.
+    map: Option<MmapMut>,
+    /// Length of the file.
+    segment_bytes: u64,
+    /// Where the next record goes; everything from here to the end is zeros.
+    write_offset: u64,
+}
+
+impl Segment {
+    /// Creates segment `sequence` in `dir`: allocates all `segment_bytes`, writes the header and
+    /// maps it. On any failure the partial file is removed, so nothing is left to recover.
+    pub fn create(dir: &Path, header: SegmentHeader, populate: bool) -> Result<Segment, LogError> {
+        debug_assert_eq!(header.format_version, FORMAT_VERSION);
+        let path = dir.join(segment_file_name(header.sequence));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&path)
+            .map_err(|e| space_or_io(&path, e))?;
+        let built = Self::fill_new(&file, &path, header, populate);
+        match built {
+            Ok(map) => Ok(Segment {
+                sequence: header.sequence,
+                path,
+                file,
+                map: Some(map),
+                segment_bytes: header.segment_bytes,
+                write_offset: SEGMENT_HEADER_BYTES as u64,
+            }),
+            Err(error) => {
+                drop(file);
+                // The file holds nothing anyone relies on; if even this fails recovery deletes a
+                // segment whose header is all zeros.
+                let _ = fs::remove_file(&path);
+                Err(error)
+            }
+        }
+    }
+
+    fn fill_new(
+        file: &File,
+        path: &Path,
+        header: SegmentHeader,
+        populate: bool,
+    ) -> Result<MmapMut, LogError> {
+        allocate(file, header.segment_bytes).map_err(|e| space_or_io(path, e))?;
+        let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
+        header.encode(&mut bytes);
+        file.write_all_at(&bytes, 0)
+            .map_err(|e| space_or_io(path, e))?;
+        let mut options = MmapOptions::new();
+        if populate {
+            // See `LogConfig::populate` for when this pays.
+            options.populate();
+        }
+        // SAFETY: the file is ours (created with create_new in the shard's directory, which only
+        // this shard writes) and never changes length, so the map stays valid.
+        unsafe { options.map_mut(file) }.map_err(|e| LogError::io(path, e))
+    }
+
+    /// Opens an existing segment for recovery, mapped writable so a torn tail can be zeroed.
+    /// The header is not checked here; recovery does that on the mapped bytes.
+    pub fn open_existing(sequence: u64, path: &Path) -> Result<Segment, LogError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| LogError::io(path, e))?;
+        let segment_bytes = file.metadata().map_err(|e| LogError::io(path, e))?.len();
+        // SAFETY: as in `create`; recovery runs before the shard serves, so no one else writes.
+        let map =
+            unsafe { MmapOptions::new().map_mut(&file) }.map_err(|e| LogError::io(path, e))?;
+        Ok(Segment {
+            sequence,
+            path: path.to_owned(),
+            file,
+            map: Some(map),
+            segment_bytes,
+            write_offset: SEGMENT_HEADER_BYTES as u64,
+        })
+    }
+
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    pub fn write_offset(&self) -> u64 {
+        self.write_offset
+    }
+
+    pub(crate) fn set_write_offset(&mut self, offset: u64) {
+        assert!(offset >= SEGMENT_HEADER_BYTES as u64 && offset <= self.segment_bytes);
+        self.write_offset = offset;
+    }
+
+    /// Bytes left for records.
+    pub fn remaining(&self) -> u64 {
+        self.segment_bytes - self.write_offset
+    }
+
+    /// The raw descriptor, for an io_uring FSYNC; valid as long as this segment lives.
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// The mapped bytes (the whole file), while the segment is mapped.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        self.map.as_deref()
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        self.map.as_deref_mut()
+    }
+
+    /// Appends `record` at the write offset and returns the offset it was written at. The caller
+    /// has checked that it fits (`remaining()`); the segment must still be mapped.
+    pub fn append(&mut self, record: &RecordRef<'_>) -> u64 {
+        let len = record.encoded_len() as u64;
+        let offset = self.write_offset;
+        assert!(
+            len <= self.remaining(),
+            "record does not fit: caller must roll"
+        );
+        let map = self.map.as_mut().expect("appending to a sealed segment");
+        let out = &mut map[offset as usize..(offset + len) as usize];
+        let written = encode_record(out, self.sequence, record) as u64;
+        // Assert pair, writing side: what went into the map is exactly as long as planned; the
+        // CRC is re-checked in debug builds the way a reader will check it.
+        assert_eq!(written, len);
+        debug_assert!(matches!(
+            super::format::decode_record(&map[offset as usize..], self.sequence),
+            super::format::Decoded::Record { len: l, .. } if l as u64 == len
+        ));
+        self.write_offset += len;
+        offset
+    }
+
+    /// Drops the map once the segment is full: sealed segments are only synced and, later,
+    /// deleted, and each map costs address space and page tables.
+    pub fn seal(&mut self) {
+        self.map = None;
+    }
+
+    /// Blocking fdatasync, for recovery, tools, tests and shutdown (never on the event loop).
+    pub fn sync_data(&self) -> Result<(), LogError> {
+        self.file
+            .sync_data()
+            .map_err(|e| LogError::io(&self.path, e))
+    }
+}
+
+/// Out of blocks, inodes or quota, or over the file-size limit: the broker answers a SEND with
+/// an ERROR for these, and they clear once acknowledged segments are deleted.
+fn space_or_io(path: &Path, source: io::Error) -> LogError {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => LogError::NoSpace {
+            path: path.to_owned(),
+            source,
+        },
+        _ => LogError::io(path, source),
+    }
+}
+
+/// Allocates every block of a new file. `fallocate` reserves blocks without writing them; where
+/// the file system lacks it, zeros are written instead, which also allocates every block.
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let len_off =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let error = loop {
+        // SAFETY: fallocate on a descriptor we own, with no pointers involved.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            break error;
+        }
+    };
+    if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(error);
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// A segment opened read-only, for the inspection tool. Safe to use on a live broker's
+/// directory: it never writes, the file never shrinks (segments are zeroed, not truncated), and
+/// a record being written shows up as the end of the scan rather than an error. If the broker
+/// deletes the segment meanwhile, the map keeps the old contents alive.
+#[derive(Debug)]
+pub struct SegmentReader {
+    sequence: u64,
+    header: Result<SegmentHeader, super::format::FormatError>,
+    map: Option<Mmap>,
+}
+
+impl SegmentReader {
+    /// Opens and maps the segment at `path` read-only. `sequence` comes from its file name.
+    pub fn open(sequence: u64, path: &Path) -> Result<SegmentReader, LogError> {
+        let file = File::open(path).map_err(|e| LogError::io(path, e))?;
+        let len = file.metadata().map_err(|e| LogError::io(path, e))?.len();
+        // An empty file cannot be mapped; it reads as a segment with a truncated header.
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: read-only shared map. The broker writes only zeroed space past the records
+            // this reader looks at and never truncates segments; torn reads of a record being
+            // written are caught by its CRC.
+            Some(unsafe { Mmap::map(&file) }.map_err(|e| LogError::io(path, e))?)
+        };
+        let header = SegmentHeader::decode(map.as_deref().unwrap_or(&[]));
+        Ok(SegmentReader {
+            sequence,
+            header,
+            map,
+        })
+    }
+
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// The segment header, or why it could not be read.
+    pub fn header(&self) -> &Result<SegmentHeader, super::format::FormatError> {
+        &self.header
+    }
+
+    /// The records of the segment (none if its header is bad).
+    pub fn scan(&self) -> SegmentScan<'_> {
+        let bytes = match (&self.header, &self.map) {
+            (Ok(_), Some(map)) => &map[..],
+            _ => &[],
+        };
+        SegmentScan::new(bytes, self.sequence)
+    }
+}
