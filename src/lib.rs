@@ -3,4 +3,5 @@
 //! The library holds the parts that know no sockets, so they can be tested deterministically:
 //! [`codec`] turns bytes into frames and back. The `stompd` binary drives them.
 
+pub mod broker;
 pub mod codec;

@@ -1,0 +1,526 @@
+//! Queues and topics: the state a destination's owning shard keeps, and how it answers the
+//! typed messages of [`super::ShardMessage`].
+//!
+//! Queue invariants:
+//! - every accepted, unexpired message is in exactly one place: `ready` (waiting, FIFO) or one
+//!   consumer's `unacked` (delivered, in delivery order), until it is consumed for good;
+//! - a consumer is handed a message only when it is not paused and, for client acks, holds fewer
+//!   than its prefetch unacknowledged; among those, consumers take turns (round-robin);
+//! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
+//!   original order with their delivery count, so the next delivery is marked redelivered, or
+//!   move to the dead-letter queue once they were delivered `deliveries_max` times.
+//!
+//! Topics keep nothing: each message goes to every current subscriber that can take it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::effects::{Record, Rejection, ShardMessage};
+use super::shard::Ctx;
+use super::types::{
+    dead_letter_queue, shard_of, AckMode, ConsumerKey, Message, MessageId, QueueStats,
+};
+
+/// A message held by a queue, with how many times it has been delivered so far.
+#[derive(Debug)]
+struct Held {
+    message: Arc<Message>,
+    deliveries: u32,
+}
+
+#[derive(Debug)]
+struct QueueConsumer {
+    key: ConsumerKey,
+    ack: AckMode,
+    /// Most unacknowledged messages at a time (client acks only).
+    prefetch: u32,
+    /// Its connection's output is full: deliver nothing until resumed.
+    paused: bool,
+    /// Delivered and not yet acknowledged, in delivery order (empty for auto acks).
+    unacked: VecDeque<Held>,
+}
+
+impl QueueConsumer {
+    fn has_credit(&self) -> bool {
+        !self.paused && (self.ack == AckMode::Auto || self.unacked.len() < self.prefetch as usize)
+    }
+}
+
+/// A point-to-point destination.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    name: Arc<[u8]>,
+    ready: VecDeque<Held>,
+    /// Body bytes in `ready`, for `queue_bytes_max`.
+    ready_bytes: u64,
+    consumers: Vec<QueueConsumer>,
+    /// Index of the consumer whose turn is next.
+    turn: usize,
+    enqueued: u64,
+    dequeued: u64,
+}
+
+impl Queue {
+    pub(crate) fn new(name: Arc<[u8]>) -> Queue {
+        Queue {
+            name,
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            consumers: Vec::new(),
+            turn: 0,
+            enqueued: 0,
+            dequeued: 0,
+        }
+    }
+
+    fn logged(ctx: &Ctx<'_>, message: &Message) -> bool {
+        ctx.config.log_enabled && message.persistent
+    }
+
+    fn log_done(&self, ctx: &mut Ctx<'_>, message: &Message) {
+        if Self::logged(ctx, message) {
+            ctx.append(
+                Record::Ack {
+                    destination: self.name.clone(),
+                    id: message.id,
+                },
+                None,
+            );
+        }
+    }
+
+    pub(crate) fn publish(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        origin: super::ConnectionId,
+        ticket: Option<u64>,
+    ) {
+        if message.is_expired(ctx.now_ms) {
+            // Never delivered, never stored; the SEND itself was fine.
+            if let Some(ticket) = ticket {
+                ctx.route(
+                    origin.shard,
+                    ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    },
+                );
+            }
+            return;
+        }
+        let rejection = if self.ready.len() >= ctx.config.queue_messages_max {
+            Some(Rejection::QueueMessagesFull)
+        } else if self.ready_bytes + message.body.len() as u64 > ctx.config.queue_bytes_max {
+            Some(Rejection::QueueBytesFull)
+        } else {
+            None
+        };
+        if let Some(reason) = rejection {
+            ctx.route(
+                origin.shard,
+                ShardMessage::Rejected {
+                    conn: origin,
+                    reason,
+                },
+            );
+            return;
+        }
+        self.enqueued += 1;
+        let mut confirm_now = ticket.is_some();
+        if Self::logged(ctx, &message) {
+            let token = match ticket {
+                Some(ticket) if ctx.config.receipts_wait_for_sync => {
+                    confirm_now = false;
+                    Some(ctx.wait_durable(origin, ticket))
+                }
+                _ => None,
+            };
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                token,
+            );
+        }
+        if confirm_now {
+            if let Some(ticket) = ticket {
+                ctx.route(
+                    origin.shard,
+                    ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    },
+                );
+            }
+        }
+        self.ready_bytes += message.body.len() as u64;
+        self.ready.push_back(Held {
+            message,
+            deliveries: 0,
+        });
+        self.dispatch(ctx);
+    }
+
+    /// Puts recovered messages back at startup, in log order.
+    pub(crate) fn restore(&mut self, message: Arc<Message>, deliveries: u32) {
+        self.enqueued += 1;
+        self.ready_bytes += message.body.len() as u64;
+        self.ready.push_back(Held {
+            message,
+            deliveries,
+        });
+    }
+
+    pub(crate) fn subscribe(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        key: ConsumerKey,
+        ack: AckMode,
+        prefetch: u32,
+    ) {
+        debug_assert!(
+            self.consumers.iter().all(|c| c.key != key),
+            "consumer keys are never reused"
+        );
+        self.consumers.push(QueueConsumer {
+            key,
+            ack,
+            prefetch: prefetch.max(1),
+            paused: false,
+            unacked: VecDeque::new(),
+        });
+        self.dispatch(ctx);
+    }
+
+    pub(crate) fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey) {
+        let Some(index) = self.consumers.iter().position(|c| c.key == key) else {
+            return;
+        };
+        let consumer = self.consumers.remove(index);
+        if self.turn > index {
+            self.turn -= 1;
+        }
+        self.take_back(ctx, consumer.unacked.into_iter().collect());
+        self.dispatch(ctx);
+    }
+
+    pub(crate) fn flow(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, paused: bool) {
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+            consumer.paused = paused;
+        }
+        if !paused {
+            self.dispatch(ctx);
+        }
+    }
+
+    /// Removes `ids` from the consumer's unacknowledged messages, in delivery order. Ids it does
+    /// not hold are skipped: the session checked them, so a miss means the consumer already
+    /// ended (its messages were taken back) and the ack lost a race it may lose.
+    fn remove_unacked(&mut self, key: ConsumerKey, ids: &[MessageId]) -> Vec<Held> {
+        let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) else {
+            return Vec::new();
+        };
+        if ids.len() > 8 {
+            // A cumulative ACK names many: one pass with a set instead of a search per id.
+            let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+            let mut removed = Vec::with_capacity(ids.len());
+            let mut kept = VecDeque::with_capacity(consumer.unacked.len());
+            for held in consumer.unacked.drain(..) {
+                if wanted.contains(&held.message.id) {
+                    removed.push(held);
+                } else {
+                    kept.push_back(held);
+                }
+            }
+            consumer.unacked = kept;
+            return removed;
+        }
+        // Acks usually name the oldest deliveries, so search from the front.
+        let mut positions: Vec<usize> = ids
+            .iter()
+            .filter_map(|id| {
+                consumer
+                    .unacked
+                    .iter()
+                    .position(|held| held.message.id == *id)
+            })
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        let mut removed: Vec<Held> = positions
+            .iter()
+            .rev()
+            .filter_map(|&position| consumer.unacked.remove(position))
+            .collect();
+        removed.reverse();
+        removed
+    }
+
+    pub(crate) fn ack(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, ids: &[MessageId]) {
+        for held in self.remove_unacked(key, ids) {
+            self.dequeued += 1;
+            self.log_done(ctx, &held.message);
+        }
+        self.dispatch(ctx);
+    }
+
+    pub(crate) fn nack(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, ids: &[MessageId]) {
+        let returned = self.remove_unacked(key, ids);
+        self.take_back(ctx, returned);
+        self.dispatch(ctx);
+    }
+
+    /// An auto-acked delivery that no subscription was left to write: not a delivery at all.
+    pub(crate) fn returned(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, deliveries: u32) {
+        self.dequeued = self.dequeued.saturating_sub(1);
+        if Self::logged(ctx, &message) {
+            // Its auto-ack record is already in the log; log it again so a restart keeps it.
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                None,
+            );
+        }
+        self.ready_bytes += message.body.len() as u64;
+        self.ready.push_front(Held {
+            message,
+            deliveries: deliveries.saturating_sub(1),
+        });
+        self.dispatch(ctx);
+    }
+
+    /// Messages that were delivered and came back, oldest first: to the front of the queue in
+    /// that order, or to the dead-letter queue when their deliveries are used up.
+    fn take_back(&mut self, ctx: &mut Ctx<'_>, returned: Vec<Held>) {
+        let dead_letter = dead_letter_queue(&self.name);
+        for held in returned.into_iter().rev() {
+            match &dead_letter {
+                Some(dlq) if held.deliveries >= ctx.config.deliveries_max => {
+                    self.dequeued += 1;
+                    self.log_done(ctx, &held.message);
+                    let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
+                    let moved = Arc::new(held.message.moved_to(dlq.clone()));
+                    let to = shard_of(&dlq, ctx.shard_count);
+                    ctx.route(
+                        to,
+                        ShardMessage::Publish {
+                            message: moved,
+                            // No producer waits on a dead-lettering; a refusal goes nowhere.
+                            origin: super::ConnectionId {
+                                shard: ctx.shard,
+                                local: u64::MAX,
+                            },
+                            ticket: None,
+                        },
+                    );
+                }
+                _ => {
+                    self.ready_bytes += held.message.body.len() as u64;
+                    self.ready.push_front(held);
+                }
+            }
+        }
+    }
+
+    /// Hands waiting messages to consumers with credit, in turn, until either runs out.
+    fn dispatch(&mut self, ctx: &mut Ctx<'_>) {
+        while !self.ready.is_empty() {
+            let Some(index) = self.next_with_credit() else {
+                return;
+            };
+            let Some(mut held) = self.ready.pop_front() else {
+                return;
+            };
+            self.ready_bytes -= held.message.body.len() as u64;
+            if held.message.is_expired(ctx.now_ms) {
+                self.dequeued += 1;
+                self.log_done(ctx, &held.message);
+                continue;
+            }
+            held.deliveries += 1;
+            self.turn = (index + 1) % self.consumers.len();
+            let consumer = &mut self.consumers[index];
+            let settled = consumer.ack == AckMode::Auto;
+            let key = consumer.key;
+            ctx.route(
+                key.conn.shard,
+                ShardMessage::Deliver {
+                    consumer: key,
+                    message: held.message.clone(),
+                    deliveries: held.deliveries,
+                    settled,
+                },
+            );
+            if settled {
+                self.dequeued += 1;
+                self.log_done(ctx, &held.message);
+            } else {
+                self.consumers[index].unacked.push_back(held);
+            }
+        }
+    }
+
+    fn next_with_credit(&self) -> Option<usize> {
+        let count = self.consumers.len();
+        (0..count)
+            .map(|offset| (self.turn + offset) % count)
+            .find(|&index| self.consumers[index].has_credit())
+    }
+
+    /// Drops expired messages that wait at the front (called on ticks), so an idle queue does
+    /// not hold them until a consumer comes.
+    pub(crate) fn sweep_expired(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now_ms;
+        if !self.ready.iter().any(|held| held.message.is_expired(now)) {
+            return;
+        }
+        let mut kept = VecDeque::with_capacity(self.ready.len());
+        for held in std::mem::take(&mut self.ready) {
+            if held.message.is_expired(now) {
+                self.ready_bytes -= held.message.body.len() as u64;
+                self.dequeued += 1;
+                if ctx.config.log_enabled && held.message.persistent {
+                    ctx.append(
+                        Record::Ack {
+                            destination: self.name.clone(),
+                            id: held.message.id,
+                        },
+                        None,
+                    );
+                }
+            } else {
+                kept.push_back(held);
+            }
+        }
+        self.ready = kept;
+    }
+
+    pub(crate) fn stats(&self) -> QueueStats {
+        let unacked: usize = self.consumers.iter().map(|c| c.unacked.len()).sum();
+        QueueStats {
+            name: self.name.clone(),
+            size: (self.ready.len() + unacked) as u64,
+            dequeued: self.dequeued,
+            enqueued: self.enqueued,
+        }
+    }
+
+    /// Messages held (waiting or unacknowledged), for tests and invariant checks.
+    pub(crate) fn held_ids(&self) -> Vec<MessageId> {
+        let mut ids: Vec<MessageId> = self.ready.iter().map(|h| h.message.id).collect();
+        for consumer in &self.consumers {
+            ids.extend(consumer.unacked.iter().map(|h| h.message.id));
+        }
+        ids
+    }
+}
+
+#[derive(Debug)]
+struct TopicConsumer {
+    key: ConsumerKey,
+    ack: AckMode,
+    prefetch: u32,
+    paused: bool,
+    /// Delivered and not yet acknowledged (client acks), only to bound them by prefetch.
+    unacked: VecDeque<MessageId>,
+}
+
+/// A publish-subscribe destination: nothing is kept. A subscriber that is paused or out of
+/// credit when a message is published does not get it (the message is counted in `dropped`),
+/// so one slow subscriber neither blocks the others nor grows memory without bound.
+#[derive(Debug)]
+pub(crate) struct Topic {
+    consumers: Vec<TopicConsumer>,
+    pub(crate) dropped: u64,
+}
+
+impl Topic {
+    pub(crate) fn new() -> Topic {
+        Topic {
+            consumers: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        self.consumers.is_empty()
+    }
+
+    pub(crate) fn publish(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        origin: super::ConnectionId,
+        ticket: Option<u64>,
+    ) {
+        if let Some(ticket) = ticket {
+            ctx.route(
+                origin.shard,
+                ShardMessage::Confirmed {
+                    conn: origin,
+                    ticket,
+                },
+            );
+        }
+        if message.is_expired(ctx.now_ms) {
+            return;
+        }
+        for consumer in &mut self.consumers {
+            let full = consumer.ack != AckMode::Auto
+                && consumer.unacked.len() >= consumer.prefetch as usize;
+            if consumer.paused || full {
+                self.dropped += 1;
+                continue;
+            }
+            let settled = consumer.ack == AckMode::Auto;
+            if !settled {
+                consumer.unacked.push_back(message.id);
+            }
+            ctx.route(
+                consumer.key.conn.shard,
+                ShardMessage::Deliver {
+                    consumer: consumer.key,
+                    message: message.clone(),
+                    deliveries: 1,
+                    settled,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn subscribe(&mut self, key: ConsumerKey, ack: AckMode, prefetch: u32) {
+        self.consumers.push(TopicConsumer {
+            key,
+            ack,
+            prefetch: prefetch.max(1),
+            paused: false,
+            unacked: VecDeque::new(),
+        });
+    }
+
+    pub(crate) fn unsubscribe(&mut self, key: ConsumerKey) {
+        self.consumers.retain(|c| c.key != key);
+    }
+
+    pub(crate) fn flow(&mut self, key: ConsumerKey, paused: bool) {
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+            consumer.paused = paused;
+        }
+    }
+
+    /// ACK and NACK both just release credit: a topic has nothing to redeliver from.
+    pub(crate) fn settle(&mut self, key: ConsumerKey, ids: &[MessageId]) {
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+            consumer.unacked.retain(|id| !ids.contains(id));
+        }
+    }
+}
+
+/// A destination as its shard holds it.
+#[derive(Debug)]
+pub(crate) enum Destination {
+    Queue(Queue),
+    Topic(Topic),
+}

@@ -1,0 +1,618 @@
+//! One core's broker: the sessions of the connections it accepted and the destinations whose
+//! names hash to it, plus the entry points the server calls. Every entry point takes the time
+//! and an [`Effects`] to fill, and returns only after every message between this shard's own
+//! sessions and destinations has been handled, so the server sees a settled state.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::config::{Authenticator, BrokerConfig};
+use super::destination::{Destination, Queue, Topic};
+use super::effects::{DurableToken, Effect, Effects, Record, Rejection, ShardMessage};
+use super::error::{write_error_frame, ProtocolError};
+use super::session::Session;
+use super::types::{
+    shard_of, ConnectionId, DestinationKind, Message, MessageId, QueueStats, Recovered, ShardId,
+    MONITOR_DESTINATION,
+};
+use crate::codec::{DecodeError, Frame};
+
+/// RECEIPTs waiting for their log record to be durable, in append order.
+#[derive(Debug, Default)]
+pub(crate) struct DurableWaits {
+    next: u64,
+    waiting: VecDeque<(DurableToken, ConnectionId, u64)>,
+}
+
+/// What sessions and destinations may touch while handling one input: the clock, the
+/// configuration, and the ways out (effects, the local message queue, the log, new ids).
+pub(crate) struct Ctx<'a> {
+    pub(crate) now_ms: u64,
+    pub(crate) config: &'a BrokerConfig,
+    pub(crate) shard: ShardId,
+    pub(crate) shard_count: u16,
+    pub(crate) effects: &'a mut Effects,
+    local: &'a mut VecDeque<ShardMessage>,
+    durable: &'a mut DurableWaits,
+    next_message_seq: &'a mut u64,
+}
+
+impl Ctx<'_> {
+    /// Sends a typed message to shard `to`: queued locally when that is this shard (handled
+    /// before the entry point returns), else handed to the server.
+    pub(crate) fn route(&mut self, to: ShardId, message: ShardMessage) {
+        if to == self.shard {
+            self.local.push_back(message);
+        } else {
+            self.effects.list.push(Effect::Peer { to, message });
+        }
+    }
+
+    pub(crate) fn append(&mut self, record: Record, token: Option<DurableToken>) {
+        self.effects.list.push(Effect::Append { record, token });
+    }
+
+    /// A token for an append whose durability releases `ticket` of `conn`.
+    pub(crate) fn wait_durable(&mut self, conn: ConnectionId, ticket: u64) -> DurableToken {
+        let token = DurableToken(self.durable.next);
+        self.durable.next += 1;
+        self.durable.waiting.push_back((token, conn, ticket));
+        token
+    }
+
+    pub(crate) fn next_message_id(&mut self) -> MessageId {
+        let seq = *self.next_message_seq;
+        *self.next_message_seq += 1;
+        MessageId {
+            shard: self.shard,
+            seq,
+        }
+    }
+}
+
+macro_rules! ctx {
+    ($shard:expr, $now:expr, $out:expr) => {
+        Ctx {
+            now_ms: $now,
+            config: &$shard.config,
+            shard: $shard.id,
+            shard_count: $shard.shard_count,
+            effects: $out,
+            local: &mut $shard.local,
+            durable: &mut $shard.durable,
+            next_message_seq: &mut $shard.next_message_seq,
+        }
+    };
+}
+
+/// The broker logic of one core. See the module docs of [`crate::broker`] for the calls the
+/// server makes and in which order.
+pub struct Shard {
+    id: ShardId,
+    shard_count: u16,
+    config: BrokerConfig,
+    authenticator: Arc<dyn Authenticator>,
+    /// By [`ConnectionId::local`].
+    sessions: HashMap<u64, Session>,
+    next_connection: u64,
+    destinations: HashMap<Arc<[u8]>, Destination>,
+    /// Messages from this shard to itself, drained before each entry point returns.
+    local: VecDeque<ShardMessage>,
+    durable: DurableWaits,
+    next_message_seq: u64,
+    /// The latest statistics each other shard published, for `/queue/monitor`.
+    peer_stats: HashMap<ShardId, Arc<[QueueStats]>>,
+    /// When the next statistics round is due (set by the first tick).
+    next_monitor_ms: Option<u64>,
+}
+
+impl Shard {
+    /// `first_message_seq` starts this shard's message-id counter. Ids must not repeat across
+    /// restarts: pass the start time in milliseconds shifted left by 22 (room for four million
+    /// messages per millisecond of uptime before two boots could meet).
+    pub fn new(
+        id: ShardId,
+        shard_count: u16,
+        config: BrokerConfig,
+        authenticator: Arc<dyn Authenticator>,
+        first_message_seq: u64,
+    ) -> Shard {
+        assert!(id.0 < shard_count, "shard {} of {shard_count}", id.0);
+        Shard {
+            id,
+            shard_count,
+            config,
+            authenticator,
+            sessions: HashMap::new(),
+            next_connection: 0,
+            destinations: HashMap::new(),
+            local: VecDeque::new(),
+            durable: DurableWaits::default(),
+            next_message_seq: first_message_seq,
+            peer_stats: HashMap::new(),
+            next_monitor_ms: None,
+        }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// A connection was accepted. Returns its id for every later call about it.
+    pub fn open_connection(&mut self, now_ms: u64) -> ConnectionId {
+        let conn = ConnectionId {
+            shard: self.id,
+            local: self.next_connection,
+        };
+        self.next_connection += 1;
+        self.sessions.insert(conn.local, Session::new(conn, now_ms));
+        conn
+    }
+
+    /// Bytes arrived for the connection (frames or heart-beat EOLs): it is alive.
+    pub fn on_input(&mut self, conn: ConnectionId, now_ms: u64) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            session.note_input(now_ms);
+        }
+    }
+
+    /// A decoded frame from the connection. Frames for a connection already closed are ignored.
+    pub fn on_frame(
+        &mut self,
+        conn: ConnectionId,
+        frame: &Frame<'_>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(session) = self.sessions.get_mut(&conn.local) else {
+            return;
+        };
+        session.note_input(now_ms);
+        let mut ctx = ctx!(self, now_ms, out);
+        let result = session.handle_frame(&mut ctx, frame, &*self.authenticator);
+        match result {
+            Err(error) => self.fail(conn, &error, frame.header(b"receipt"), now_ms, out),
+            Ok(()) => self.close_if_done(conn, now_ms, out),
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// The connection's bytes could not be decoded: ERROR naming the problem, then close.
+    pub fn on_decode_error(
+        &mut self,
+        conn: ConnectionId,
+        error: DecodeError,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if self.sessions.contains_key(&conn.local) {
+            self.fail(conn, &ProtocolError::Decode(error), None, now_ms, out);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// The connection is gone (peer closed, I/O error). Its subscriptions end and its
+    /// unacknowledged messages go back to their queues; nothing is written.
+    pub fn on_connection_lost(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if let Some(mut session) = self.sessions.remove(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.end(&mut ctx);
+            session.close();
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// The connection's output buffer filled up (`false`) or drained (`true`): paused
+    /// subscriptions get no new queue deliveries.
+    pub fn on_writable(
+        &mut self,
+        conn: ConnectionId,
+        writable: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.set_writable(&mut ctx, writable);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// A message another shard sent this one ([`Effect::Peer`]), in the order that shard sent it.
+    pub fn on_peer_message(&mut self, message: ShardMessage, now_ms: u64, out: &mut Effects) {
+        self.handle(message, now_ms, out);
+        self.drain_local(now_ms, out);
+    }
+
+    /// Every append up to and including `token` is on disk: release the RECEIPTs that waited.
+    pub fn on_durable(&mut self, token: DurableToken, now_ms: u64, out: &mut Effects) {
+        while let Some(&(waiting, conn, ticket)) = self.durable.waiting.front() {
+            if waiting > token {
+                break;
+            }
+            self.durable.waiting.pop_front();
+            let mut ctx = ctx!(self, now_ms, out);
+            ctx.route(conn.shard, ShardMessage::Confirmed { conn, ticket });
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// Time passed. Call at least every `tick_interval_ms`: heart-beats, heart-beat timeouts,
+    /// expired messages and `/queue/monitor` statistics happen here.
+    pub fn on_tick(&mut self, now_ms: u64, out: &mut Effects) {
+        let mut failed = Vec::new();
+        {
+            let mut ctx = ctx!(self, now_ms, out);
+            for (local, session) in &mut self.sessions {
+                if let Err(error) = session.tick(&mut ctx) {
+                    failed.push((*local, error));
+                }
+            }
+            for destination in self.destinations.values_mut() {
+                if let Destination::Queue(queue) = destination {
+                    queue.sweep_expired(&mut ctx);
+                }
+            }
+        }
+        for (local, error) in failed {
+            let conn = ConnectionId {
+                shard: self.id,
+                local,
+            };
+            self.fail(conn, &error, None, now_ms, out);
+        }
+        let due = *self
+            .next_monitor_ms
+            .get_or_insert(now_ms + self.config.monitor_interval_ms);
+        if now_ms >= due {
+            self.next_monitor_ms = Some(now_ms + self.config.monitor_interval_ms);
+            self.monitor_round(now_ms, out);
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// Puts messages recovered from this shard's log back into their queues, in log order.
+    /// Call before accepting connections.
+    pub fn restore(&mut self, recovered: impl IntoIterator<Item = Recovered>) {
+        for Recovered {
+            message,
+            deliveries,
+        } in recovered
+        {
+            assert_eq!(
+                shard_of(&message.destination, self.shard_count),
+                self.id,
+                "a shard's log holds only its own queues"
+            );
+            if message.id.shard == self.id {
+                self.next_message_seq = self.next_message_seq.max(message.id.seq + 1);
+            }
+            let name = message.destination.clone();
+            let destination = self
+                .destinations
+                .entry(name.clone())
+                .or_insert_with(|| Destination::Queue(Queue::new(name)));
+            if let Destination::Queue(queue) = destination {
+                queue.restore(message, deliveries);
+            }
+        }
+    }
+
+    /// This shard's queues, sorted by name.
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        let mut stats: Vec<QueueStats> = self
+            .destinations
+            .values()
+            .filter_map(|d| match d {
+                Destination::Queue(queue) => Some(queue.stats()),
+                Destination::Topic(_) => None,
+            })
+            .collect();
+        stats.sort_by(|a, b| a.name.cmp(&b.name));
+        stats
+    }
+
+    /// Number of open sessions (for tests and metrics).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Ids of every message a queue holds, waiting or unacknowledged (for invariant checks).
+    pub fn held_message_ids(&self, destination: &[u8]) -> Vec<MessageId> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.held_ids(),
+            _ => Vec::new(),
+        }
+    }
+
+    // --- internals ---
+
+    /// Sends the ERROR frame for `error` and closes the connection: the one place a protocol
+    /// error becomes bytes.
+    fn fail(
+        &mut self,
+        conn: ConnectionId,
+        error: &ProtocolError,
+        receipt: Option<&[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(mut session) = self.sessions.remove(&conn.local) else {
+            return;
+        };
+        let start = out.bytes.len();
+        write_error_frame(&mut out.bytes, session.version(), error, receipt);
+        let end = out.bytes.len();
+        out.list.push(Effect::Write {
+            conn,
+            bytes: start..end,
+            body: None,
+        });
+        out.list.push(Effect::Close { conn });
+        let mut ctx = ctx!(self, now_ms, out);
+        session.end(&mut ctx);
+        session.close();
+    }
+
+    fn close_if_done(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if self
+            .sessions
+            .get(&conn.local)
+            .is_some_and(Session::is_closed)
+        {
+            if let Some(mut session) = self.sessions.remove(&conn.local) {
+                let mut ctx = ctx!(self, now_ms, out);
+                session.end(&mut ctx);
+                out.list.push(Effect::Close { conn });
+            }
+        }
+    }
+
+    fn drain_local(&mut self, now_ms: u64, out: &mut Effects) {
+        while let Some(message) = self.local.pop_front() {
+            self.handle(message, now_ms, out);
+        }
+    }
+
+    fn destination(&mut self, name: &Arc<[u8]>) -> &mut Destination {
+        self.destinations
+            .entry(name.clone())
+            .or_insert_with(|| match DestinationKind::of(name) {
+                DestinationKind::Queue => Destination::Queue(Queue::new(name.clone())),
+                DestinationKind::Topic => Destination::Topic(Topic::new()),
+            })
+    }
+
+    fn handle(&mut self, message: ShardMessage, now_ms: u64, out: &mut Effects) {
+        match message {
+            ShardMessage::Subscribe {
+                consumer,
+                destination,
+                ack,
+                prefetch,
+            } => {
+                self.destination(&destination);
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => {
+                        queue.subscribe(&mut ctx, consumer, ack, prefetch)
+                    }
+                    Some(Destination::Topic(topic)) => topic.subscribe(consumer, ack, prefetch),
+                    None => {}
+                }
+            }
+            ShardMessage::Unsubscribe {
+                consumer,
+                destination,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                let mut idle_topic = false;
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
+                    Some(Destination::Topic(topic)) => {
+                        topic.unsubscribe(consumer);
+                        idle_topic = topic.is_idle();
+                    }
+                    None => {}
+                }
+                if idle_topic {
+                    // A topic keeps nothing once nobody listens.
+                    self.destinations.remove(&destination);
+                }
+            }
+            ShardMessage::Publish {
+                message,
+                origin,
+                ticket,
+            } => {
+                let name = message.destination.clone();
+                let kind = DestinationKind::of(&name);
+                if kind == DestinationKind::Topic && !self.destinations.contains_key(&name) {
+                    // Nobody listens: the message is gone, and no topic is made for it.
+                    if let Some(ticket) = ticket {
+                        let mut ctx = ctx!(self, now_ms, out);
+                        ctx.route(
+                            origin.shard,
+                            ShardMessage::Confirmed {
+                                conn: origin,
+                                ticket,
+                            },
+                        );
+                    }
+                    return;
+                }
+                self.destination(&name);
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&name) {
+                    Some(Destination::Queue(queue)) => {
+                        queue.publish(&mut ctx, message, origin, ticket)
+                    }
+                    Some(Destination::Topic(topic)) => {
+                        topic.publish(&mut ctx, message, origin, ticket)
+                    }
+                    None => {}
+                }
+            }
+            ShardMessage::Ack {
+                consumer,
+                destination,
+                ids,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.ack(&mut ctx, consumer, &ids),
+                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
+                    None => {}
+                }
+            }
+            ShardMessage::Nack {
+                consumer,
+                destination,
+                ids,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.nack(&mut ctx, consumer, &ids),
+                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
+                    None => {}
+                }
+            }
+            ShardMessage::Flow {
+                consumer,
+                destination,
+                paused,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
+                    Some(Destination::Topic(topic)) => topic.flow(consumer, paused),
+                    None => {}
+                }
+            }
+            ShardMessage::Returned {
+                message,
+                deliveries,
+            } => {
+                let name = message.destination.clone();
+                if DestinationKind::of(&name) == DestinationKind::Queue {
+                    self.destination(&name);
+                    let mut ctx = ctx!(self, now_ms, out);
+                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                        queue.returned(&mut ctx, message, deliveries);
+                    }
+                }
+            }
+            ShardMessage::Deliver {
+                consumer,
+                message,
+                deliveries,
+                settled,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.sessions.get_mut(&consumer.conn.local) {
+                    Some(session) => session.deliver(
+                        &mut ctx,
+                        consumer.subscription,
+                        message,
+                        deliveries,
+                        settled,
+                    ),
+                    None if settled => {
+                        let to = shard_of(&message.destination, ctx.shard_count);
+                        ctx.route(
+                            to,
+                            ShardMessage::Returned {
+                                message,
+                                deliveries,
+                            },
+                        );
+                    }
+                    None => {}
+                }
+            }
+            ShardMessage::Confirmed { conn, ticket } => {
+                if let Some(session) = self.sessions.get_mut(&conn.local) {
+                    let mut ctx = ctx!(self, now_ms, out);
+                    session.confirmed(&mut ctx, ticket);
+                    self.close_if_done(conn, now_ms, out);
+                }
+            }
+            ShardMessage::Rejected { conn, reason } => {
+                let limit = match reason {
+                    Rejection::QueueMessagesFull => "queue_messages_max",
+                    Rejection::QueueBytesFull => "queue_bytes_max",
+                };
+                self.fail(conn, &ProtocolError::QueueFull { limit }, None, now_ms, out);
+            }
+            ShardMessage::Stats { from, queues } => {
+                self.peer_stats.insert(from, queues);
+            }
+        }
+    }
+
+    /// Every `monitor_interval_ms`: publish this shard's queue statistics to the other shards,
+    /// and write the whole broker's (this shard's now, the others' as last heard, so up to one
+    /// interval old) to each `/queue/monitor` subscriber here.
+    fn monitor_round(&mut self, now_ms: u64, out: &mut Effects) {
+        let own = self.queue_stats();
+        if self.shard_count > 1 {
+            let shared: Arc<[QueueStats]> = own.clone().into();
+            let mut ctx = ctx!(self, now_ms, out);
+            let own_shard = ctx.shard;
+            for shard in (0..self.shard_count)
+                .map(ShardId)
+                .filter(|&s| s != own_shard)
+            {
+                ctx.route(
+                    shard,
+                    ShardMessage::Stats {
+                        from: ctx.shard,
+                        queues: shared.clone(),
+                    },
+                );
+            }
+        }
+        if !self.sessions.values().any(Session::has_monitor) {
+            return;
+        }
+        let mut all: Vec<QueueStats> = own;
+        for (shard, stats) in &self.peer_stats {
+            if *shard != self.id {
+                all.extend(stats.iter().cloned());
+            }
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut body = Vec::new();
+        for stats in &all {
+            body.extend_from_slice(b"Queue: ");
+            body.extend_from_slice(&stats.name);
+            body.extend_from_slice(
+                format!(
+                    " size: {} dequeued: {} enqueued: {}\n",
+                    stats.size, stats.dequeued, stats.enqueued
+                )
+                .as_bytes(),
+            );
+        }
+        let mut ctx = ctx!(self, now_ms, out);
+        let id = ctx.next_message_id();
+        let headers: [(&[u8], &[u8]); 1] = [(b"content-type", b"text/plain")];
+        let message = Arc::new(Message::from_send(
+            id,
+            Arc::from(MONITOR_DESTINATION),
+            headers,
+            &body,
+            0,
+            false,
+        ));
+        for session in self.sessions.values_mut() {
+            if session.has_monitor() {
+                session.deliver_monitor(&mut ctx, &message);
+            }
+        }
+    }
+}
