@@ -271,7 +271,11 @@ impl Queue {
         self.dispatch(ctx);
     }
 
-    /// An auto-acked delivery that no subscription was left to write: not a delivery at all.
+    /// An auto-acked delivery that no subscription was left to write. It goes back to the front
+    /// keeping its delivery count, so its next delivery is marked redelivered: conservative (it
+    /// was never written), but it keeps the rule that unmarked deliveries to a subscription are
+    /// in publish order, which a consumer that got later messages meanwhile could otherwise see
+    /// broken.
     pub(crate) fn returned(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, deliveries: u32) {
         self.dequeued = self.dequeued.saturating_sub(1);
         if Self::logged(ctx, &message) {
@@ -286,7 +290,7 @@ impl Queue {
         self.ready_bytes += message.body.len() as u64;
         self.ready.push_front(Held {
             message,
-            deliveries: deliveries.saturating_sub(1),
+            deliveries,
         });
         self.dispatch(ctx);
     }
@@ -405,6 +409,16 @@ impl Queue {
             dequeued: self.dequeued,
             enqueued: self.enqueued,
         }
+    }
+
+    /// Bodies of the messages held, for invariant checks in tests.
+    #[cfg(test)]
+    pub(crate) fn held_bodies(&self) -> Vec<Vec<u8>> {
+        let mut bodies: Vec<Vec<u8>> = self.ready.iter().map(|h| h.message.body.to_vec()).collect();
+        for consumer in &self.consumers {
+            bodies.extend(consumer.unacked.iter().map(|h| h.message.body.to_vec()));
+        }
+        bodies
     }
 
     /// Messages held (waiting or unacknowledged), for tests and invariant checks.

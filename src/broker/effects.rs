@@ -150,7 +150,8 @@ pub enum ShardMessage {
         paused: bool,
     },
     /// An auto-acked delivery reached a session whose subscription had already gone: it was
-    /// never written, so the queue takes it back, uncounted.
+    /// never written, so the queue takes it back to the front (its next delivery is marked
+    /// redelivered, conservatively).
     Returned {
         message: Arc<Message>,
         deliveries: u32,

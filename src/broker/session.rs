@@ -997,15 +997,12 @@ fn parse_heartbeat(value: &[u8]) -> Result<(u64, u64), ProtocolError> {
     Ok((send, want))
 }
 
-/// A decimal number of at most 19 digits (no sign, no spaces: STOMP 1.2 forbids trimming).
+/// A decimal `u64` (digits only: no sign, no spaces, as STOMP 1.2 forbids trimming).
 fn parse_u64(text: &[u8]) -> Option<u64> {
-    if text.is_empty() || text.len() > 19 || !text.iter().all(u8::is_ascii_digit) {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(
-        text.iter()
-            .fold(0u64, |acc, &digit| acc * 10 + u64::from(digit - b'0')),
-    )
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// The `ack` header value: `<subscription number>.<delivery tag>`, so an ACK finds its
@@ -1055,6 +1052,8 @@ mod tests {
         assert_eq!(parse_u64(b"1000"), Some(1000));
         assert_eq!(parse_u64(b" 1"), None);
         assert_eq!(parse_u64(b""), None);
-        assert_eq!(parse_u64(b"99999999999999999999"), None);
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"+1"), None);
     }
 }

@@ -329,6 +329,15 @@ impl Shard {
         }
     }
 
+    /// Bodies of every message a queue holds (for invariant checks in tests).
+    #[cfg(test)]
+    pub(crate) fn held_bodies(&self, destination: &[u8]) -> Vec<Vec<u8>> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.held_bodies(),
+            _ => Vec::new(),
+        }
+    }
+
     // --- internals ---
 
     /// Sends the ERROR frame for `error` and closes the connection: the one place a protocol
