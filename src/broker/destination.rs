@@ -178,6 +178,7 @@ impl Queue {
         key: ConsumerKey,
         ack: AckMode,
         prefetch: u32,
+        paused: bool,
     ) {
         debug_assert!(
             self.consumers.iter().all(|c| c.key != key),
@@ -187,7 +188,7 @@ impl Queue {
             key,
             ack,
             prefetch: prefetch.max(1),
-            paused: false,
+            paused,
             unacked: VecDeque::new(),
         });
         self.dispatch(ctx);
@@ -401,6 +402,12 @@ impl Queue {
         self.ready = kept;
     }
 
+    /// Nothing waits and nobody listens: the shard forgets the queue, so that names used once
+    /// do not pile up (a client cannot grow memory by inventing destination names).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.ready.is_empty() && self.consumers.is_empty()
+    }
+
     pub(crate) fn stats(&self) -> QueueStats {
         let unacked: usize = self.consumers.iter().map(|c| c.unacked.len()).sum();
         QueueStats {
@@ -504,12 +511,18 @@ impl Topic {
         }
     }
 
-    pub(crate) fn subscribe(&mut self, key: ConsumerKey, ack: AckMode, prefetch: u32) {
+    pub(crate) fn subscribe(
+        &mut self,
+        key: ConsumerKey,
+        ack: AckMode,
+        prefetch: u32,
+        paused: bool,
+    ) {
         self.consumers.push(TopicConsumer {
             key,
             ack,
             prefetch: prefetch.max(1),
-            paused: false,
+            paused,
             unacked: VecDeque::new(),
         });
     }

@@ -117,6 +117,8 @@ pub enum ShardMessage {
         destination: Arc<[u8]>,
         ack: AckMode,
         prefetch: u32,
+        /// The connection's output is full right now (see `Flow`).
+        paused: bool,
     },
     /// The subscription ended (UNSUBSCRIBE, DISCONNECT, connection lost): its unacknowledged
     /// messages go back to the front of the queue.

@@ -426,18 +426,9 @@ impl Session {
                     destination: destination.clone(),
                     ack,
                     prefetch,
+                    paused: !self.writable,
                 },
             );
-            if !self.writable {
-                ctx.route(
-                    to,
-                    ShardMessage::Flow {
-                        consumer,
-                        destination: destination.clone(),
-                        paused: true,
-                    },
-                );
-            }
         }
         self.subscriptions.insert(
             number,

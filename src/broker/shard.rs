@@ -252,11 +252,14 @@ impl Shard {
                     failed.push((*local, error));
                 }
             }
-            for destination in self.destinations.values_mut() {
-                if let Destination::Queue(queue) = destination {
-                    queue.sweep_expired(&mut ctx);
-                }
-            }
+            self.destinations
+                .retain(|_, destination| match destination {
+                    Destination::Queue(queue) => {
+                        queue.sweep_expired(&mut ctx);
+                        !queue.is_idle()
+                    }
+                    Destination::Topic(topic) => !topic.is_idle(),
+                });
         }
         for (local, error) in failed {
             let conn = ConnectionId {
@@ -381,6 +384,19 @@ impl Shard {
         }
     }
 
+    /// Drops a destination that holds nothing and has no subscribers: a topic keeps nothing
+    /// anyway, and an idle queue's only state is its counters.
+    fn forget_if_idle(&mut self, name: &[u8]) {
+        let idle = match self.destinations.get(name) {
+            Some(Destination::Queue(queue)) => queue.is_idle(),
+            Some(Destination::Topic(topic)) => topic.is_idle(),
+            None => false,
+        };
+        if idle {
+            self.destinations.remove(name);
+        }
+    }
+
     fn drain_local(&mut self, now_ms: u64, out: &mut Effects) {
         while let Some(message) = self.local.pop_front() {
             self.handle(message, now_ms, out);
@@ -403,14 +419,17 @@ impl Shard {
                 destination,
                 ack,
                 prefetch,
+                paused,
             } => {
                 self.destination(&destination);
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => {
-                        queue.subscribe(&mut ctx, consumer, ack, prefetch)
+                        queue.subscribe(&mut ctx, consumer, ack, prefetch, paused)
                     }
-                    Some(Destination::Topic(topic)) => topic.subscribe(consumer, ack, prefetch),
+                    Some(Destination::Topic(topic)) => {
+                        topic.subscribe(consumer, ack, prefetch, paused)
+                    }
                     None => {}
                 }
             }
@@ -419,19 +438,12 @@ impl Shard {
                 destination,
             } => {
                 let mut ctx = ctx!(self, now_ms, out);
-                let mut idle_topic = false;
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
-                    Some(Destination::Topic(topic)) => {
-                        topic.unsubscribe(consumer);
-                        idle_topic = topic.is_idle();
-                    }
+                    Some(Destination::Topic(topic)) => topic.unsubscribe(consumer),
                     None => {}
                 }
-                if idle_topic {
-                    // A topic keeps nothing once nobody listens.
-                    self.destinations.remove(&destination);
-                }
+                self.forget_if_idle(&destination);
             }
             ShardMessage::Publish {
                 message,
@@ -465,6 +477,8 @@ impl Shard {
                     }
                     None => {}
                 }
+                // An expired or refused message may leave a new queue empty.
+                self.forget_if_idle(&name);
             }
             ShardMessage::Ack {
                 consumer,

@@ -431,11 +431,38 @@ fn expired_messages_are_swept_on_tick() {
             b"x",
         ),
     );
+    // A paused consumer keeps the queue alive but takes nothing.
+    let consumer = cluster.connect(0);
+    cluster.writable(consumer, false);
+    cluster.subscribe(consumer, "s", "/queue/a", "auto");
     assert_eq!(cluster.shards[0].held_message_ids(b"/queue/a").len(), 1);
     cluster.now += 100;
     cluster.tick();
     assert!(cluster.shards[0].held_message_ids(b"/queue/a").is_empty());
     assert_eq!(cluster.shards[0].queue_stats()[0].dequeued, 1);
+    cluster.writable(consumer, true);
+    assert!(cluster.frames(consumer).is_empty());
+}
+
+#[test]
+fn idle_queues_are_forgotten() {
+    let mut cluster = Cluster::single();
+    let conn = cluster.connect(0);
+    cluster.subscribe(conn, "s", "/queue/once", "auto");
+    cluster.publish(conn, "/queue/once", "x");
+    assert_eq!(cluster.shards[0].queue_stats().len(), 1);
+    cluster.send(conn, frame(Command::Unsubscribe, &[("id", "s")], b""));
+    assert!(cluster.shards[0].queue_stats().is_empty());
+    let past = (cluster.now - 1).to_string();
+    cluster.send(
+        conn,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/never"), ("expires", &past)],
+            b"x",
+        ),
+    );
+    assert!(cluster.shards[0].queue_stats().is_empty());
 }
 
 #[test]
