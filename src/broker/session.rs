@@ -147,6 +147,11 @@ impl Session {
     ) {
         let start = ctx.effects.bytes.len();
         build(&mut ctx.effects.bytes);
+        self.push_write(ctx, start, body);
+    }
+
+    /// Records the bytes appended since `start` as a write to this connection.
+    fn push_write(&mut self, ctx: &mut Ctx<'_>, start: usize, body: Option<Arc<Message>>) {
         let end = ctx.effects.bytes.len();
         ctx.effects.list.push(Effect::Write {
             conn: self.conn,
@@ -832,40 +837,34 @@ impl Session {
         let Some(subscription) = self.subscriptions.get(&number) else {
             return;
         };
-        let subscription_id = subscription.id.clone();
-        let mut converted = Vec::new();
-        if version != Version::V1_2 && !message.header_block_plain {
-            message.write_header_block(&mut converted, version);
+        // Built in place, not through `write`, so the subscription id is borrowed rather than
+        // copied: this is the hot path, one call per delivery.
+        let start = ctx.effects.bytes.len();
+        let mut writer = FrameWriter::begin(&mut ctx.effects.bytes, version, Command::Message);
+        writer.header(b"subscription", &subscription.id);
+        let mut id_text = [0u8; 48];
+        let length = message.id.write_text(&mut id_text);
+        writer.header(b"message-id", &id_text[..length]);
+        writer.header(b"destination", &message.destination);
+        if let (Some(tag), Version::V1_2) = (tag, version) {
+            let mut ack_text = [0u8; 41];
+            let length = write_ack_id(number, tag, &mut ack_text);
+            writer.header(b"ack", &ack_text[..length]);
         }
-        let stored = message.clone();
-        self.write(
-            ctx,
-            |out| {
-                let mut writer = FrameWriter::begin(out, version, Command::Message);
-                writer.header(b"subscription", &subscription_id);
-                let mut id_text = [0u8; 48];
-                let length = message.id.write_text(&mut id_text);
-                writer.header(b"message-id", &id_text[..length]);
-                writer.header(b"destination", &message.destination);
-                if let (Some(tag), Version::V1_2) = (tag, version) {
-                    let mut ack_text = [0u8; 41];
-                    let length = write_ack_id(number, tag, &mut ack_text);
-                    writer.header(b"ack", &ack_text[..length]);
-                }
-                if deliveries > 1 {
-                    writer.header(b"redelivered", b"true");
-                    writer.header_u64(b"delivery-count", u64::from(deliveries));
-                }
-                writer.content_length(message.body.len());
-                if version == Version::V1_2 || message.header_block_plain {
-                    writer.raw_headers(&message.header_block);
-                } else {
-                    writer.raw_headers(&converted);
-                }
-                writer.finish_head();
-            },
-            Some(stored),
-        );
+        if deliveries > 1 {
+            writer.header(b"redelivered", b"true");
+            writer.header_u64(b"delivery-count", u64::from(deliveries));
+        }
+        writer.content_length(message.body.len());
+        if version == Version::V1_2 || message.header_block_plain {
+            writer.raw_headers(&message.header_block);
+        } else {
+            let mut converted = Vec::new();
+            message.write_header_block(&mut converted, version);
+            writer.raw_headers(&converted);
+        }
+        writer.finish_head();
+        self.push_write(ctx, start, Some(message));
     }
 
     // --- Flow control, heart-beats, the end ---

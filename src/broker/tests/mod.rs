@@ -328,3 +328,12 @@ pub(crate) fn bodies(frames: &[Sent]) -> Vec<String> {
         .map(|f| f.body_str().to_string())
         .collect()
 }
+
+/// Shards run one per thread and messages cross between them.
+#[test]
+fn shards_and_their_messages_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Shard>();
+    assert_send::<ShardMessage>();
+    assert_send::<Effects>();
+}
