@@ -58,6 +58,9 @@ pub(crate) struct Queue {
     turn: usize,
     enqueued: u64,
     dequeued: u64,
+    /// No message in `ready` expires before this (u64::MAX: none expires). May be early after
+    /// messages leave, never late, so a tick skips the sweep of a queue with nothing due.
+    next_expiry_ms: u64,
 }
 
 impl Queue {
@@ -70,6 +73,20 @@ impl Queue {
             turn: 0,
             enqueued: 0,
             dequeued: 0,
+            next_expiry_ms: u64::MAX,
+        }
+    }
+
+    /// Puts a message into `ready` at the back (new) or the front (came back).
+    fn hold(&mut self, held: Held, front: bool) {
+        if held.message.expires_ms != 0 {
+            self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
+        }
+        self.ready_bytes += held.message.body.len() as u64;
+        if front {
+            self.ready.push_front(held);
+        } else {
+            self.ready.push_back(held);
         }
     }
 
@@ -154,22 +171,26 @@ impl Queue {
                 );
             }
         }
-        self.ready_bytes += message.body.len() as u64;
-        self.ready.push_back(Held {
-            message,
-            deliveries: 0,
-        });
+        self.hold(
+            Held {
+                message,
+                deliveries: 0,
+            },
+            false,
+        );
         self.dispatch(ctx);
     }
 
     /// Puts recovered messages back at startup, in log order.
     pub(crate) fn restore(&mut self, message: Arc<Message>, deliveries: u32) {
         self.enqueued += 1;
-        self.ready_bytes += message.body.len() as u64;
-        self.ready.push_back(Held {
-            message,
-            deliveries,
-        });
+        self.hold(
+            Held {
+                message,
+                deliveries,
+            },
+            false,
+        );
     }
 
     pub(crate) fn subscribe(
@@ -288,11 +309,13 @@ impl Queue {
                 None,
             );
         }
-        self.ready_bytes += message.body.len() as u64;
-        self.ready.push_front(Held {
-            message,
-            deliveries,
-        });
+        self.hold(
+            Held {
+                message,
+                deliveries,
+            },
+            true,
+        );
         self.dispatch(ctx);
     }
 
@@ -321,10 +344,7 @@ impl Queue {
                         },
                     );
                 }
-                _ => {
-                    self.ready_bytes += held.message.body.len() as u64;
-                    self.ready.push_front(held);
-                }
+                _ => self.hold(held, true),
             }
         }
     }
@@ -378,9 +398,10 @@ impl Queue {
     /// not hold them until a consumer comes.
     pub(crate) fn sweep_expired(&mut self, ctx: &mut Ctx<'_>) {
         let now = ctx.now_ms;
-        if !self.ready.iter().any(|held| held.message.is_expired(now)) {
+        if now < self.next_expiry_ms {
             return;
         }
+        self.next_expiry_ms = u64::MAX;
         let mut kept = VecDeque::with_capacity(self.ready.len());
         for held in std::mem::take(&mut self.ready) {
             if held.message.is_expired(now) {
@@ -396,6 +417,9 @@ impl Queue {
                     );
                 }
             } else {
+                if held.message.expires_ms != 0 {
+                    self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
+                }
                 kept.push_back(held);
             }
         }
