@@ -15,8 +15,10 @@ pub struct BrokerConfig {
     /// are logged should not lose a message because the client did not know ActiveMQ's header
     /// (ActiveMQ defaults to false; send `persistent:false` to opt out per message).
     pub persistent_by_default: bool,
-    /// Prefetch of a client/client-individual subscription that names none: 1,000 messages,
-    /// ActiveMQ's queue prefetch, enough to keep a consumer busy across a round trip.
+    /// Window of a subscription that names no prefetch: 1,000 messages, ActiveMQ's queue
+    /// prefetch, enough to keep a consumer busy across a round trip. For client acks it bounds
+    /// the unacknowledged messages; for auto acks, those written and not yet flushed to the
+    /// socket ([`crate::broker::Shard::on_flushed`]).
     pub prefetch_default_messages: u32,
     /// Upper bound of `activemq.prefetchSize` / `prefetch-count`; larger requests are lowered
     /// to it. 65,536 unacknowledged messages bound what one subscription pins in memory.

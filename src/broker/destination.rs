@@ -4,8 +4,9 @@
 //! Queue invariants:
 //! - every accepted, unexpired message is in exactly one place: `ready` (waiting, FIFO) or one
 //!   consumer's `unacked` (delivered, in delivery order), until it is consumed for good;
-//! - a consumer is handed a message only when it is not paused and, for client acks, holds fewer
-//!   than its prefetch unacknowledged; among those, consumers take turns (round-robin);
+//! - a consumer is handed a message only when it is not paused and holds fewer than its prefetch
+//!   in its window (client acks: unacknowledged; auto acks: handed out and not yet credited back
+//!   by the session as written); among those, consumers take turns (round-robin);
 //! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
 //!   original order with their delivery count, so the next delivery is marked redelivered, or
 //!   move to the dead-letter queue once they were delivered `deliveries_max` times.
@@ -32,17 +33,24 @@ struct Held {
 struct QueueConsumer {
     key: ConsumerKey,
     ack: AckMode,
-    /// Most unacknowledged messages at a time (client acks only).
+    /// Most messages in its window at a time: unacknowledged ones for client acks, handed
+    /// out and not yet credited back by the session for auto acks.
     prefetch: u32,
     /// Its connection's output is full: deliver nothing until resumed.
     paused: bool,
     /// Delivered and not yet acknowledged, in delivery order (empty for auto acks).
     unacked: VecDeque<Held>,
+    /// Auto acks: deliveries the session has not yet reported written ([`ShardMessage::Credit`]).
+    in_flight: u32,
 }
 
 impl QueueConsumer {
     fn has_credit(&self) -> bool {
-        !self.paused && (self.ack == AckMode::Auto || self.unacked.len() < self.prefetch as usize)
+        let used = match self.ack {
+            AckMode::Auto => self.in_flight as usize,
+            AckMode::Client | AckMode::ClientIndividual => self.unacked.len(),
+        };
+        !self.paused && used < self.prefetch as usize
     }
 }
 
@@ -211,6 +219,7 @@ impl Queue {
             prefetch: prefetch.max(1),
             paused,
             unacked: VecDeque::new(),
+            in_flight: 0,
         });
         self.dispatch(ctx);
     }
@@ -224,6 +233,14 @@ impl Queue {
             self.turn -= 1;
         }
         self.take_back(ctx, consumer.unacked.into_iter().collect());
+        self.dispatch(ctx);
+    }
+
+    /// The session wrote `count` auto-acked deliveries: room for as many more.
+    pub(crate) fn credit(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, count: u32) {
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+            consumer.in_flight = consumer.in_flight.saturating_sub(count);
+        }
         self.dispatch(ctx);
     }
 
@@ -379,6 +396,7 @@ impl Queue {
                 },
             );
             if settled {
+                self.consumers[index].in_flight += 1;
                 self.dequeued += 1;
                 self.log_done(ctx, &held.message);
             } else {
@@ -470,6 +488,8 @@ struct TopicConsumer {
     paused: bool,
     /// Delivered and not yet acknowledged (client acks), only to bound them by prefetch.
     unacked: VecDeque<MessageId>,
+    /// Auto acks: deliveries not yet credited back by the session.
+    in_flight: u32,
 }
 
 /// A publish-subscribe destination: nothing is kept. A subscriber that is paused or out of
@@ -513,14 +533,19 @@ impl Topic {
             return;
         }
         for consumer in &mut self.consumers {
-            let full = consumer.ack != AckMode::Auto
-                && consumer.unacked.len() >= consumer.prefetch as usize;
-            if consumer.paused || full {
+            let settled = consumer.ack == AckMode::Auto;
+            let used = if settled {
+                consumer.in_flight as usize
+            } else {
+                consumer.unacked.len()
+            };
+            if consumer.paused || used >= consumer.prefetch as usize {
                 self.dropped += 1;
                 continue;
             }
-            let settled = consumer.ack == AckMode::Auto;
-            if !settled {
+            if settled {
+                consumer.in_flight += 1;
+            } else {
                 consumer.unacked.push_back(message.id);
             }
             ctx.route(
@@ -548,7 +573,14 @@ impl Topic {
             prefetch: prefetch.max(1),
             paused,
             unacked: VecDeque::new(),
+            in_flight: 0,
         });
+    }
+
+    pub(crate) fn credit(&mut self, key: ConsumerKey, count: u32) {
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+            consumer.in_flight = consumer.in_flight.saturating_sub(count);
+        }
     }
 
     pub(crate) fn unsubscribe(&mut self, key: ConsumerKey) {

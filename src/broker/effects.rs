@@ -110,8 +110,7 @@ pub enum Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardMessage {
     // Session -> destination (addressed by `destination`'s shard).
-    /// A subscription starts: deliver to it, at most `prefetch` unacknowledged at a time
-    /// (ignored for auto acks).
+    /// A subscription starts: deliver to it, at most `prefetch` in its window at a time.
     Subscribe {
         consumer: ConsumerKey,
         destination: Arc<[u8]>,
@@ -144,6 +143,15 @@ pub enum ShardMessage {
         consumer: ConsumerKey,
         destination: Arc<[u8]>,
         ids: SmallVec<[MessageId; 4]>,
+    },
+    /// `count` more auto-acked deliveries of this consumer have left the broker (the server
+    /// reported its connection's output flushed): its window has room for as many more. So an
+    /// auto-ack consumer never has more than `prefetch` messages between its queue and its
+    /// socket, and one call never writes more than that to it.
+    Credit {
+        consumer: ConsumerKey,
+        destination: Arc<[u8]>,
+        count: u32,
     },
     /// The consumer's connection cannot take more output (`paused`) or can again.
     Flow {

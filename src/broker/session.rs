@@ -14,7 +14,7 @@
 //!   (sent to the destination) or ABORT (put back), so they cannot be acknowledged twice;
 //! - RECEIPTs go out in the order their frames arrived; `receipts` is sorted by ticket.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -54,6 +54,9 @@ struct Subscription {
     /// `/queue/monitor`: fed by the shard's statistics timer, not by a destination.
     monitor: bool,
     unacked: VecDeque<Pending>,
+    /// Auto acks: deliveries written and not yet credited back to the destination (it does so
+    /// once the server reports the connection's output flushed).
+    uncredited: u32,
 }
 
 #[derive(Debug)]
@@ -95,10 +98,10 @@ pub(crate) struct Session {
     last_write_ms: u64,
     writable: bool,
     /// By the session's subscription number (the `subscription` of [`ConsumerKey`]).
-    subscriptions: HashMap<u32, Subscription>,
+    subscriptions: BTreeMap<u32, Subscription>,
     next_subscription: u32,
     next_tag: u64,
-    transactions: HashMap<Box<[u8]>, Transaction>,
+    transactions: BTreeMap<Box<[u8]>, Transaction>,
     receipts: VecDeque<PendingReceipt>,
     next_ticket: u64,
 }
@@ -113,10 +116,10 @@ impl Session {
             last_read_ms: now_ms,
             last_write_ms: now_ms,
             writable: true,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             next_subscription: 0,
             next_tag: 0,
-            transactions: HashMap::new(),
+            transactions: BTreeMap::new(),
             receipts: VecDeque::new(),
             next_ticket: 0,
         }
@@ -444,6 +447,7 @@ impl Session {
                 ack: if monitor { AckMode::Auto } else { ack },
                 monitor,
                 unacked: VecDeque::new(),
+                uncredited: 0,
             },
         );
         Ok(())
@@ -794,7 +798,9 @@ impl Session {
             return;
         };
         let ack = subscription.ack;
-        if ack != AckMode::Auto {
+        if ack == AckMode::Auto {
+            subscription.uncredited += 1;
+        } else {
             subscription.unacked.push_back(Pending {
                 tag,
                 id: message.id,
@@ -868,6 +874,31 @@ impl Session {
     }
 
     // --- Flow control, heart-beats, the end ---
+
+    /// Everything written to the connection so far has left its output buffer: the auto-ack
+    /// deliveries among it are off the broker's hands, so their window room goes back to the
+    /// destinations. This is what bounds an auto-ack consumer to `prefetch` messages between
+    /// its queue and its socket.
+    pub(crate) fn flushed(&mut self, ctx: &mut Ctx<'_>) {
+        for (number, subscription) in &mut self.subscriptions {
+            if subscription.uncredited == 0 {
+                continue;
+            }
+            let count = std::mem::take(&mut subscription.uncredited);
+            let to = shard_of(&subscription.destination, ctx.shard_count);
+            ctx.route(
+                to,
+                ShardMessage::Credit {
+                    consumer: ConsumerKey {
+                        conn: self.conn,
+                        subscription: *number,
+                    },
+                    destination: subscription.destination.clone(),
+                    count,
+                },
+            );
+        }
+    }
 
     pub(crate) fn set_writable(&mut self, ctx: &mut Ctx<'_>, writable: bool) {
         if self.writable == writable {

@@ -3,7 +3,7 @@
 //! and an [`Effects`] to fill, and returns only after every message between this shard's own
 //! sessions and destinations has been handled, so the server sees a settled state.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::config::{Authenticator, BrokerConfig};
@@ -92,16 +92,17 @@ pub struct Shard {
     shard_count: u16,
     config: BrokerConfig,
     authenticator: Arc<dyn Authenticator>,
-    /// By [`ConnectionId::local`].
-    sessions: HashMap<u64, Session>,
+    /// By [`ConnectionId::local`]. Ordered maps here and in sessions: every iteration (ticks,
+    /// sweeps, credits) then runs in the same order on every run, so a seed replays exactly.
+    sessions: BTreeMap<u64, Session>,
     next_connection: u64,
-    destinations: HashMap<Arc<[u8]>, Destination>,
+    destinations: BTreeMap<Arc<[u8]>, Destination>,
     /// Messages from this shard to itself, drained before each entry point returns.
     local: VecDeque<ShardMessage>,
     durable: DurableWaits,
     next_message_seq: u64,
     /// The latest statistics each other shard published, for `/queue/monitor`.
-    peer_stats: HashMap<ShardId, Arc<[QueueStats]>>,
+    peer_stats: BTreeMap<ShardId, Arc<[QueueStats]>>,
     /// When the next statistics round is due (set by the first tick).
     next_monitor_ms: Option<u64>,
 }
@@ -123,13 +124,13 @@ impl Shard {
             shard_count,
             config,
             authenticator,
-            sessions: HashMap::new(),
+            sessions: BTreeMap::new(),
             next_connection: 0,
-            destinations: HashMap::new(),
+            destinations: BTreeMap::new(),
             local: VecDeque::new(),
             durable: DurableWaits::default(),
             next_message_seq: first_message_seq,
-            peer_stats: HashMap::new(),
+            peer_stats: BTreeMap::new(),
             next_monitor_ms: None,
         }
     }
@@ -218,6 +219,17 @@ impl Shard {
         if let Some(session) = self.sessions.get_mut(&conn.local) {
             let mut ctx = ctx!(self, now_ms, out);
             session.set_writable(&mut ctx, writable);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// Everything written to the connection so far has been handed to the kernel (its output
+    /// buffer is empty). Call it when a send completion leaves the buffer empty: auto-ack
+    /// subscriptions get their window back only through this.
+    pub fn on_flushed(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.flushed(&mut ctx);
             self.drain_local(now_ms, out);
         }
     }
@@ -501,6 +513,18 @@ impl Shard {
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => queue.nack(&mut ctx, consumer, &ids),
                     Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
+                    None => {}
+                }
+            }
+            ShardMessage::Credit {
+                consumer,
+                destination,
+                count,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.credit(&mut ctx, consumer, count),
+                    Some(Destination::Topic(topic)) => topic.credit(consumer, count),
                     None => {}
                 }
             }

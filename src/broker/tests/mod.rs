@@ -71,6 +71,10 @@ pub(crate) struct Cluster {
     pub appended: Vec<(ShardId, Record, Option<DurableToken>)>,
     /// Deliver all peer messages after each call (false in the simulation, which interleaves).
     pub auto_pump: bool,
+    /// With `auto_pump`, report every written connection flushed (its socket kept up).
+    pub auto_flush: bool,
+    /// Connections written to since they were last reported flushed.
+    pub unflushed: std::collections::BTreeSet<ConnectionId>,
 }
 
 impl Cluster {
@@ -95,6 +99,8 @@ impl Cluster {
             plans: HashMap::new(),
             appended: Vec::new(),
             auto_pump: true,
+            auto_flush: true,
+            unflushed: std::collections::BTreeSet::new(),
         }
     }
 
@@ -168,9 +174,27 @@ impl Cluster {
         self.pump_if_auto();
     }
 
+    pub fn flush(&mut self, conn: ConnectionId) {
+        self.unflushed.remove(&conn);
+        let mut out = Effects::new();
+        let now = self.now;
+        self.shards[conn.shard.0 as usize].on_flushed(conn, now, &mut out);
+        self.absorb(conn.shard, out);
+    }
+
     fn pump_if_auto(&mut self) {
-        if self.auto_pump {
+        if !self.auto_pump {
+            return;
+        }
+        loop {
             while self.step_link(0) {}
+            if !self.auto_flush {
+                return;
+            }
+            let Some(conn) = self.unflushed.pop_first() else {
+                return;
+            };
+            self.flush(conn);
         }
     }
 
@@ -206,6 +230,7 @@ impl Cluster {
         for effect in out.list.iter() {
             match effect {
                 Effect::Write { conn, bytes, body } => {
+                    self.unflushed.insert(*conn);
                     let mut data = out.slice(bytes).to_vec();
                     if let Some(message) = body {
                         data.extend_from_slice(&message.body);

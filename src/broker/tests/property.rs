@@ -48,6 +48,7 @@ fn action() -> impl Strategy<Value = Action> {
         (client, any::<bool>())
             .prop_map(|(client, graceful)| Action::Disconnect { client, graceful }),
         (0..10usize, 1..8usize).prop_map(|(link, count)| Action::Pump { link, count }),
+        (0..CLIENTS).prop_map(|client| Action::Flush { client }),
         Just(Action::Tick),
     ]
 }

@@ -592,3 +592,33 @@ fn restored_messages_are_delivered_with_their_redelivery_mark() {
     let frames = cluster.frames(consumer);
     assert_eq!(frames[0].header("message-id"), Some("0-502"));
 }
+
+/// An auto-ack consumer has at most its prefetch between the queue and its socket: the window
+/// comes back only when the server reports the connection's output flushed.
+#[test]
+fn auto_ack_window_refills_when_the_connection_is_flushed() {
+    let mut cluster = Cluster::single();
+    cluster.auto_flush = false;
+    let producer = cluster.connect(0);
+    for body in ["1", "2", "3", "4", "5"] {
+        cluster.publish(producer, "/queue/a", body);
+    }
+    let consumer = cluster.connect(0);
+    cluster.send(
+        consumer,
+        frame(
+            Command::Subscribe,
+            &[
+                ("id", "s"),
+                ("destination", "/queue/a"),
+                ("prefetch-count", "2"),
+            ],
+            b"",
+        ),
+    );
+    assert_eq!(bodies(&cluster.frames(consumer)), ["1", "2"]);
+    cluster.flush(consumer);
+    assert_eq!(bodies(&cluster.frames(consumer)), ["3", "4"]);
+    cluster.flush(consumer);
+    assert_eq!(bodies(&cluster.frames(consumer)), ["5"]);
+}

@@ -67,6 +67,10 @@ pub(crate) enum Action {
         link: usize,
         count: usize,
     },
+    /// The client's socket drained its output buffer.
+    Flush {
+        client: usize,
+    },
     Tick,
 }
 
@@ -132,6 +136,7 @@ impl World {
     pub fn new(shard_count: u16, clients: usize, config: BrokerConfig) -> World {
         let mut cluster = Cluster::new(shard_count, config);
         cluster.auto_pump = false;
+        cluster.auto_flush = false;
         let clients = (0..clients)
             .map(|index| ClientModel {
                 shard: (index % shard_count as usize) as u16,
@@ -428,6 +433,13 @@ impl World {
                     }
                 }
             }
+            Action::Flush { client } => {
+                let client = client % clients;
+                let Some(conn) = self.clients[client].conn else {
+                    return;
+                };
+                self.cluster.flush(conn);
+            }
             Action::Tick => {
                 self.cluster.now += 1000;
                 self.cluster.tick();
@@ -603,6 +615,7 @@ pub(crate) fn random_action(rng: &mut TestRng, clients: usize) -> Action {
             graceful: rng.random_bool(0.5),
         },
         54 => Action::Tick,
+        55..=64 => Action::Flush { client },
         _ => Action::Pump {
             link: pick,
             count: rng.random_range(1..6),
@@ -652,4 +665,5 @@ fn same_seed_same_run() {
     let second = run_seed(7, 3, 6, 800);
     assert_eq!(first.deliveries_seen, second.deliveries_seen);
     assert_eq!(first.consumed, second.consumed);
+    assert_eq!(first.cluster.appended, second.cluster.appended);
 }
