@@ -129,6 +129,10 @@ impl Session {
         self.version
     }
 
+    pub(crate) fn heartbeat(&self) -> HeartbeatPlan {
+        self.heartbeat
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.state == State::Closed
     }

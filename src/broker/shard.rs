@@ -96,6 +96,8 @@ pub struct Shard {
     /// sweeps, credits) then runs in the same order on every run, so a seed replays exactly.
     sessions: BTreeMap<u64, Session>,
     next_connection: u64,
+    /// Sessions with heart-beats in either direction: the only ones a tick must look at.
+    beating: std::collections::BTreeSet<u64>,
     destinations: BTreeMap<Arc<[u8]>, Destination>,
     /// Messages from this shard to itself, drained before each entry point returns.
     local: VecDeque<ShardMessage>,
@@ -126,6 +128,7 @@ impl Shard {
             authenticator,
             sessions: BTreeMap::new(),
             next_connection: 0,
+            beating: std::collections::BTreeSet::new(),
             destinations: BTreeMap::new(),
             local: VecDeque::new(),
             durable: DurableWaits::default(),
@@ -177,7 +180,13 @@ impl Shard {
         let result = session.handle_frame(&mut ctx, frame, &*self.authenticator);
         match result {
             Err(error) => self.fail(conn, &error, frame.header(b"receipt"), now_ms, out),
-            Ok(()) => self.close_if_done(conn, now_ms, out),
+            Ok(()) => {
+                if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
+                {
+                    self.beating.insert(conn.local);
+                }
+                self.close_if_done(conn, now_ms, out);
+            }
         }
         self.drain_local(now_ms, out);
     }
@@ -199,7 +208,7 @@ impl Shard {
     /// The connection is gone (peer closed, I/O error). Its subscriptions end and its
     /// unacknowledged messages go back to their queues; nothing is written.
     pub fn on_connection_lost(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
-        if let Some(mut session) = self.sessions.remove(&conn.local) {
+        if let Some(mut session) = self.remove_session(conn) {
             let mut ctx = ctx!(self, now_ms, out);
             session.end(&mut ctx);
             session.close();
@@ -259,7 +268,10 @@ impl Shard {
         let mut failed = Vec::new();
         {
             let mut ctx = ctx!(self, now_ms, out);
-            for (local, session) in &mut self.sessions {
+            for local in &self.beating {
+                let Some(session) = self.sessions.get_mut(local) else {
+                    continue;
+                };
                 if let Err(error) = session.tick(&mut ctx) {
                     failed.push((*local, error));
                 }
@@ -365,7 +377,7 @@ impl Shard {
         now_ms: u64,
         out: &mut Effects,
     ) {
-        let Some(mut session) = self.sessions.remove(&conn.local) else {
+        let Some(mut session) = self.remove_session(conn) else {
             return;
         };
         let start = out.bytes.len();
@@ -382,13 +394,18 @@ impl Shard {
         session.close();
     }
 
+    fn remove_session(&mut self, conn: ConnectionId) -> Option<Session> {
+        self.beating.remove(&conn.local);
+        self.sessions.remove(&conn.local)
+    }
+
     fn close_if_done(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
         if self
             .sessions
             .get(&conn.local)
             .is_some_and(Session::is_closed)
         {
-            if let Some(mut session) = self.sessions.remove(&conn.local) {
+            if let Some(mut session) = self.remove_session(conn) {
                 let mut ctx = ctx!(self, now_ms, out);
                 session.end(&mut ctx);
                 out.list.push(Effect::Close { conn });
