@@ -73,6 +73,8 @@ pub(crate) struct Cluster {
     pub auto_pump: bool,
     /// With `auto_pump`, report every written connection flushed (its socket kept up).
     pub auto_flush: bool,
+    /// The highest token reported durable, per shard.
+    pub durable_reported: HashMap<u16, DurableToken>,
     /// Connections written to since they were last reported flushed.
     pub unflushed: std::collections::BTreeSet<ConnectionId>,
 }
@@ -100,6 +102,7 @@ impl Cluster {
             appended: Vec::new(),
             auto_pump: true,
             auto_flush: true,
+            durable_reported: HashMap::new(),
             unflushed: std::collections::BTreeSet::new(),
         }
     }
@@ -167,6 +170,8 @@ impl Cluster {
     }
 
     pub fn durable(&mut self, shard: u16, token: DurableToken) {
+        let reported = self.durable_reported.entry(shard).or_insert(token);
+        *reported = (*reported).max(token);
         let mut out = Effects::new();
         let now = self.now;
         self.shards[shard as usize].on_durable(token, now, &mut out);

@@ -15,13 +15,14 @@ fn action() -> impl Strategy<Value = Action> {
     let client = 0..CLIENTS;
     prop_oneof![
         client.clone().prop_map(|client| Action::Connect { client }),
-        (client.clone(), 0..4usize, any::<bool>()).prop_map(|(client, destination, in_tx)| {
-            Action::Send {
+        (client.clone(), 0..4usize, any::<bool>(), any::<bool>()).prop_map(
+            |(client, destination, in_tx, receipt)| Action::Send {
                 client,
                 destination,
                 in_tx,
+                receipt
             }
-        }),
+        ),
         (client.clone(), 0..4usize, 0..3usize, 1..4u32).prop_map(
             |(client, destination, ack, prefetch)| {
                 Action::Subscribe {
@@ -49,6 +50,7 @@ fn action() -> impl Strategy<Value = Action> {
             .prop_map(|(client, graceful)| Action::Disconnect { client, graceful }),
         (0..10usize, 1..8usize).prop_map(|(link, count)| Action::Pump { link, count }),
         (0..CLIENTS).prop_map(|client| Action::Flush { client }),
+        (0..2usize, 0..100usize).prop_map(|(shard, pick)| Action::Durable { shard, pick }),
         Just(Action::Tick),
     ]
 }
@@ -61,7 +63,12 @@ proptest! {
         shards in 1..3u16,
         actions in proptest::collection::vec(action(), 1..120),
     ) {
-        let config = BrokerConfig { deliveries_max: 3, ..BrokerConfig::default() };
+        let config = BrokerConfig {
+            deliveries_max: 3,
+            log_enabled: true,
+            receipts_wait_for_sync: true,
+            ..BrokerConfig::default()
+        };
         let mut world = World::new(shards, CLIENTS, config);
         for client in 0..CLIENTS {
             world.apply(&Action::Connect { client });

@@ -13,7 +13,7 @@
 //! message was consumed exactly once or is still held, in its queue or its dead-letter queue.
 //! The same model serves the proptest in `property.rs`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use proptest::prelude::RngExt;
 use proptest::test_runner::{RngAlgorithm, TestRng};
@@ -33,6 +33,7 @@ pub(crate) enum Action {
         client: usize,
         destination: usize,
         in_tx: bool,
+        receipt: bool,
     },
     Subscribe {
         client: usize,
@@ -66,6 +67,11 @@ pub(crate) enum Action {
     Pump {
         link: usize,
         count: usize,
+    },
+    /// The log of `shard` reports appends durable up to one of its tokens (picked modulo).
+    Durable {
+        shard: usize,
+        pick: usize,
     },
     /// The client's socket drained its output buffer.
     Flush {
@@ -102,6 +108,9 @@ struct ClientModel {
     unsubscribed: HashSet<String>,
     tx: Option<TxModel>,
     next_name: u64,
+    /// RECEIPTs asked for and not yet seen, in order; with the (queue, body) of a SEND whose
+    /// receipt must wait until its log record is durable.
+    receipts: VecDeque<(String, Option<(String, String)>)>,
 }
 
 pub(crate) struct World {
@@ -145,6 +154,7 @@ impl World {
                 unsubscribed: HashSet::new(),
                 tx: None,
                 next_name: 0,
+                receipts: VecDeque::new(),
             })
             .collect();
         World {
@@ -197,6 +207,7 @@ impl World {
                 client,
                 destination,
                 in_tx,
+                receipt,
             } => {
                 let client = client % clients;
                 let Some(conn) = self.clients[client].conn else {
@@ -206,29 +217,31 @@ impl World {
                 let model = &mut self.clients[client];
                 model.next_name += 1;
                 let body = format!("c{client}-{}", model.next_name);
+                let receipt_id = format!("r{client}-{}", model.next_name);
+                let mut headers = vec![("destination", destination.as_str())];
+                if receipt {
+                    headers.push(("receipt", &receipt_id));
+                }
                 match (&mut model.tx, in_tx) {
                     (Some(tx), true) => {
                         let name = tx.name.clone();
                         tx.sends.push((destination.clone(), body.clone()));
-                        self.cluster.send(
-                            conn,
-                            frame(
-                                Command::Send,
-                                &[("destination", &destination), ("transaction", &name)],
-                                body.as_bytes(),
-                            ),
-                        );
+                        if receipt {
+                            model.receipts.push_back((receipt_id.clone(), None));
+                        }
+                        headers.push(("transaction", &name));
+                        self.cluster
+                            .send(conn, frame(Command::Send, &headers, body.as_bytes()));
                     }
                     _ => {
+                        if receipt {
+                            let durable =
+                                is_queue(&destination).then(|| (destination.clone(), body.clone()));
+                            model.receipts.push_back((receipt_id.clone(), durable));
+                        }
                         self.published_now(&destination, &body);
-                        self.cluster.send(
-                            conn,
-                            frame(
-                                Command::Send,
-                                &[("destination", &destination)],
-                                body.as_bytes(),
-                            ),
-                        );
+                        self.cluster
+                            .send(conn, frame(Command::Send, &headers, body.as_bytes()));
                     }
                 }
             }
@@ -413,6 +426,7 @@ impl World {
                     model.unsubscribed.insert(sub.id);
                 }
                 model.tx = None;
+                model.receipts.clear();
                 if graceful {
                     self.cluster
                         .send(conn, frame(Command::Disconnect, &[], b""));
@@ -431,6 +445,19 @@ impl World {
                     if !self.cluster.step_link(link.wrapping_add(step)) {
                         break;
                     }
+                }
+            }
+            Action::Durable { shard, pick } => {
+                let shard = (shard % self.cluster.shards.len()) as u16;
+                let tokens: Vec<DurableToken> = self
+                    .cluster
+                    .appended
+                    .iter()
+                    .filter(|(from, _, _)| from.0 == shard)
+                    .filter_map(|(_, _, token)| *token)
+                    .collect();
+                if !tokens.is_empty() {
+                    self.cluster.durable(shard, tokens[pick % tokens.len()]);
                 }
             }
             Action::Flush { client } => {
@@ -465,10 +492,42 @@ impl World {
                 };
                 match sent.command {
                     Command::Message => self.on_message(client, &sent),
-                    Command::Receipt => {}
+                    Command::Receipt => self.on_receipt(client, &sent),
                     other => panic!("client {client} got {other}: {sent:?}"),
                 }
             }
+        }
+    }
+
+    /// RECEIPTs come in request order, and one for a persistent queue SEND only once the log
+    /// reported its record durable.
+    fn on_receipt(&mut self, client: usize, sent: &Sent) {
+        let id = sent.header("receipt-id").expect("RECEIPT has a receipt-id");
+        let (expected, durable) = self.clients[client]
+            .receipts
+            .pop_front()
+            .unwrap_or_else(|| panic!("client {client} got unexpected receipt {id}"));
+        assert_eq!(id, expected, "receipts out of order for client {client}");
+        if let Some((destination, body)) = durable {
+            let shard = shard_of(destination.as_bytes(), self.cluster.shards.len() as u16);
+            let token = self
+                .cluster
+                .appended
+                .iter()
+                .find_map(|(from, record, token)| match record {
+                    Record::Message { message }
+                        if *from == shard && *message.body == *body.as_bytes() =>
+                    {
+                        *token
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("receipted persistent {body} has a durable token"));
+            let reported = self.cluster.durable_reported.get(&shard.0).copied();
+            assert!(
+                reported >= Some(token),
+                "receipt {id} before its record was durable"
+            );
         }
     }
 
@@ -531,6 +590,40 @@ impl World {
 
     /// Ends every connection, drains every link, and checks that nothing was lost or kept twice.
     pub fn finish(&mut self) {
+        // Let everything settle: every append durable, every link drained, every socket
+        // flushed; then each connected client has every receipt it asked for.
+        loop {
+            for shard in 0..self.cluster.shards.len() {
+                let last = self
+                    .cluster
+                    .appended
+                    .iter()
+                    .filter(|(from, _, _)| from.0 as usize == shard)
+                    .filter_map(|(_, _, token)| *token)
+                    .max();
+                if let Some(token) = last {
+                    self.cluster.durable(shard as u16, token);
+                }
+            }
+            while self.cluster.step_link(0) {}
+            let unflushed: Vec<ConnectionId> = self.cluster.unflushed.iter().copied().collect();
+            for conn in &unflushed {
+                self.cluster.flush(*conn);
+            }
+            self.observe();
+            if unflushed.is_empty() && self.cluster.links_empty() {
+                break;
+            }
+        }
+        for (client, model) in self.clients.iter().enumerate() {
+            if model.conn.is_some() {
+                assert!(
+                    model.receipts.is_empty(),
+                    "client {client} still waits for {:?}",
+                    model.receipts
+                );
+            }
+        }
         for client in 0..self.clients.len() {
             self.apply(&Action::Disconnect {
                 client,
@@ -593,6 +686,7 @@ pub(crate) fn random_action(rng: &mut TestRng, clients: usize) -> Action {
             client,
             destination: rng.random_range(0..4),
             in_tx: rng.random_bool(0.3),
+            receipt: rng.random_bool(0.3),
         },
         25..=29 => Action::Subscribe {
             client,
@@ -616,6 +710,10 @@ pub(crate) fn random_action(rng: &mut TestRng, clients: usize) -> Action {
         },
         54 => Action::Tick,
         55..=64 => Action::Flush { client },
+        65..=69 => Action::Durable {
+            shard: client,
+            pick,
+        },
         _ => Action::Pump {
             link: pick,
             count: rng.random_range(1..6),
@@ -629,6 +727,7 @@ fn run_seed(seed: u64, shards: u16, clients: usize, steps: usize) -> World {
     let mut rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes);
     let config = BrokerConfig {
         log_enabled: true,
+        receipts_wait_for_sync: true,
         deliveries_max: 4,
         ..BrokerConfig::default()
     };
