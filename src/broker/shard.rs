@@ -17,6 +17,19 @@ use super::types::{
 };
 use crate::codec::{DecodeError, Frame};
 
+/// Why recovered messages could not be put back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{destination} belongs to shard {} but was recovered by shard {}: was the shard count changed?", owner.0, shard.0)]
+    WrongShard {
+        destination: String,
+        owner: ShardId,
+        shard: ShardId,
+    },
+    #[error("{destination} is not a queue; only queues are logged")]
+    NotAQueue { destination: String },
+}
+
 /// RECEIPTs waiting for their log record to be durable, in append order.
 #[derive(Debug, Default)]
 pub(crate) struct DurableWaits {
@@ -303,18 +316,31 @@ impl Shard {
     }
 
     /// Puts messages recovered from this shard's log back into their queues, in log order.
-    /// Call before accepting connections.
-    pub fn restore(&mut self, recovered: impl IntoIterator<Item = Recovered>) {
+    /// Call before accepting connections. A message this shard does not own (the shard count
+    /// changed since it was logged, or a topic name) is refused: the caller must not drop it
+    /// silently.
+    pub fn restore(
+        &mut self,
+        recovered: impl IntoIterator<Item = Recovered>,
+    ) -> Result<(), RestoreError> {
         for Recovered {
             message,
             deliveries,
         } in recovered
         {
-            assert_eq!(
-                shard_of(&message.destination, self.shard_count),
-                self.id,
-                "a shard's log holds only its own queues"
-            );
+            let owner = shard_of(&message.destination, self.shard_count);
+            if owner != self.id {
+                return Err(RestoreError::WrongShard {
+                    destination: String::from_utf8_lossy(&message.destination).into_owned(),
+                    owner,
+                    shard: self.id,
+                });
+            }
+            if DestinationKind::of(&message.destination) != DestinationKind::Queue {
+                return Err(RestoreError::NotAQueue {
+                    destination: String::from_utf8_lossy(&message.destination).into_owned(),
+                });
+            }
             if message.id.shard == self.id {
                 self.next_message_seq = self.next_message_seq.max(message.id.seq + 1);
             }
@@ -327,6 +353,7 @@ impl Shard {
                 queue.restore(message, deliveries);
             }
         }
+        Ok(())
     }
 
     /// This shard's queues, sorted by name.

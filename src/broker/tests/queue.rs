@@ -571,16 +571,18 @@ fn restored_messages_are_delivered_with_their_redelivery_mark() {
             true,
         ))
     };
-    cluster.shards[0].restore([
-        Recovered {
-            message: make(500, b"old"),
-            deliveries: 1,
-        },
-        Recovered {
-            message: make(501, b"new"),
-            deliveries: 0,
-        },
-    ]);
+    cluster.shards[0]
+        .restore([
+            Recovered {
+                message: make(500, b"old"),
+                deliveries: 1,
+            },
+            Recovered {
+                message: make(501, b"new"),
+                deliveries: 0,
+            },
+        ])
+        .expect("one shard owns every queue");
     let consumer = cluster.connect(0);
     cluster.subscribe(consumer, "s", "/queue/a", "auto");
     let frames = cluster.frames(consumer);
@@ -621,4 +623,39 @@ fn auto_ack_window_refills_when_the_connection_is_flushed() {
     assert_eq!(bodies(&cluster.frames(consumer)), ["3", "4"]);
     cluster.flush(consumer);
     assert_eq!(bodies(&cluster.frames(consumer)), ["5"]);
+}
+
+#[test]
+fn restore_refuses_messages_of_another_shard() {
+    let mut cluster = Cluster::new(2, BrokerConfig::default());
+    let name = (0..)
+        .map(|index| format!("/queue/q{index}"))
+        .find(|name| shard_of(name.as_bytes(), 2) == ShardId(1))
+        .unwrap();
+    let id = MessageId {
+        shard: ShardId(1),
+        seq: 1,
+    };
+    let headers: [(&[u8], &[u8]); 0] = [];
+    let message = Arc::new(Message::from_send(
+        id,
+        Arc::from(name.as_bytes()),
+        headers,
+        b"x",
+        0,
+        true,
+    ));
+    let error = cluster.shards[0]
+        .restore([Recovered {
+            message,
+            deliveries: 0,
+        }])
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        RestoreError::WrongShard {
+            owner: ShardId(1),
+            ..
+        }
+    ));
 }
