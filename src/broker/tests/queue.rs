@@ -659,3 +659,142 @@ fn restore_refuses_messages_of_another_shard() {
         }
     ));
 }
+
+#[test]
+fn dead_lettering_across_shards_is_logged_on_both() {
+    let config = BrokerConfig {
+        log_enabled: true,
+        deliveries_max: 1,
+        ..BrokerConfig::default()
+    };
+    let shard_count = 4;
+    let mut cluster = Cluster::new(shard_count, config);
+    // A queue whose DLQ lives on another shard.
+    let name = (0..)
+        .map(|index| format!("/queue/q{index}"))
+        .find(|name| {
+            let dlq = dead_letter_queue(name.as_bytes()).unwrap();
+            shard_of(name.as_bytes(), shard_count) != shard_of(&dlq, shard_count)
+        })
+        .unwrap();
+    let dlq = String::from_utf8(dead_letter_queue(name.as_bytes()).unwrap()).unwrap();
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", &name, "client-individual");
+    cluster.publish(consumer, &name, "poison");
+    let frames = cluster.frames(consumer);
+    cluster.send(
+        consumer,
+        frame(Command::Nack, &[("id", &ack_id(&frames[0]))], b""),
+    );
+    let queue_shard = shard_of(name.as_bytes(), shard_count);
+    let dlq_shard = shard_of(dlq.as_bytes(), shard_count);
+    let records: Vec<(ShardId, String)> = cluster
+        .appended
+        .iter()
+        .map(|(shard, record, _)| {
+            let text = match record {
+                Record::Message { message } => {
+                    format!("message {}", String::from_utf8_lossy(&message.destination))
+                }
+                Record::Ack { destination, .. } => {
+                    format!("ack {}", String::from_utf8_lossy(destination))
+                }
+            };
+            (*shard, text)
+        })
+        .collect();
+    assert_eq!(
+        records,
+        [
+            (queue_shard, format!("message {name}")),
+            (queue_shard, format!("ack {name}")),
+            (dlq_shard, format!("message {dlq}")),
+        ]
+    );
+    assert_eq!(
+        cluster.shards[dlq_shard.0 as usize]
+            .held_message_ids(dlq.as_bytes())
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn auto_ack_dispatch_logs_the_ack() {
+    let config = BrokerConfig {
+        log_enabled: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/a", "auto");
+    cluster.publish(consumer, "/queue/a", "x");
+    assert_eq!(bodies(&cluster.frames(consumer)), ["x"]);
+    assert!(matches!(
+        &cluster.appended[..],
+        [
+            (_, Record::Message { .. }, None),
+            (_, Record::Ack { .. }, None)
+        ]
+    ));
+}
+
+/// STOMP 1.2 "NACK": in `client` mode a NACK covers every earlier unacknowledged message.
+#[test]
+fn client_mode_nack_is_cumulative() {
+    let mut cluster = Cluster::single();
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/a", "client");
+    let producer = cluster.connect(0);
+    for body in ["1", "2", "3"] {
+        cluster.publish(producer, "/queue/a", body);
+    }
+    let frames = cluster.frames(consumer);
+    cluster.send(
+        consumer,
+        frame(Command::Nack, &[("id", &ack_id(&frames[1]))], b""),
+    );
+    let again = cluster.frames(consumer);
+    assert_eq!(bodies(&again), ["1", "2"]);
+    assert!(again
+        .iter()
+        .all(|f| f.header("redelivered") == Some("true")));
+}
+
+/// STOMP 1.1 "ACK": `subscription` and `message-id` name the message; headers are escaped
+/// the 1.1 way (no `\r`).
+#[test]
+fn stomp_1_1_client_acks_by_subscription_and_message_id() {
+    let mut cluster = Cluster::single();
+    let conn = cluster.open(0);
+    cluster.send(
+        conn,
+        frame(Command::Connect, &[("accept-version", "1.1")], b""),
+    );
+    cluster.take(conn);
+    cluster.subscribe(conn, "s", "/queue/a", "client-individual");
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("note", "a:b\r\nc")],
+            b"x",
+        ),
+    );
+    let frames = cluster.frames(conn);
+    assert_eq!(frames[0].header("ack"), None);
+    // The harness decodes as 1.1: `\c` and `\n` unescaped, the CR sent raw.
+    assert_eq!(frames[0].header("note"), Some("a:b\r\nc"));
+    let message_id = frames[0].header("message-id").unwrap().to_string();
+    cluster.send(
+        conn,
+        frame(
+            Command::Ack,
+            &[("subscription", "s"), ("message-id", &message_id)],
+            b"",
+        ),
+    );
+    assert!(cluster.take(conn).is_empty());
+    assert!(cluster.shards[0].held_message_ids(b"/queue/a").is_empty());
+}

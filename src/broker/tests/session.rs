@@ -462,3 +462,17 @@ fn stomp_1_0_client_subscribes_and_acks_by_message_id() {
     assert!(cluster.take(conn).is_empty());
     assert!(cluster.shards[0].held_message_ids(b"/queue/a").is_empty());
 }
+
+/// STOMP 1.0 has no heart-beating: the header is ignored.
+#[test]
+fn stomp_1_0_ignores_heartbeat_header() {
+    let mut cluster = Cluster::single();
+    let conn = cluster.open(0);
+    cluster.send(
+        conn,
+        frame(Command::Connect, &[("heart-beat", "1000,1000")], b""),
+    );
+    let connected = connected_frame(&mut cluster, conn);
+    assert_eq!(connected.header("heart-beat"), None);
+    assert_eq!(cluster.plans[&conn], HeartbeatPlan::default());
+}
