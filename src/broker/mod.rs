@@ -21,10 +21,10 @@
 //! - [`Shard::on_connection_lost`] when the socket dies.
 //!
 //! Monitor: a subscription to `/queue/monitor` receives, every `monitor_interval_ms`, one
-//! MESSAGE with a line per queue in stompserver's format
-//! (`Queue: /queue/test size: 50 dequeued: 250 enqueued: 300`). Each shard publishes its
-//! statistics to the others on the same timer, so figures from other shards are at most one
-//! interval old.
+//! MESSAGE listing every queue in stompserver's format (its README): `Queue: /queue/test`,
+//! then `size: 50`, `dequeued: 250`, `enqueued: 300` on lines of their own, then a blank line.
+//! Each shard publishes its statistics to the others on the same timer, so figures from other
+//! shards are at most one interval old.
 
 mod config;
 mod destination;

@@ -677,13 +677,18 @@ impl Shard {
             }
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
+        if all.is_empty() {
+            // stompserver sends nothing when there is no queue to report.
+            return;
+        }
+        // stompserver's README format: header-like lines, a blank line after each queue.
         let mut body = Vec::new();
         for stats in &all {
             body.extend_from_slice(b"Queue: ");
             body.extend_from_slice(&stats.name);
             body.extend_from_slice(
                 format!(
-                    " size: {} dequeued: {} enqueued: {}\n",
+                    "\nsize: {}\ndequeued: {}\nenqueued: {}\n\n",
                     stats.size, stats.dequeued, stats.enqueued
                 )
                 .as_bytes(),
