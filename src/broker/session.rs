@@ -104,6 +104,8 @@ pub(crate) struct Session {
     transactions: BTreeMap<Box<[u8]>, Transaction>,
     receipts: VecDeque<PendingReceipt>,
     next_ticket: u64,
+    /// The destination of the last SEND, shared with its messages.
+    last_destination: Option<Arc<[u8]>>,
 }
 
 impl Session {
@@ -122,6 +124,7 @@ impl Session {
             transactions: BTreeMap::new(),
             receipts: VecDeque::new(),
             next_ticket: 0,
+            last_destination: None,
         }
     }
 
@@ -336,9 +339,10 @@ impl Session {
             .headers
             .iter()
             .map(|h| (h.name.as_ref(), h.value.as_ref()));
+        let destination_name = self.intern_destination(destination);
         let message = Arc::new(Message::from_send(
             id,
-            Arc::from(destination),
+            destination_name,
             headers,
             frame.body,
             expires_ms,
@@ -371,6 +375,19 @@ impl Session {
             },
         );
         Ok(())
+    }
+
+    /// The shared name of `destination`: producers mostly send to one destination over and
+    /// over, so the last name is kept and reused instead of allocated per SEND.
+    fn intern_destination(&mut self, destination: &[u8]) -> Arc<[u8]> {
+        match &self.last_destination {
+            Some(last) if **last == *destination => last.clone(),
+            _ => {
+                let name: Arc<[u8]> = Arc::from(destination);
+                self.last_destination = Some(name.clone());
+                name
+            }
+        }
     }
 
     // --- SUBSCRIBE / UNSUBSCRIBE ---

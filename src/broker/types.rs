@@ -181,15 +181,26 @@ const BROKER_HEADERS: [&[u8]; 9] = [
 
 impl Message {
     /// Builds a stored message from a SEND's headers (already unescaped by the decoder).
-    pub fn from_send<'h>(
+    pub fn from_send<'h, I>(
         id: MessageId,
         destination: Arc<[u8]>,
-        headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+        headers: I,
         body: &[u8],
         expires_ms: u64,
         persistent: bool,
-    ) -> Message {
-        let mut block = Vec::new();
+    ) -> Message
+    where
+        I: IntoIterator<Item = (&'h [u8], &'h [u8])>,
+        I::IntoIter: Clone,
+    {
+        let headers = headers.into_iter();
+        // Sized up front: the block is built once per SEND, and boxing it must not reallocate.
+        let capacity: usize = headers
+            .clone()
+            .filter(|(name, _)| !BROKER_HEADERS.contains(name))
+            .map(|(name, value)| name.len() + value.len() + 2)
+            .sum();
+        let mut block = Vec::with_capacity(capacity);
         let mut plain = true;
         for (name, value) in headers {
             if BROKER_HEADERS.contains(&name) {
