@@ -798,3 +798,21 @@ fn stomp_1_1_client_acks_by_subscription_and_message_id() {
     assert!(cluster.take(conn).is_empty());
     assert!(cluster.shards[0].held_message_ids(b"/queue/a").is_empty());
 }
+
+#[test]
+fn queue_bytes_are_limited() {
+    let config = BrokerConfig {
+        queue_bytes_max: 10,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let producer = cluster.connect(0);
+    cluster.publish(producer, "/queue/a", "123456");
+    cluster.publish(producer, "/queue/a", "1234");
+    assert!(cluster.take(producer).is_empty());
+    cluster.publish(producer, "/queue/a", "1");
+    assert_eq!(
+        cluster.expect_error(producer).header("message"),
+        Some("queue full (queue_bytes_max reached)")
+    );
+}

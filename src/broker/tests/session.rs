@@ -476,3 +476,61 @@ fn stomp_1_0_ignores_heartbeat_header() {
     assert_eq!(connected.header("heart-beat"), None);
     assert_eq!(cluster.plans[&conn], HeartbeatPlan::default());
 }
+
+#[test]
+fn frames_after_an_error_are_ignored() {
+    let mut cluster = Cluster::single();
+    let conn = cluster.connect(0);
+    cluster.send(conn, frame(Command::Ack, &[("id", "nope")], b""));
+    cluster.expect_error(conn);
+    cluster.publish(conn, "/queue/a", "late");
+    assert!(cluster.take(conn).is_empty());
+    assert!(cluster.shards[0].held_message_ids(b"/queue/a").is_empty());
+}
+
+#[test]
+fn pending_receipts_are_limited() {
+    let config = BrokerConfig {
+        log_enabled: true,
+        receipts_wait_for_sync: true,
+        receipts_pending_max: 2,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let conn = cluster.connect(0);
+    for receipt in ["1", "2", "3"] {
+        cluster.send(
+            conn,
+            frame(
+                Command::Send,
+                &[("destination", "/queue/a"), ("receipt", receipt)],
+                b"x",
+            ),
+        );
+    }
+    let error = cluster.expect_error(conn);
+    assert_eq!(
+        error.header("message"),
+        Some("receipts_pending_max exceeded (at most 2)")
+    );
+    assert_eq!(error.header("receipt-id"), Some("3"));
+}
+
+#[test]
+fn transaction_bytes_are_limited() {
+    let config = BrokerConfig {
+        transaction_bytes_max: 10,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let conn = cluster.connect(0);
+    cluster.send(conn, frame(Command::Begin, &[("transaction", "t")], b""));
+    let headers = [("destination", "/queue/a"), ("transaction", "t")];
+    cluster.send(conn, frame(Command::Send, &headers, b"123456"));
+    assert!(cluster.take(conn).is_empty());
+    cluster.send(conn, frame(Command::Send, &headers, b"123456"));
+    assert_eq!(
+        cluster.expect_error(conn).header("message"),
+        Some("transaction_bytes_max exceeded (at most 10)")
+    );
+}
