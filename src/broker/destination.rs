@@ -157,7 +157,11 @@ impl Queue {
             let token = match ticket {
                 Some(ticket) if ctx.config.receipts_wait_for_sync => {
                     confirm_now = false;
-                    Some(ctx.wait_durable(origin, ticket))
+                    let confirmed = ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    };
+                    Some(ctx.wait_durable(origin.shard, confirmed))
                 }
                 _ => None,
             };
@@ -178,6 +182,38 @@ impl Queue {
                     },
                 );
             }
+        }
+        self.hold(
+            Held {
+                message,
+                deliveries: 0,
+            },
+            false,
+        );
+        self.dispatch(ctx);
+    }
+
+    /// A message that used up its deliveries on queue `from`. Taken whatever the limits: it
+    /// has already left `from`, and refusing it would lose it.
+    pub(crate) fn accept_dead_letter(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        from: Arc<[u8]>,
+    ) {
+        self.enqueued += 1;
+        if Self::logged(ctx, &message) {
+            let moved = ShardMessage::Moved {
+                destination: from.clone(),
+                id: message.id,
+            };
+            let token = ctx.wait_durable(shard_of(&from, ctx.shard_count), moved);
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                Some(token),
+            );
         }
         self.hold(
             Held {
@@ -343,21 +379,17 @@ impl Queue {
         for held in returned.into_iter().rev() {
             match &dead_letter {
                 Some(dlq) if held.deliveries >= ctx.config.deliveries_max => {
+                    // Its Ack record is written only once the dead-letter queue's copy is
+                    // durable (`Moved`): a crash in between duplicates it, never loses it.
                     self.dequeued += 1;
-                    self.log_done(ctx, &held.message);
                     let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
                     let moved = Arc::new(held.message.moved_to(dlq.clone()));
                     let to = shard_of(&dlq, ctx.shard_count);
                     ctx.route(
                         to,
-                        ShardMessage::Publish {
+                        ShardMessage::DeadLetter {
                             message: moved,
-                            // No producer waits on a dead-lettering; a refusal goes nowhere.
-                            origin: super::ConnectionId {
-                                shard: ctx.shard,
-                                local: u64::MAX,
-                            },
-                            ticket: None,
+                            from: self.name.clone(),
                         },
                     );
                 }

@@ -19,8 +19,9 @@ pub struct DurableToken(pub u64);
 pub enum Record {
     /// A persistent message was accepted by a queue of this shard.
     Message { message: Arc<Message> },
-    /// The message left the queue for good: acknowledged, auto-acked on delivery, expired or
-    /// moved to its dead-letter queue (whose shard appends its own `Message` record).
+    /// The message left the queue for good: acknowledged, auto-acked on delivery, expired, or
+    /// moved to its dead-letter queue (written once the dead-letter queue's own `Message`
+    /// record, on its shard, is durable: a crash between the two duplicates, never loses).
     Ack {
         destination: Arc<[u8]>,
         id: MessageId,
@@ -61,7 +62,8 @@ pub enum Effect {
     /// The broker has already forgotten it; frames that still arrive for it are ignored.
     Close { conn: ConnectionId },
     /// Append to this shard's log. With a token, call [`crate::broker::Shard::on_durable`] once
-    /// it (and everything appended before it) is on disk.
+    /// it (and everything appended before it) is as durable as the sync policy makes it; every
+    /// token must be reported eventually, whatever the policy.
     Append {
         record: Record,
         token: Option<DurableToken>,
@@ -165,6 +167,18 @@ pub enum ShardMessage {
     Returned {
         message: Arc<Message>,
         deliveries: u32,
+    },
+    // Destination -> destination.
+    /// A message of queue `from` used up its deliveries: keep it in this dead-letter queue
+    /// (its `destination`). When logged, `Moved` goes back once its record is durable.
+    DeadLetter {
+        message: Arc<Message>,
+        from: Arc<[u8]>,
+    },
+    /// The dead-letter copy of message `id` is durable: queue `destination` may log it done.
+    Moved {
+        destination: Arc<[u8]>,
+        id: MessageId,
     },
     // Destination -> session (addressed by the connection's shard).
     /// Write this message to the subscription. `deliveries` counts this one (1 = first).

@@ -30,11 +30,12 @@ pub enum RestoreError {
     NotAQueue { destination: String },
 }
 
-/// RECEIPTs waiting for their log record to be durable, in append order.
+/// Messages to send once a log append is durable (a RECEIPT's confirmation, a dead-lettered
+/// message's release from its old queue), in append order.
 #[derive(Debug, Default)]
 pub(crate) struct DurableWaits {
     next: u64,
-    waiting: VecDeque<(DurableToken, ConnectionId, u64)>,
+    waiting: VecDeque<(DurableToken, ShardId, ShardMessage)>,
 }
 
 /// What sessions and destinations may touch while handling one input: the clock, the
@@ -65,11 +66,11 @@ impl Ctx<'_> {
         self.effects.list.push(Effect::Append { record, token });
     }
 
-    /// A token for an append whose durability releases `ticket` of `conn`.
-    pub(crate) fn wait_durable(&mut self, conn: ConnectionId, ticket: u64) -> DurableToken {
+    /// A token for an append; once the server reports it durable, `then` goes to shard `to`.
+    pub(crate) fn wait_durable(&mut self, to: ShardId, then: ShardMessage) -> DurableToken {
         let token = DurableToken(self.durable.next);
         self.durable.next += 1;
-        self.durable.waiting.push_back((token, conn, ticket));
+        self.durable.waiting.push_back((token, to, then));
         token
     }
 
@@ -262,15 +263,21 @@ impl Shard {
         self.drain_local(now_ms, out);
     }
 
-    /// Every append up to and including `token` is on disk: release the RECEIPTs that waited.
+    /// Every append up to and including `token` is as durable as the sync policy makes it:
+    /// release what waited (RECEIPTs, dead-letter moves). Every token must be reported in the
+    /// end, under every policy (under `never`, right after the write).
     pub fn on_durable(&mut self, token: DurableToken, now_ms: u64, out: &mut Effects) {
-        while let Some(&(waiting, conn, ticket)) = self.durable.waiting.front() {
-            if waiting > token {
+        while self
+            .durable
+            .waiting
+            .front()
+            .is_some_and(|(waiting, _, _)| *waiting <= token)
+        {
+            let Some((_, to, then)) = self.durable.waiting.pop_front() else {
                 break;
-            }
-            self.durable.waiting.pop_front();
+            };
             let mut ctx = ctx!(self, now_ms, out);
-            ctx.route(conn.shard, ShardMessage::Confirmed { conn, ticket });
+            ctx.route(to, then);
         }
         self.drain_local(now_ms, out);
     }
@@ -638,6 +645,22 @@ impl Shard {
                     Rejection::QueueBytesFull => "queue_bytes_max",
                 };
                 self.fail(conn, &ProtocolError::QueueFull { limit }, None, now_ms, out);
+            }
+            ShardMessage::DeadLetter { message, from } => {
+                let name = message.destination.clone();
+                self.destination(&name);
+                let mut ctx = ctx!(self, now_ms, out);
+                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                    queue.accept_dead_letter(&mut ctx, message, from);
+                }
+            }
+            ShardMessage::Moved { destination, id } => {
+                if self.config.log_enabled {
+                    out.list.push(Effect::Append {
+                        record: Record::Ack { destination, id },
+                        token: None,
+                    });
+                }
             }
             ShardMessage::Stats { from, queues } => {
                 self.peer_stats.insert(from, queues);

@@ -688,27 +688,41 @@ fn dead_lettering_across_shards_is_logged_on_both() {
     );
     let queue_shard = shard_of(name.as_bytes(), shard_count);
     let dlq_shard = shard_of(dlq.as_bytes(), shard_count);
-    let records: Vec<(ShardId, String)> = cluster
-        .appended
-        .iter()
-        .map(|(shard, record, _)| {
-            let text = match record {
-                Record::Message { message } => {
-                    format!("message {}", String::from_utf8_lossy(&message.destination))
-                }
-                Record::Ack { destination, .. } => {
-                    format!("ack {}", String::from_utf8_lossy(destination))
-                }
-            };
-            (*shard, text)
-        })
-        .collect();
+    let describe = |cluster: &Cluster| -> Vec<(ShardId, String)> {
+        cluster
+            .appended
+            .iter()
+            .map(|(shard, record, _)| {
+                let text = match record {
+                    Record::Message { message } => {
+                        format!("message {}", String::from_utf8_lossy(&message.destination))
+                    }
+                    Record::Ack { destination, .. } => {
+                        format!("ack {}", String::from_utf8_lossy(destination))
+                    }
+                };
+                (*shard, text)
+            })
+            .collect()
+    };
     assert_eq!(
-        records,
+        describe(&cluster),
         [
             (queue_shard, format!("message {name}")),
-            (queue_shard, format!("ack {name}")),
             (dlq_shard, format!("message {dlq}")),
+        ],
+        "the old queue's Ack waits until the dead-letter copy is durable"
+    );
+    let token = cluster.appended[1]
+        .2
+        .expect("a dead-letter append carries a token");
+    cluster.durable(dlq_shard.0, token);
+    assert_eq!(
+        describe(&cluster),
+        [
+            (queue_shard, format!("message {name}")),
+            (dlq_shard, format!("message {dlq}")),
+            (queue_shard, format!("ack {name}")),
         ]
     );
     assert_eq!(
@@ -717,6 +731,9 @@ fn dead_lettering_across_shards_is_logged_on_both() {
             .len(),
         1
     );
+    assert!(cluster.shards[queue_shard.0 as usize]
+        .held_message_ids(name.as_bytes())
+        .is_empty());
 }
 
 #[test]
