@@ -123,6 +123,7 @@ impl Queue {
     ) {
         if message.is_expired(ctx.now_ms) {
             // Never delivered, never stored; the SEND itself was fine.
+            ctx.counters.messages_expired_total += 1;
             if let Some(ticket) = ticket {
                 ctx.route(
                     origin.shard,
@@ -152,6 +153,7 @@ impl Queue {
             return;
         }
         self.enqueued += 1;
+        ctx.counters.messages_accepted_total += 1;
         let mut confirm_now = ticket.is_some();
         if Self::logged(ctx, &message) {
             let token = match ticket {
@@ -382,6 +384,7 @@ impl Queue {
                     // Its Ack record is written only once the dead-letter queue's copy is
                     // durable (`Moved`): a crash in between duplicates it, never loses it.
                     self.dequeued += 1;
+                    ctx.counters.messages_dead_lettered_total += 1;
                     let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
                     let moved = Arc::new(held.message.moved_to(dlq.clone()));
                     let to = shard_of(&dlq, ctx.shard_count);
@@ -410,10 +413,12 @@ impl Queue {
             self.ready_bytes -= held.message.body.len() as u64;
             if held.message.is_expired(ctx.now_ms) {
                 self.dequeued += 1;
+                ctx.counters.messages_expired_total += 1;
                 self.log_done(ctx, &held.message);
                 continue;
             }
             held.deliveries += 1;
+            ctx.counters.deliveries_total += 1;
             self.turn = (index + 1) % self.consumers.len();
             let consumer = &mut self.consumers[index];
             let settled = consumer.ack == AckMode::Auto;
@@ -457,6 +462,7 @@ impl Queue {
             if held.message.is_expired(now) {
                 self.ready_bytes -= held.message.body.len() as u64;
                 self.dequeued += 1;
+                ctx.counters.messages_expired_total += 1;
                 if ctx.config.log_enabled && held.message.persistent {
                     ctx.append(
                         Record::Ack {
@@ -525,19 +531,17 @@ struct TopicConsumer {
 }
 
 /// A publish-subscribe destination: nothing is kept. A subscriber that is paused or out of
-/// credit when a message is published does not get it (the message is counted in `dropped`),
+/// credit when a message is published does not get it (counted in the shard's metrics),
 /// so one slow subscriber neither blocks the others nor grows memory without bound.
 #[derive(Debug)]
 pub(crate) struct Topic {
     consumers: Vec<TopicConsumer>,
-    pub(crate) dropped: u64,
 }
 
 impl Topic {
     pub(crate) fn new() -> Topic {
         Topic {
             consumers: Vec::new(),
-            dropped: 0,
         }
     }
 
@@ -562,8 +566,10 @@ impl Topic {
             );
         }
         if message.is_expired(ctx.now_ms) {
+            ctx.counters.messages_expired_total += 1;
             return;
         }
+        ctx.counters.messages_accepted_total += 1;
         for consumer in &mut self.consumers {
             let settled = consumer.ack == AckMode::Auto;
             let used = if settled {
@@ -572,9 +578,10 @@ impl Topic {
                 consumer.unacked.len()
             };
             if consumer.paused || used >= consumer.prefetch as usize {
-                self.dropped += 1;
+                ctx.counters.topic_deliveries_dropped_total += 1;
                 continue;
             }
+            ctx.counters.deliveries_total += 1;
             if settled {
                 consumer.in_flight += 1;
             } else {

@@ -40,7 +40,7 @@ mod tests;
 pub use config::{AllowAll, Authenticator, BrokerConfig};
 pub use effects::{DurableToken, Effect, Effects, HeartbeatPlan, Record, Rejection, ShardMessage};
 pub use error::{write_error_frame, ProtocolError, SUPPORTED_VERSIONS};
-pub use shard::{RestoreError, Shard};
+pub use shard::{Counters, RestoreError, Shard, ShardMetrics};
 pub use types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message,
     MessageId, QueueStats, Recovered, ShardId, DEAD_LETTER_PREFIX, MONITOR_DESTINATION,

@@ -30,6 +30,34 @@ pub enum RestoreError {
     NotAQueue { destination: String },
 }
 
+/// Running totals since the shard started, for the server's metrics endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages accepted by a destination of this shard (queue or topic).
+    pub messages_accepted_total: u64,
+    /// MESSAGE frames handed out by destinations of this shard (redeliveries included).
+    pub deliveries_total: u64,
+    /// Topic deliveries skipped because the subscriber was paused or out of credit.
+    pub topic_deliveries_dropped_total: u64,
+    /// Messages dropped because their `expires` time passed.
+    pub messages_expired_total: u64,
+    /// Messages moved to a dead-letter queue.
+    pub messages_dead_lettered_total: u64,
+    /// Connections closed with an ERROR frame.
+    pub errors_total: u64,
+}
+
+/// A snapshot of one shard for metrics: what it holds now, and its totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardMetrics {
+    pub sessions: u64,
+    pub queues: u64,
+    pub topics: u64,
+    /// Messages held by this shard's queues, waiting or unacknowledged.
+    pub messages_held: u64,
+    pub counters: Counters,
+}
+
 /// Messages to send once a log append is durable (a RECEIPT's confirmation, a dead-lettered
 /// message's release from its old queue), in append order.
 #[derive(Debug, Default)]
@@ -49,6 +77,7 @@ pub(crate) struct Ctx<'a> {
     local: &'a mut VecDeque<ShardMessage>,
     durable: &'a mut DurableWaits,
     next_message_seq: &'a mut u64,
+    pub(crate) counters: &'a mut Counters,
 }
 
 impl Ctx<'_> {
@@ -95,6 +124,7 @@ macro_rules! ctx {
             local: &mut $shard.local,
             durable: &mut $shard.durable,
             next_message_seq: &mut $shard.next_message_seq,
+            counters: &mut $shard.counters,
         }
     };
 }
@@ -121,6 +151,7 @@ pub struct Shard {
     peer_stats: BTreeMap<ShardId, Arc<[QueueStats]>>,
     /// When the next statistics round is due (set by the first tick).
     next_monitor_ms: Option<u64>,
+    counters: Counters,
 }
 
 impl Shard {
@@ -149,6 +180,7 @@ impl Shard {
             next_message_seq: first_message_seq,
             peer_stats: BTreeMap::new(),
             next_monitor_ms: None,
+            counters: Counters::default(),
         }
     }
 
@@ -377,6 +409,26 @@ impl Shard {
         stats
     }
 
+    /// What this shard holds now and its running totals, for the metrics endpoint. Walks the
+    /// queues, so call it at scrape time, not per message.
+    pub fn metrics(&self) -> ShardMetrics {
+        let mut metrics = ShardMetrics {
+            sessions: self.sessions.len() as u64,
+            counters: self.counters,
+            ..ShardMetrics::default()
+        };
+        for destination in self.destinations.values() {
+            match destination {
+                Destination::Queue(queue) => {
+                    metrics.queues += 1;
+                    metrics.messages_held += queue.stats().size;
+                }
+                Destination::Topic(_) => metrics.topics += 1,
+            }
+        }
+        metrics
+    }
+
     /// Number of open sessions (for tests and metrics).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
@@ -414,6 +466,7 @@ impl Shard {
         let Some(mut session) = self.remove_session(conn) else {
             return;
         };
+        self.counters.errors_total += 1;
         let start = out.bytes.len();
         write_error_frame(&mut out.bytes, session.version(), error, receipt);
         let end = out.bytes.len();
