@@ -748,14 +748,28 @@ fn run_seed(seed: u64, shards: u16, clients: usize, steps: usize) -> World {
 #[test]
 fn seeded_multi_shard_simulation_keeps_the_invariants() {
     let mut deliveries = 0;
+    let mut totals = Counters::default();
     for seed in 0..24 {
         let world = run_seed(seed, 4, 8, 1500);
         deliveries += world.deliveries_seen;
+        for shard in &world.cluster.shards {
+            let counters = shard.metrics().counters;
+            totals.messages_dead_lettered_total += counters.messages_dead_lettered_total;
+            totals.topic_deliveries_dropped_total += counters.topic_deliveries_dropped_total;
+            totals.errors_total += counters.errors_total;
+        }
     }
+    // The run must reach the paths it is meant to check, not just pass vacuously.
+    assert!(deliveries > 1000, "too few deliveries ({deliveries})");
     assert!(
-        deliveries > 1000,
-        "the simulation must actually deliver ({deliveries})"
+        totals.messages_dead_lettered_total > 0,
+        "no dead-lettering happened"
     );
+    assert!(
+        totals.topic_deliveries_dropped_total > 0,
+        "no slow topic subscriber"
+    );
+    assert_eq!(totals.errors_total, 0, "well-behaved clients get no ERROR");
 }
 
 #[test]
