@@ -62,6 +62,11 @@ pub struct BrokerConfig {
     pub tick_interval_ms: u64,
     /// Interval between `/queue/monitor` statistics messages: 5,000 ms, as stompserver.
     pub monitor_interval_ms: u64,
+    /// Login checks leave the shard's thread: CONNECT yields `Effect::Authenticate` and the
+    /// server answers with `on_login_result`. An argon2id check takes tens of milliseconds,
+    /// during which a core checking it inline would serve nobody. Off by default, because with
+    /// authentication off (`AllowAll`) there is nothing slow to move.
+    pub login_offloaded: bool,
     /// The `server` header of CONNECTED.
     pub server_name: String,
 }
@@ -87,6 +92,7 @@ impl Default for BrokerConfig {
             heartbeat_read_grace_percent: 200,
             tick_interval_ms: 100,
             monitor_interval_ms: 5000,
+            login_offloaded: false,
             server_name: concat!("stompd/", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }

@@ -58,6 +58,14 @@ pub enum Effect {
         version: Version,
         heartbeat: HeartbeatPlan,
     },
+    /// Check this login (only with `login_offloaded`): run the [`crate::broker::Authenticator`]
+    /// off the core's thread, then call [`crate::broker::Shard::on_login_result`]. Decode no
+    /// further frames of the connection until then.
+    Authenticate {
+        conn: ConnectionId,
+        login: Box<[u8]>,
+        passcode: Box<[u8]>,
+    },
     /// Close the connection once the writes before this have been flushed (or given up on).
     /// The broker has already forgotten it; frames that still arrive for it are ignored.
     Close { conn: ConnectionId },

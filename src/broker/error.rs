@@ -20,6 +20,8 @@ pub enum ProtocolError {
     NoCommonVersion,
     #[error("login failed")]
     LoginFailed,
+    #[error("{0} sent before CONNECTED (login still being checked)")]
+    LoginPending(Command),
     #[error("{0} is a server frame")]
     ServerFrame(Command),
     #[error("{command} frame requires a '{header}' header")]

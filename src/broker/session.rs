@@ -2,7 +2,8 @@
 //! transactions and receipts. A session lives on the shard that accepted its connection and
 //! reaches destinations only through [`ShardMessage`]s.
 //!
-//! States: `AwaitingConnect` (only CONNECT or STOMP is legal) → `Connected` → either
+//! States: `AwaitingConnect` (only CONNECT or STOMP is legal) → (`AwaitingLogin` while the
+//! server checks an offloaded login) → `Connected` → either
 //! `Disconnecting` (DISCONNECT with a receipt that still waits for earlier receipts) → `Closed`,
 //! or straight to `Closed` (DISCONNECT without receipt, or any error, which the shard turns into
 //! an ERROR frame and a close).
@@ -31,6 +32,8 @@ use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     AwaitingConnect,
+    /// CONNECT was valid; the server is checking the login ([`Effect::Authenticate`]).
+    AwaitingLogin,
     Connected,
     /// DISCONNECT arrived; its RECEIPT waits for earlier ones, then the connection closes.
     Disconnecting,
@@ -190,6 +193,7 @@ impl Session {
                     return Err(ProtocolError::NotConnected(command));
                 }
             }
+            State::AwaitingLogin => return Err(ProtocolError::LoginPending(command)),
             State::Connected => {
                 if matches!(command, Command::Connect | Command::Stomp) {
                     return Err(ProtocolError::AlreadyConnected);
@@ -243,11 +247,6 @@ impl Session {
     ) -> Result<(), ProtocolError> {
         let version =
             negotiate(frame.header(b"accept-version")).ok_or(ProtocolError::NoCommonVersion)?;
-        let login = frame.header(b"login").unwrap_or_default();
-        let passcode = frame.header(b"passcode").unwrap_or_default();
-        if !authenticator.authenticate(login, passcode) {
-            return Err(ProtocolError::LoginFailed);
-        }
         // STOMP 1.0 has no heart-beating.
         let (client_send, client_wants) = match (version, frame.header(b"heart-beat")) {
             (Version::V1_0, _) | (_, None) => (0, 0),
@@ -274,9 +273,50 @@ impl Session {
                 / 100,
         };
         self.version = version;
+        let login = frame.header(b"login").unwrap_or_default();
+        let passcode = frame.header(b"passcode").unwrap_or_default();
+        if config.login_offloaded {
+            self.state = State::AwaitingLogin;
+            ctx.effects.list.push(Effect::Authenticate {
+                conn: self.conn,
+                login: login.into(),
+                passcode: passcode.into(),
+            });
+            return Ok(());
+        }
+        if !authenticator.authenticate(login, passcode) {
+            return Err(ProtocolError::LoginFailed);
+        }
+        self.finish_connect(ctx);
+        Ok(())
+    }
+
+    /// The verdict on an offloaded login ([`Effect::Authenticate`]).
+    pub(crate) fn login_result(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        accepted: bool,
+    ) -> Result<(), ProtocolError> {
+        if self.state != State::AwaitingLogin {
+            return Ok(());
+        }
+        if !accepted {
+            return Err(ProtocolError::LoginFailed);
+        }
+        self.finish_connect(ctx);
+        Ok(())
+    }
+
+    fn finish_connect(&mut self, ctx: &mut Ctx<'_>) {
+        let version = self.version;
+        let HeartbeatPlan {
+            send_every_ms,
+            expect_every_ms,
+            ..
+        } = self.heartbeat;
         self.state = State::Connected;
         let conn = self.conn;
-        let server = config.server_name.clone();
+        let server = ctx.config.server_name.clone();
         self.write(
             ctx,
             |out| {
@@ -298,7 +338,6 @@ impl Session {
             version,
             heartbeat: self.heartbeat,
         });
-        Ok(())
     }
 
     // --- SEND ---

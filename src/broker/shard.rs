@@ -237,6 +237,30 @@ impl Shard {
         self.drain_local(now_ms, out);
     }
 
+    /// The verdict on an [`Effect::Authenticate`]: CONNECTED, or ERROR and close.
+    pub fn on_login_result(
+        &mut self,
+        conn: ConnectionId,
+        accepted: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(session) = self.sessions.get_mut(&conn.local) else {
+            return;
+        };
+        let mut ctx = ctx!(self, now_ms, out);
+        match session.login_result(&mut ctx, accepted) {
+            Err(error) => self.fail(conn, &error, None, now_ms, out),
+            Ok(()) => {
+                if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
+                {
+                    self.beating.insert(conn.local);
+                }
+            }
+        }
+        self.drain_local(now_ms, out);
+    }
+
     /// The connection's bytes could not be decoded: ERROR naming the problem, then close.
     pub fn on_decode_error(
         &mut self,

@@ -74,6 +74,8 @@ pub(crate) struct Cluster {
     pub auto_pump: bool,
     /// With `auto_pump`, report every written connection flushed (its socket kept up).
     pub auto_flush: bool,
+    /// Offloaded login checks asked for, in order.
+    pub logins: Vec<(ConnectionId, Vec<u8>, Vec<u8>)>,
     /// The highest token reported durable, per shard.
     pub durable_reported: HashMap<u16, DurableToken>,
     /// Connections written to since they were last reported flushed.
@@ -104,6 +106,7 @@ impl Cluster {
             auto_pump: true,
             auto_flush: true,
             durable_reported: HashMap::new(),
+            logins: Vec::new(),
             unflushed: std::collections::BTreeSet::new(),
         }
     }
@@ -188,6 +191,14 @@ impl Cluster {
         self.absorb(conn.shard, out);
     }
 
+    pub fn login_result(&mut self, conn: ConnectionId, accepted: bool) {
+        let mut out = Effects::new();
+        let now = self.now;
+        self.shards[conn.shard.0 as usize].on_login_result(conn, accepted, now, &mut out);
+        self.absorb(conn.shard, out);
+        self.pump_if_auto();
+    }
+
     fn pump_if_auto(&mut self) {
         if !self.auto_pump {
             return;
@@ -253,6 +264,11 @@ impl Cluster {
                     self.plans.insert(*conn, *heartbeat);
                 }
                 Effect::Close { conn } => self.seen.entry(*conn).or_default().push(Seen::Closed),
+                Effect::Authenticate {
+                    conn,
+                    login,
+                    passcode,
+                } => self.logins.push((*conn, login.to_vec(), passcode.to_vec())),
                 Effect::Append { record, token } => {
                     self.appended.push((from, record.clone(), *token))
                 }

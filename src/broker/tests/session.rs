@@ -534,3 +534,70 @@ fn transaction_bytes_are_limited() {
         Some("transaction_bytes_max exceeded (at most 10)")
     );
 }
+
+/// With `login_offloaded`, CONNECT asks the server to check the login off the core's thread.
+#[test]
+fn offloaded_login_waits_for_the_verdict() {
+    let config = BrokerConfig {
+        login_offloaded: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let good = cluster.open(0);
+    cluster.send(
+        good,
+        frame(
+            Command::Connect,
+            &[
+                ("accept-version", "1.2"),
+                ("login", "alice"),
+                ("passcode", "secret"),
+                ("heart-beat", "0,1000"),
+            ],
+            b"",
+        ),
+    );
+    assert!(cluster.take(good).is_empty(), "nothing before the verdict");
+    assert_eq!(
+        cluster.logins,
+        [(good, b"alice".to_vec(), b"secret".to_vec())]
+    );
+    cluster.login_result(good, true);
+    assert_eq!(
+        connected_frame(&mut cluster, good).header("heart-beat"),
+        Some("1000,0")
+    );
+
+    let bad = cluster.open(0);
+    cluster.send(
+        bad,
+        frame(
+            Command::Connect,
+            &[("accept-version", "1.2"), ("login", "mallory")],
+            b"",
+        ),
+    );
+    cluster.login_result(bad, false);
+    assert_eq!(
+        cluster.expect_error(bad).header("message"),
+        Some("login failed")
+    );
+
+    let eager = cluster.open(0);
+    cluster.send(
+        eager,
+        frame(Command::Connect, &[("accept-version", "1.2")], b""),
+    );
+    cluster.send(
+        eager,
+        frame(
+            Command::Subscribe,
+            &[("id", "s"), ("destination", "/queue/a")],
+            b"",
+        ),
+    );
+    assert_eq!(
+        cluster.expect_error(eager).header("message"),
+        Some("SUBSCRIBE sent before CONNECTED (login still being checked)")
+    );
+}
