@@ -417,7 +417,8 @@ impl Queue {
                 self.log_done(ctx, &held.message);
                 continue;
             }
-            held.deliveries += 1;
+            // Saturating: a dead-letter queue redelivers without limit.
+            held.deliveries = held.deliveries.saturating_add(1);
             ctx.counters.deliveries_total += 1;
             self.turn = (index + 1) % self.consumers.len();
             let consumer = &mut self.consumers[index];

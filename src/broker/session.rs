@@ -66,11 +66,11 @@ struct Subscription {
 enum TxOp {
     Send(Arc<Message>),
     Ack {
-        subscription: u32,
+        subscription: u64,
         taken: Vec<Pending>,
     },
     Nack {
-        subscription: u32,
+        subscription: u64,
         taken: Vec<Pending>,
     },
 }
@@ -101,8 +101,8 @@ pub(crate) struct Session {
     last_write_ms: u64,
     writable: bool,
     /// By the session's subscription number (the `subscription` of [`ConsumerKey`]).
-    subscriptions: BTreeMap<u32, Subscription>,
-    next_subscription: u32,
+    subscriptions: BTreeMap<u64, Subscription>,
+    next_subscription: u64,
     next_tag: u64,
     transactions: BTreeMap<Box<[u8]>, Transaction>,
     receipts: VecDeque<PendingReceipt>,
@@ -541,7 +541,7 @@ impl Session {
         Ok(())
     }
 
-    fn drop_subscription(&mut self, ctx: &mut Ctx<'_>, number: u32) {
+    fn drop_subscription(&mut self, ctx: &mut Ctx<'_>, number: u64) {
         let Some(subscription) = self.subscriptions.remove(&number) else {
             return;
         };
@@ -563,7 +563,7 @@ impl Session {
     // --- ACK / NACK ---
 
     /// Finds which subscription and deliveries an ACK or NACK names, without changing anything.
-    fn resolve_ack(&self, frame: &Frame<'_>) -> Result<(u32, usize), ProtocolError> {
+    fn resolve_ack(&self, frame: &Frame<'_>) -> Result<(u64, usize), ProtocolError> {
         let command = frame.command;
         if self.version == Version::V1_2 {
             let id = frame.header(b"id").ok_or(ProtocolError::MissingHeader {
@@ -647,7 +647,7 @@ impl Session {
         Ok(())
     }
 
-    fn settle(&self, ctx: &mut Ctx<'_>, number: u32, taken: &[Pending], is_ack: bool) {
+    fn settle(&self, ctx: &mut Ctx<'_>, number: u64, taken: &[Pending], is_ack: bool) {
         let Some(subscription) = self.subscriptions.get(&number) else {
             // Unsubscribed since: the destination already took these messages back.
             return;
@@ -829,7 +829,7 @@ impl Session {
     pub(crate) fn deliver(
         &mut self,
         ctx: &mut Ctx<'_>,
-        number: u32,
+        number: u64,
         message: Arc<Message>,
         deliveries: u32,
         settled: bool,
@@ -880,7 +880,7 @@ impl Session {
         if self.state != State::Connected {
             return;
         }
-        let numbers: SmallVec<[u32; 2]> = self
+        let numbers: SmallVec<[u64; 2]> = self
             .subscriptions
             .iter()
             .filter(|(_, s)| s.monitor)
@@ -894,7 +894,7 @@ impl Session {
     fn write_message(
         &mut self,
         ctx: &mut Ctx<'_>,
-        number: u32,
+        number: u64,
         message: Arc<Message>,
         deliveries: u32,
         tag: Option<u64>,
@@ -1010,7 +1010,7 @@ impl Session {
     /// queues through the Unsubscribe each destination receives.
     pub(crate) fn end(&mut self, ctx: &mut Ctx<'_>) {
         self.transactions.clear();
-        let numbers: Vec<u32> = self.subscriptions.keys().copied().collect();
+        let numbers: Vec<u64> = self.subscriptions.keys().copied().collect();
         for number in numbers {
             self.drop_subscription(ctx, number);
         }
@@ -1088,9 +1088,9 @@ fn parse_u64(text: &[u8]) -> Option<u64> {
 
 /// The `ack` header value: `<subscription number>.<delivery tag>`, so an ACK finds its
 /// subscription without a table.
-fn write_ack_id(number: u32, tag: u64, buffer: &mut [u8; 41]) -> usize {
+fn write_ack_id(number: u64, tag: u64, buffer: &mut [u8; 41]) -> usize {
     let mut digits = [0u8; 20];
-    let first = format_u64(u64::from(number), &mut digits);
+    let first = format_u64(number, &mut digits);
     let mut length = first.len();
     buffer[..length].copy_from_slice(first);
     buffer[length] = b'.';
@@ -1100,11 +1100,11 @@ fn write_ack_id(number: u32, tag: u64, buffer: &mut [u8; 41]) -> usize {
     length + second.len()
 }
 
-fn parse_ack_id(text: &[u8]) -> Option<(u32, u64)> {
+fn parse_ack_id(text: &[u8]) -> Option<(u64, u64)> {
     let dot = memchr::memchr(b'.', text)?;
     let number = parse_u64(&text[..dot])?;
     let tag = parse_u64(&text[dot + 1..])?;
-    Some((u32::try_from(number).ok()?, tag))
+    Some((number, tag))
 }
 
 #[cfg(test)]
@@ -1122,8 +1122,8 @@ mod tests {
     #[test]
     fn ack_ids_round_trip() {
         let mut buffer = [0u8; 41];
-        let length = write_ack_id(u32::MAX, u64::MAX, &mut buffer);
-        assert_eq!(parse_ack_id(&buffer[..length]), Some((u32::MAX, u64::MAX)));
+        let length = write_ack_id(u64::MAX, u64::MAX, &mut buffer);
+        assert_eq!(parse_ack_id(&buffer[..length]), Some((u64::MAX, u64::MAX)));
         assert_eq!(parse_ack_id(b"1"), None);
         assert_eq!(parse_ack_id(b"1.x"), None);
     }

@@ -32,7 +32,8 @@ impl fmt::Display for ConnectionId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConsumerKey {
     pub conn: ConnectionId,
-    pub subscription: u32,
+    /// 64 bits so that no client can wrap it around by subscribing over and over.
+    pub subscription: u64,
 }
 
 /// A broker-wide unique message id: the shard whose session accepted the SEND and that shard's
