@@ -35,8 +35,10 @@ pub struct BrokerConfig {
     /// SEND, ACK and NACK frames one transaction may hold before COMMIT. 10,000 keeps an
     /// unfinished transaction from growing without bound.
     pub transaction_frames_max: usize,
-    /// Message bytes one transaction may buffer. 64 MiB: four maximum-size frames.
-    pub transaction_bytes_max: usize,
+    /// Message bytes the open transactions of one connection may buffer together. 64 MiB: four
+    /// maximum-size frames; counted per connection, not per transaction, so opening more
+    /// transactions does not multiply it.
+    pub transaction_bytes_per_connection_max: usize,
     /// RECEIPTs one connection may have waiting for the log (or for an earlier receipt, to keep
     /// their order). 65,536 bounds the bookkeeping of a client that pipelines receipted sends.
     pub receipts_pending_max: usize,
@@ -83,7 +85,7 @@ impl Default for BrokerConfig {
             subscriptions_per_connection_max: 1024,
             transactions_per_connection_max: 64,
             transaction_frames_max: 10_000,
-            transaction_bytes_max: 64 * 1024 * 1024,
+            transaction_bytes_per_connection_max: 64 * 1024 * 1024,
             receipts_pending_max: 65_536,
             queue_messages_max: 1_000_000,
             queue_bytes_max: 1024 * 1024 * 1024,

@@ -371,7 +371,8 @@ impl Session {
                 .transactions
                 .get(name)
                 .ok_or(ProtocolError::UnknownTransaction)?;
-            check_transaction_room(ctx, tx, frame.body.len())?;
+            let buffered = self.transactions.values().map(|t| t.bytes).sum();
+            check_transaction_room(ctx, tx, buffered, frame.body.len())?;
         }
         let id = ctx.next_message_id();
         let headers = frame
@@ -609,7 +610,7 @@ impl Session {
                 .transactions
                 .get(name)
                 .ok_or(ProtocolError::UnknownTransaction)?;
-            check_transaction_room(ctx, tx, 0)?;
+            check_transaction_room(ctx, tx, 0, 0)?;
         }
         let (number, position) = self.resolve_ack(frame)?;
         let subscription = self
@@ -1037,9 +1038,12 @@ fn required<'f>(
     }
 }
 
+/// Room for one more frame in `tx`, carrying `body_bytes` more on top of the `buffered_bytes`
+/// all open transactions of the connection hold.
 fn check_transaction_room(
     ctx: &Ctx<'_>,
     tx: &Transaction,
+    buffered_bytes: usize,
     body_bytes: usize,
 ) -> Result<(), ProtocolError> {
     if tx.ops.len() >= ctx.config.transaction_frames_max {
@@ -1048,10 +1052,10 @@ fn check_transaction_room(
             max: ctx.config.transaction_frames_max as u64,
         });
     }
-    if tx.bytes + body_bytes > ctx.config.transaction_bytes_max {
+    if buffered_bytes + body_bytes > ctx.config.transaction_bytes_per_connection_max {
         return Err(ProtocolError::LimitExceeded {
-            limit: "transaction_bytes_max",
-            max: ctx.config.transaction_bytes_max as u64,
+            limit: "transaction_bytes_per_connection_max",
+            max: ctx.config.transaction_bytes_per_connection_max as u64,
         });
     }
     Ok(())

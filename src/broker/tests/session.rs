@@ -519,19 +519,22 @@ fn pending_receipts_are_limited() {
 #[test]
 fn transaction_bytes_are_limited() {
     let config = BrokerConfig {
-        transaction_bytes_max: 10,
+        transaction_bytes_per_connection_max: 10,
         ..BrokerConfig::default()
     };
     let mut cluster = Cluster::new(1, config);
     let conn = cluster.connect(0);
+    // Counted across the connection's transactions: a second one does not double the room.
     cluster.send(conn, frame(Command::Begin, &[("transaction", "t")], b""));
+    cluster.send(conn, frame(Command::Begin, &[("transaction", "u")], b""));
     let headers = [("destination", "/queue/a"), ("transaction", "t")];
     cluster.send(conn, frame(Command::Send, &headers, b"123456"));
     assert!(cluster.take(conn).is_empty());
+    let headers = [("destination", "/queue/a"), ("transaction", "u")];
     cluster.send(conn, frame(Command::Send, &headers, b"123456"));
     assert_eq!(
         cluster.expect_error(conn).header("message"),
-        Some("transaction_bytes_max exceeded (at most 10)")
+        Some("transaction_bytes_per_connection_max exceeded (at most 10)")
     );
 }
 
