@@ -56,7 +56,8 @@ fn action() -> impl Strategy<Value = Action> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // 256 cases by default; PROPTEST_CASES=100000 for a longer hunt.
+    #![proptest_config(ProptestConfig::default())]
 
     #[test]
     fn interleavings_lose_nothing_and_mark_every_redelivery(

@@ -593,6 +593,7 @@ impl World {
         // Let everything settle: every append durable, every link drained, every socket
         // flushed; then each connected client has every receipt it asked for.
         loop {
+            let mut reported_any = false;
             for shard in 0..self.cluster.shards.len() {
                 let last = self
                     .cluster
@@ -601,17 +602,23 @@ impl World {
                     .filter(|(from, _, _)| from.0 as usize == shard)
                     .filter_map(|(_, _, token)| *token)
                     .max();
-                if let Some(token) = last {
+                let reported = self.cluster.durable_reported.get(&(shard as u16)).copied();
+                if let Some(token) = last.filter(|token| Some(*token) > reported) {
                     self.cluster.durable(shard as u16, token);
+                    reported_any = true;
                 }
             }
-            while self.cluster.step_link(0) {}
+            let mut stepped_any = false;
+            while self.cluster.step_link(0) {
+                stepped_any = true;
+            }
             let unflushed: Vec<ConnectionId> = self.cluster.unflushed.iter().copied().collect();
             for conn in &unflushed {
                 self.cluster.flush(*conn);
             }
             self.observe();
-            if unflushed.is_empty() && self.cluster.links_empty() {
+            // Settled once a whole round found nothing to do.
+            if !reported_any && !stepped_any && unflushed.is_empty() {
                 break;
             }
         }
