@@ -853,6 +853,11 @@ impl Session {
             }
             return;
         }
+        if message.is_expired(ctx.now_ms) {
+            // It expired on its way from another shard: still never delivered.
+            self.drop_expired(ctx, number, message, settled);
+            return;
+        }
         let tag = self.next_tag;
         self.next_tag += 1;
         let Some(subscription) = self.subscriptions.get_mut(&number) else {
@@ -874,6 +879,38 @@ impl Session {
             deliveries,
             (ack != AckMode::Auto).then_some(tag),
         );
+    }
+
+    /// Settles a delivery that expired before it could be written: the destination forgets a
+    /// client-acked one as if acknowledged, and an auto-acked one gives its window room back.
+    fn drop_expired(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        settled: bool,
+    ) {
+        ctx.counters.messages_expired_total += 1;
+        let consumer = ConsumerKey {
+            conn: self.conn,
+            subscription: number,
+        };
+        let destination = message.destination.clone();
+        let to = shard_of(&destination, ctx.shard_count);
+        let reply = if settled {
+            ShardMessage::Credit {
+                consumer,
+                destination,
+                count: 1,
+            }
+        } else {
+            ShardMessage::Ack {
+                consumer,
+                destination,
+                ids: std::iter::once(message.id).collect(),
+            }
+        };
+        ctx.route(to, reply);
     }
 
     /// Writes a `/queue/monitor` statistics message to every monitor subscription.

@@ -15,14 +15,22 @@ fn action() -> impl Strategy<Value = Action> {
     let client = 0..CLIENTS;
     prop_oneof![
         client.clone().prop_map(|client| Action::Connect { client }),
-        (client.clone(), 0..4usize, any::<bool>(), any::<bool>()).prop_map(
-            |(client, destination, in_tx, receipt)| Action::Send {
-                client,
-                destination,
-                in_tx,
-                receipt
-            }
-        ),
+        (
+            client.clone(),
+            0..4usize,
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::weighted(0.2, 500..5000u64)
+        )
+            .prop_map(|(client, destination, in_tx, receipt, expires_in)| {
+                Action::Send {
+                    client,
+                    destination,
+                    in_tx,
+                    receipt,
+                    expires_in,
+                }
+            }),
         (client.clone(), 0..4usize, 0..3usize, 1..4u32).prop_map(
             |(client, destination, ack, prefetch)| {
                 Action::Subscribe {

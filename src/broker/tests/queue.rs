@@ -833,3 +833,33 @@ fn queue_bytes_are_limited() {
         Some("queue full (queue_bytes_max reached)")
     );
 }
+
+/// A message that expires on its way from the queue's shard to the consumer's is not written,
+/// and the queue forgets it.
+#[test]
+fn message_expiring_in_flight_between_shards_is_not_delivered() {
+    let mut cluster = Cluster::new(2, BrokerConfig::default());
+    cluster.auto_pump = false;
+    let queue = "/queue/far";
+    let queue_shard = shard_of(queue.as_bytes(), 2).0;
+    let consumer = cluster.connect(1 - queue_shard);
+    cluster.subscribe(consumer, "s", queue, "client-individual");
+    while cluster.step_link(0) {}
+    let producer = cluster.connect(queue_shard);
+    let expires = (cluster.now + 10).to_string();
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", queue), ("expires", &expires)],
+            b"x",
+        ),
+    );
+    // The Deliver is on the link when the message expires.
+    cluster.now += 20;
+    while cluster.step_link(0) {}
+    assert!(cluster.frames(consumer).is_empty());
+    assert!(cluster.shards[queue_shard as usize]
+        .held_message_ids(queue.as_bytes())
+        .is_empty());
+}

@@ -34,6 +34,8 @@ pub(crate) enum Action {
         destination: usize,
         in_tx: bool,
         receipt: bool,
+        /// `expires` this many milliseconds after now.
+        expires_in: Option<u64>,
     },
     Subscribe {
         client: usize,
@@ -128,6 +130,8 @@ pub(crate) struct World {
     /// Per (client, subscription id, producer client): publish seq of the last unmarked delivery.
     last_unmarked: HashMap<(usize, String, String), u64>,
     pub deliveries_seen: u64,
+    /// Bodies sent with `expires`, and when they expire.
+    expires: HashMap<String, u64>,
 }
 
 fn is_queue(destination: &str) -> bool {
@@ -167,6 +171,7 @@ impl World {
             delivered: HashMap::new(),
             last_unmarked: HashMap::new(),
             deliveries_seen: 0,
+            expires: HashMap::new(),
         }
     }
 
@@ -208,6 +213,7 @@ impl World {
                 destination,
                 in_tx,
                 receipt,
+                expires_in,
             } => {
                 let client = client % clients;
                 let Some(conn) = self.clients[client].conn else {
@@ -221,6 +227,13 @@ impl World {
                 let mut headers = vec![("destination", destination.as_str())];
                 if receipt {
                     headers.push(("receipt", &receipt_id));
+                }
+                let expires_text;
+                if let Some(offset) = expires_in {
+                    let expires = self.cluster.now + offset;
+                    self.expires.insert(body.clone(), expires);
+                    expires_text = expires.to_string();
+                    headers.push(("expires", &expires_text));
                 }
                 match (&mut model.tx, in_tx) {
                     (Some(tx), true) => {
@@ -510,19 +523,27 @@ impl World {
         assert_eq!(id, expected, "receipts out of order for client {client}");
         if let Some((destination, body)) = durable {
             let shard = shard_of(destination.as_bytes(), self.cluster.shards.len() as u16);
-            let token = self
-                .cluster
-                .appended
-                .iter()
-                .find_map(|(from, record, token)| match record {
-                    Record::Message { message }
-                        if *from == shard && *message.body == *body.as_bytes() =>
-                    {
-                        *token
-                    }
-                    _ => None,
-                })
-                .unwrap_or_else(|| panic!("receipted persistent {body} has a durable token"));
+            let token: Option<DurableToken> =
+                self.cluster
+                    .appended
+                    .iter()
+                    .find_map(|(from, record, token)| match record {
+                        Record::Message { message }
+                            if *from == shard && *message.body == *body.as_bytes() =>
+                        {
+                            *token
+                        }
+                        _ => None,
+                    });
+            let Some(token) = token else {
+                // Only a message that expired before its queue saw it is never logged.
+                let expired = self
+                    .expires
+                    .get(&body)
+                    .is_some_and(|expires| self.cluster.now >= *expires);
+                assert!(expired, "receipted persistent {body} has a durable token");
+                return;
+            };
             let reported = self.cluster.durable_reported.get(&shard.0).copied();
             assert!(
                 reported >= Some(token),
@@ -551,6 +572,12 @@ impl World {
         let ack = model.subs[sub_index].ack;
         let body = sent.body_str().to_string();
         let redelivered = sent.header("redelivered") == Some("true");
+        if let Some(expires) = self.expires.get(&body) {
+            assert!(
+                self.cluster.now < *expires,
+                "{body} delivered after it expired"
+            );
+        }
         if is_queue(&destination) {
             let count = self
                 .delivered
@@ -667,15 +694,19 @@ impl World {
                 *places.entry(body.as_str()).or_default() += 1;
             }
             for body in bodies {
-                assert_eq!(
-                    places.get(body.as_str()).copied().unwrap_or(0),
-                    1,
-                    "{body} of {destination} lost or duplicated"
+                let count = places.get(body.as_str()).copied().unwrap_or(0);
+                // An expired message may be gone, and only once its time has passed.
+                let may_be_gone = self
+                    .expires
+                    .get(body)
+                    .is_some_and(|expires| self.cluster.now >= *expires);
+                assert!(
+                    count == 1 || (count == 0 && may_be_gone),
+                    "{body} of {destination} lost or duplicated ({count} places)"
                 );
             }
-            assert_eq!(
-                places.len(),
-                bodies.len(),
+            assert!(
+                places.keys().all(|body| bodies.contains(*body)),
                 "{destination} holds messages nobody published"
             );
         }
@@ -694,6 +725,7 @@ pub(crate) fn random_action(rng: &mut TestRng, clients: usize) -> Action {
             destination: rng.random_range(0..4),
             in_tx: rng.random_bool(0.3),
             receipt: rng.random_bool(0.3),
+            expires_in: rng.random_bool(0.2).then(|| rng.random_range(500..5000)),
         },
         25..=29 => Action::Subscribe {
             client,
@@ -764,6 +796,7 @@ fn seeded_multi_shard_simulation_keeps_the_invariants() {
             totals.messages_dead_lettered_total += counters.messages_dead_lettered_total;
             totals.topic_deliveries_dropped_total += counters.topic_deliveries_dropped_total;
             totals.errors_total += counters.errors_total;
+            totals.messages_expired_total += counters.messages_expired_total;
         }
     }
     // The run must reach the paths it is meant to check, not just pass vacuously.
@@ -772,6 +805,7 @@ fn seeded_multi_shard_simulation_keeps_the_invariants() {
         totals.messages_dead_lettered_total > 0,
         "no dead-lettering happened"
     );
+    assert!(totals.messages_expired_total > 0, "no message expired");
     assert!(
         totals.topic_deliveries_dropped_total > 0,
         "no slow topic subscriber"
