@@ -90,6 +90,7 @@ struct SubModel {
     id: String,
     destination: String,
     ack: &'static str,
+    prefetch: u32,
     /// (ack id, tag, body) of deliveries awaiting ACK, in delivery order.
     pending: Vec<Delivery>,
 }
@@ -278,6 +279,7 @@ impl World {
                     id: id.clone(),
                     destination: destination.clone(),
                     ack,
+                    prefetch: prefetch.max(1),
                     pending: Vec::new(),
                 });
                 let prefetch = prefetch.max(1).to_string();
@@ -609,9 +611,17 @@ impl World {
                 .expect("client acks carry an ack id")
                 .to_string();
             let tag = tag_of(&ack_id);
-            self.clients[client].subs[sub_index]
-                .pending
-                .push((ack_id, tag, body));
+            let sub = &mut self.clients[client].subs[sub_index];
+            sub.pending.push((ack_id, tag, body));
+            // Messages taken into an open transaction still count against the window, so
+            // the pending ones alone can never exceed it.
+            assert!(
+                sub.pending.len() <= sub.prefetch as usize,
+                "{} has {} unacknowledged, prefetch {}",
+                sub.id,
+                sub.pending.len(),
+                sub.prefetch
+            );
         }
     }
 
