@@ -69,6 +69,9 @@ pub(crate) struct Queue {
     /// No message in `ready` expires before this (u64::MAX: none expires). May be early after
     /// messages leave, never late, so a tick skips the sweep of a queue with nothing due.
     next_expiry_ms: u64,
+    /// The earliest time the shard's expiry timer already holds for this queue (u64::MAX:
+    /// none), so a queue is put on the timer again only when something expires sooner.
+    pub(crate) timer_ms: u64,
 }
 
 impl Queue {
@@ -82,6 +85,7 @@ impl Queue {
             enqueued: 0,
             dequeued: 0,
             next_expiry_ms: u64::MAX,
+            timer_ms: u64::MAX,
         }
     }
 
@@ -481,6 +485,11 @@ impl Queue {
             }
         }
         self.ready = kept;
+    }
+
+    /// When the earliest waiting message expires (u64::MAX: none does); may be early.
+    pub(crate) fn next_expiry_ms(&self) -> u64 {
+        self.next_expiry_ms
     }
 
     /// Nothing waits and nobody listens: the shard forgets the queue, so that names used once

@@ -3,7 +3,8 @@
 //! and an [`Effects`] to fill, and returns only after every message between this shard's own
 //! sessions and destinations has been handled, so the server sees a settled state.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use super::config::{Authenticator, BrokerConfig};
@@ -149,6 +150,10 @@ pub struct Shard {
     next_message_seq: u64,
     /// The latest statistics each other shard published, for `/queue/monitor`.
     peer_stats: BTreeMap<ShardId, Arc<[QueueStats]>>,
+    /// Queues with messages that expire, by the earliest such time: ticks sweep only these
+    /// rather than every destination. Entries may be stale (the message left); a stale one
+    /// costs one comparison.
+    expiry_timer: BinaryHeap<Reverse<(u64, Arc<[u8]>)>>,
     /// When the next statistics round is due (set by the first tick).
     next_monitor_ms: Option<u64>,
     counters: Counters,
@@ -180,6 +185,7 @@ impl Shard {
             next_message_seq: first_message_seq,
             peer_stats: BTreeMap::new(),
             next_monitor_ms: None,
+            expiry_timer: BinaryHeap::new(),
             counters: Counters::default(),
         }
     }
@@ -352,15 +358,8 @@ impl Shard {
                     failed.push((*local, error));
                 }
             }
-            self.destinations
-                .retain(|_, destination| match destination {
-                    Destination::Queue(queue) => {
-                        queue.sweep_expired(&mut ctx);
-                        !queue.is_idle()
-                    }
-                    Destination::Topic(topic) => !topic.is_idle(),
-                });
         }
+        self.sweep_due_queues(now_ms, out);
         for (local, error) in failed {
             let conn = ConnectionId {
                 shard: self.id,
@@ -411,10 +410,11 @@ impl Shard {
             let destination = self
                 .destinations
                 .entry(name.clone())
-                .or_insert_with(|| Destination::Queue(Queue::new(name)));
+                .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
             if let Destination::Queue(queue) = destination {
                 queue.restore(message, deliveries);
             }
+            self.track_expiry(&name);
         }
         Ok(())
     }
@@ -524,6 +524,39 @@ impl Shard {
         }
     }
 
+    /// Puts queue `name` on the expiry timer if it holds a message that expires sooner than
+    /// what the timer already has for it.
+    fn track_expiry(&mut self, name: &Arc<[u8]>) {
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(name) {
+            let due = queue.next_expiry_ms();
+            if due < queue.timer_ms {
+                queue.timer_ms = due;
+                self.expiry_timer.push(Reverse((due, name.clone())));
+            }
+        }
+    }
+
+    /// Drops the expired messages of the queues whose timer is due.
+    fn sweep_due_queues(&mut self, now_ms: u64, out: &mut Effects) {
+        while let Some(Reverse((due, _))) = self.expiry_timer.peek() {
+            if *due > now_ms {
+                break;
+            }
+            let Some(Reverse((due, name))) = self.expiry_timer.pop() else {
+                break;
+            };
+            let mut ctx = ctx!(self, now_ms, out);
+            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                if queue.timer_ms == due {
+                    queue.timer_ms = u64::MAX;
+                }
+                queue.sweep_expired(&mut ctx);
+            }
+            self.forget_if_idle(&name);
+            self.track_expiry(&name);
+        }
+    }
+
     /// Drops a destination that holds nothing and has no subscribers: a topic keeps nothing
     /// anyway, and an idle queue's only state is its counters.
     fn forget_if_idle(&mut self, name: &[u8]) {
@@ -584,6 +617,7 @@ impl Shard {
                     None => {}
                 }
                 self.forget_if_idle(&destination);
+                self.track_expiry(&destination);
             }
             ShardMessage::Publish {
                 message,
@@ -619,6 +653,7 @@ impl Shard {
                 }
                 // An expired or refused message may leave a new queue empty.
                 self.forget_if_idle(&name);
+                self.track_expiry(&name);
             }
             ShardMessage::Ack {
                 consumer,
@@ -643,6 +678,7 @@ impl Shard {
                     Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
                     None => {}
                 }
+                self.track_expiry(&destination);
             }
             ShardMessage::Credit {
                 consumer,
@@ -679,6 +715,7 @@ impl Shard {
                     if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
                         queue.returned(&mut ctx, message, deliveries);
                     }
+                    self.track_expiry(&name);
                 }
             }
             ShardMessage::Deliver {
@@ -730,6 +767,7 @@ impl Shard {
                 if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
                     queue.accept_dead_letter(&mut ctx, message, from);
                 }
+                self.track_expiry(&name);
             }
             ShardMessage::Moved { destination, id } => {
                 if self.config.log_enabled {
