@@ -14,11 +14,20 @@
 //! - [`Shard::new`], then [`Shard::restore`] with the messages the log recovered;
 //! - [`Shard::open_connection`] on accept; [`Shard::on_input`] whenever bytes arrive;
 //!   [`Shard::on_frame`] per decoded frame; [`Shard::on_decode_error`] when decoding fails;
+//!   [`Shard::on_login_result`] with the verdict on an [`Effect::Authenticate`] (only with
+//!   `login_offloaded`);
 //! - [`Shard::on_writable`] when a connection's output buffer fills or drains;
+//!   [`Shard::on_flushed`] when it is empty again (auto-ack windows refill only then);
 //! - [`Shard::on_peer_message`] for each [`Effect::Peer`] another shard produced;
-//! - [`Shard::on_durable`] once log appends up to a [`DurableToken`] are on disk;
+//! - [`Shard::on_durable`] once log appends up to a [`DurableToken`] are durable;
 //! - [`Shard::on_tick`] at least every `tick_interval_ms`;
-//! - [`Shard::on_connection_lost`] when the socket dies.
+//! - [`Shard::on_connection_lost`] when the socket dies;
+//! - [`Shard::metrics`] and [`Shard::queue_stats`] at scrape time.
+//!
+//! Invariants the tests check for any interleaving (`tests/property.rs`, `tests/simulation.rs`):
+//! a queue message is consumed once or still held (or expired); a redelivery is marked; nothing
+//! reaches a subscription after UNSUBSCRIBE; unmarked deliveries keep each producer's order;
+//! RECEIPTs keep frame order and follow durability when required.
 //!
 //! Monitor: a subscription to `/queue/monitor` receives, every `monitor_interval_ms`, one
 //! MESSAGE listing every queue in stompserver's format (its README): `Queue: /queue/test`,
