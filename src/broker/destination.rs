@@ -13,7 +13,8 @@
 //!
 //! Topics keep nothing: each message goes to every current subscriber that can take it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use super::effects::{Record, Rejection, ShardMessage};
@@ -31,7 +32,6 @@ struct Held {
 
 #[derive(Debug)]
 struct QueueConsumer {
-    key: ConsumerKey,
     ack: AckMode,
     /// Most messages in its window at a time: unacknowledged ones for client acks, handed
     /// out and not yet credited back by the session for auto acks.
@@ -61,9 +61,11 @@ pub(crate) struct Queue {
     ready: VecDeque<Held>,
     /// Body bytes in `ready`, for `queue_bytes_max`.
     ready_bytes: u64,
-    consumers: Vec<QueueConsumer>,
-    /// Index of the consumer whose turn is next.
-    turn: usize,
+    /// By key: acks and credits find their consumer in O(log n) even on a queue with
+    /// thousands of workers, and the order (connection, then subscription) is deterministic.
+    consumers: BTreeMap<ConsumerKey, QueueConsumer>,
+    /// The consumer served last; the turn passes to the next key after it, wrapping around.
+    last_served: Option<ConsumerKey>,
     enqueued: u64,
     dequeued: u64,
     /// No message in `ready` expires before this (u64::MAX: none expires). May be early after
@@ -80,8 +82,8 @@ impl Queue {
             name,
             ready: VecDeque::new(),
             ready_bytes: 0,
-            consumers: Vec::new(),
-            turn: 0,
+            consumers: BTreeMap::new(),
+            last_served: None,
             enqueued: 0,
             dequeued: 0,
             next_expiry_ms: u64::MAX,
@@ -251,43 +253,38 @@ impl Queue {
         prefetch: u32,
         paused: bool,
     ) {
-        debug_assert!(
-            self.consumers.iter().all(|c| c.key != key),
-            "consumer keys are never reused"
-        );
-        self.consumers.push(QueueConsumer {
+        let previous = self.consumers.insert(
             key,
-            ack,
-            prefetch: prefetch.max(1),
-            paused,
-            unacked: VecDeque::new(),
-            in_flight: 0,
-        });
+            QueueConsumer {
+                ack,
+                prefetch: prefetch.max(1),
+                paused,
+                unacked: VecDeque::new(),
+                in_flight: 0,
+            },
+        );
+        debug_assert!(previous.is_none(), "consumer keys are never reused");
         self.dispatch(ctx);
     }
 
     pub(crate) fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey) {
-        let Some(index) = self.consumers.iter().position(|c| c.key == key) else {
+        let Some(consumer) = self.consumers.remove(&key) else {
             return;
         };
-        let consumer = self.consumers.remove(index);
-        if self.turn > index {
-            self.turn -= 1;
-        }
         self.take_back(ctx, consumer.unacked.into_iter().collect());
         self.dispatch(ctx);
     }
 
     /// The session wrote `count` auto-acked deliveries: room for as many more.
     pub(crate) fn credit(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, count: u32) {
-        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.in_flight = consumer.in_flight.saturating_sub(count);
         }
         self.dispatch(ctx);
     }
 
     pub(crate) fn flow(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, paused: bool) {
-        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.paused = paused;
         }
         if !paused {
@@ -299,7 +296,7 @@ impl Queue {
     /// not hold are skipped: the session checked them, so a miss means the consumer already
     /// ended (its messages were taken back) and the ack lost a race it may lose.
     fn remove_unacked(&mut self, key: ConsumerKey, ids: &[MessageId]) -> Vec<Held> {
-        let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) else {
+        let Some(consumer) = self.consumers.get_mut(&key) else {
             return Vec::new();
         };
         if ids.len() > 8 {
@@ -408,7 +405,7 @@ impl Queue {
     /// Hands waiting messages to consumers with credit, in turn, until either runs out.
     fn dispatch(&mut self, ctx: &mut Ctx<'_>) {
         while !self.ready.is_empty() {
-            let Some(index) = self.next_with_credit() else {
+            let Some(key) = self.next_with_credit() else {
                 return;
             };
             let Some(mut held) = self.ready.pop_front() else {
@@ -424,10 +421,11 @@ impl Queue {
             // Saturating: a dead-letter queue redelivers without limit.
             held.deliveries = held.deliveries.saturating_add(1);
             ctx.counters.deliveries_total += 1;
-            self.turn = (index + 1) % self.consumers.len();
-            let consumer = &mut self.consumers[index];
+            self.last_served = Some(key);
+            let Some(consumer) = self.consumers.get_mut(&key) else {
+                return;
+            };
             let settled = consumer.ack == AckMode::Auto;
-            let key = consumer.key;
             ctx.route(
                 key.conn.shard,
                 ShardMessage::Deliver {
@@ -438,20 +436,27 @@ impl Queue {
                 },
             );
             if settled {
-                self.consumers[index].in_flight += 1;
+                consumer.in_flight += 1;
                 self.dequeued += 1;
                 self.log_done(ctx, &held.message);
             } else {
-                self.consumers[index].unacked.push_back(held);
+                consumer.unacked.push_back(held);
             }
         }
     }
 
-    fn next_with_credit(&self) -> Option<usize> {
-        let count = self.consumers.len();
-        (0..count)
-            .map(|offset| (self.turn + offset) % count)
-            .find(|&index| self.consumers[index].has_credit())
+    /// The first consumer after the one served last, wrapping around, that can take one more.
+    fn next_with_credit(&self) -> Option<ConsumerKey> {
+        let has_credit =
+            |(key, consumer): (&ConsumerKey, &QueueConsumer)| consumer.has_credit().then_some(*key);
+        match self.last_served {
+            None => self.consumers.iter().find_map(has_credit),
+            Some(last) => self
+                .consumers
+                .range((Bound::Excluded(last), Bound::Unbounded))
+                .chain(self.consumers.range(..=last))
+                .find_map(has_credit),
+        }
     }
 
     /// Drops expired messages that wait at the front (called on ticks), so an idle queue does
@@ -499,7 +504,7 @@ impl Queue {
     }
 
     pub(crate) fn stats(&self) -> QueueStats {
-        let unacked: usize = self.consumers.iter().map(|c| c.unacked.len()).sum();
+        let unacked: usize = self.consumers.values().map(|c| c.unacked.len()).sum();
         QueueStats {
             name: self.name.clone(),
             size: (self.ready.len() + unacked) as u64,
@@ -512,7 +517,7 @@ impl Queue {
     #[cfg(test)]
     pub(crate) fn held_bodies(&self) -> Vec<Vec<u8>> {
         let mut bodies: Vec<Vec<u8>> = self.ready.iter().map(|h| h.message.body.to_vec()).collect();
-        for consumer in &self.consumers {
+        for consumer in self.consumers.values() {
             bodies.extend(consumer.unacked.iter().map(|h| h.message.body.to_vec()));
         }
         bodies
@@ -521,7 +526,7 @@ impl Queue {
     /// Messages held (waiting or unacknowledged), for tests and invariant checks.
     pub(crate) fn held_ids(&self) -> Vec<MessageId> {
         let mut ids: Vec<MessageId> = self.ready.iter().map(|h| h.message.id).collect();
-        for consumer in &self.consumers {
+        for consumer in self.consumers.values() {
             ids.extend(consumer.unacked.iter().map(|h| h.message.id));
         }
         ids
@@ -545,13 +550,13 @@ struct TopicConsumer {
 /// so one slow subscriber neither blocks the others nor grows memory without bound.
 #[derive(Debug)]
 pub(crate) struct Topic {
-    consumers: Vec<TopicConsumer>,
+    consumers: BTreeMap<ConsumerKey, TopicConsumer>,
 }
 
 impl Topic {
     pub(crate) fn new() -> Topic {
         Topic {
-            consumers: Vec::new(),
+            consumers: BTreeMap::new(),
         }
     }
 
@@ -580,7 +585,7 @@ impl Topic {
             return;
         }
         ctx.counters.messages_accepted_total += 1;
-        for consumer in &mut self.consumers {
+        for consumer in self.consumers.values_mut() {
             let settled = consumer.ack == AckMode::Auto;
             let used = if settled {
                 consumer.in_flight as usize
@@ -616,35 +621,38 @@ impl Topic {
         prefetch: u32,
         paused: bool,
     ) {
-        self.consumers.push(TopicConsumer {
+        self.consumers.insert(
             key,
-            ack,
-            prefetch: prefetch.max(1),
-            paused,
-            unacked: VecDeque::new(),
-            in_flight: 0,
-        });
+            TopicConsumer {
+                key,
+                ack,
+                prefetch: prefetch.max(1),
+                paused,
+                unacked: VecDeque::new(),
+                in_flight: 0,
+            },
+        );
     }
 
     pub(crate) fn credit(&mut self, key: ConsumerKey, count: u32) {
-        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.in_flight = consumer.in_flight.saturating_sub(count);
         }
     }
 
     pub(crate) fn unsubscribe(&mut self, key: ConsumerKey) {
-        self.consumers.retain(|c| c.key != key);
+        self.consumers.remove(&key);
     }
 
     pub(crate) fn flow(&mut self, key: ConsumerKey, paused: bool) {
-        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.paused = paused;
         }
     }
 
     /// ACK and NACK both just release credit: a topic has nothing to redeliver from.
     pub(crate) fn settle(&mut self, key: ConsumerKey, ids: &[MessageId]) {
-        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.unacked.retain(|id| !ids.contains(id));
         }
     }
