@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::*;
 use crate::codec::{Command, Decoded, Decoder, Frame, Header, Limits, Version};
 
+mod hostile;
 mod metrics;
 mod monitor;
 mod property;
