@@ -6,7 +6,8 @@
 //!   consumer's `unacked` (delivered, in delivery order), until it is consumed for good;
 //! - a consumer is handed a message only when it is not paused and holds fewer than its prefetch
 //!   in its window (client acks: unacknowledged; auto acks: handed out and not yet credited back
-//!   by the session as written); among those, consumers take turns (round-robin);
+//!   by the session once flushed to the socket); among those, consumers take turns
+//!   (round-robin, by consumer key);
 //! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
 //!   original order with their delivery count, so the next delivery is marked redelivered, or
 //!   move to the dead-letter queue once they were delivered `deliveries_max` times.
