@@ -272,7 +272,7 @@ impl Queue {
         let Some(consumer) = self.consumers.remove(&key) else {
             return;
         };
-        self.take_back(ctx, consumer.unacked.into_iter().collect());
+        self.take_back(ctx, consumer.unacked.into_iter().collect(), false);
         self.dispatch(ctx);
     }
 
@@ -344,9 +344,15 @@ impl Queue {
         self.dispatch(ctx);
     }
 
-    pub(crate) fn nack(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, ids: &[MessageId]) {
+    pub(crate) fn nack(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        key: ConsumerKey,
+        ids: &[MessageId],
+        requeue: bool,
+    ) {
         let returned = self.remove_unacked(key, ids);
-        self.take_back(ctx, returned);
+        self.take_back(ctx, returned, !requeue);
         self.dispatch(ctx);
     }
 
@@ -377,12 +383,13 @@ impl Queue {
     }
 
     /// Messages that were delivered and came back, oldest first: to the front of the queue in
-    /// that order, or to the dead-letter queue when their deliveries are used up.
-    fn take_back(&mut self, ctx: &mut Ctx<'_>, returned: Vec<Held>) {
+    /// that order, or to the dead-letter queue when their deliveries are used up or the client
+    /// asked (`dead_letter_now`). A dead-letter queue keeps its own messages either way.
+    fn take_back(&mut self, ctx: &mut Ctx<'_>, returned: Vec<Held>, dead_letter_now: bool) {
         let dead_letter = dead_letter_queue(&self.name);
         for held in returned.into_iter().rev() {
             match &dead_letter {
-                Some(dlq) if held.deliveries >= ctx.config.deliveries_max => {
+                Some(dlq) if dead_letter_now || held.deliveries >= ctx.config.deliveries_max => {
                     // Its Ack record is written only once the dead-letter queue's copy is
                     // durable (`Moved`): a crash in between duplicates it, never loses it.
                     self.dequeued += 1;

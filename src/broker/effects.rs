@@ -153,6 +153,8 @@ pub enum ShardMessage {
         consumer: ConsumerKey,
         destination: Arc<[u8]>,
         ids: SmallVec<[MessageId; 4]>,
+        /// False (`requeue:false` on the NACK, as RabbitMQ has it): dead-letter them now.
+        requeue: bool,
     },
     /// `count` more auto-acked deliveries of this consumer have left the broker (the server
     /// reported its connection's output flushed): its window has room for as many more. So an

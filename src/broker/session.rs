@@ -72,6 +72,17 @@ enum TxOp {
     Nack {
         subscription: u64,
         taken: Vec<Pending>,
+        requeue: bool,
+    },
+}
+
+/// What an ACK or NACK does to the messages it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Consumed,
+    /// `requeue: false` (RabbitMQ's NACK header) sends them straight to the dead-letter queue.
+    Rejected {
+        requeue: bool,
     },
 }
 
@@ -625,30 +636,36 @@ impl Session {
             }
             AckMode::Auto => return Err(ProtocolError::UnknownAck),
         };
-        let is_ack = frame.command == Command::Ack;
+        let outcome = if frame.command == Command::Ack {
+            Outcome::Consumed
+        } else {
+            Outcome::Rejected {
+                requeue: frame.header(b"requeue") != Some(b"false"),
+            }
+        };
         if let Some(name) = transaction {
             let tx = self
                 .transactions
                 .get_mut(name)
                 .ok_or(ProtocolError::UnknownTransaction)?;
-            tx.ops.push(if is_ack {
-                TxOp::Ack {
+            tx.ops.push(match outcome {
+                Outcome::Consumed => TxOp::Ack {
                     subscription: number,
                     taken,
-                }
-            } else {
-                TxOp::Nack {
+                },
+                Outcome::Rejected { requeue } => TxOp::Nack {
                     subscription: number,
                     taken,
-                }
+                    requeue,
+                },
             });
             return Ok(());
         }
-        self.settle(ctx, number, &taken, is_ack);
+        self.settle(ctx, number, &taken, outcome);
         Ok(())
     }
 
-    fn settle(&self, ctx: &mut Ctx<'_>, number: u64, taken: &[Pending], is_ack: bool) {
+    fn settle(&self, ctx: &mut Ctx<'_>, number: u64, taken: &[Pending], outcome: Outcome) {
         let Some(subscription) = self.subscriptions.get(&number) else {
             // Unsubscribed since: the destination already took these messages back.
             return;
@@ -660,18 +677,18 @@ impl Session {
         let destination = subscription.destination.clone();
         let ids: SmallVec<[MessageId; 4]> = taken.iter().map(|p| p.id).collect();
         let to = shard_of(&destination, ctx.shard_count);
-        let message = if is_ack {
-            ShardMessage::Ack {
+        let message = match outcome {
+            Outcome::Consumed => ShardMessage::Ack {
                 consumer,
                 destination,
                 ids,
-            }
-        } else {
-            ShardMessage::Nack {
+            },
+            Outcome::Rejected { requeue } => ShardMessage::Nack {
                 consumer,
                 destination,
                 ids,
-            }
+                requeue,
+            },
         };
         ctx.route(to, message);
     }
@@ -726,11 +743,12 @@ impl Session {
                 TxOp::Ack {
                     subscription,
                     taken,
-                } => self.settle(ctx, subscription, &taken, true),
+                } => self.settle(ctx, subscription, &taken, Outcome::Consumed),
                 TxOp::Nack {
                     subscription,
                     taken,
-                } => self.settle(ctx, subscription, &taken, false),
+                    requeue,
+                } => self.settle(ctx, subscription, &taken, Outcome::Rejected { requeue }),
             }
         }
         Ok(())
@@ -750,6 +768,7 @@ impl Session {
             | TxOp::Nack {
                 subscription,
                 taken,
+                ..
             } = op
             {
                 // The acknowledgements are undone: the messages await an ACK again.

@@ -671,10 +671,13 @@ impl Shard {
                 consumer,
                 destination,
                 ids,
+                requeue,
             } => {
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.nack(&mut ctx, consumer, &ids),
+                    Some(Destination::Queue(queue)) => {
+                        queue.nack(&mut ctx, consumer, &ids, requeue)
+                    }
                     Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
                     None => {}
                 }

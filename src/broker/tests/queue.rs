@@ -863,3 +863,32 @@ fn message_expiring_in_flight_between_shards_is_not_delivered() {
         .held_message_ids(queue.as_bytes())
         .is_empty());
 }
+
+/// RabbitMQ's `requeue:false` on NACK: the message goes to the dead-letter queue at once.
+#[test]
+fn nack_without_requeue_dead_letters_at_once() {
+    let mut cluster = Cluster::single();
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/orders", "client-individual");
+    let producer = cluster.connect(0);
+    cluster.publish(producer, "/queue/orders", "bad");
+    let frames = cluster.frames(consumer);
+    cluster.send(
+        consumer,
+        frame(
+            Command::Nack,
+            &[("id", &ack_id(&frames[0])), ("requeue", "false")],
+            b"",
+        ),
+    );
+    assert!(cluster.frames(consumer).is_empty());
+    assert!(cluster.shards[0]
+        .held_message_ids(b"/queue/orders")
+        .is_empty());
+    assert_eq!(
+        cluster.shards[0]
+            .held_message_ids(b"/queue/DLQ.orders")
+            .len(),
+        1
+    );
+}

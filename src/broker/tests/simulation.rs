@@ -337,16 +337,19 @@ impl World {
                 };
                 let ack_id = taken.last().expect("took at least one").0.clone();
                 let command = if nack { Command::Nack } else { Command::Ack };
+                // One NACK in three asks RabbitMQ-style for no requeue (straight to the DLQ).
+                let mut headers = vec![("id", ack_id.as_str())];
+                if nack && pick % 3 == 0 {
+                    headers.push(("requeue", "false"));
+                }
                 let sub_id = sub.id.clone();
                 let destination = sub.destination.clone();
                 match (&mut model.tx, in_tx) {
                     (Some(tx), true) => {
                         let name = tx.name.clone();
                         tx.acks.push((sub_id, taken, !nack));
-                        self.cluster.send(
-                            conn,
-                            frame(command, &[("id", &ack_id), ("transaction", &name)], b""),
-                        );
+                        headers.push(("transaction", &name));
+                        self.cluster.send(conn, frame(command, &headers, b""));
                     }
                     _ => {
                         if !nack {
@@ -354,8 +357,7 @@ impl World {
                                 self.consume(&destination, body);
                             }
                         }
-                        self.cluster
-                            .send(conn, frame(command, &[("id", &ack_id)], b""));
+                        self.cluster.send(conn, frame(command, &headers, b""));
                     }
                 }
             }
