@@ -54,6 +54,8 @@ pub enum ProtocolError {
     MonitorReadOnly,
     #[error("heart-beat timeout")]
     HeartbeatTimeout,
+    #[error("server shutting down")]
+    ShuttingDown,
 }
 
 /// The versions this broker speaks, as the ERROR for a failed negotiation lists them.

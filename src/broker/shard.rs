@@ -377,6 +377,22 @@ impl Shard {
         self.drain_local(now_ms, out);
     }
 
+    /// The server is stopping (SIGINT/SIGTERM): every connection of this shard gets an ERROR
+    /// saying so and is closed; their unacknowledged messages go back to their queues (on other
+    /// shards through the usual peer messages, which the server should still deliver before it
+    /// stops the other cores).
+    pub fn on_shutdown(&mut self, now_ms: u64, out: &mut Effects) {
+        let locals: Vec<u64> = self.sessions.keys().copied().collect();
+        for local in locals {
+            let conn = ConnectionId {
+                shard: self.id,
+                local,
+            };
+            self.fail(conn, &ProtocolError::ShuttingDown, None, now_ms, out);
+        }
+        self.drain_local(now_ms, out);
+    }
+
     /// Puts messages recovered from this shard's log back into their queues, in log order.
     /// Call before accepting connections. A message this shard does not own (the shard count
     /// changed since it was logged, or a topic name) is refused: the caller must not drop it

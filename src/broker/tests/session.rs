@@ -604,3 +604,43 @@ fn offloaded_login_waits_for_the_verdict() {
         Some("SUBSCRIBE sent before CONNECTED (login still being checked)")
     );
 }
+
+#[test]
+fn shutdown_closes_every_connection_with_an_error_and_returns_unacked() {
+    let mut cluster = Cluster::new(2, BrokerConfig::default());
+    let queue = "/queue/kept";
+    let other = 1 - shard_of(queue.as_bytes(), 2).0;
+    let consumer = cluster.connect(other);
+    cluster.subscribe(consumer, "s", queue, "client");
+    cluster.publish(consumer, queue, "x");
+    assert_eq!(bodies(&cluster.frames(consumer)), ["x"]);
+    let mut out = Effects::new();
+    cluster.shards[other as usize].on_shutdown(cluster.now, &mut out);
+    let unsubscribes = out
+        .list
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Effect::Peer {
+                    message: ShardMessage::Unsubscribe { .. },
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(unsubscribes, 1, "the consumer's queue hears it is gone");
+    let Some(Effect::Write { bytes, .. }) = out.list.first() else {
+        panic!("{:?}", out.list)
+    };
+    assert!(out
+        .slice(bytes)
+        .starts_with(b"ERROR\nmessage:server shutting down\n"));
+    let closes = out
+        .list
+        .iter()
+        .filter(|e| matches!(e, Effect::Close { .. }))
+        .count();
+    assert_eq!(closes, 1);
+    assert_eq!(cluster.shards[other as usize].session_count(), 0);
+}
