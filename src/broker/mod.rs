@@ -21,7 +21,7 @@
 //! - [`Shard::on_peer_message`] for each [`Effect::Peer`] another shard produced;
 //! - [`Shard::on_durable`] once log appends up to a [`DurableToken`] are durable;
 //! - [`Shard::on_tick`] at least every `tick_interval_ms`;
-//! - [`Shard::on_connection_lost`] when the socket dies;
+//! - [`Shard::on_connection_lost`] when the socket dies; [`Shard::on_shutdown`] when stopping;
 //! - [`Shard::metrics`] and [`Shard::queue_stats`] at scrape time.
 //!
 //! Invariants the tests check for any interleaving (`tests/property.rs`, `tests/simulation.rs`):
