@@ -58,6 +58,8 @@ fn action() -> impl Strategy<Value = Action> {
             .prop_map(|(client, graceful)| Action::Disconnect { client, graceful }),
         (0..10usize, 1..8usize).prop_map(|(link, count)| Action::Pump { link, count }),
         (0..CLIENTS).prop_map(|client| Action::Flush { client }),
+        (0..CLIENTS, any::<bool>())
+            .prop_map(|(client, writable)| Action::Writable { client, writable }),
         (0..2usize, 0..100usize).prop_map(|(shard, pick)| Action::Durable { shard, pick }),
         Just(Action::Tick),
     ]

@@ -79,6 +79,11 @@ pub(crate) enum Action {
     Flush {
         client: usize,
     },
+    /// The client's output buffer filled up (`false`) or drained below its mark (`true`).
+    Writable {
+        client: usize,
+        writable: bool,
+    },
     Tick,
 }
 
@@ -477,6 +482,13 @@ impl World {
                     self.cluster.durable(shard, tokens[pick % tokens.len()]);
                 }
             }
+            Action::Writable { client, writable } => {
+                let client = client % clients;
+                let Some(conn) = self.clients[client].conn else {
+                    return;
+                };
+                self.cluster.writable(conn, writable);
+            }
             Action::Flush { client } => {
                 let client = client % clients;
                 let Some(conn) = self.clients[client].conn else {
@@ -760,7 +772,11 @@ pub(crate) fn random_action(rng: &mut TestRng, clients: usize) -> Action {
             graceful: rng.random_bool(0.5),
         },
         54 => Action::Tick,
-        55..=64 => Action::Flush { client },
+        55..=62 => Action::Flush { client },
+        63..=64 => Action::Writable {
+            client,
+            writable: rng.random_bool(0.6),
+        },
         65..=69 => Action::Durable {
             shard: client,
             pick,
