@@ -1,10 +1,12 @@
 //! stompd: a thread-per-core STOMP 1.0/1.1/1.2 message broker.
 //!
 //! The library holds the parts that know no sockets, so they can be tested deterministically:
-//! [`codec`] turns bytes into frames and back; [`log`] stores durable queues; [`config`] and
+//! [`codec`] turns bytes into frames and back; [`broker`] is the sessions and destinations;
+//! [`log`] stores durable queues; [`config`] and
 //! [`auth`] are what the operator sets. The `stompd` binary drives them.
 
 pub mod auth;
+pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod log;

@@ -1,0 +1,119 @@
+//! Settings and limits of the broker logic. Every bound is named with its unit last and says
+//! why it has the value it has; the server fills this from flags and the TOML config.
+
+/// How the broker logic behaves and how far any one client can push it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Queues append persistent messages to the log ([`crate::broker::Record`]). Off means
+    /// queues live in memory only (stompserver's default store).
+    pub log_enabled: bool,
+    /// A RECEIPT for a persistent SEND to a queue waits until the server reports its record
+    /// durable ([`crate::broker::Shard::on_durable`]). Set under `--fsync always`: the receipt is
+    /// then the durability point, as RabbitMQ's publisher confirms and Apollo's receipts are.
+    pub receipts_wait_for_sync: bool,
+    /// Whether a SEND without a `persistent` header is persistent. True: a broker whose queues
+    /// are logged should not lose a message because the client did not know ActiveMQ's header
+    /// (ActiveMQ defaults to false; send `persistent:false` to opt out per message).
+    pub persistent_by_default: bool,
+    /// Window of a subscription that names no prefetch: 1,000 messages, ActiveMQ's queue
+    /// prefetch, enough to keep a consumer busy across a round trip. For client acks it bounds
+    /// the unacknowledged messages; for auto acks, those written and not yet flushed to the
+    /// socket ([`crate::broker::Shard::on_flushed`]).
+    pub prefetch_default_messages: u32,
+    /// Upper bound of `activemq.prefetchSize` / `prefetch-count`; larger requests are lowered
+    /// to it. 65,536 unacknowledged messages bound what one subscription pins in memory.
+    pub prefetch_messages_max: u32,
+    /// Deliveries after which a message that comes back (NACK, consumer gone) moves to its
+    /// dead-letter queue: 7, ActiveMQ's first delivery plus `maximumRedeliveries` 6.
+    pub deliveries_max: u32,
+    /// Subscriptions one connection may hold. 1,024: far beyond real clients, small enough
+    /// that one connection cannot make every destination track it.
+    pub subscriptions_per_connection_max: usize,
+    /// Open transactions per connection. 64: clients use one at a time; each open one holds
+    /// buffered messages.
+    pub transactions_per_connection_max: usize,
+    /// SEND, ACK and NACK frames one transaction may hold before COMMIT. 10,000 keeps an
+    /// unfinished transaction from growing without bound.
+    pub transaction_frames_max: usize,
+    /// Message bytes the open transactions of one connection may buffer together. 64 MiB: four
+    /// maximum-size frames; counted per connection, not per transaction, so opening more
+    /// transactions does not multiply it.
+    pub transaction_bytes_per_connection_max: usize,
+    /// RECEIPTs one connection may have waiting for the log (or for an earlier receipt, to keep
+    /// their order). 65,536 bounds the bookkeeping of a client that pipelines receipted sends.
+    pub receipts_pending_max: usize,
+    /// Messages a queue holds waiting for consumers; a SEND beyond it is refused with an
+    /// ERROR. 1,000,000 messages.
+    pub queue_messages_max: usize,
+    /// Body bytes a queue holds waiting for consumers; beyond it a SEND is refused. 1 GiB keeps
+    /// one runaway queue from taking the machine's memory.
+    pub queue_bytes_max: u64,
+    /// Smallest interval at which the server will send heart-beats, whatever the client asks:
+    /// 1,000 ms, so a client cannot make the server beat thousands of times a second.
+    pub heartbeat_send_ms_min: u64,
+    /// Interval at which the server would like heart-beats from clients that can send them
+    /// (`sy` in the CONNECTED `heart-beat` header): 10,000 ms.
+    pub heartbeat_receive_ms: u64,
+    /// A client is given up on after this percentage of its heart-beat interval passes with no
+    /// data: 200 %, Artemis' `heartBeatToConnectionTtlModifier` 2.0 and CoilMQ's 2x. ActiveMQ
+    /// is strict by default and clients complained of spurious disconnects (stomp.py #78,
+    /// #179, #203); a dead peer found one interval later costs little.
+    pub heartbeat_read_grace_percent: u64,
+    /// How often the server promises to call `on_tick`: 100 ms. A heart-beat is sent once the
+    /// connection has been quiet for its interval less this, so it is never late.
+    pub tick_interval_ms: u64,
+    /// Interval between `/queue/monitor` statistics messages: 5,000 ms, as stompserver.
+    pub monitor_interval_ms: u64,
+    /// Login checks leave the shard's thread: CONNECT yields `Effect::Authenticate` and the
+    /// server answers with `on_login_result`. An argon2id check takes tens of milliseconds,
+    /// during which a core checking it inline would serve nobody. Off by default, because with
+    /// authentication off (`AllowAll`) there is nothing slow to move.
+    pub login_offloaded: bool,
+    /// The `server` header of CONNECTED.
+    pub server_name: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            log_enabled: false,
+            receipts_wait_for_sync: false,
+            persistent_by_default: true,
+            prefetch_default_messages: 1000,
+            prefetch_messages_max: 65_536,
+            deliveries_max: 7,
+            subscriptions_per_connection_max: 1024,
+            transactions_per_connection_max: 64,
+            transaction_frames_max: 10_000,
+            transaction_bytes_per_connection_max: 64 * 1024 * 1024,
+            receipts_pending_max: 65_536,
+            queue_messages_max: 1_000_000,
+            queue_bytes_max: 1024 * 1024 * 1024,
+            heartbeat_send_ms_min: 1000,
+            heartbeat_receive_ms: 10_000,
+            heartbeat_read_grace_percent: 200,
+            tick_interval_ms: 100,
+            monitor_interval_ms: 5000,
+            login_offloaded: false,
+            server_name: concat!("stompd/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+/// Checks a user name and password from CONNECT. The password file and its hashes live in
+/// `crate::auth`; the session only needs the verdict, and tests use a fake.
+pub trait Authenticator: Send + Sync {
+    /// True when `login` may connect with `passcode`. Must take the same time whether or not
+    /// the user exists, so the answer cannot be timed.
+    fn authenticate(&self, login: &[u8], passcode: &[u8]) -> bool;
+}
+
+/// Authentication off (stompserver's default without `-a`): every CONNECT is let in.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowAll;
+
+impl Authenticator for AllowAll {
+    fn authenticate(&self, _login: &[u8], _passcode: &[u8]) -> bool {
+        true
+    }
+}

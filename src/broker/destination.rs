@@ -1,0 +1,674 @@
+//! Queues and topics: the state a destination's owning shard keeps, and how it answers the
+//! typed messages of [`super::ShardMessage`].
+//!
+//! Queue invariants:
+//! - every accepted, unexpired message is in exactly one place: `ready` (waiting, FIFO) or one
+//!   consumer's `unacked` (delivered, in delivery order), until it is consumed for good;
+//! - a consumer is handed a message only when it is not paused and holds fewer than its prefetch
+//!   in its window (client acks: unacknowledged; auto acks: handed out and not yet credited back
+//!   by the session once flushed to the socket); among those, consumers take turns
+//!   (round-robin, by consumer key);
+//! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
+//!   original order with their delivery count, so the next delivery is marked redelivered, or
+//!   move to the dead-letter queue once they were delivered `deliveries_max` times.
+//!
+//! Topics keep nothing: each message goes to every current subscriber that can take it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use super::effects::{Record, Rejection, ShardMessage};
+use super::shard::Ctx;
+use super::types::{
+    dead_letter_queue, shard_of, AckMode, ConsumerKey, Message, MessageId, QueueStats,
+};
+
+/// A message held by a queue, with how many times it has been delivered so far.
+#[derive(Debug)]
+struct Held {
+    message: Arc<Message>,
+    deliveries: u32,
+}
+
+#[derive(Debug)]
+struct QueueConsumer {
+    ack: AckMode,
+    /// Most messages in its window at a time: unacknowledged ones for client acks, handed
+    /// out and not yet credited back by the session for auto acks.
+    prefetch: u32,
+    /// Its connection's output is full: deliver nothing until resumed.
+    paused: bool,
+    /// Delivered and not yet acknowledged, in delivery order (empty for auto acks).
+    unacked: VecDeque<Held>,
+    /// Auto acks: deliveries the session has not yet reported written ([`ShardMessage::Credit`]).
+    in_flight: u32,
+}
+
+impl QueueConsumer {
+    fn has_credit(&self) -> bool {
+        let used = match self.ack {
+            AckMode::Auto => self.in_flight as usize,
+            AckMode::Client | AckMode::ClientIndividual => self.unacked.len(),
+        };
+        !self.paused && used < self.prefetch as usize
+    }
+}
+
+/// A point-to-point destination.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    name: Arc<[u8]>,
+    ready: VecDeque<Held>,
+    /// Body bytes in `ready`, for `queue_bytes_max`.
+    ready_bytes: u64,
+    /// By key: acks and credits find their consumer in O(log n) even on a queue with
+    /// thousands of workers, and the order (connection, then subscription) is deterministic.
+    consumers: BTreeMap<ConsumerKey, QueueConsumer>,
+    /// The consumer served last; the turn passes to the next key after it, wrapping around.
+    last_served: Option<ConsumerKey>,
+    enqueued: u64,
+    dequeued: u64,
+    /// No message in `ready` expires before this (u64::MAX: none expires). May be early after
+    /// messages leave, never late, so a tick skips the sweep of a queue with nothing due.
+    next_expiry_ms: u64,
+    /// The earliest time the shard's expiry timer already holds for this queue (u64::MAX:
+    /// none), so a queue is put on the timer again only when something expires sooner.
+    pub(crate) timer_ms: u64,
+}
+
+impl Queue {
+    pub(crate) fn new(name: Arc<[u8]>) -> Queue {
+        Queue {
+            name,
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            consumers: BTreeMap::new(),
+            last_served: None,
+            enqueued: 0,
+            dequeued: 0,
+            next_expiry_ms: u64::MAX,
+            timer_ms: u64::MAX,
+        }
+    }
+
+    /// Puts a message into `ready` at the back (new) or the front (came back).
+    fn hold(&mut self, held: Held, front: bool) {
+        if held.message.expires_ms != 0 {
+            self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
+        }
+        self.ready_bytes += held.message.body.len() as u64;
+        if front {
+            self.ready.push_front(held);
+        } else {
+            self.ready.push_back(held);
+        }
+    }
+
+    fn logged(ctx: &Ctx<'_>, message: &Message) -> bool {
+        ctx.config.log_enabled && message.persistent
+    }
+
+    fn log_done(&self, ctx: &mut Ctx<'_>, message: &Message) {
+        if Self::logged(ctx, message) {
+            ctx.append(
+                Record::Ack {
+                    destination: self.name.clone(),
+                    id: message.id,
+                },
+                None,
+            );
+        }
+    }
+
+    pub(crate) fn publish(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        origin: super::ConnectionId,
+        ticket: Option<u64>,
+    ) {
+        if message.is_expired(ctx.now_ms) {
+            // Never delivered, never stored; the SEND itself was fine.
+            ctx.counters.messages_expired_total += 1;
+            if let Some(ticket) = ticket {
+                ctx.route(
+                    origin.shard,
+                    ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    },
+                );
+            }
+            return;
+        }
+        let rejection = if self.ready.len() >= ctx.config.queue_messages_max {
+            Some(Rejection::QueueMessagesFull)
+        } else if self.ready_bytes + message.body.len() as u64 > ctx.config.queue_bytes_max {
+            Some(Rejection::QueueBytesFull)
+        } else {
+            None
+        };
+        if let Some(reason) = rejection {
+            ctx.route(
+                origin.shard,
+                ShardMessage::Rejected {
+                    conn: origin,
+                    reason,
+                },
+            );
+            return;
+        }
+        self.enqueued += 1;
+        ctx.counters.messages_accepted_total += 1;
+        let mut confirm_now = ticket.is_some();
+        if Self::logged(ctx, &message) {
+            let token = match ticket {
+                Some(ticket) if ctx.config.receipts_wait_for_sync => {
+                    confirm_now = false;
+                    let confirmed = ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    };
+                    Some(ctx.wait_durable(origin.shard, confirmed))
+                }
+                _ => None,
+            };
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                token,
+            );
+        }
+        if confirm_now {
+            if let Some(ticket) = ticket {
+                ctx.route(
+                    origin.shard,
+                    ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    },
+                );
+            }
+        }
+        self.hold(
+            Held {
+                message,
+                deliveries: 0,
+            },
+            false,
+        );
+        self.dispatch(ctx);
+    }
+
+    /// A message that used up its deliveries on queue `from`. Taken whatever the limits: it
+    /// has already left `from`, and refusing it would lose it.
+    pub(crate) fn accept_dead_letter(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        from: Arc<[u8]>,
+    ) {
+        self.enqueued += 1;
+        if Self::logged(ctx, &message) {
+            let moved = ShardMessage::Moved {
+                destination: from.clone(),
+                id: message.id,
+            };
+            let token = ctx.wait_durable(shard_of(&from, ctx.shard_count), moved);
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                Some(token),
+            );
+        }
+        self.hold(
+            Held {
+                message,
+                deliveries: 0,
+            },
+            false,
+        );
+        self.dispatch(ctx);
+    }
+
+    /// Puts recovered messages back at startup, in log order.
+    pub(crate) fn restore(&mut self, message: Arc<Message>, deliveries: u32) {
+        self.enqueued += 1;
+        self.hold(
+            Held {
+                message,
+                deliveries,
+            },
+            false,
+        );
+    }
+
+    pub(crate) fn subscribe(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        key: ConsumerKey,
+        ack: AckMode,
+        prefetch: u32,
+        paused: bool,
+    ) {
+        let previous = self.consumers.insert(
+            key,
+            QueueConsumer {
+                ack,
+                prefetch: prefetch.max(1),
+                paused,
+                unacked: VecDeque::new(),
+                in_flight: 0,
+            },
+        );
+        debug_assert!(previous.is_none(), "consumer keys are never reused");
+        self.dispatch(ctx);
+    }
+
+    pub(crate) fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey) {
+        let Some(consumer) = self.consumers.remove(&key) else {
+            return;
+        };
+        self.take_back(ctx, consumer.unacked.into_iter().collect(), false);
+        self.dispatch(ctx);
+    }
+
+    /// The session wrote `count` auto-acked deliveries: room for as many more.
+    pub(crate) fn credit(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, count: u32) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
+            consumer.in_flight = consumer.in_flight.saturating_sub(count);
+        }
+        self.dispatch(ctx);
+    }
+
+    pub(crate) fn flow(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, paused: bool) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
+            consumer.paused = paused;
+        }
+        if !paused {
+            self.dispatch(ctx);
+        }
+    }
+
+    /// Removes `ids` from the consumer's unacknowledged messages, in delivery order. Ids it does
+    /// not hold are skipped: the session checked them, so a miss means the consumer already
+    /// ended (its messages were taken back) and the ack lost a race it may lose.
+    fn remove_unacked(&mut self, key: ConsumerKey, ids: &[MessageId]) -> Vec<Held> {
+        let Some(consumer) = self.consumers.get_mut(&key) else {
+            return Vec::new();
+        };
+        if ids.len() > 8 {
+            // A cumulative ACK names many: one pass with a set instead of a search per id.
+            let wanted: std::collections::HashSet<MessageId> = ids.iter().copied().collect();
+            let mut removed = Vec::with_capacity(ids.len());
+            let mut kept = VecDeque::with_capacity(consumer.unacked.len());
+            for held in consumer.unacked.drain(..) {
+                if wanted.contains(&held.message.id) {
+                    removed.push(held);
+                } else {
+                    kept.push_back(held);
+                }
+            }
+            consumer.unacked = kept;
+            return removed;
+        }
+        // Acks usually name the oldest deliveries, so search from the front.
+        let mut positions: Vec<usize> = ids
+            .iter()
+            .filter_map(|id| {
+                consumer
+                    .unacked
+                    .iter()
+                    .position(|held| held.message.id == *id)
+            })
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        let mut removed: Vec<Held> = positions
+            .iter()
+            .rev()
+            .filter_map(|&position| consumer.unacked.remove(position))
+            .collect();
+        removed.reverse();
+        removed
+    }
+
+    pub(crate) fn ack(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, ids: &[MessageId]) {
+        for held in self.remove_unacked(key, ids) {
+            self.dequeued += 1;
+            self.log_done(ctx, &held.message);
+        }
+        self.dispatch(ctx);
+    }
+
+    pub(crate) fn nack(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        key: ConsumerKey,
+        ids: &[MessageId],
+        requeue: bool,
+    ) {
+        let returned = self.remove_unacked(key, ids);
+        self.take_back(ctx, returned, !requeue);
+        self.dispatch(ctx);
+    }
+
+    /// An auto-acked delivery that no subscription was left to write. It goes back to the front
+    /// keeping its delivery count, so its next delivery is marked redelivered: conservative (it
+    /// was never written), but it keeps the rule that unmarked deliveries to a subscription are
+    /// in publish order, which a consumer that got later messages meanwhile could otherwise see
+    /// broken.
+    pub(crate) fn returned(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, deliveries: u32) {
+        self.dequeued = self.dequeued.saturating_sub(1);
+        if Self::logged(ctx, &message) {
+            // Its auto-ack record is already in the log; log it again so a restart keeps it.
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                None,
+            );
+        }
+        self.hold(
+            Held {
+                message,
+                deliveries,
+            },
+            true,
+        );
+        self.dispatch(ctx);
+    }
+
+    /// Messages that were delivered and came back, oldest first: to the front of the queue in
+    /// that order, or to the dead-letter queue when their deliveries are used up or the client
+    /// asked (`dead_letter_now`). A dead-letter queue keeps its own messages either way.
+    fn take_back(&mut self, ctx: &mut Ctx<'_>, returned: Vec<Held>, dead_letter_now: bool) {
+        let dead_letter = dead_letter_queue(&self.name);
+        for held in returned.into_iter().rev() {
+            match &dead_letter {
+                Some(dlq) if dead_letter_now || held.deliveries >= ctx.config.deliveries_max => {
+                    // Its Ack record is written only once the dead-letter queue's copy is
+                    // durable (`Moved`): a crash in between duplicates it, never loses it.
+                    self.dequeued += 1;
+                    ctx.counters.messages_dead_lettered_total += 1;
+                    let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
+                    let moved = Arc::new(held.message.moved_to(dlq.clone()));
+                    let to = shard_of(&dlq, ctx.shard_count);
+                    ctx.route(
+                        to,
+                        ShardMessage::DeadLetter {
+                            message: moved,
+                            from: self.name.clone(),
+                        },
+                    );
+                }
+                _ => self.hold(held, true),
+            }
+        }
+    }
+
+    /// Hands waiting messages to consumers with credit, in turn, until either runs out.
+    fn dispatch(&mut self, ctx: &mut Ctx<'_>) {
+        while !self.ready.is_empty() {
+            let Some(key) = self.next_with_credit() else {
+                return;
+            };
+            let Some(mut held) = self.ready.pop_front() else {
+                return;
+            };
+            self.ready_bytes -= held.message.body.len() as u64;
+            if held.message.is_expired(ctx.now_ms) {
+                self.dequeued += 1;
+                ctx.counters.messages_expired_total += 1;
+                self.log_done(ctx, &held.message);
+                continue;
+            }
+            // Saturating: a dead-letter queue redelivers without limit.
+            held.deliveries = held.deliveries.saturating_add(1);
+            ctx.counters.deliveries_total += 1;
+            self.last_served = Some(key);
+            let Some(consumer) = self.consumers.get_mut(&key) else {
+                return;
+            };
+            let settled = consumer.ack == AckMode::Auto;
+            ctx.route(
+                key.conn.shard,
+                ShardMessage::Deliver {
+                    consumer: key,
+                    message: held.message.clone(),
+                    deliveries: held.deliveries,
+                    settled,
+                },
+            );
+            if settled {
+                consumer.in_flight += 1;
+                self.dequeued += 1;
+                self.log_done(ctx, &held.message);
+            } else {
+                consumer.unacked.push_back(held);
+            }
+        }
+    }
+
+    /// The first consumer after the one served last, wrapping around, that can take one more.
+    fn next_with_credit(&self) -> Option<ConsumerKey> {
+        let has_credit =
+            |(key, consumer): (&ConsumerKey, &QueueConsumer)| consumer.has_credit().then_some(*key);
+        match self.last_served {
+            None => self.consumers.iter().find_map(has_credit),
+            Some(last) => self
+                .consumers
+                .range((Bound::Excluded(last), Bound::Unbounded))
+                .chain(self.consumers.range(..=last))
+                .find_map(has_credit),
+        }
+    }
+
+    /// Drops expired messages that wait at the front (called on ticks), so an idle queue does
+    /// not hold them until a consumer comes.
+    pub(crate) fn sweep_expired(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now_ms;
+        if now < self.next_expiry_ms {
+            return;
+        }
+        self.next_expiry_ms = u64::MAX;
+        let mut kept = VecDeque::with_capacity(self.ready.len());
+        for held in std::mem::take(&mut self.ready) {
+            if held.message.is_expired(now) {
+                self.ready_bytes -= held.message.body.len() as u64;
+                self.dequeued += 1;
+                ctx.counters.messages_expired_total += 1;
+                if ctx.config.log_enabled && held.message.persistent {
+                    ctx.append(
+                        Record::Ack {
+                            destination: self.name.clone(),
+                            id: held.message.id,
+                        },
+                        None,
+                    );
+                }
+            } else {
+                if held.message.expires_ms != 0 {
+                    self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
+                }
+                kept.push_back(held);
+            }
+        }
+        self.ready = kept;
+    }
+
+    /// When the earliest waiting message expires (u64::MAX: none does); may be early.
+    pub(crate) fn next_expiry_ms(&self) -> u64 {
+        self.next_expiry_ms
+    }
+
+    /// Nothing waits and nobody listens: the shard forgets the queue, so that names used once
+    /// do not pile up (a client cannot grow memory by inventing destination names).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.ready.is_empty() && self.consumers.is_empty()
+    }
+
+    pub(crate) fn stats(&self) -> QueueStats {
+        let unacked: usize = self.consumers.values().map(|c| c.unacked.len()).sum();
+        QueueStats {
+            name: self.name.clone(),
+            size: (self.ready.len() + unacked) as u64,
+            dequeued: self.dequeued,
+            enqueued: self.enqueued,
+        }
+    }
+
+    /// Bodies of the messages held, for invariant checks in tests.
+    #[cfg(test)]
+    pub(crate) fn held_bodies(&self) -> Vec<Vec<u8>> {
+        let mut bodies: Vec<Vec<u8>> = self.ready.iter().map(|h| h.message.body.to_vec()).collect();
+        for consumer in self.consumers.values() {
+            bodies.extend(consumer.unacked.iter().map(|h| h.message.body.to_vec()));
+        }
+        bodies
+    }
+
+    /// Messages held (waiting or unacknowledged), for tests and invariant checks.
+    pub(crate) fn held_ids(&self) -> Vec<MessageId> {
+        let mut ids: Vec<MessageId> = self.ready.iter().map(|h| h.message.id).collect();
+        for consumer in self.consumers.values() {
+            ids.extend(consumer.unacked.iter().map(|h| h.message.id));
+        }
+        ids
+    }
+}
+
+#[derive(Debug)]
+struct TopicConsumer {
+    key: ConsumerKey,
+    ack: AckMode,
+    prefetch: u32,
+    paused: bool,
+    /// Delivered and not yet acknowledged (client acks), only to bound them by prefetch.
+    unacked: VecDeque<MessageId>,
+    /// Auto acks: deliveries not yet credited back by the session.
+    in_flight: u32,
+}
+
+/// A publish-subscribe destination: nothing is kept. A subscriber that is paused or out of
+/// credit when a message is published does not get it (counted in the shard's metrics),
+/// so one slow subscriber neither blocks the others nor grows memory without bound.
+#[derive(Debug)]
+pub(crate) struct Topic {
+    consumers: BTreeMap<ConsumerKey, TopicConsumer>,
+}
+
+impl Topic {
+    pub(crate) fn new() -> Topic {
+        Topic {
+            consumers: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        self.consumers.is_empty()
+    }
+
+    pub(crate) fn publish(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        origin: super::ConnectionId,
+        ticket: Option<u64>,
+    ) {
+        if let Some(ticket) = ticket {
+            ctx.route(
+                origin.shard,
+                ShardMessage::Confirmed {
+                    conn: origin,
+                    ticket,
+                },
+            );
+        }
+        if message.is_expired(ctx.now_ms) {
+            ctx.counters.messages_expired_total += 1;
+            return;
+        }
+        ctx.counters.messages_accepted_total += 1;
+        for consumer in self.consumers.values_mut() {
+            let settled = consumer.ack == AckMode::Auto;
+            let used = if settled {
+                consumer.in_flight as usize
+            } else {
+                consumer.unacked.len()
+            };
+            if consumer.paused || used >= consumer.prefetch as usize {
+                ctx.counters.topic_deliveries_dropped_total += 1;
+                continue;
+            }
+            ctx.counters.deliveries_total += 1;
+            if settled {
+                consumer.in_flight += 1;
+            } else {
+                consumer.unacked.push_back(message.id);
+            }
+            ctx.route(
+                consumer.key.conn.shard,
+                ShardMessage::Deliver {
+                    consumer: consumer.key,
+                    message: message.clone(),
+                    deliveries: 1,
+                    settled,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn subscribe(
+        &mut self,
+        key: ConsumerKey,
+        ack: AckMode,
+        prefetch: u32,
+        paused: bool,
+    ) {
+        self.consumers.insert(
+            key,
+            TopicConsumer {
+                key,
+                ack,
+                prefetch: prefetch.max(1),
+                paused,
+                unacked: VecDeque::new(),
+                in_flight: 0,
+            },
+        );
+    }
+
+    pub(crate) fn credit(&mut self, key: ConsumerKey, count: u32) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
+            consumer.in_flight = consumer.in_flight.saturating_sub(count);
+        }
+    }
+
+    pub(crate) fn unsubscribe(&mut self, key: ConsumerKey) {
+        self.consumers.remove(&key);
+    }
+
+    pub(crate) fn flow(&mut self, key: ConsumerKey, paused: bool) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
+            consumer.paused = paused;
+        }
+    }
+
+    /// ACK and NACK both just release credit: a topic has nothing to redeliver from.
+    pub(crate) fn settle(&mut self, key: ConsumerKey, ids: &[MessageId]) {
+        if let Some(consumer) = self.consumers.get_mut(&key) {
+            consumer.unacked.retain(|id| !ids.contains(id));
+        }
+    }
+}
+
+/// A destination as its shard holds it.
+#[derive(Debug)]
+pub(crate) enum Destination {
+    Queue(Queue),
+    Topic(Topic),
+}

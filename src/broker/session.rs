@@ -1,0 +1,1200 @@
+//! One client connection's protocol state: version, login, heart-beats, subscriptions by id,
+//! transactions and receipts. A session lives on the shard that accepted its connection and
+//! reaches destinations only through [`ShardMessage`]s.
+//!
+//! States: `AwaitingConnect` (only CONNECT or STOMP is legal) → (`AwaitingLogin` while the
+//! server checks an offloaded login) → `Connected` → either
+//! `Disconnecting` (DISCONNECT with a receipt that still waits for earlier receipts) → `Closed`,
+//! or straight to `Closed` (DISCONNECT without receipt, or any error, which the shard turns into
+//! an ERROR frame and a close).
+//!
+//! Invariants:
+//! - a subscription's `unacked` holds, in delivery (tag) order, exactly the messages written to
+//!   the client under a client ack mode and not yet acknowledged or taken into a transaction;
+//! - an ACK or NACK inside a transaction takes its messages out of `unacked` until COMMIT
+//!   (sent to the destination) or ABORT (put back), so they cannot be acknowledged twice;
+//! - RECEIPTs go out in the order their frames arrived; `receipts` is sorted by ticket.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use super::config::Authenticator;
+use super::effects::{Effect, HeartbeatPlan, ShardMessage};
+use super::error::ProtocolError;
+use super::shard::Ctx;
+use super::types::{
+    shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, MONITOR_DESTINATION,
+};
+use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    AwaitingConnect,
+    /// CONNECT was valid; the server is checking the login ([`Effect::Authenticate`]).
+    AwaitingLogin,
+    Connected,
+    /// DISCONNECT arrived; its RECEIPT waits for earlier ones, then the connection closes.
+    Disconnecting,
+    Closed,
+}
+
+/// A delivered message the client must still acknowledge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pending {
+    /// Per-session delivery number; the `ack` header carries it.
+    tag: u64,
+    id: MessageId,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    /// The client's `id` header.
+    id: Box<[u8]>,
+    destination: Arc<[u8]>,
+    ack: AckMode,
+    /// `/queue/monitor`: fed by the shard's statistics timer, not by a destination.
+    monitor: bool,
+    unacked: VecDeque<Pending>,
+    /// Auto acks: deliveries written and not yet credited back to the destination (it does so
+    /// once the server reports the connection's output flushed).
+    uncredited: u32,
+}
+
+#[derive(Debug)]
+enum TxOp {
+    Send(Arc<Message>),
+    Ack {
+        subscription: u64,
+        taken: Vec<Pending>,
+    },
+    Nack {
+        subscription: u64,
+        taken: Vec<Pending>,
+        requeue: bool,
+    },
+}
+
+/// What an ACK or NACK does to the messages it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Consumed,
+    /// `requeue: false` (RabbitMQ's NACK header) sends them straight to the dead-letter queue.
+    Rejected {
+        requeue: bool,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Transaction {
+    ops: Vec<TxOp>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct PendingReceipt {
+    ticket: u64,
+    /// Confirmations still to come before this receipt may go.
+    awaiting: u32,
+    receipt_id: Box<[u8]>,
+    /// The DISCONNECT's receipt: close once it is written.
+    close_after: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    conn: ConnectionId,
+    state: State,
+    version: Version,
+    heartbeat: HeartbeatPlan,
+    last_read_ms: u64,
+    last_write_ms: u64,
+    writable: bool,
+    /// By the session's subscription number (the `subscription` of [`ConsumerKey`]).
+    subscriptions: BTreeMap<u64, Subscription>,
+    next_subscription: u64,
+    next_tag: u64,
+    transactions: BTreeMap<Box<[u8]>, Transaction>,
+    receipts: VecDeque<PendingReceipt>,
+    next_ticket: u64,
+    /// The destination of the last SEND, shared with its messages.
+    last_destination: Option<Arc<[u8]>>,
+}
+
+impl Session {
+    pub(crate) fn new(conn: ConnectionId, now_ms: u64) -> Session {
+        Session {
+            conn,
+            state: State::AwaitingConnect,
+            version: Version::V1_0,
+            heartbeat: HeartbeatPlan::default(),
+            last_read_ms: now_ms,
+            last_write_ms: now_ms,
+            writable: true,
+            subscriptions: BTreeMap::new(),
+            next_subscription: 0,
+            next_tag: 0,
+            transactions: BTreeMap::new(),
+            receipts: VecDeque::new(),
+            next_ticket: 0,
+            last_destination: None,
+        }
+    }
+
+    pub(crate) fn version(&self) -> Version {
+        self.version
+    }
+
+    pub(crate) fn heartbeat(&self) -> HeartbeatPlan {
+        self.heartbeat
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    pub(crate) fn has_monitor(&self) -> bool {
+        self.subscriptions.values().any(|s| s.monitor)
+    }
+
+    /// Any bytes from the client, heart-beat EOLs included, show it is alive.
+    pub(crate) fn note_input(&mut self, now_ms: u64) {
+        self.last_read_ms = self.last_read_ms.max(now_ms);
+    }
+
+    fn write(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        build: impl FnOnce(&mut Vec<u8>),
+        body: Option<Arc<Message>>,
+    ) {
+        let start = ctx.effects.bytes.len();
+        build(&mut ctx.effects.bytes);
+        self.push_write(ctx, start, body);
+    }
+
+    /// Records the bytes appended since `start` as a write to this connection.
+    fn push_write(&mut self, ctx: &mut Ctx<'_>, start: usize, body: Option<Arc<Message>>) {
+        let end = ctx.effects.bytes.len();
+        ctx.effects.list.push(Effect::Write {
+            conn: self.conn,
+            bytes: start..end,
+            body,
+        });
+        self.last_write_ms = self.last_write_ms.max(ctx.now_ms);
+    }
+
+    pub(crate) fn handle_frame(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        frame: &Frame<'_>,
+        authenticator: &dyn Authenticator,
+    ) -> Result<(), ProtocolError> {
+        let command = frame.command;
+        if matches!(
+            command,
+            Command::Connected | Command::Message | Command::Receipt | Command::Error
+        ) {
+            return Err(ProtocolError::ServerFrame(command));
+        }
+        match self.state {
+            State::AwaitingConnect => {
+                if !matches!(command, Command::Connect | Command::Stomp) {
+                    return Err(ProtocolError::NotConnected(command));
+                }
+            }
+            State::AwaitingLogin => return Err(ProtocolError::LoginPending(command)),
+            State::Connected => {
+                if matches!(command, Command::Connect | Command::Stomp) {
+                    return Err(ProtocolError::AlreadyConnected);
+                }
+            }
+            // STOMP 1.2 "DISCONNECT": clients MUST NOT send more frames; whatever still comes is
+            // dropped rather than answered on a connection that is going away.
+            State::Disconnecting | State::Closed => return Ok(()),
+        }
+        if !command.may_have_body() && !frame.body.is_empty() {
+            return Err(ProtocolError::UnexpectedBody(command));
+        }
+        let receipt = frame.header(b"receipt");
+        match command {
+            Command::Connect | Command::Stomp => return self.connect(ctx, frame, authenticator),
+            Command::Send => return self.send(ctx, frame),
+            Command::Subscribe => self.subscribe(ctx, frame)?,
+            Command::Unsubscribe => self.unsubscribe(ctx, frame)?,
+            Command::Ack | Command::Nack => self.acknowledge(ctx, frame)?,
+            Command::Begin => self.begin(ctx, frame)?,
+            Command::Commit => return self.commit(ctx, frame),
+            Command::Abort => self.abort(frame)?,
+            Command::Disconnect => {
+                self.end(ctx);
+                match receipt {
+                    Some(receipt) => {
+                        self.state = State::Disconnecting;
+                        self.push_receipt(ctx, receipt, 0, true)?;
+                    }
+                    None => self.state = State::Closed,
+                }
+                return Ok(());
+            }
+            Command::Connected | Command::Message | Command::Receipt | Command::Error => {
+                unreachable!("server frames were refused above")
+            }
+        }
+        if let Some(receipt) = receipt {
+            self.push_receipt(ctx, receipt, 0, false)?;
+        }
+        Ok(())
+    }
+
+    // --- CONNECT (STOMP 1.2 "Connecting") ---
+
+    fn connect(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        frame: &Frame<'_>,
+        authenticator: &dyn Authenticator,
+    ) -> Result<(), ProtocolError> {
+        let version =
+            negotiate(frame.header(b"accept-version")).ok_or(ProtocolError::NoCommonVersion)?;
+        // STOMP 1.0 has no heart-beating.
+        let (client_send, client_wants) = match (version, frame.header(b"heart-beat")) {
+            (Version::V1_0, _) | (_, None) => (0, 0),
+            (_, Some(value)) => parse_heartbeat(value)?,
+        };
+        let config = ctx.config;
+        // STOMP 1.2 "Heart-beating": each direction runs at the larger of what one side can do
+        // and what the other wants, and not at all when either says 0. We reply with the
+        // resulting intervals, so the client's computation lands on the same numbers.
+        let send_every_ms = if client_wants == 0 {
+            0
+        } else {
+            client_wants.max(config.heartbeat_send_ms_min)
+        };
+        let expect_every_ms = if client_send == 0 || config.heartbeat_receive_ms == 0 {
+            0
+        } else {
+            client_send.max(config.heartbeat_receive_ms)
+        };
+        self.heartbeat = HeartbeatPlan {
+            send_every_ms,
+            expect_every_ms,
+            read_timeout_ms: expect_every_ms.saturating_mul(config.heartbeat_read_grace_percent)
+                / 100,
+        };
+        self.version = version;
+        let login = frame.header(b"login").unwrap_or_default();
+        let passcode = frame.header(b"passcode").unwrap_or_default();
+        if config.login_offloaded {
+            self.state = State::AwaitingLogin;
+            ctx.effects.list.push(Effect::Authenticate {
+                conn: self.conn,
+                login: login.into(),
+                passcode: passcode.into(),
+            });
+            return Ok(());
+        }
+        if !authenticator.authenticate(login, passcode) {
+            return Err(ProtocolError::LoginFailed);
+        }
+        self.finish_connect(ctx);
+        Ok(())
+    }
+
+    /// The verdict on an offloaded login ([`Effect::Authenticate`]).
+    pub(crate) fn login_result(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        accepted: bool,
+    ) -> Result<(), ProtocolError> {
+        if self.state != State::AwaitingLogin {
+            return Ok(());
+        }
+        if !accepted {
+            return Err(ProtocolError::LoginFailed);
+        }
+        self.finish_connect(ctx);
+        Ok(())
+    }
+
+    fn finish_connect(&mut self, ctx: &mut Ctx<'_>) {
+        let version = self.version;
+        let HeartbeatPlan {
+            send_every_ms,
+            expect_every_ms,
+            ..
+        } = self.heartbeat;
+        self.state = State::Connected;
+        let conn = self.conn;
+        let server = ctx.config.server_name.clone();
+        self.write(
+            ctx,
+            |out| {
+                let mut writer = FrameWriter::begin(out, version, Command::Connected);
+                if version != Version::V1_0 {
+                    writer.header(b"version", version.as_str().as_bytes());
+                    let mut beat = Vec::with_capacity(24);
+                    beat.extend_from_slice(format!("{send_every_ms},{expect_every_ms}").as_bytes());
+                    writer.header(b"heart-beat", &beat);
+                }
+                writer.header(b"session", conn.to_string().as_bytes());
+                writer.header(b"server", server.as_bytes());
+                writer.finish(b"");
+            },
+            None,
+        );
+        ctx.effects.list.push(Effect::Connected {
+            conn,
+            version,
+            heartbeat: self.heartbeat,
+        });
+    }
+
+    // --- SEND ---
+
+    fn send(&mut self, ctx: &mut Ctx<'_>, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let destination = required(frame, Command::Send, "destination")?;
+        if destination == MONITOR_DESTINATION {
+            return Err(ProtocolError::MonitorReadOnly);
+        }
+        let expires_ms = match frame.header(b"expires") {
+            None => 0,
+            Some(text) => parse_u64(text).ok_or(ProtocolError::InvalidHeader {
+                header: "expires",
+                detail: "expected milliseconds since the Unix epoch",
+            })?,
+        };
+        let persistent = match frame.header(b"persistent") {
+            None => ctx.config.persistent_by_default,
+            Some(b"true") => true,
+            Some(b"false") => false,
+            Some(_) => {
+                return Err(ProtocolError::InvalidHeader {
+                    header: "persistent",
+                    detail: "expected true or false",
+                })
+            }
+        };
+        let transaction = frame.header(b"transaction");
+        if let Some(name) = transaction {
+            let tx = self
+                .transactions
+                .get(name)
+                .ok_or(ProtocolError::UnknownTransaction)?;
+            let buffered = self.transactions.values().map(|t| t.bytes).sum();
+            check_transaction_room(ctx, tx, buffered, frame.body.len())?;
+        }
+        let id = ctx.next_message_id();
+        let headers = frame
+            .headers
+            .iter()
+            .map(|h| (h.name.as_ref(), h.value.as_ref()));
+        let destination_name = self.intern_destination(destination);
+        let message = Arc::new(Message::from_send(
+            id,
+            destination_name,
+            headers,
+            frame.body,
+            expires_ms,
+            persistent,
+        ));
+        let receipt = frame.header(b"receipt");
+        if let Some(name) = transaction {
+            let tx = self
+                .transactions
+                .get_mut(name)
+                .ok_or(ProtocolError::UnknownTransaction)?;
+            tx.bytes += message.body.len();
+            tx.ops.push(TxOp::Send(message));
+            if let Some(receipt) = receipt {
+                self.push_receipt(ctx, receipt, 0, false)?;
+            }
+            return Ok(());
+        }
+        let ticket = match receipt {
+            Some(receipt) => Some(self.push_receipt(ctx, receipt, 1, false)?),
+            None => None,
+        };
+        let to = shard_of(destination, ctx.shard_count);
+        ctx.route(
+            to,
+            ShardMessage::Publish {
+                message,
+                origin: self.conn,
+                ticket,
+            },
+        );
+        Ok(())
+    }
+
+    /// The shared name of `destination`: producers mostly send to one destination over and
+    /// over, so the last name is kept and reused instead of allocated per SEND.
+    fn intern_destination(&mut self, destination: &[u8]) -> Arc<[u8]> {
+        match &self.last_destination {
+            Some(last) if **last == *destination => last.clone(),
+            _ => {
+                let name: Arc<[u8]> = Arc::from(destination);
+                self.last_destination = Some(name.clone());
+                name
+            }
+        }
+    }
+
+    // --- SUBSCRIBE / UNSUBSCRIBE ---
+
+    fn subscribe(&mut self, ctx: &mut Ctx<'_>, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let destination = required(frame, Command::Subscribe, "destination")?;
+        // STOMP 1.0 has no `id`; the destination names the subscription, as ActiveMQ does.
+        let id = match (frame.header(b"id"), self.version) {
+            (Some(id), _) => id,
+            (None, Version::V1_0) => destination,
+            (None, _) => {
+                return Err(ProtocolError::MissingHeader {
+                    command: Command::Subscribe,
+                    header: "id",
+                })
+            }
+        };
+        if self.subscriptions.values().any(|s| &*s.id == id) {
+            return Err(ProtocolError::DuplicateSubscription);
+        }
+        if self.subscriptions.len() >= ctx.config.subscriptions_per_connection_max {
+            return Err(ProtocolError::LimitExceeded {
+                limit: "subscriptions_per_connection_max",
+                max: ctx.config.subscriptions_per_connection_max as u64,
+            });
+        }
+        let ack = match frame.header(b"ack") {
+            None => AckMode::Auto,
+            Some(text) => AckMode::parse(text).ok_or(ProtocolError::InvalidHeader {
+                header: "ack",
+                detail: "expected auto, client or client-individual",
+            })?,
+        };
+        let prefetch = match frame
+            .header(b"activemq.prefetchSize")
+            .or(frame.header(b"prefetch-count"))
+        {
+            None => ctx.config.prefetch_default_messages,
+            Some(text) => match parse_u64(text) {
+                Some(count) if count > 0 => {
+                    count.min(u64::from(ctx.config.prefetch_messages_max)) as u32
+                }
+                _ => {
+                    return Err(ProtocolError::InvalidHeader {
+                        header: "prefetch",
+                        detail: "expected a message count of at least 1",
+                    })
+                }
+            },
+        };
+        let number = self.next_subscription;
+        self.next_subscription += 1;
+        let destination: Arc<[u8]> = Arc::from(destination);
+        let monitor = &*destination == MONITOR_DESTINATION;
+        if !monitor {
+            let consumer = ConsumerKey {
+                conn: self.conn,
+                subscription: number,
+            };
+            let to = shard_of(&destination, ctx.shard_count);
+            ctx.route(
+                to,
+                ShardMessage::Subscribe {
+                    consumer,
+                    destination: destination.clone(),
+                    ack,
+                    prefetch,
+                    paused: !self.writable,
+                },
+            );
+        }
+        self.subscriptions.insert(
+            number,
+            Subscription {
+                id: id.into(),
+                destination,
+                // Statistics messages are not acknowledged.
+                ack: if monitor { AckMode::Auto } else { ack },
+                monitor,
+                unacked: VecDeque::new(),
+                uncredited: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let id = match (frame.header(b"id"), self.version) {
+            (Some(id), _) => id,
+            (None, Version::V1_0) => {
+                frame
+                    .header(b"destination")
+                    .ok_or(ProtocolError::MissingHeader {
+                        command: Command::Unsubscribe,
+                        header: "id",
+                    })?
+            }
+            (None, _) => {
+                return Err(ProtocolError::MissingHeader {
+                    command: Command::Unsubscribe,
+                    header: "id",
+                })
+            }
+        };
+        let number = self
+            .subscriptions
+            .iter()
+            .find(|(_, s)| &*s.id == id)
+            .map(|(number, _)| *number)
+            .ok_or(ProtocolError::UnknownSubscription)?;
+        self.drop_subscription(ctx, number);
+        Ok(())
+    }
+
+    fn drop_subscription(&mut self, ctx: &mut Ctx<'_>, number: u64) {
+        let Some(subscription) = self.subscriptions.remove(&number) else {
+            return;
+        };
+        if !subscription.monitor {
+            let to = shard_of(&subscription.destination, ctx.shard_count);
+            ctx.route(
+                to,
+                ShardMessage::Unsubscribe {
+                    consumer: ConsumerKey {
+                        conn: self.conn,
+                        subscription: number,
+                    },
+                    destination: subscription.destination,
+                },
+            );
+        }
+    }
+
+    // --- ACK / NACK ---
+
+    /// Finds which subscription and deliveries an ACK or NACK names, without changing anything.
+    fn resolve_ack(&self, frame: &Frame<'_>) -> Result<(u64, usize), ProtocolError> {
+        let command = frame.command;
+        if self.version == Version::V1_2 {
+            let id = frame.header(b"id").ok_or(ProtocolError::MissingHeader {
+                command,
+                header: "id",
+            })?;
+            let (number, tag) = parse_ack_id(id).ok_or(ProtocolError::UnknownAck)?;
+            let subscription = self
+                .subscriptions
+                .get(&number)
+                .ok_or(ProtocolError::UnknownAck)?;
+            let position = subscription
+                .unacked
+                .binary_search_by_key(&tag, |pending| pending.tag)
+                .map_err(|_| ProtocolError::UnknownAck)?;
+            return Ok((number, position));
+        }
+        // STOMP 1.0/1.1 name the message by `message-id` (and 1.1 the subscription).
+        let text = frame
+            .header(b"message-id")
+            .ok_or(ProtocolError::MissingHeader {
+                command,
+                header: "message-id",
+            })?;
+        let id = MessageId::parse(text).ok_or(ProtocolError::UnknownAck)?;
+        let wanted_subscription = frame.header(b"subscription");
+        self.subscriptions
+            .iter()
+            .filter(|(_, s)| wanted_subscription.map_or(true, |wanted| *s.id == *wanted))
+            .find_map(|(number, s)| {
+                s.unacked
+                    .iter()
+                    .position(|p| p.id == id)
+                    .map(|position| (*number, position))
+            })
+            .ok_or(ProtocolError::UnknownAck)
+    }
+
+    fn acknowledge(&mut self, ctx: &mut Ctx<'_>, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let transaction = frame.header(b"transaction");
+        if let Some(name) = transaction {
+            let tx = self
+                .transactions
+                .get(name)
+                .ok_or(ProtocolError::UnknownTransaction)?;
+            check_transaction_room(ctx, tx, 0, 0)?;
+        }
+        let (number, position) = self.resolve_ack(frame)?;
+        let subscription = self
+            .subscriptions
+            .get_mut(&number)
+            .ok_or(ProtocolError::UnknownAck)?;
+        // STOMP 1.2 "SUBSCRIBE ack Header": `client` is cumulative, for NACK too.
+        let taken: Vec<Pending> = match subscription.ack {
+            AckMode::Client => subscription.unacked.drain(..=position).collect(),
+            AckMode::ClientIndividual => {
+                subscription.unacked.remove(position).into_iter().collect()
+            }
+            AckMode::Auto => return Err(ProtocolError::UnknownAck),
+        };
+        let outcome = if frame.command == Command::Ack {
+            Outcome::Consumed
+        } else {
+            Outcome::Rejected {
+                requeue: frame.header(b"requeue") != Some(b"false"),
+            }
+        };
+        if let Some(name) = transaction {
+            let tx = self
+                .transactions
+                .get_mut(name)
+                .ok_or(ProtocolError::UnknownTransaction)?;
+            tx.ops.push(match outcome {
+                Outcome::Consumed => TxOp::Ack {
+                    subscription: number,
+                    taken,
+                },
+                Outcome::Rejected { requeue } => TxOp::Nack {
+                    subscription: number,
+                    taken,
+                    requeue,
+                },
+            });
+            return Ok(());
+        }
+        self.settle(ctx, number, &taken, outcome);
+        Ok(())
+    }
+
+    fn settle(&self, ctx: &mut Ctx<'_>, number: u64, taken: &[Pending], outcome: Outcome) {
+        let Some(subscription) = self.subscriptions.get(&number) else {
+            // Unsubscribed since: the destination already took these messages back.
+            return;
+        };
+        let consumer = ConsumerKey {
+            conn: self.conn,
+            subscription: number,
+        };
+        let destination = subscription.destination.clone();
+        let ids: SmallVec<[MessageId; 4]> = taken.iter().map(|p| p.id).collect();
+        let to = shard_of(&destination, ctx.shard_count);
+        let message = match outcome {
+            Outcome::Consumed => ShardMessage::Ack {
+                consumer,
+                destination,
+                ids,
+            },
+            Outcome::Rejected { requeue } => ShardMessage::Nack {
+                consumer,
+                destination,
+                ids,
+                requeue,
+            },
+        };
+        ctx.route(to, message);
+    }
+
+    // --- BEGIN / COMMIT / ABORT ---
+
+    fn begin(&mut self, ctx: &mut Ctx<'_>, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let name = required(frame, Command::Begin, "transaction")?;
+        if self.transactions.contains_key(name) {
+            return Err(ProtocolError::DuplicateTransaction);
+        }
+        if self.transactions.len() >= ctx.config.transactions_per_connection_max {
+            return Err(ProtocolError::LimitExceeded {
+                limit: "transactions_per_connection_max",
+                max: ctx.config.transactions_per_connection_max as u64,
+            });
+        }
+        self.transactions
+            .insert(name.into(), Transaction::default());
+        Ok(())
+    }
+
+    fn commit(&mut self, ctx: &mut Ctx<'_>, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let name = required(frame, Command::Commit, "transaction")?;
+        let tx = self
+            .transactions
+            .remove(name)
+            .ok_or(ProtocolError::UnknownTransaction)?;
+        let receipt = frame.header(b"receipt");
+        let sends = tx
+            .ops
+            .iter()
+            .filter(|op| matches!(op, TxOp::Send(_)))
+            .count() as u32;
+        let ticket = match receipt {
+            Some(receipt) => Some(self.push_receipt(ctx, receipt, sends, false)?),
+            None => None,
+        };
+        for op in tx.ops {
+            match op {
+                TxOp::Send(message) => {
+                    let to = shard_of(&message.destination, ctx.shard_count);
+                    ctx.route(
+                        to,
+                        ShardMessage::Publish {
+                            message,
+                            origin: self.conn,
+                            ticket,
+                        },
+                    );
+                }
+                TxOp::Ack {
+                    subscription,
+                    taken,
+                } => self.settle(ctx, subscription, &taken, Outcome::Consumed),
+                TxOp::Nack {
+                    subscription,
+                    taken,
+                    requeue,
+                } => self.settle(ctx, subscription, &taken, Outcome::Rejected { requeue }),
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, frame: &Frame<'_>) -> Result<(), ProtocolError> {
+        let name = required(frame, Command::Abort, "transaction")?;
+        let tx = self
+            .transactions
+            .remove(name)
+            .ok_or(ProtocolError::UnknownTransaction)?;
+        for op in tx.ops {
+            if let TxOp::Ack {
+                subscription,
+                taken,
+            }
+            | TxOp::Nack {
+                subscription,
+                taken,
+                ..
+            } = op
+            {
+                // The acknowledgements are undone: the messages await an ACK again.
+                if let Some(subscription) = self.subscriptions.get_mut(&subscription) {
+                    for pending in taken {
+                        let at = subscription
+                            .unacked
+                            .partition_point(|p| p.tag < pending.tag);
+                        subscription.unacked.insert(at, pending);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // --- RECEIPT ordering ---
+
+    /// Queues a RECEIPT behind earlier ones; it goes once `awaiting` confirmations have come.
+    /// Returns its ticket.
+    fn push_receipt(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        receipt_id: &[u8],
+        awaiting: u32,
+        close_after: bool,
+    ) -> Result<u64, ProtocolError> {
+        if self.receipts.len() >= ctx.config.receipts_pending_max {
+            return Err(ProtocolError::LimitExceeded {
+                limit: "receipts_pending_max",
+                max: ctx.config.receipts_pending_max as u64,
+            });
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.receipts.push_back(PendingReceipt {
+            ticket,
+            awaiting,
+            receipt_id: receipt_id.into(),
+            close_after,
+        });
+        self.release_receipts(ctx);
+        Ok(ticket)
+    }
+
+    pub(crate) fn confirmed(&mut self, ctx: &mut Ctx<'_>, ticket: u64) {
+        if let Ok(index) = self.receipts.binary_search_by_key(&ticket, |r| r.ticket) {
+            let receipt = &mut self.receipts[index];
+            receipt.awaiting = receipt.awaiting.saturating_sub(1);
+        }
+        self.release_receipts(ctx);
+    }
+
+    fn release_receipts(&mut self, ctx: &mut Ctx<'_>) {
+        while self.receipts.front().is_some_and(|r| r.awaiting == 0) {
+            let Some(receipt) = self.receipts.pop_front() else {
+                break;
+            };
+            let version = self.version;
+            self.write(
+                ctx,
+                |out| {
+                    let mut writer = FrameWriter::begin(out, version, Command::Receipt);
+                    writer.header(b"receipt-id", &receipt.receipt_id);
+                    writer.finish(b"");
+                },
+                None,
+            );
+            if receipt.close_after {
+                self.state = State::Closed;
+            }
+        }
+    }
+
+    // --- Deliveries ---
+
+    /// A destination hands this session a message for subscription `number`.
+    pub(crate) fn deliver(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        deliveries: u32,
+        settled: bool,
+    ) {
+        let live = self.state == State::Connected && self.subscriptions.contains_key(&number);
+        if !live {
+            // The subscription ended while this was in flight: nothing reaches it after
+            // UNSUBSCRIBE. A client-acked message is taken back by the destination with the
+            // rest of the consumer's unacked ones; an auto-acked one it has forgotten, so it is
+            // returned here.
+            if settled {
+                let to = shard_of(&message.destination, ctx.shard_count);
+                ctx.route(
+                    to,
+                    ShardMessage::Returned {
+                        message,
+                        deliveries,
+                    },
+                );
+            }
+            return;
+        }
+        if message.is_expired(ctx.now_ms) {
+            // It expired on its way from another shard: still never delivered.
+            self.drop_expired(ctx, number, message, settled);
+            return;
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let Some(subscription) = self.subscriptions.get_mut(&number) else {
+            return;
+        };
+        let ack = subscription.ack;
+        if ack == AckMode::Auto {
+            subscription.uncredited += 1;
+        } else {
+            subscription.unacked.push_back(Pending {
+                tag,
+                id: message.id,
+            });
+        }
+        self.write_message(
+            ctx,
+            number,
+            message,
+            deliveries,
+            (ack != AckMode::Auto).then_some(tag),
+        );
+    }
+
+    /// Settles a delivery that expired before it could be written: the destination forgets a
+    /// client-acked one as if acknowledged, and an auto-acked one gives its window room back.
+    fn drop_expired(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        settled: bool,
+    ) {
+        ctx.counters.messages_expired_total += 1;
+        let consumer = ConsumerKey {
+            conn: self.conn,
+            subscription: number,
+        };
+        let destination = message.destination.clone();
+        let to = shard_of(&destination, ctx.shard_count);
+        let reply = if settled {
+            ShardMessage::Credit {
+                consumer,
+                destination,
+                count: 1,
+            }
+        } else {
+            ShardMessage::Ack {
+                consumer,
+                destination,
+                ids: std::iter::once(message.id).collect(),
+            }
+        };
+        ctx.route(to, reply);
+    }
+
+    /// Writes a `/queue/monitor` statistics message to every monitor subscription.
+    pub(crate) fn deliver_monitor(&mut self, ctx: &mut Ctx<'_>, message: &Arc<Message>) {
+        if self.state != State::Connected {
+            return;
+        }
+        let numbers: SmallVec<[u64; 2]> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| s.monitor)
+            .map(|(n, _)| *n)
+            .collect();
+        for number in numbers {
+            self.write_message(ctx, number, message.clone(), 1, None);
+        }
+    }
+
+    fn write_message(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        deliveries: u32,
+        tag: Option<u64>,
+    ) {
+        let version = self.version;
+        let Some(subscription) = self.subscriptions.get(&number) else {
+            return;
+        };
+        // Built in place, not through `write`, so the subscription id is borrowed rather than
+        // copied: this is the hot path, one call per delivery.
+        let start = ctx.effects.bytes.len();
+        let mut writer = FrameWriter::begin(&mut ctx.effects.bytes, version, Command::Message);
+        writer.header(b"subscription", &subscription.id);
+        let mut id_text = [0u8; 48];
+        let length = message.id.write_text(&mut id_text);
+        writer.header(b"message-id", &id_text[..length]);
+        writer.header(b"destination", &message.destination);
+        if let (Some(tag), Version::V1_2) = (tag, version) {
+            let mut ack_text = [0u8; 41];
+            let length = write_ack_id(number, tag, &mut ack_text);
+            writer.header(b"ack", &ack_text[..length]);
+        }
+        if deliveries > 1 {
+            writer.header(b"redelivered", b"true");
+            writer.header_u64(b"delivery-count", u64::from(deliveries));
+        }
+        writer.content_length(message.body.len());
+        if version == Version::V1_2 || message.header_block_plain {
+            writer.raw_headers(&message.header_block);
+        } else {
+            let mut converted = Vec::new();
+            message.write_header_block(&mut converted, version);
+            writer.raw_headers(&converted);
+        }
+        writer.finish_head();
+        self.push_write(ctx, start, Some(message));
+    }
+
+    // --- Flow control, heart-beats, the end ---
+
+    /// Everything written to the connection so far has left its output buffer: the auto-ack
+    /// deliveries among it are off the broker's hands, so their window room goes back to the
+    /// destinations. This is what bounds an auto-ack consumer to `prefetch` messages between
+    /// its queue and its socket.
+    pub(crate) fn flushed(&mut self, ctx: &mut Ctx<'_>) {
+        for (number, subscription) in &mut self.subscriptions {
+            if subscription.uncredited == 0 {
+                continue;
+            }
+            let count = std::mem::take(&mut subscription.uncredited);
+            let to = shard_of(&subscription.destination, ctx.shard_count);
+            ctx.route(
+                to,
+                ShardMessage::Credit {
+                    consumer: ConsumerKey {
+                        conn: self.conn,
+                        subscription: *number,
+                    },
+                    destination: subscription.destination.clone(),
+                    count,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn set_writable(&mut self, ctx: &mut Ctx<'_>, writable: bool) {
+        if self.writable == writable {
+            return;
+        }
+        self.writable = writable;
+        for (number, subscription) in &self.subscriptions {
+            if subscription.monitor {
+                continue;
+            }
+            let to = shard_of(&subscription.destination, ctx.shard_count);
+            ctx.route(
+                to,
+                ShardMessage::Flow {
+                    consumer: ConsumerKey {
+                        conn: self.conn,
+                        subscription: *number,
+                    },
+                    destination: subscription.destination.clone(),
+                    paused: !writable,
+                },
+            );
+        }
+    }
+
+    /// Sends a heart-beat when the connection has been quiet long enough, and gives up on a
+    /// client that has been silent past its grace.
+    pub(crate) fn tick(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProtocolError> {
+        if self.state != State::Connected {
+            return Ok(());
+        }
+        let now = ctx.now_ms;
+        let plan = self.heartbeat;
+        if plan.read_timeout_ms > 0 && now.saturating_sub(self.last_read_ms) > plan.read_timeout_ms
+        {
+            return Err(ProtocolError::HeartbeatTimeout);
+        }
+        if plan.send_every_ms > 0
+            && now.saturating_sub(self.last_write_ms) + ctx.config.tick_interval_ms
+                >= plan.send_every_ms
+        {
+            self.write(ctx, |out| out.push(b'\n'), None);
+        }
+        Ok(())
+    }
+
+    /// Ends every subscription and drops open transactions (STOMP 1.2 "BEGIN": they are
+    /// aborted on DISCONNECT or connection failure). Unacknowledged messages go back to their
+    /// queues through the Unsubscribe each destination receives.
+    pub(crate) fn end(&mut self, ctx: &mut Ctx<'_>) {
+        self.transactions.clear();
+        let numbers: Vec<u64> = self.subscriptions.keys().copied().collect();
+        for number in numbers {
+            self.drop_subscription(ctx, number);
+        }
+        if self.state != State::Disconnecting {
+            self.state = State::Closed;
+        }
+    }
+
+    /// Forgets pending receipts once the connection is closed.
+    pub(crate) fn close(&mut self) {
+        self.receipts.clear();
+        self.state = State::Closed;
+    }
+}
+
+fn required<'f>(
+    frame: &'f Frame<'_>,
+    command: Command,
+    header: &'static str,
+) -> Result<&'f [u8], ProtocolError> {
+    match frame.header(header.as_bytes()) {
+        Some(value) if !value.is_empty() => Ok(value),
+        _ => Err(ProtocolError::MissingHeader { command, header }),
+    }
+}
+
+/// Room for one more frame in `tx`, carrying `body_bytes` more on top of the `buffered_bytes`
+/// all open transactions of the connection hold.
+fn check_transaction_room(
+    ctx: &Ctx<'_>,
+    tx: &Transaction,
+    buffered_bytes: usize,
+    body_bytes: usize,
+) -> Result<(), ProtocolError> {
+    if tx.ops.len() >= ctx.config.transaction_frames_max {
+        return Err(ProtocolError::LimitExceeded {
+            limit: "transaction_frames_max",
+            max: ctx.config.transaction_frames_max as u64,
+        });
+    }
+    if buffered_bytes + body_bytes > ctx.config.transaction_bytes_per_connection_max {
+        return Err(ProtocolError::LimitExceeded {
+            limit: "transaction_bytes_per_connection_max",
+            max: ctx.config.transaction_bytes_per_connection_max as u64,
+        });
+    }
+    Ok(())
+}
+
+/// STOMP 1.2 "Protocol Negotiation": the highest version both sides know; no header means 1.0.
+pub(crate) fn negotiate(accept_version: Option<&[u8]>) -> Option<Version> {
+    let Some(list) = accept_version else {
+        return Some(Version::V1_0);
+    };
+    list.split(|&byte| byte == b',')
+        .filter_map(Version::parse)
+        .max()
+}
+
+fn parse_heartbeat(value: &[u8]) -> Result<(u64, u64), ProtocolError> {
+    let invalid = ProtocolError::InvalidHeader {
+        header: "heart-beat",
+        detail: "expected two integers separated by a comma",
+    };
+    let comma = memchr::memchr(b',', value).ok_or(invalid.clone())?;
+    let send = parse_u64(&value[..comma]).ok_or(invalid.clone())?;
+    let want = parse_u64(&value[comma + 1..]).ok_or(invalid)?;
+    Ok((send, want))
+}
+
+/// A decimal `u64` (digits only: no sign, no spaces, as STOMP 1.2 forbids trimming).
+fn parse_u64(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// The `ack` header value: `<subscription number>.<delivery tag>`, so an ACK finds its
+/// subscription without a table.
+fn write_ack_id(number: u64, tag: u64, buffer: &mut [u8; 41]) -> usize {
+    let mut digits = [0u8; 20];
+    let first = format_u64(number, &mut digits);
+    let mut length = first.len();
+    buffer[..length].copy_from_slice(first);
+    buffer[length] = b'.';
+    length += 1;
+    let second = format_u64(tag, &mut digits);
+    buffer[length..length + second.len()].copy_from_slice(second);
+    length + second.len()
+}
+
+fn parse_ack_id(text: &[u8]) -> Option<(u64, u64)> {
+    let dot = memchr::memchr(b'.', text)?;
+    let number = parse_u64(&text[..dot])?;
+    let tag = parse_u64(&text[dot + 1..])?;
+    Some((number, tag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_highest_common_version() {
+        assert_eq!(negotiate(None), Some(Version::V1_0));
+        assert_eq!(negotiate(Some(b"1.0,1.1,2.0")), Some(Version::V1_1));
+        assert_eq!(negotiate(Some(b"1.2,1.1")), Some(Version::V1_2));
+        assert_eq!(negotiate(Some(b"2.0,2.1")), None);
+    }
+
+    #[test]
+    fn ack_ids_round_trip() {
+        let mut buffer = [0u8; 41];
+        let length = write_ack_id(u64::MAX, u64::MAX, &mut buffer);
+        assert_eq!(parse_ack_id(&buffer[..length]), Some((u64::MAX, u64::MAX)));
+        assert_eq!(parse_ack_id(b"1"), None);
+        assert_eq!(parse_ack_id(b"1.x"), None);
+    }
+
+    #[test]
+    fn numbers_are_strict() {
+        assert_eq!(parse_u64(b"1000"), Some(1000));
+        assert_eq!(parse_u64(b" 1"), None);
+        assert_eq!(parse_u64(b""), None);
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"+1"), None);
+    }
+}

@@ -1,0 +1,871 @@
+//! One core's broker: the sessions of the connections it accepted and the destinations whose
+//! names hash to it, plus the entry points the server calls. Every entry point takes the time
+//! and an [`Effects`] to fill, and returns only after every message between this shard's own
+//! sessions and destinations has been handled, so the server sees a settled state.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use super::config::{Authenticator, BrokerConfig};
+use super::destination::{Destination, Queue, Topic};
+use super::effects::{DurableToken, Effect, Effects, Record, Rejection, ShardMessage};
+use super::error::{write_error_frame, ProtocolError};
+use super::session::Session;
+use super::types::{
+    shard_of, ConnectionId, DestinationKind, Message, MessageId, QueueStats, Recovered, ShardId,
+    MONITOR_DESTINATION,
+};
+use crate::codec::{DecodeError, Frame};
+
+/// Why recovered messages could not be put back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{destination} belongs to shard {} but was recovered by shard {}: was the shard count changed?", owner.0, shard.0)]
+    WrongShard {
+        destination: String,
+        owner: ShardId,
+        shard: ShardId,
+    },
+    #[error("{destination} is not a queue; only queues are logged")]
+    NotAQueue { destination: String },
+}
+
+/// Running totals since the shard started, for the server's metrics endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages accepted by a destination of this shard (queue or topic).
+    pub messages_accepted_total: u64,
+    /// MESSAGE frames handed out by destinations of this shard (redeliveries included).
+    pub deliveries_total: u64,
+    /// Topic deliveries skipped because the subscriber was paused or out of credit.
+    pub topic_deliveries_dropped_total: u64,
+    /// Messages dropped because their `expires` time passed.
+    pub messages_expired_total: u64,
+    /// Messages moved to a dead-letter queue.
+    pub messages_dead_lettered_total: u64,
+    /// Connections closed with an ERROR frame.
+    pub errors_total: u64,
+}
+
+/// A snapshot of one shard for metrics: what it holds now, and its totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardMetrics {
+    pub sessions: u64,
+    pub queues: u64,
+    pub topics: u64,
+    /// Messages held by this shard's queues, waiting or unacknowledged.
+    pub messages_held: u64,
+    pub counters: Counters,
+}
+
+/// Messages to send once a log append is durable (a RECEIPT's confirmation, a dead-lettered
+/// message's release from its old queue), in append order.
+#[derive(Debug, Default)]
+pub(crate) struct DurableWaits {
+    next: u64,
+    waiting: VecDeque<(DurableToken, ShardId, ShardMessage)>,
+}
+
+/// What sessions and destinations may touch while handling one input: the clock, the
+/// configuration, and the ways out (effects, the local message queue, the log, new ids).
+pub(crate) struct Ctx<'a> {
+    pub(crate) now_ms: u64,
+    pub(crate) config: &'a BrokerConfig,
+    pub(crate) shard: ShardId,
+    pub(crate) shard_count: u16,
+    pub(crate) effects: &'a mut Effects,
+    local: &'a mut VecDeque<ShardMessage>,
+    durable: &'a mut DurableWaits,
+    next_message_seq: &'a mut u64,
+    pub(crate) counters: &'a mut Counters,
+}
+
+impl Ctx<'_> {
+    /// Sends a typed message to shard `to`: queued locally when that is this shard (handled
+    /// before the entry point returns), else handed to the server.
+    pub(crate) fn route(&mut self, to: ShardId, message: ShardMessage) {
+        if to == self.shard {
+            self.local.push_back(message);
+        } else {
+            self.effects.list.push(Effect::Peer { to, message });
+        }
+    }
+
+    pub(crate) fn append(&mut self, record: Record, token: Option<DurableToken>) {
+        self.effects.list.push(Effect::Append { record, token });
+    }
+
+    /// A token for an append; once the server reports it durable, `then` goes to shard `to`.
+    pub(crate) fn wait_durable(&mut self, to: ShardId, then: ShardMessage) -> DurableToken {
+        let token = DurableToken(self.durable.next);
+        self.durable.next += 1;
+        self.durable.waiting.push_back((token, to, then));
+        token
+    }
+
+    pub(crate) fn next_message_id(&mut self) -> MessageId {
+        let seq = *self.next_message_seq;
+        *self.next_message_seq += 1;
+        MessageId {
+            shard: self.shard,
+            seq,
+        }
+    }
+}
+
+macro_rules! ctx {
+    ($shard:expr, $now:expr, $out:expr) => {
+        Ctx {
+            now_ms: $now,
+            config: &$shard.config,
+            shard: $shard.id,
+            shard_count: $shard.shard_count,
+            effects: $out,
+            local: &mut $shard.local,
+            durable: &mut $shard.durable,
+            next_message_seq: &mut $shard.next_message_seq,
+            counters: &mut $shard.counters,
+        }
+    };
+}
+
+/// The broker logic of one core. See the module docs of [`crate::broker`] for the calls the
+/// server makes and in which order.
+pub struct Shard {
+    id: ShardId,
+    shard_count: u16,
+    config: BrokerConfig,
+    authenticator: Arc<dyn Authenticator>,
+    /// By [`ConnectionId::local`]. Ordered maps here and in sessions: every iteration (ticks,
+    /// sweeps, credits) then runs in the same order on every run, so a seed replays exactly.
+    sessions: BTreeMap<u64, Session>,
+    next_connection: u64,
+    /// Sessions with heart-beats in either direction: the only ones a tick must look at.
+    beating: std::collections::BTreeSet<u64>,
+    destinations: BTreeMap<Arc<[u8]>, Destination>,
+    /// Messages from this shard to itself, drained before each entry point returns.
+    local: VecDeque<ShardMessage>,
+    durable: DurableWaits,
+    next_message_seq: u64,
+    /// The latest statistics each other shard published, for `/queue/monitor`.
+    peer_stats: BTreeMap<ShardId, Arc<[QueueStats]>>,
+    /// Queues with messages that expire, by the earliest such time: ticks sweep only these
+    /// rather than every destination. Entries may be stale (the message left); a stale one
+    /// costs one comparison.
+    expiry_timer: BinaryHeap<Reverse<(u64, Arc<[u8]>)>>,
+    /// When the next statistics round is due (set by the first tick).
+    next_monitor_ms: Option<u64>,
+    counters: Counters,
+}
+
+impl Shard {
+    /// `first_message_seq` starts this shard's message-id counter. Ids must not repeat across
+    /// restarts: pass the start time in milliseconds shifted left by 22 (room for four million
+    /// messages per millisecond of uptime before two boots could meet).
+    pub fn new(
+        id: ShardId,
+        shard_count: u16,
+        config: BrokerConfig,
+        authenticator: Arc<dyn Authenticator>,
+        first_message_seq: u64,
+    ) -> Shard {
+        assert!(id.0 < shard_count, "shard {} of {shard_count}", id.0);
+        Shard {
+            id,
+            shard_count,
+            config,
+            authenticator,
+            sessions: BTreeMap::new(),
+            next_connection: 0,
+            beating: std::collections::BTreeSet::new(),
+            destinations: BTreeMap::new(),
+            local: VecDeque::new(),
+            durable: DurableWaits::default(),
+            next_message_seq: first_message_seq,
+            peer_stats: BTreeMap::new(),
+            next_monitor_ms: None,
+            expiry_timer: BinaryHeap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// A connection was accepted. Returns its id for every later call about it.
+    pub fn open_connection(&mut self, now_ms: u64) -> ConnectionId {
+        let conn = ConnectionId {
+            shard: self.id,
+            local: self.next_connection,
+        };
+        self.next_connection += 1;
+        self.sessions.insert(conn.local, Session::new(conn, now_ms));
+        conn
+    }
+
+    /// Bytes arrived for the connection (frames or heart-beat EOLs): it is alive.
+    pub fn on_input(&mut self, conn: ConnectionId, now_ms: u64) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            session.note_input(now_ms);
+        }
+    }
+
+    /// A decoded frame from the connection. Frames for a connection already closed are ignored.
+    pub fn on_frame(
+        &mut self,
+        conn: ConnectionId,
+        frame: &Frame<'_>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(session) = self.sessions.get_mut(&conn.local) else {
+            return;
+        };
+        session.note_input(now_ms);
+        let mut ctx = ctx!(self, now_ms, out);
+        let result = session.handle_frame(&mut ctx, frame, &*self.authenticator);
+        match result {
+            Err(error) => self.fail(conn, &error, frame.header(b"receipt"), now_ms, out),
+            Ok(()) => {
+                if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
+                {
+                    self.beating.insert(conn.local);
+                }
+                self.close_if_done(conn, now_ms, out);
+            }
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// The verdict on an [`Effect::Authenticate`]: CONNECTED, or ERROR and close.
+    pub fn on_login_result(
+        &mut self,
+        conn: ConnectionId,
+        accepted: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(session) = self.sessions.get_mut(&conn.local) else {
+            return;
+        };
+        let mut ctx = ctx!(self, now_ms, out);
+        match session.login_result(&mut ctx, accepted) {
+            Err(error) => self.fail(conn, &error, None, now_ms, out),
+            Ok(()) => {
+                if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
+                {
+                    self.beating.insert(conn.local);
+                }
+            }
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// The connection's bytes could not be decoded: ERROR naming the problem, then close.
+    pub fn on_decode_error(
+        &mut self,
+        conn: ConnectionId,
+        error: DecodeError,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if self.sessions.contains_key(&conn.local) {
+            self.fail(conn, &ProtocolError::Decode(error), None, now_ms, out);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// The connection is gone (peer closed, I/O error). Its subscriptions end and its
+    /// unacknowledged messages go back to their queues; nothing is written.
+    pub fn on_connection_lost(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if let Some(mut session) = self.remove_session(conn) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.end(&mut ctx);
+            session.close();
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// The connection's output buffer filled up (`false`) or drained (`true`): paused
+    /// subscriptions get no new queue deliveries.
+    pub fn on_writable(
+        &mut self,
+        conn: ConnectionId,
+        writable: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.set_writable(&mut ctx, writable);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// Everything written to the connection so far has been handed to the kernel (its output
+    /// buffer is empty). Call it when a send completion leaves the buffer empty: auto-ack
+    /// subscriptions get their window back only through this.
+    pub fn on_flushed(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.flushed(&mut ctx);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// A message another shard sent this one ([`Effect::Peer`]), in the order that shard sent it.
+    pub fn on_peer_message(&mut self, message: ShardMessage, now_ms: u64, out: &mut Effects) {
+        self.handle(message, now_ms, out);
+        self.drain_local(now_ms, out);
+    }
+
+    /// Every append up to and including `token` is as durable as the sync policy makes it:
+    /// release what waited (RECEIPTs, dead-letter moves). Every token must be reported in the
+    /// end, under every policy (under `never`, right after the write).
+    pub fn on_durable(&mut self, token: DurableToken, now_ms: u64, out: &mut Effects) {
+        while self
+            .durable
+            .waiting
+            .front()
+            .is_some_and(|(waiting, _, _)| *waiting <= token)
+        {
+            let Some((_, to, then)) = self.durable.waiting.pop_front() else {
+                break;
+            };
+            let mut ctx = ctx!(self, now_ms, out);
+            ctx.route(to, then);
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// Time passed. Call at least every `tick_interval_ms`: heart-beats, heart-beat timeouts,
+    /// expired messages and `/queue/monitor` statistics happen here.
+    pub fn on_tick(&mut self, now_ms: u64, out: &mut Effects) {
+        let mut failed = Vec::new();
+        {
+            let mut ctx = ctx!(self, now_ms, out);
+            for local in &self.beating {
+                let Some(session) = self.sessions.get_mut(local) else {
+                    continue;
+                };
+                if let Err(error) = session.tick(&mut ctx) {
+                    failed.push((*local, error));
+                }
+            }
+        }
+        self.sweep_due_queues(now_ms, out);
+        for (local, error) in failed {
+            let conn = ConnectionId {
+                shard: self.id,
+                local,
+            };
+            self.fail(conn, &error, None, now_ms, out);
+        }
+        let due = *self
+            .next_monitor_ms
+            .get_or_insert(now_ms + self.config.monitor_interval_ms);
+        if now_ms >= due {
+            self.next_monitor_ms = Some(now_ms + self.config.monitor_interval_ms);
+            self.monitor_round(now_ms, out);
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// The server is stopping (SIGINT/SIGTERM): every connection of this shard gets an ERROR
+    /// saying so and is closed; their unacknowledged messages go back to their queues (on other
+    /// shards through the usual peer messages, which the server should still deliver before it
+    /// stops the other cores).
+    pub fn on_shutdown(&mut self, now_ms: u64, out: &mut Effects) {
+        let locals: Vec<u64> = self.sessions.keys().copied().collect();
+        for local in locals {
+            let conn = ConnectionId {
+                shard: self.id,
+                local,
+            };
+            self.fail(conn, &ProtocolError::ShuttingDown, None, now_ms, out);
+        }
+        self.drain_local(now_ms, out);
+    }
+
+    /// Puts messages recovered from this shard's log back into their queues, in log order.
+    /// Call before accepting connections. A message this shard does not own (the shard count
+    /// changed since it was logged, or a topic name) is refused: the caller must not drop it
+    /// silently.
+    pub fn restore(
+        &mut self,
+        recovered: impl IntoIterator<Item = Recovered>,
+    ) -> Result<(), RestoreError> {
+        for Recovered {
+            message,
+            deliveries,
+        } in recovered
+        {
+            let owner = shard_of(&message.destination, self.shard_count);
+            if owner != self.id {
+                return Err(RestoreError::WrongShard {
+                    destination: String::from_utf8_lossy(&message.destination).into_owned(),
+                    owner,
+                    shard: self.id,
+                });
+            }
+            if DestinationKind::of(&message.destination) != DestinationKind::Queue {
+                return Err(RestoreError::NotAQueue {
+                    destination: String::from_utf8_lossy(&message.destination).into_owned(),
+                });
+            }
+            if message.id.shard == self.id {
+                self.next_message_seq = self.next_message_seq.max(message.id.seq + 1);
+            }
+            let name = message.destination.clone();
+            let destination = self
+                .destinations
+                .entry(name.clone())
+                .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
+            if let Destination::Queue(queue) = destination {
+                queue.restore(message, deliveries);
+            }
+            self.track_expiry(&name);
+        }
+        Ok(())
+    }
+
+    /// This shard's queues, sorted by name.
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        let mut stats: Vec<QueueStats> = self
+            .destinations
+            .values()
+            .filter_map(|d| match d {
+                Destination::Queue(queue) => Some(queue.stats()),
+                Destination::Topic(_) => None,
+            })
+            .collect();
+        stats.sort_by(|a, b| a.name.cmp(&b.name));
+        stats
+    }
+
+    /// What this shard holds now and its running totals, for the metrics endpoint. Walks the
+    /// queues, so call it at scrape time, not per message.
+    pub fn metrics(&self) -> ShardMetrics {
+        let mut metrics = ShardMetrics {
+            sessions: self.sessions.len() as u64,
+            counters: self.counters,
+            ..ShardMetrics::default()
+        };
+        for destination in self.destinations.values() {
+            match destination {
+                Destination::Queue(queue) => {
+                    metrics.queues += 1;
+                    metrics.messages_held += queue.stats().size;
+                }
+                Destination::Topic(_) => metrics.topics += 1,
+            }
+        }
+        metrics
+    }
+
+    /// Number of open sessions (for tests and metrics).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Ids of every message a queue holds, waiting or unacknowledged (for invariant checks).
+    pub fn held_message_ids(&self, destination: &[u8]) -> Vec<MessageId> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.held_ids(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Bodies of every message a queue holds (for invariant checks in tests).
+    #[cfg(test)]
+    pub(crate) fn held_bodies(&self, destination: &[u8]) -> Vec<Vec<u8>> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.held_bodies(),
+            _ => Vec::new(),
+        }
+    }
+
+    // --- internals ---
+
+    /// Sends the ERROR frame for `error` and closes the connection: the one place a protocol
+    /// error becomes bytes.
+    fn fail(
+        &mut self,
+        conn: ConnectionId,
+        error: &ProtocolError,
+        receipt: Option<&[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(mut session) = self.remove_session(conn) else {
+            return;
+        };
+        self.counters.errors_total += 1;
+        let start = out.bytes.len();
+        write_error_frame(&mut out.bytes, session.version(), error, receipt);
+        let end = out.bytes.len();
+        out.list.push(Effect::Write {
+            conn,
+            bytes: start..end,
+            body: None,
+        });
+        out.list.push(Effect::Close { conn });
+        let mut ctx = ctx!(self, now_ms, out);
+        session.end(&mut ctx);
+        session.close();
+    }
+
+    fn remove_session(&mut self, conn: ConnectionId) -> Option<Session> {
+        self.beating.remove(&conn.local);
+        self.sessions.remove(&conn.local)
+    }
+
+    fn close_if_done(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if self
+            .sessions
+            .get(&conn.local)
+            .is_some_and(Session::is_closed)
+        {
+            if let Some(mut session) = self.remove_session(conn) {
+                let mut ctx = ctx!(self, now_ms, out);
+                session.end(&mut ctx);
+                out.list.push(Effect::Close { conn });
+            }
+        }
+    }
+
+    /// Puts queue `name` on the expiry timer if it holds a message that expires sooner than
+    /// what the timer already has for it.
+    fn track_expiry(&mut self, name: &Arc<[u8]>) {
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(name) {
+            let due = queue.next_expiry_ms();
+            if due < queue.timer_ms {
+                queue.timer_ms = due;
+                self.expiry_timer.push(Reverse((due, name.clone())));
+            }
+        }
+    }
+
+    /// Drops the expired messages of the queues whose timer is due.
+    fn sweep_due_queues(&mut self, now_ms: u64, out: &mut Effects) {
+        while let Some(Reverse((due, _))) = self.expiry_timer.peek() {
+            if *due > now_ms {
+                break;
+            }
+            let Some(Reverse((due, name))) = self.expiry_timer.pop() else {
+                break;
+            };
+            let mut ctx = ctx!(self, now_ms, out);
+            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                if queue.timer_ms == due {
+                    queue.timer_ms = u64::MAX;
+                }
+                queue.sweep_expired(&mut ctx);
+            }
+            self.forget_if_idle(&name);
+            self.track_expiry(&name);
+        }
+    }
+
+    /// Drops a destination that holds nothing and has no subscribers: a topic keeps nothing
+    /// anyway, and an idle queue's only state is its counters.
+    fn forget_if_idle(&mut self, name: &[u8]) {
+        let idle = match self.destinations.get(name) {
+            Some(Destination::Queue(queue)) => queue.is_idle(),
+            Some(Destination::Topic(topic)) => topic.is_idle(),
+            None => false,
+        };
+        if idle {
+            self.destinations.remove(name);
+        }
+    }
+
+    fn drain_local(&mut self, now_ms: u64, out: &mut Effects) {
+        while let Some(message) = self.local.pop_front() {
+            self.handle(message, now_ms, out);
+        }
+    }
+
+    fn destination(&mut self, name: &Arc<[u8]>) -> &mut Destination {
+        self.destinations
+            .entry(name.clone())
+            .or_insert_with(|| match DestinationKind::of(name) {
+                DestinationKind::Queue => Destination::Queue(Queue::new(name.clone())),
+                DestinationKind::Topic => Destination::Topic(Topic::new()),
+            })
+    }
+
+    fn handle(&mut self, message: ShardMessage, now_ms: u64, out: &mut Effects) {
+        match message {
+            ShardMessage::Subscribe {
+                consumer,
+                destination,
+                ack,
+                prefetch,
+                paused,
+            } => {
+                self.destination(&destination);
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => {
+                        queue.subscribe(&mut ctx, consumer, ack, prefetch, paused)
+                    }
+                    Some(Destination::Topic(topic)) => {
+                        topic.subscribe(consumer, ack, prefetch, paused)
+                    }
+                    None => {}
+                }
+            }
+            ShardMessage::Unsubscribe {
+                consumer,
+                destination,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
+                    Some(Destination::Topic(topic)) => topic.unsubscribe(consumer),
+                    None => {}
+                }
+                self.forget_if_idle(&destination);
+                self.track_expiry(&destination);
+            }
+            ShardMessage::Publish {
+                message,
+                origin,
+                ticket,
+            } => {
+                let name = message.destination.clone();
+                let kind = DestinationKind::of(&name);
+                if kind == DestinationKind::Topic && !self.destinations.contains_key(&name) {
+                    // Nobody listens: the message is gone, and no topic is made for it.
+                    if let Some(ticket) = ticket {
+                        let mut ctx = ctx!(self, now_ms, out);
+                        ctx.route(
+                            origin.shard,
+                            ShardMessage::Confirmed {
+                                conn: origin,
+                                ticket,
+                            },
+                        );
+                    }
+                    return;
+                }
+                self.destination(&name);
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&name) {
+                    Some(Destination::Queue(queue)) => {
+                        queue.publish(&mut ctx, message, origin, ticket)
+                    }
+                    Some(Destination::Topic(topic)) => {
+                        topic.publish(&mut ctx, message, origin, ticket)
+                    }
+                    None => {}
+                }
+                // An expired or refused message may leave a new queue empty.
+                self.forget_if_idle(&name);
+                self.track_expiry(&name);
+            }
+            ShardMessage::Ack {
+                consumer,
+                destination,
+                ids,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.ack(&mut ctx, consumer, &ids),
+                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
+                    None => {}
+                }
+            }
+            ShardMessage::Nack {
+                consumer,
+                destination,
+                ids,
+                requeue,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => {
+                        queue.nack(&mut ctx, consumer, &ids, requeue)
+                    }
+                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
+                    None => {}
+                }
+                self.track_expiry(&destination);
+            }
+            ShardMessage::Credit {
+                consumer,
+                destination,
+                count,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.credit(&mut ctx, consumer, count),
+                    Some(Destination::Topic(topic)) => topic.credit(consumer, count),
+                    None => {}
+                }
+            }
+            ShardMessage::Flow {
+                consumer,
+                destination,
+                paused,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.destinations.get_mut(&destination) {
+                    Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
+                    Some(Destination::Topic(topic)) => topic.flow(consumer, paused),
+                    None => {}
+                }
+            }
+            ShardMessage::Returned {
+                message,
+                deliveries,
+            } => {
+                let name = message.destination.clone();
+                if DestinationKind::of(&name) == DestinationKind::Queue {
+                    self.destination(&name);
+                    let mut ctx = ctx!(self, now_ms, out);
+                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                        queue.returned(&mut ctx, message, deliveries);
+                    }
+                    self.track_expiry(&name);
+                }
+            }
+            ShardMessage::Deliver {
+                consumer,
+                message,
+                deliveries,
+                settled,
+            } => {
+                let mut ctx = ctx!(self, now_ms, out);
+                match self.sessions.get_mut(&consumer.conn.local) {
+                    Some(session) => session.deliver(
+                        &mut ctx,
+                        consumer.subscription,
+                        message,
+                        deliveries,
+                        settled,
+                    ),
+                    None if settled => {
+                        let to = shard_of(&message.destination, ctx.shard_count);
+                        ctx.route(
+                            to,
+                            ShardMessage::Returned {
+                                message,
+                                deliveries,
+                            },
+                        );
+                    }
+                    None => {}
+                }
+            }
+            ShardMessage::Confirmed { conn, ticket } => {
+                if let Some(session) = self.sessions.get_mut(&conn.local) {
+                    let mut ctx = ctx!(self, now_ms, out);
+                    session.confirmed(&mut ctx, ticket);
+                    self.close_if_done(conn, now_ms, out);
+                }
+            }
+            ShardMessage::Rejected { conn, reason } => {
+                let limit = match reason {
+                    Rejection::QueueMessagesFull => "queue_messages_max",
+                    Rejection::QueueBytesFull => "queue_bytes_max",
+                };
+                self.fail(conn, &ProtocolError::QueueFull { limit }, None, now_ms, out);
+            }
+            ShardMessage::DeadLetter { message, from } => {
+                let name = message.destination.clone();
+                self.destination(&name);
+                let mut ctx = ctx!(self, now_ms, out);
+                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                    queue.accept_dead_letter(&mut ctx, message, from);
+                }
+                self.track_expiry(&name);
+            }
+            ShardMessage::Moved { destination, id } => {
+                if self.config.log_enabled {
+                    out.list.push(Effect::Append {
+                        record: Record::Ack { destination, id },
+                        token: None,
+                    });
+                }
+            }
+            ShardMessage::Stats { from, queues } => {
+                self.peer_stats.insert(from, queues);
+            }
+        }
+    }
+
+    /// Every `monitor_interval_ms`: publish this shard's queue statistics to the other shards,
+    /// and write the whole broker's (this shard's now, the others' as last heard, so up to one
+    /// interval old) to each `/queue/monitor` subscriber here.
+    fn monitor_round(&mut self, now_ms: u64, out: &mut Effects) {
+        let own = self.queue_stats();
+        if self.shard_count > 1 {
+            let shared: Arc<[QueueStats]> = own.clone().into();
+            let mut ctx = ctx!(self, now_ms, out);
+            let own_shard = ctx.shard;
+            for shard in (0..self.shard_count)
+                .map(ShardId)
+                .filter(|&s| s != own_shard)
+            {
+                ctx.route(
+                    shard,
+                    ShardMessage::Stats {
+                        from: ctx.shard,
+                        queues: shared.clone(),
+                    },
+                );
+            }
+        }
+        if !self.sessions.values().any(Session::has_monitor) {
+            return;
+        }
+        let mut all: Vec<QueueStats> = own;
+        for (shard, stats) in &self.peer_stats {
+            if *shard != self.id {
+                all.extend(stats.iter().cloned());
+            }
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        if all.is_empty() {
+            // stompserver sends nothing when there is no queue to report.
+            return;
+        }
+        // stompserver's README format: header-like lines, a blank line after each queue.
+        let mut body = Vec::new();
+        for stats in &all {
+            body.extend_from_slice(b"Queue: ");
+            body.extend_from_slice(&stats.name);
+            body.extend_from_slice(
+                format!(
+                    "\nsize: {}\ndequeued: {}\nenqueued: {}\n\n",
+                    stats.size, stats.dequeued, stats.enqueued
+                )
+                .as_bytes(),
+            );
+        }
+        let mut ctx = ctx!(self, now_ms, out);
+        let id = ctx.next_message_id();
+        let headers: [(&[u8], &[u8]); 1] = [(b"content-type", b"text/plain")];
+        let message = Arc::new(Message::from_send(
+            id,
+            Arc::from(MONITOR_DESTINATION),
+            headers,
+            &body,
+            0,
+            false,
+        ));
+        for session in self.sessions.values_mut() {
+            if session.has_monitor() {
+                session.deliver_monitor(&mut ctx, &message);
+            }
+        }
+    }
+}

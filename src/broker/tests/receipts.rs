@@ -1,0 +1,216 @@
+//! RECEIPT timing (STOMP 1.2 "RECEIPT"): in order per connection, and, when the log is synced
+//! before receipts, only once a persistent SEND's record is durable.
+
+use super::*;
+
+fn durable_config() -> BrokerConfig {
+    BrokerConfig {
+        log_enabled: true,
+        receipts_wait_for_sync: true,
+        ..BrokerConfig::default()
+    }
+}
+
+fn receipt_ids(frames: &[Sent]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f.command == Command::Receipt)
+        .map(|f| f.header("receipt-id").unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn receipt_for_a_persistent_send_waits_for_durability() {
+    let mut cluster = Cluster::new(1, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    assert!(cluster.frames(producer).is_empty());
+    let token = cluster.appended[0]
+        .2
+        .expect("a receipted persistent SEND carries a token");
+    cluster.durable(0, token);
+    assert_eq!(receipt_ids(&cluster.frames(producer)), ["r1"]);
+}
+
+#[test]
+fn receipts_keep_their_order_behind_a_durable_wait() {
+    let mut cluster = Cluster::new(1, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    cluster.send(
+        producer,
+        frame(
+            Command::Subscribe,
+            &[("id", "s"), ("destination", "/queue/b"), ("receipt", "r2")],
+            b"",
+        ),
+    );
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[
+                ("destination", "/queue/a"),
+                ("persistent", "false"),
+                ("receipt", "r3"),
+            ],
+            b"y",
+        ),
+    );
+    assert!(
+        cluster.frames(producer).is_empty(),
+        "r2 and r3 wait behind r1"
+    );
+    let token = cluster.appended[0].2.unwrap();
+    cluster.durable(0, token);
+    assert_eq!(receipt_ids(&cluster.frames(producer)), ["r1", "r2", "r3"]);
+}
+
+#[test]
+fn one_durability_report_releases_every_earlier_append() {
+    let mut cluster = Cluster::new(1, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/b"), ("receipt", "r2")],
+            b"y",
+        ),
+    );
+    let last = cluster.appended[1].2.unwrap();
+    cluster.durable(0, last);
+    assert_eq!(receipt_ids(&cluster.frames(producer)), ["r1", "r2"]);
+}
+
+#[test]
+fn without_sync_policy_the_receipt_is_immediate() {
+    let config = BrokerConfig {
+        log_enabled: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    assert_eq!(receipt_ids(&cluster.frames(producer)), ["r1"]);
+    assert_eq!(cluster.appended[0].2, None);
+}
+
+#[test]
+fn commit_receipt_waits_for_every_send_of_the_transaction() {
+    let mut cluster = Cluster::new(2, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(Command::Begin, &[("transaction", "t")], b""),
+    );
+    // Two queues, likely on different shards: both must be durable.
+    for queue in ["/queue/a", "/queue/b", "/queue/c"] {
+        cluster.send(
+            producer,
+            frame(
+                Command::Send,
+                &[("destination", queue), ("transaction", "t")],
+                b"x",
+            ),
+        );
+    }
+    cluster.send(
+        producer,
+        frame(
+            Command::Commit,
+            &[("transaction", "t"), ("receipt", "c")],
+            b"",
+        ),
+    );
+    assert!(cluster.frames(producer).is_empty());
+    let appends: Vec<(ShardId, DurableToken)> = cluster
+        .appended
+        .iter()
+        .map(|(shard, _, token)| (*shard, token.unwrap()))
+        .collect();
+    assert_eq!(appends.len(), 3);
+    for (index, (shard, token)) in appends.iter().enumerate() {
+        cluster.durable(shard.0, *token);
+        let frames = cluster.frames(producer);
+        if index + 1 < appends.len() {
+            assert!(frames.is_empty());
+        } else {
+            assert_eq!(receipt_ids(&frames), ["c"]);
+        }
+    }
+}
+
+#[test]
+fn disconnect_receipt_waits_for_earlier_receipts_then_closes() {
+    let mut cluster = Cluster::new(1, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    cluster.send(
+        producer,
+        frame(Command::Disconnect, &[("receipt", "bye")], b""),
+    );
+    assert!(cluster.take(producer).is_empty());
+    let token = cluster.appended[0].2.unwrap();
+    cluster.durable(0, token);
+    let seen = cluster.take(producer);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[2], Seen::Closed);
+}
+
+#[test]
+fn receipt_for_a_send_to_another_shard_comes_back_in_order() {
+    let mut cluster = Cluster::new(4, BrokerConfig::default());
+    let producer = cluster.connect(0);
+    let mut expected = Vec::new();
+    for index in 0..20 {
+        let receipt = format!("r{index}");
+        let destination = format!("/queue/q{index}");
+        cluster.send(
+            producer,
+            frame(
+                Command::Send,
+                &[("destination", &destination), ("receipt", &receipt)],
+                b"x",
+            ),
+        );
+        expected.push(receipt);
+    }
+    assert_eq!(receipt_ids(&cluster.frames(producer)), expected);
+}

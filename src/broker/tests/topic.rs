@@ -1,0 +1,70 @@
+//! Topic semantics: fan-out to current subscribers, nothing kept.
+
+use super::*;
+
+#[test]
+fn every_current_subscriber_gets_each_message() {
+    let mut cluster = Cluster::single();
+    let a = cluster.connect(0);
+    let b = cluster.connect(0);
+    cluster.subscribe(a, "s", "/topic/news", "auto");
+    cluster.subscribe(b, "s", "/topic/news", "auto");
+    let producer = cluster.connect(0);
+    cluster.publish(producer, "/topic/news", "1");
+    cluster.publish(producer, "/topic/news", "2");
+    assert_eq!(bodies(&cluster.frames(a)), ["1", "2"]);
+    assert_eq!(bodies(&cluster.frames(b)), ["1", "2"]);
+}
+
+#[test]
+fn nothing_is_kept_for_later_subscribers() {
+    let mut cluster = Cluster::single();
+    let producer = cluster.connect(0);
+    cluster.publish(producer, "/topic/news", "early");
+    let late = cluster.connect(0);
+    cluster.subscribe(late, "s", "/topic/news", "auto");
+    assert!(cluster.frames(late).is_empty());
+    cluster.publish(producer, "/topic/news", "late");
+    assert_eq!(bodies(&cluster.frames(late)), ["late"]);
+}
+
+#[test]
+fn topic_fans_out_across_shards() {
+    let mut cluster = Cluster::new(3, BrokerConfig::default());
+    let subscribers: Vec<ConnectionId> = (0..3).map(|shard| cluster.connect(shard)).collect();
+    for conn in &subscribers {
+        cluster.subscribe(*conn, "s", "/topic/all", "auto");
+    }
+    let producer = cluster.connect(1);
+    cluster.publish(producer, "/topic/all", "hello");
+    for conn in subscribers {
+        assert_eq!(bodies(&cluster.frames(conn)), ["hello"]);
+    }
+}
+
+#[test]
+fn client_acked_topic_subscriber_out_of_credit_misses_messages() {
+    let mut cluster = Cluster::single();
+    let slow = cluster.connect(0);
+    cluster.send(
+        slow,
+        frame(
+            Command::Subscribe,
+            &[
+                ("id", "s"),
+                ("destination", "/topic/t"),
+                ("ack", "client"),
+                ("prefetch-count", "1"),
+            ],
+            b"",
+        ),
+    );
+    let producer = cluster.connect(0);
+    cluster.publish(producer, "/topic/t", "1");
+    cluster.publish(producer, "/topic/t", "2");
+    let frames = cluster.frames(slow);
+    assert_eq!(bodies(&frames), ["1"]);
+    cluster.ack(slow, frames[0].header("ack").unwrap());
+    cluster.publish(producer, "/topic/t", "3");
+    assert_eq!(bodies(&cluster.frames(slow)), ["3"]);
+}

@@ -1,0 +1,369 @@
+//! The nouns the broker logic shares: who is who (shards, connections, consumers), what a
+//! stored message is, and which shard owns which destination.
+
+use std::fmt;
+use std::hash::Hasher;
+use std::sync::Arc;
+
+use crate::codec::escape::{escape_into, unescape};
+use crate::codec::{Escaping, Version};
+
+/// One core's worth of broker state. Shards are numbered `0..shard_count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShardId(pub u16);
+
+/// A client connection: the shard that accepted it and a number that shard never reuses, so a
+/// message addressed to a connection that has gone cannot reach a newer one by mistake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId {
+    pub shard: ShardId,
+    pub local: u64,
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.shard.0, self.local)
+    }
+}
+
+/// One subscription as a destination sees it. `subscription` is a number the session gives each
+/// SUBSCRIBE (never reused within the connection), not the client's `id` string, so that a
+/// delivery still in flight for an old subscription cannot land on a new one with the same id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConsumerKey {
+    pub conn: ConnectionId,
+    /// 64 bits so that no client can wrap it around by subscribing over and over.
+    pub subscription: u64,
+}
+
+/// A broker-wide unique message id: the shard whose session accepted the SEND and that shard's
+/// counter. Rendered as `<shard>-<seq>` in the `message-id` header. The counter starts where the
+/// server says ([`crate::broker::Shard::new`]), so ids stay unique across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    pub shard: ShardId,
+    pub seq: u64,
+}
+
+impl MessageId {
+    /// Writes the `message-id` text into `buffer` without allocating; returns its length.
+    pub fn write_text(&self, buffer: &mut [u8; 48]) -> usize {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+        // 48 bytes hold "65535-18446744073709551615", so this cannot fail.
+        let _ = write!(cursor, "{}-{}", self.shard.0, self.seq);
+        cursor.position() as usize
+    }
+
+    /// Parses the text [`MessageId::write_text`] writes (used by STOMP 1.0/1.1 ACK frames).
+    pub fn parse(text: &[u8]) -> Option<MessageId> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (shard, seq) = text.split_once('-')?;
+        Some(MessageId {
+            shard: ShardId(shard.parse().ok()?),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.shard.0, self.seq)
+    }
+}
+
+/// The SUBSCRIBE `ack` header (STOMP 1.2 "SUBSCRIBE ack Header").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AckMode {
+    /// Consumed once handed to the connection.
+    Auto,
+    /// An ACK or NACK covers the named message and every earlier one of the subscription.
+    Client,
+    /// An ACK or NACK covers only the named message.
+    ClientIndividual,
+}
+
+impl AckMode {
+    pub fn parse(text: &[u8]) -> Option<AckMode> {
+        match text {
+            b"auto" => Some(AckMode::Auto),
+            b"client" => Some(AckMode::Client),
+            b"client-individual" => Some(AckMode::ClientIndividual),
+            _ => None,
+        }
+    }
+}
+
+/// What a destination name means here. `/topic/...` fans out; everything else is a queue
+/// (stompserver and ActiveMQ keep messages for names they do not know, and keeping is the
+/// choice that loses nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestinationKind {
+    Queue,
+    Topic,
+}
+
+impl DestinationKind {
+    pub fn of(name: &[u8]) -> DestinationKind {
+        if name.starts_with(b"/topic/") {
+            DestinationKind::Topic
+        } else {
+            DestinationKind::Queue
+        }
+    }
+}
+
+/// The stompserver-compatible statistics pseudo-queue (see [`crate::broker`] "Monitor").
+pub const MONITOR_DESTINATION: &[u8] = b"/queue/monitor";
+
+/// Prefix of dead-letter queues: a message of `/queue/orders` that was delivered
+/// `deliveries_max` times moves to `/queue/DLQ.orders`, as ActiveMQ's
+/// `individualDeadLetterStrategy` names them (`DLQ.` + the queue name).
+pub const DEAD_LETTER_PREFIX: &[u8] = b"/queue/DLQ.";
+
+/// The dead-letter queue for queue `name`; `None` for a dead-letter queue itself, whose
+/// messages are redelivered without limit rather than dropped or moved again.
+pub fn dead_letter_queue(name: &[u8]) -> Option<Vec<u8>> {
+    if name.starts_with(DEAD_LETTER_PREFIX) {
+        return None;
+    }
+    let short = name.strip_prefix(b"/queue/").unwrap_or(name);
+    let mut dlq = DEAD_LETTER_PREFIX.to_vec();
+    dlq.extend_from_slice(short);
+    Some(dlq)
+}
+
+/// The shard that owns destination `name`: 64-bit FNV-1a of the name's bytes, modulo the shard
+/// count. FNV-1a is a fixed, published function (the `fnv` crate implements it exactly; the
+/// test vectors in the tests pin it), unlike std's `DefaultHasher`, whose output may change
+/// between Rust releases. Stability matters because each shard's log holds the queues this
+/// function gave it: the same name must map to the same shard after a restart with the same
+/// shard count.
+pub fn shard_of(name: &[u8], shard_count: u16) -> ShardId {
+    assert!(shard_count > 0, "a broker has at least one shard");
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(name);
+    ShardId((hasher.finish() % u64::from(shard_count)) as u16)
+}
+
+/// A message as the broker keeps it: shared by reference count between the queue, the
+/// deliveries in flight and the log, so that a fan-out or a cross-core hop never copies the body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Message {
+    pub id: MessageId,
+    pub destination: Arc<[u8]>,
+    /// The SEND's user headers as `name:value\n` lines escaped for STOMP 1.2, in arrival order,
+    /// without the headers the broker owns (destination, transaction, receipt, content-length,
+    /// message-id, subscription, ack, redelivered, delivery-count). Spliced into every MESSAGE.
+    pub header_block: Box<[u8]>,
+    /// No header in the block needed an escape, so the block is valid for every version.
+    pub header_block_plain: bool,
+    pub body: Box<[u8]>,
+    /// `expires` header: milliseconds since the Unix epoch after which the message is dropped
+    /// instead of delivered; 0 means never (ActiveMQ's convention).
+    pub expires_ms: u64,
+    /// Whether a queue keeps this message in the log (when the log is on).
+    pub persistent: bool,
+}
+
+/// Headers of a SEND that the broker sets itself on MESSAGE, or that only mean something on
+/// the SEND, and so are not stored with the message.
+const BROKER_HEADERS: [&[u8]; 9] = [
+    b"destination",
+    b"transaction",
+    b"receipt",
+    b"content-length",
+    b"message-id",
+    b"subscription",
+    b"ack",
+    b"redelivered",
+    b"delivery-count",
+];
+
+impl Message {
+    /// Builds a stored message from a SEND's headers (already unescaped by the decoder).
+    pub fn from_send<'h, I>(
+        id: MessageId,
+        destination: Arc<[u8]>,
+        headers: I,
+        body: &[u8],
+        expires_ms: u64,
+        persistent: bool,
+    ) -> Message
+    where
+        I: IntoIterator<Item = (&'h [u8], &'h [u8])>,
+        I::IntoIter: Clone,
+    {
+        let headers = headers.into_iter();
+        // Sized up front: the block is built once per SEND, and boxing it must not reallocate.
+        let capacity: usize = headers
+            .clone()
+            .filter(|(name, _)| !BROKER_HEADERS.contains(name))
+            .map(|(name, value)| name.len() + value.len() + 2)
+            .sum();
+        let mut block = Vec::with_capacity(capacity);
+        let mut plain = true;
+        for (name, value) in headers {
+            if BROKER_HEADERS.contains(&name) {
+                continue;
+            }
+            let before = block.len();
+            escape_into(&mut block, name, Escaping::V1_2);
+            block.push(b':');
+            escape_into(&mut block, value, Escaping::V1_2);
+            block.push(b'\n');
+            if block.len() - before != name.len() + value.len() + 2 {
+                plain = false;
+            }
+        }
+        Message {
+            id,
+            destination,
+            header_block: block.into_boxed_slice(),
+            header_block_plain: plain,
+            body: body.into(),
+            expires_ms,
+            persistent,
+        }
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
+
+    /// A copy of this message for another destination (dead-lettering), with the same id.
+    pub fn moved_to(&self, destination: Arc<[u8]>) -> Message {
+        Message {
+            id: self.id,
+            destination,
+            header_block: self.header_block.clone(),
+            header_block_plain: self.header_block_plain,
+            body: self.body.clone(),
+            expires_ms: self.expires_ms,
+            persistent: self.persistent,
+        }
+    }
+
+    /// Appends the stored headers escaped for a `version` peer. 1.2 (and any plain block) is
+    /// spliced as stored; 1.1 is re-escaped (it has no `\r`); 1.0 has no escaping at all, so a
+    /// header whose unescaped name or value holds CR, LF (or `:` in the name) cannot be written
+    /// to it without breaking the frame and is left out.
+    pub fn write_header_block(&self, out: &mut Vec<u8>, version: Version) {
+        if version == Version::V1_2 || self.header_block_plain {
+            out.extend_from_slice(&self.header_block);
+            return;
+        }
+        for line in self.header_block.split_inclusive(|&byte| byte == b'\n') {
+            let line = &line[..line.len() - 1];
+            // In an escaped block the first raw ':' is the separator.
+            let Some(colon) = memchr::memchr(b':', line) else {
+                continue;
+            };
+            let (Ok(name), Ok(value)) = (
+                unescape(&line[..colon], Escaping::V1_2, 0),
+                unescape(&line[colon + 1..], Escaping::V1_2, 0),
+            ) else {
+                continue;
+            };
+            let escaping = if version == Version::V1_1 {
+                Escaping::V1_1
+            } else {
+                let breaks_frame = |text: &[u8]| text.iter().any(|&b| b == b'\n' || b == b'\r');
+                if breaks_frame(&name) || breaks_frame(&value) || name.contains(&b':') {
+                    continue;
+                }
+                Escaping::None
+            };
+            escape_into(out, &name, escaping);
+            out.push(b':');
+            escape_into(out, &value, escaping);
+            out.push(b'\n');
+        }
+    }
+}
+
+/// A message the log recovered at startup, for [`crate::broker::Shard::restore`].
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    pub message: Arc<Message>,
+    /// How many times it had been handed to a consumer before the restart (0 if never, or if
+    /// the log does not know). Non-zero makes the next delivery carry `redelivered:true`.
+    pub deliveries: u32,
+}
+
+/// One queue's numbers, as `/queue/monitor` reports them (stompserver's three counters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    pub name: Arc<[u8]>,
+    /// Messages held: waiting plus delivered and not yet acknowledged.
+    pub size: u64,
+    /// Messages consumed for good: acknowledged, auto-acked, expired or dead-lettered.
+    pub dequeued: u64,
+    /// Messages accepted into the queue.
+    pub enqueued: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_hash_is_fnv1a_64_and_stable() {
+        // Published FNV-1a 64 test vectors: the log layout depends on these never changing.
+        let mut hasher = fnv::FnvHasher::default();
+        hasher.write(b"");
+        assert_eq!(hasher.finish(), 0xcbf2_9ce4_8422_2325);
+        let mut hasher = fnv::FnvHasher::default();
+        hasher.write(b"a");
+        assert_eq!(hasher.finish(), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(
+            shard_of(b"a", 7),
+            ShardId((0xaf63_dc4c_8601_ec8c_u64 % 7) as u16)
+        );
+        assert_eq!(shard_of(b"/queue/x", 1), ShardId(0));
+    }
+
+    #[test]
+    fn message_id_text_round_trips() {
+        let id = MessageId {
+            shard: ShardId(65535),
+            seq: u64::MAX,
+        };
+        let mut buffer = [0u8; 48];
+        let length = id.write_text(&mut buffer);
+        assert_eq!(&buffer[..length], b"65535-18446744073709551615");
+        assert_eq!(MessageId::parse(&buffer[..length]), Some(id));
+        assert_eq!(MessageId::parse(b"x-1"), None);
+    }
+
+    #[test]
+    fn dead_letter_queue_names_follow_activemq() {
+        assert_eq!(
+            dead_letter_queue(b"/queue/orders").as_deref(),
+            Some(&b"/queue/DLQ.orders"[..])
+        );
+        assert_eq!(dead_letter_queue(b"/queue/DLQ.orders"), None);
+    }
+
+    #[test]
+    fn header_block_is_reescaped_per_version() {
+        let id = MessageId {
+            shard: ShardId(0),
+            seq: 1,
+        };
+        let headers: [(&[u8], &[u8]); 3] = [
+            (b"destination", b"/queue/a"),
+            (b"k", b"a\r\nb:c"),
+            (b"plain", b"v"),
+        ];
+        let message = Message::from_send(id, Arc::from(&b"/queue/a"[..]), headers, b"", 0, true);
+        assert!(!message.header_block_plain);
+        assert_eq!(&*message.header_block, b"k:a\\r\\nb\\cc\nplain:v\n");
+        let mut out = Vec::new();
+        message.write_header_block(&mut out, Version::V1_1);
+        assert_eq!(out, b"k:a\r\\nb\\cc\nplain:v\n");
+        out.clear();
+        message.write_header_block(&mut out, Version::V1_0);
+        assert_eq!(out, b"plain:v\n");
+    }
+}
