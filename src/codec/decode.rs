@@ -23,7 +23,7 @@ use memchr::{memchr, memchr2, memchr3};
 use smallvec::SmallVec;
 
 use super::error::{DecodeError, LimitKind};
-use super::escape::{check_escapes, unescape, Escaping};
+use super::escape::{check_escapes, unescape_checked, Escaping};
 use super::frame::{Command, Frame, Header, Headers, Version, HEADERS_INLINE};
 use super::limits::Limits;
 
@@ -159,55 +159,64 @@ impl Decoder {
                 Some(_) => {}
             }
         }
-        let result = self.decode_frame(input);
-        if !matches!(result, Ok(Decoded::NeedMore)) {
-            // After a frame the next one starts afresh; after an error the stream is unusable,
-            // and resetting keeps stale spans from leaking into a caller that starts over.
-            self.reset();
+        let searched_before = self.searched;
+        let outcome = self.decode_frame(input);
+        // Every search advances `searched`, so how far it moved is what was searched.
+        self.scanned_bytes += (self.searched - searched_before) as u64;
+        match outcome {
+            Ok(None) => Ok(Decoded::NeedMore),
+            Ok(Some(body_end)) => {
+                // The frame is built in the return value itself: moving it (about 600 bytes
+                // with its inline headers) would cost more than parsing a small frame.
+                let frame = self.build_frame(input, body_end);
+                self.reset();
+                Ok(Decoded::Frame {
+                    frame,
+                    consumed: body_end + 1,
+                })
+            }
+            Err(error) => {
+                // The stream is unusable; resetting keeps stale spans from leaking into a
+                // caller that starts over.
+                self.reset();
+                Err(error)
+            }
         }
-        result
     }
 
-    fn decode_frame<'a>(&mut self, input: &'a [u8]) -> Result<Decoded<'a>, DecodeError> {
+    /// Scans as far as `input` allows. Returns where the body ends (the NUL's offset) once the
+    /// frame is whole.
+    fn decode_frame(&mut self, input: &[u8]) -> Result<Option<usize>, DecodeError> {
         if !self.in_body && !self.scan_head(input)? {
-            return Ok(Decoded::NeedMore);
+            return Ok(None);
         }
-        let body_end = match self.content_length {
+        match self.content_length {
             Some(length) => {
                 let body_end = self.body_start + length;
                 if input.len() <= body_end {
-                    return Ok(Decoded::NeedMore);
+                    return Ok(None);
                 }
                 if input[body_end] != 0 {
                     return Err(DecodeError::MissingNul {
                         content_length: length,
                     });
                 }
-                body_end
+                Ok(Some(body_end))
             }
-            None => {
-                let haystack = &input[self.searched..];
-                match memchr(0, haystack) {
-                    Some(found) => {
-                        self.scanned_bytes += found as u64 + 1;
-                        let nul = self.searched + found;
-                        self.check_body_limits(nul)?;
-                        nul
-                    }
-                    None => {
-                        self.scanned_bytes += haystack.len() as u64;
-                        self.searched = input.len();
-                        self.check_body_limits(input.len())?;
-                        return Ok(Decoded::NeedMore);
-                    }
+            None => match memchr(0, &input[self.searched..]) {
+                Some(found) => {
+                    let nul = self.searched + found;
+                    self.searched = nul + 1;
+                    self.check_body_limits(nul)?;
+                    Ok(Some(nul))
                 }
-            }
-        };
-        let frame = self.build_frame(input, body_end)?;
-        Ok(Decoded::Frame {
-            frame,
-            consumed: body_end + 1,
-        })
+                None => {
+                    self.searched = input.len();
+                    self.check_body_limits(input.len())?;
+                    Ok(None)
+                }
+            },
+        }
     }
 
     /// Advances through the header block, parsing each line as its LF arrives. Returns `true`
@@ -226,12 +235,10 @@ impl Decoder {
                 (true, true) => memchr3(b'\n', b':', b'\\', haystack),
             };
             let Some(found) = found else {
-                self.scanned_bytes += haystack.len() as u64;
                 self.searched = input.len();
                 self.check_head_limits(input.len())?;
                 return Ok(false);
             };
-            self.scanned_bytes += found as u64 + 1;
             let at = self.searched + found;
             self.searched = at + 1;
             match input[at] {
@@ -251,32 +258,37 @@ impl Decoder {
 
     /// Errors if a frame whose head has `visible` bytes, none ending the current line, already
     /// breaks a limit. The line still needs its LF and the frame its NUL.
+    #[inline]
     fn check_head_limits(&self, visible: usize) -> Result<(), DecodeError> {
+        let line = self.limits.header_line_bytes_max;
+        let frame = self.limits.frame_bytes_max;
+        if visible < self.line_start.saturating_add(line).min(frame) {
+            return Ok(());
+        }
         first_breach(
             visible,
             [
-                (
-                    LimitKind::HeaderLineBytes,
-                    self.limits.header_line_bytes_max,
-                    self.line_start,
-                ),
-                (LimitKind::FrameBytes, self.limits.frame_bytes_max, 0),
+                (LimitKind::HeaderLineBytes, line, self.line_start),
+                (LimitKind::FrameBytes, frame, 0),
             ],
         )
     }
 
     /// Errors if a body without `content-length` whose first `visible - body_start` bytes hold
     /// no NUL already breaks a limit. The frame still needs its NUL.
+    #[inline]
     fn check_body_limits(&self, visible: usize) -> Result<(), DecodeError> {
+        let body = self.limits.body_bytes_max;
+        let frame = self.limits.frame_bytes_max;
+        let body_counted_from = self.body_start + 1;
+        if visible < body_counted_from.saturating_add(body).min(frame) {
+            return Ok(());
+        }
         first_breach(
             visible,
             [
-                (
-                    LimitKind::BodyBytes,
-                    self.limits.body_bytes_max,
-                    self.body_start + 1,
-                ),
-                (LimitKind::FrameBytes, self.limits.frame_bytes_max, 0),
+                (LimitKind::BodyBytes, body, body_counted_from),
+                (LimitKind::FrameBytes, frame, 0),
             ],
         )
     }
@@ -402,10 +414,10 @@ impl Decoder {
         Ok(length)
     }
 
-    fn build_frame<'a>(&self, input: &'a [u8], body_end: usize) -> Result<Frame<'a>, DecodeError> {
-        let command = self
-            .command
-            .expect("a frame has a body only after its command line");
+    /// Builds the frame once it is whole. Cannot fail: every escape was checked as its line
+    /// arrived.
+    #[inline(always)]
+    fn build_frame<'a>(&self, input: &'a [u8], body_end: usize) -> Frame<'a> {
         let mut headers = Headers::new();
         if self.spans.len() > HEADERS_INLINE {
             headers.reserve_exact(self.spans.len());
@@ -415,18 +427,18 @@ impl Decoder {
             let value = &input[span.value_start..span.value_end];
             headers.push(if span.escaped {
                 Header {
-                    name: unescape(name, self.escaping, span.name_start)?,
-                    value: unescape(value, self.escaping, span.value_start)?,
+                    name: unescape_checked(name, self.escaping),
+                    value: unescape_checked(value, self.escaping),
                 }
             } else {
                 Header::new(name, value)
             });
         }
-        Ok(Frame {
-            command,
+        Frame {
+            command: self.command.expect("a whole frame has a command"),
             headers,
             body: &input[self.body_start..body_end],
-        })
+        }
     }
 }
 
@@ -438,6 +450,7 @@ fn limit(limit: LimitKind, max: usize, actual: usize) -> DecodeError {
 /// where the counted bytes start; a limit breaks once more than `max` bytes from that offset are
 /// visible. Breaches are ordered by the byte at which they became certain, so that the error
 /// does not depend on how much input happened to be visible; ties go to the earlier entry.
+#[cold]
 fn first_breach<const N: usize>(
     visible: usize,
     limits: [(LimitKind, usize, usize); N],

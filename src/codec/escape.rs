@@ -97,6 +97,13 @@ pub fn unescape(
     Ok(Cow::Owned(out))
 }
 
+/// Decodes escapes that [`check_escapes`] has accepted. An undefined one (which would be a
+/// bug in the caller) is kept as it is rather than failing.
+pub(crate) fn unescape_checked(raw: &[u8], escaping: Escaping) -> Cow<'_, [u8]> {
+    debug_assert!(check_escapes(raw, escaping, 0).is_ok());
+    unescape(raw, escaping, 0).unwrap_or(Cow::Borrowed(raw))
+}
+
 /// Whether `text` needs any escaping (or, unescaped, any replacing) under `escaping`.
 #[inline]
 pub fn needs_escape(text: &[u8], escaping: Escaping) -> bool {
