@@ -604,6 +604,18 @@ fn size_limits_breach_detected_before_the_frame_arrives() {
     );
 }
 
+/// "Size Limits" with every limit switched off (`usize::MAX`): a `content-length` too large
+/// for memory is still refused rather than overflowing the body's end offset.
+#[test]
+fn size_limits_unlimited_still_refuses_impossible_content_length() {
+    let unlimited = limits(usize::MAX, usize::MAX, usize::MAX, usize::MAX);
+    let input = format!("SEND\ncontent-length:{}\n\n", usize::MAX - 10);
+    assert_eq!(
+        decode_limited(unlimited, input.as_bytes()),
+        [breach(LimitKind::FrameBytes, usize::MAX, usize::MAX)]
+    );
+}
+
 /// "Size Limits": when several limits break, the one that broke first in the byte stream is
 /// reported, however the input was split.
 #[test]

@@ -293,6 +293,17 @@ impl Decoder {
         )
     }
 
+    /// Errors if a frame whose `content-length` makes it `frame_bytes` long (saturated) is over
+    /// the frame limit. A saturated size is over any limit, even `usize::MAX`: no buffer holds
+    /// such a frame, and refusing it keeps the body's end offset from overflowing.
+    fn check_declared_frame(&self, frame_bytes: usize) -> Result<(), DecodeError> {
+        let max = self.limits.frame_bytes_max;
+        if frame_bytes > max || frame_bytes == usize::MAX {
+            return Err(limit(LimitKind::FrameBytes, max, frame_bytes));
+        }
+        Ok(())
+    }
+
     /// Handles the line that ends with the LF at `lf`. Returns `true` if it was the blank line
     /// that ends the header block.
     fn end_line(&mut self, input: &[u8], lf: usize) -> Result<bool, DecodeError> {
@@ -316,14 +327,9 @@ impl Decoder {
                 self.body_start = lf + 1;
                 self.searched = self.body_start;
                 if let Some(length) = self.content_length {
-                    let frame_bytes = self.body_start.saturating_add(length).saturating_add(1);
-                    if frame_bytes > self.limits.frame_bytes_max {
-                        return Err(limit(
-                            LimitKind::FrameBytes,
-                            self.limits.frame_bytes_max,
-                            frame_bytes,
-                        ));
-                    }
+                    self.check_declared_frame(
+                        self.body_start.saturating_add(length).saturating_add(1),
+                    )?;
                 }
                 return Ok(true);
             }
@@ -372,14 +378,7 @@ impl Decoder {
         if self.content_length.is_none() && &input[line_start..colon] == b"content-length" {
             let length = self.parse_content_length(&input[value_start..value_end])?;
             // The rest of the frame is at least a blank line, the body and the NUL.
-            let frame_bytes = (lf + 1).saturating_add(length).saturating_add(2);
-            if frame_bytes > self.limits.frame_bytes_max {
-                return Err(limit(
-                    LimitKind::FrameBytes,
-                    self.limits.frame_bytes_max,
-                    frame_bytes,
-                ));
-            }
+            self.check_declared_frame((lf + 1).saturating_add(length).saturating_add(2))?;
             self.content_length = Some(length);
         }
         self.spans.push(HeaderSpan {
