@@ -215,7 +215,7 @@ pub fn assert_reencodes(version: Version, frames: &[OwnedFrame]) {
 }
 
 /// The fuzz target's check, also run by the stable tests. The first four bytes choose the run:
-/// byte 0 the version and how tight the limits are, bytes 1 to 3 the sizes of the pieces the
+/// byte 0 the version and the limits (default, small or none), bytes 1 to 3 the sizes of the pieces the
 /// rest arrives in. Checks that chunked and whole decoding agree and that every decoded frame
 /// re-encodes to itself.
 pub fn check_decode_input(data: &[u8]) {
@@ -227,16 +227,22 @@ pub fn check_decode_input(data: &[u8]) {
         1 => Version::V1_1,
         _ => Version::V1_2,
     };
-    let limits = if flags & 4 == 0 {
-        Limits::DEFAULT
-    } else {
+    let limits = match (flags >> 2) & 3 {
         // Small limits, so that breaches happen in short inputs.
-        Limits {
+        2 => Limits {
             frame_bytes_max: 16 + usize::from(a),
             headers_count_max: usize::from(b % 8),
             header_line_bytes_max: 4 + usize::from(c % 64),
-            body_bytes_max: usize::from(flags >> 3),
-        }
+            body_bytes_max: usize::from(flags >> 4),
+        },
+        // No limits at all, so that sizes near usize::MAX reach the arithmetic.
+        3 => Limits {
+            frame_bytes_max: usize::MAX,
+            headers_count_max: usize::MAX,
+            header_line_bytes_max: usize::MAX,
+            body_bytes_max: usize::MAX,
+        },
+        _ => Limits::DEFAULT,
     };
     let whole = decode_one_shot(limits, version, input);
     let sizes = [a, b, c].map(|size| usize::from(size % 32) + 1);
