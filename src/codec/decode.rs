@@ -228,12 +228,7 @@ impl Decoder {
             // are found, so that each byte of the head is searched once.
             let want_colon = self.command.is_some() && self.colon.is_none();
             let want_backslash = self.escaping != Escaping::None && !self.backslash;
-            let found = match (want_colon, want_backslash) {
-                (false, false) => memchr(b'\n', haystack),
-                (true, false) => memchr2(b'\n', b':', haystack),
-                (false, true) => memchr2(b'\n', b'\\', haystack),
-                (true, true) => memchr3(b'\n', b':', b'\\', haystack),
-            };
+            let found = find_line_event(haystack, want_colon, want_backslash);
             let Some(found) = found else {
                 self.searched = input.len();
                 self.check_head_limits(input.len())?;
@@ -467,6 +462,42 @@ fn first_breach<const N: usize>(
         Some((_, kind, max)) => Err(limit(kind, max, max.saturating_add(1))),
         None => Ok(()),
     }
+}
+
+/// How far into a search [`find_line_event`] looks a byte at a time before it hands over to
+/// memchr. Most header names and values are shorter, and for them a table lookup per byte
+/// costs less than a memchr call.
+const SHORT_SEARCH_BYTES: usize = 32;
+
+/// Which bytes end a step of the head search: bit 0 LF, bit 1 `:`, bit 2 `\`.
+static LINE_EVENTS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    table[b'\n' as usize] = 1;
+    table[b':' as usize] = 2;
+    table[b'\\' as usize] = 4;
+    table
+};
+
+/// The offset of the first LF in `haystack`, or of the first `:` or `\` if asked for and
+/// earlier.
+#[inline(always)]
+fn find_line_event(haystack: &[u8], want_colon: bool, want_backslash: bool) -> Option<usize> {
+    let wanted = 1 | (u8::from(want_colon) << 1) | (u8::from(want_backslash) << 2);
+    let short = &haystack[..haystack.len().min(SHORT_SEARCH_BYTES)];
+    if let Some(found) = short
+        .iter()
+        .position(|&byte| LINE_EVENTS[usize::from(byte)] & wanted != 0)
+    {
+        return Some(found);
+    }
+    let rest = &haystack[short.len()..];
+    let found = match (want_colon, want_backslash) {
+        (false, false) => memchr(b'\n', rest),
+        (true, false) => memchr2(b'\n', b':', rest),
+        (false, true) => memchr2(b'\n', b'\\', rest),
+        (true, true) => memchr3(b'\n', b':', b'\\', rest),
+    };
+    found.map(|position| short.len() + position)
 }
 
 /// How many bytes of whole EOLs (`\n` or `\r\n`) start `input`. A lone trailing `\r` is left
