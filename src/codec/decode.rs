@@ -166,8 +166,9 @@ impl Decoder {
         match outcome {
             Ok(None) => Ok(Decoded::NeedMore),
             Ok(Some(body_end)) => {
-                // The frame is built in the return value itself: moving it (about 600 bytes
-                // with its inline headers) would cost more than parsing a small frame.
+                // Built here, right where it is returned, by an infallible builder: a builder
+                // returning a Result cost two more moves of the frame (about 600 bytes with its
+                // inline headers), a tenth of the time of decoding a small SEND.
                 let frame = self.build_frame(input, body_end);
                 self.reset();
                 Ok(Decoded::Frame {
