@@ -159,11 +159,7 @@ impl Decoder {
                 Some(_) => {}
             }
         }
-        let searched_before = self.searched;
-        let outcome = self.decode_frame(input);
-        // Every search advances `searched`, so how far it moved is what was searched.
-        self.scanned_bytes += (self.searched - searched_before) as u64;
-        match outcome {
+        match self.decode_frame(input) {
             Ok(None) => Ok(Decoded::NeedMore),
             Ok(Some(body_end)) => {
                 // Built here, right where it is returned, by an infallible builder: a builder
@@ -206,12 +202,14 @@ impl Decoder {
             }
             None => match memchr(0, &input[self.searched..]) {
                 Some(found) => {
+                    self.scanned_bytes += found as u64 + 1;
                     let nul = self.searched + found;
                     self.searched = nul + 1;
                     self.check_body_limits(nul)?;
                     Ok(Some(nul))
                 }
                 None => {
+                    self.scanned_bytes += (input.len() - self.searched) as u64;
                     self.searched = input.len();
                     self.check_body_limits(input.len())?;
                     Ok(None)
@@ -231,10 +229,12 @@ impl Decoder {
             let want_backslash = self.escaping != Escaping::None && !self.backslash;
             let found = find_line_event(haystack, want_colon, want_backslash);
             let Some(found) = found else {
+                self.scanned_bytes += haystack.len() as u64;
                 self.searched = input.len();
                 self.check_head_limits(input.len())?;
                 return Ok(false);
             };
+            self.scanned_bytes += found as u64 + 1;
             let at = self.searched + found;
             self.searched = at + 1;
             match input[at] {
