@@ -6,7 +6,7 @@
 //! MESSAGE: per-delivery headers, then the headers stored with the message, then the stored body
 //! handed to the socket as its own slice, never copied into the frame.
 
-use super::escape::{escape_into, Escaping};
+use super::escape::{escape_into, escape_name_into, Escaping};
 use super::frame::{Command, Frame, Header, Version};
 
 /// Appends `frame` to `out`, escaping headers as `version` and the command require. Headers go
@@ -32,7 +32,7 @@ pub fn encode_header_block<'h>(
 }
 
 fn write_header(out: &mut Vec<u8>, escaping: Escaping, name: &[u8], value: &[u8]) {
-    escape_into(out, name, escaping);
+    escape_name_into(out, name, escaping);
     out.push(b':');
     escape_into(out, value, escaping);
     out.push(b'\n');

@@ -29,6 +29,9 @@ impl LimitKind {
 /// Offsets count from the first byte of the frame (after any heart-beat EOLs).
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum DecodeError {
+    /// `actual` is the size known when the breach became certain: the declared size for a
+    /// `content-length` or a header count, and `max + 1` for bytes still streaming in (the
+    /// decoder reports a breach at the byte that made it certain, whatever arrived after).
     #[error("{} exceeded: {actual} > {max}", limit.name())]
     LimitExceeded {
         limit: LimitKind,

@@ -17,6 +17,10 @@ mod error;
 pub mod escape;
 mod frame;
 mod limits;
+// Shared by the tests and the fuzz target (fuzz/), which is a separate crate and can only
+// reach what the library exports.
+#[doc(hidden)]
+pub mod testing;
 
 pub use decode::{Decoded, Decoder};
 pub use encode::{encode_frame, encode_header_block, format_u64, FrameWriter};
