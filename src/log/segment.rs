@@ -273,6 +273,8 @@ pub struct SegmentReader {
     sequence: u64,
     header: Result<SegmentHeader, super::format::FormatError>,
     map: Option<Mmap>,
+    /// Kept open to ask the file system where data lies (`last_nonzero_from`).
+    file: File,
 }
 
 impl SegmentReader {
@@ -294,6 +296,7 @@ impl SegmentReader {
             sequence,
             header,
             map,
+            file,
         })
     }
 
@@ -304,6 +307,23 @@ impl SegmentReader {
     /// The segment header, or why it could not be read.
     pub fn header(&self) -> &Result<SegmentHeader, super::format::FormatError> {
         &self.header
+    }
+
+    /// Length of the file (0 for an empty file).
+    pub fn file_bytes(&self) -> u64 {
+        self.map.as_ref().map_or(0, |map| map.len() as u64)
+    }
+
+    /// The offset of the last non-zero byte at or after `from`, if any: how recovery finds what
+    /// lies past the end of a segment's data (a torn record whose framing never landed, a
+    /// zeroed length hiding good records). Reads only the regions the file system reports as
+    /// data, so an empty 64 MiB segment costs almost nothing.
+    pub fn last_nonzero_from(&self, from: u64) -> Option<u64> {
+        let bytes = self.map.as_deref().unwrap_or(&[]);
+        if from >= bytes.len() as u64 {
+            return None;
+        }
+        super::shard::last_nonzero_from(self.file.as_raw_fd(), bytes, from)
     }
 
     /// The records of the segment (none if its header is bad).
