@@ -422,4 +422,27 @@ mod tests {
         assert_eq!(shard_number(Path::new("/data/shard-1x")), None);
         assert_eq!(shard_number(Path::new("/data/data")), None);
     }
+
+    /// A segment holding acks stays while the segment they point into is there (or the
+    /// acked messages would come back after a restart), and goes in the same pass once that
+    /// one goes.
+    #[test]
+    fn reclaimable_follows_references_backwards_in_one_pass() {
+        let none = BTreeSet::new();
+        let to_0: BTreeSet<u64> = [0].into();
+        let to_2: BTreeSet<u64> = [2].into();
+        let segments = [
+            (0, false, &none),
+            (1, false, &to_0),
+            (2, true, &none),
+            (3, false, &to_2),
+            (4, false, &none),
+        ];
+        assert_eq!(reclaimable_segments(segments, |s| s == 4), vec![0, 1]);
+        assert_eq!(
+            reclaimable_segments(segments, |s| s == 0 || s == 4),
+            Vec::<u64>::new(),
+            "segment 1 keeps its acks while segment 0 is pinned"
+        );
+    }
 }
