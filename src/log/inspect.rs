@@ -154,6 +154,9 @@ pub struct SegmentSummary {
     pub status: SegmentStatus,
     /// Segments this segment's ack and delivered records point into.
     pub refs: BTreeSet<u64>,
+    /// A segment whose creation never finished (header all zeros): not damage, nothing in it
+    /// was ever durable; recovery removes it, and on a live broker it is being created.
+    pub incomplete: bool,
 }
 
 impl SegmentSummary {
@@ -178,9 +181,14 @@ impl SegmentSummary {
             damage: Vec::new(),
             status: SegmentStatus::Full,
             refs: BTreeSet::new(),
+            incomplete: false,
         };
         let header = match reader.header() {
             Ok(header) => *header,
+            Err(_) if reader.is_blank() => {
+                summary.incomplete = true;
+                return summary;
+            }
             Err(error) => {
                 summary.damage.push(Damage::BadHeader(error.clone()));
                 return summary;

@@ -309,6 +309,21 @@ impl SegmentReader {
         &self.header
     }
 
+    /// The whole file as mapped (empty for an empty file).
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Whether this is a segment whose creation never finished: its header (or as much of it
+    /// as the file holds) is all zeros. Recovery removes such a file; no record in it was ever
+    /// reported durable. On a live broker it is also a segment being created right now.
+    pub fn is_blank(&self) -> bool {
+        let bytes = self.bytes();
+        bytes[..bytes.len().min(SEGMENT_HEADER_BYTES)]
+            .iter()
+            .all(|&b| b == 0)
+    }
+
     /// Length of the file (0 for an empty file).
     pub fn file_bytes(&self) -> u64 {
         self.map.as_ref().map_or(0, |map| map.len() as u64)

@@ -44,6 +44,7 @@ pub fn run(args: &SegmentsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                         "first": position(summary.first),
                         "last": position(summary.last),
                         "status": summary.status.as_str(),
+                        "incomplete": summary.incomplete,
                         "damage": summary.damage.iter().map(damage_text).collect::<Vec<_>>(),
                     });
                     writeln!(out, "{object}")?;
@@ -74,6 +75,9 @@ fn line(summary: &SegmentSummary) -> String {
         position(summary.last),
         summary.status.as_str(),
     );
+    if summary.incomplete {
+        line.push_str(" (incomplete: its creation never finished; the broker removes it at start)");
+    }
     if !summary.damage.is_empty() {
         line.push_str(&format!(
             " [{} damaged, see stompd-log verify]",

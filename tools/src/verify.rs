@@ -14,6 +14,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::json;
 use stompd::log::inspect::{Damage, SegmentSummary};
 use stompd::log::{LogError, SegmentReader};
@@ -79,6 +80,13 @@ pub fn run(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                 }
             }
         }
+        let incomplete: Vec<u64> = inspection
+            .segments
+            .iter()
+            .filter(|s| source.wants(s.sequence) && s.incomplete)
+            .map(|s| s.sequence)
+            .collect();
+        let cut_files = cut_files(&source.dir)?;
         let damaged = inspection
             .segments
             .iter()
@@ -87,6 +95,22 @@ pub fn run(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
             .sum::<usize>();
         match args.format {
             Format::Text => {
+                for summary in &incomplete {
+                    writeln!(
+                        out,
+                        "{}/{:020}.seg: incomplete segment (its creation never finished, nothing \
+                         in it was durable; the broker removes it at start): not damage",
+                        source.name, summary
+                    )?;
+                }
+                for file in &cut_files {
+                    writeln!(
+                        out,
+                        "{}/{file}: a tail cut by an earlier recovery, kept as evidence (remove \
+                         it after inspection)",
+                        source.name
+                    )?;
+                }
                 for (sequence, offset) in &in_progress {
                     writeln!(
                         out,
@@ -114,6 +138,8 @@ pub fn run(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                     "segments": segments,
                     "records": records,
                     "damaged": damaged,
+                    "incomplete": incomplete,
+                    "cut_files": cut_files,
                     "in_progress": in_progress
                         .iter()
                         .map(|(s, o)| json!({"segment": s, "offset": o}))
@@ -123,6 +149,19 @@ pub fn run(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
         }
     }
     Ok(if damaged_total == 0 { 0 } else { 1 })
+}
+
+/// Files recovery left beside the segments (`<segment>.seg.cut-<offset>`), by name.
+fn cut_files(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name();
+        if let Some(name) = name.to_str().filter(|n| n.contains(".seg.cut-")) {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn source_shard(dir: &Path) -> Option<u32> {

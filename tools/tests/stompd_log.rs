@@ -923,3 +923,40 @@ fn every_subcommand_has_help_with_an_example() {
         );
     }
 }
+
+/// What a crash leaves that is not damage: a segment whose creation never finished (recovery
+/// removes it) and the copy of a cut tail that recovery keeps beside the log. Both are named;
+/// neither fails the check. A header that is not blank but wrong does.
+#[test]
+fn verify_names_crash_leftovers_without_failing_and_fails_on_a_bad_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sent = write_log(tmp.path(), &["/queue/left"], 20);
+    let last = sent.last().unwrap();
+    let file = segment_path(tmp.path(), 0, last.position.segment);
+    let handle = OpenOptions::new().write(true).open(&file).unwrap();
+    handle
+        .write_all_at(&[0u8; 64], last.position.offset + 100)
+        .unwrap();
+    drop(handle);
+    // The broker's next start cuts the torn tail and keeps a copy of it.
+    let (log, recovery) = ShardLog::open(config(tmp.path(), 0)).unwrap();
+    assert_eq!(recovery.report.cuts.len(), 1);
+    drop(log);
+    let blank = segment_path(tmp.path(), 0, last.position.segment + 1);
+    std::fs::write(&blank, vec![0u8; SEGMENT_BYTES as usize]).unwrap();
+
+    let out = stompd_log(&["verify", path(tmp.path())]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    assert!(out.stdout.contains(".seg.cut-"), "{}", out.stdout);
+    assert!(out.stdout.contains("incomplete segment"), "{}", out.stdout);
+    assert!(out.stdout.contains("intact"));
+
+    std::fs::write(&blank, b"STOMPDLG but not a header").unwrap();
+    let out = stompd_log(&["verify", path(tmp.path())]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let expected = format!(
+        "shard-0/{:020}.seg: unreadable segment header",
+        last.position.segment + 1
+    );
+    assert!(out.stdout.contains(&expected), "{}", out.stdout);
+}
