@@ -403,17 +403,27 @@ impl ShardLog {
                         error: tail_error,
                     });
                 }
-            } else if tail_error.is_some() {
-                report.cuts.push(TailCut {
-                    position: Position {
-                        segment: sequence,
-                        offset: last_good_end,
-                    },
-                    bytes: scan_end.max(last_good_end) - last_good_end,
-                    zeroed: false,
-                    saved_to: None,
-                    error: tail_error,
-                });
+            } else {
+                // A zeroed length reads as the end of the data and hides the records after it;
+                // only non-zero bytes past the end tell. An earlier segment's rest is small
+                // (it rolled because a record did not fit), so looking costs little.
+                let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
+                if tail_error.is_some() || last_nonzero.is_some() {
+                    let bytes = match last_nonzero {
+                        Some(last_nonzero) => last_nonzero - last_good_end + 1,
+                        None => scan_end.max(last_good_end) - last_good_end,
+                    };
+                    report.cuts.push(TailCut {
+                        position: Position {
+                            segment: sequence,
+                            offset: last_good_end,
+                        },
+                        bytes,
+                        zeroed: false,
+                        saved_to: None,
+                        error: tail_error,
+                    });
+                }
             }
             segment.set_write_offset(last_good_end);
             states.insert(
