@@ -190,8 +190,10 @@ pub struct ReplayArgs {
     /// Give up when no RECEIPT arrives for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     pub receipt_timeout: f64,
+    /// The CONNECT `login` header.
     #[arg(long, env = "STOMPD_LOG_REPLAY_LOGIN")]
     pub login: Option<String>,
+    /// The CONNECT `passcode` header (prefer the environment variable: flags show in `ps`).
     #[arg(long, env = "STOMPD_LOG_REPLAY_PASSCODE", hide_env_values = true)]
     pub passcode: Option<String>,
     /// The CONNECT `host` header (a virtual host to RabbitMQ).

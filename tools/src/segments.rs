@@ -61,7 +61,7 @@ fn line(summary: &SegmentSummary) -> String {
         None => "-".to_string(),
     };
     let mut line = format!(
-        "{:020}.seg {} bytes, {} used, {} records ({} messages, {} acks, {} delivered), \
+        "{:020}.seg {} bytes, {} used, {} records ({} messages, {} ack, {} delivered), \
          {} pending, first {}, last {}: {}",
         summary.sequence,
         summary.file_bytes,
