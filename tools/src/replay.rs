@@ -67,12 +67,30 @@ pub fn write_send(
     frame.finish(message.body);
 }
 
+/// Whether a SEND in `version` can carry `message` to `destination` unchanged. STOMP 1.0 has
+/// no header escaping (STOMP 1.1 "Value Encoding" added it), so there a header line cannot
+/// hold a newline, nor a header name a colon; such a message is not sent rather than sent
+/// altered.
+pub fn representable(version: Version, destination: &[u8], message: &MessageView<'_>) -> bool {
+    if version != Version::V1_0 {
+        return true;
+    }
+    let line_safe = |bytes: &[u8]| !bytes.contains(&b'\n');
+    line_safe(destination)
+        && message
+            .headers()
+            .filter(|(name, _)| !DROPPED_HEADERS.contains(name))
+            .all(|(name, value)| line_safe(name) && !name.contains(&b':') && line_safe(value))
+}
+
 /// Counts for one destination (as it is published, after `--rename`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     pub selected: u64,
     pub sent: u64,
     pub confirmed: u64,
+    /// Not sent: the broker's STOMP version cannot carry the message unchanged.
+    pub unsendable: u64,
 }
 
 pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
@@ -152,6 +170,10 @@ pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                     continue;
                 };
                 let target = renames.get(m.destination).copied().unwrap_or(m.destination);
+                if !representable(version, target, &m) {
+                    replay.counts.get_mut(target).expect("counted").unsendable += 1;
+                    continue;
+                }
                 if let Some(rate) = args.rate {
                     let due = started + Duration::from_secs_f64(index as f64 / rate);
                     let now = Instant::now();
@@ -183,6 +205,7 @@ pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
 
     let sum = |f: fn(&Counts) -> u64| replay.counts.values().map(f).sum::<u64>();
     let (sent, confirmed) = (sum(|c| c.sent), sum(|c| c.confirmed));
+    let unsendable = sum(|c| c.unsendable);
     let elapsed = started.elapsed().as_secs_f64();
     match args.format {
         Format::Text => {
@@ -206,10 +229,18 @@ pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
             if let Err(error) = &outcome {
                 writeln!(out, "stopped: {}", error_chain(error))?;
             }
+            if unsendable > 0 {
+                writeln!(
+                    out,
+                    "{unsendable} messages not sent: STOMP {} cannot carry a newline in a \
+                     header (or a colon in a header name) unescaped",
+                    version.as_str()
+                )?;
+            }
             if confirmed < total {
                 writeln!(
                     out,
-                    "NOT CONFIRMED: {} messages ({} sent without a receipt, {} never sent)",
+                    "NOT CONFIRMED: {} messages ({} sent without a receipt, {} not sent)",
                     total - confirmed,
                     sent - confirmed,
                     total - sent
@@ -226,6 +257,7 @@ pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                 "selected": total,
                 "sent": sent,
                 "confirmed": confirmed,
+                "unsendable": unsendable,
                 "seconds": elapsed,
                 "error": outcome.as_ref().err().map(error_chain),
                 "destinations": replay.counts.iter().map(|(d, c)| json!({
@@ -233,6 +265,7 @@ pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                     "selected": c.selected,
                     "sent": c.sent,
                     "confirmed": c.confirmed,
+                    "unsendable": c.unsendable,
                 })).collect::<Vec<_>>(),
             })
         )?,
@@ -399,5 +432,8 @@ mod tests {
             ]
         );
         assert_eq!(frame.body, body);
+        // STOMP 1.0 cannot carry the newline in x-trace; 1.1 and 1.2 escape it.
+        assert!(!representable(Version::V1_0, b"/queue/renamed", &view));
+        assert!(representable(Version::V1_1, b"/queue/renamed", &view));
     }
 }

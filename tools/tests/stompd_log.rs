@@ -960,3 +960,36 @@ fn verify_names_crash_leftovers_without_failing_and_fails_on_a_bad_header() {
     );
     assert!(out.stdout.contains(&expected), "{}", out.stdout);
 }
+
+/// A STOMP 1.0 broker cannot carry a newline in a header unescaped (STOMP 1.1 "Value
+/// Encoding"): such messages are not sent rather than sent altered, and replay exits 1.
+#[test]
+fn replay_to_a_stomp_1_0_broker_refuses_headers_it_cannot_carry() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_log(tmp.path(), &["/queue/old"], 6); // every message has x-note:a:b\nc
+    let relay = stompd_loadgen::relay::spawn(
+        "127.0.0.1:0",
+        stompd_loadgen::relay::RelayConfig {
+            version_max: stompd::codec::Version::V1_0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = stompd_log(&[
+        "replay",
+        path(tmp.path()),
+        "--to",
+        &relay.address.to_string(),
+    ]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("STOMP 1.0): 6 selected, 0 sent"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("6 messages not sent: STOMP 1.0"),
+        "{}",
+        out.stdout
+    );
+}
