@@ -316,13 +316,14 @@ struct Replay {
 }
 
 impl Replay {
-    /// Flushes and waits until at least one RECEIPT arrives, then takes every one already
-    /// buffered. An ERROR frame from the broker ends the replay with its message.
+    /// Flushes and waits until one RECEIPT for a SEND in flight arrives. It returns at once
+    /// with a receipt already buffered, and blocks only when none is: waiting for more than one
+    /// would stall the window each time the broker has already confirmed everything sent. An
+    /// ERROR frame from the broker ends the replay with its message.
     fn await_receipts(&mut self) -> Result<(), ClientError> {
         self.connection.flush()?;
         self.connection.set_read_timeout(Some(RECEIPT_POLL))?;
         let deadline = Instant::now() + self.receipt_timeout;
-        let mut confirmed_any = false;
         loop {
             let frame = self
                 .connection
@@ -342,12 +343,11 @@ impl Replay {
                             counts.confirmed += 1;
                         }
                         self.progress.inc(1);
-                        confirmed_any = true;
+                        return Ok(());
                     }
                 }
                 Some(Ok(None)) => {}
                 Some(Err(error)) => return Err(error),
-                None if confirmed_any => return Ok(()),
                 None => {
                     if Instant::now() >= deadline {
                         return Err(ClientError::Timeout {
@@ -356,9 +356,6 @@ impl Replay {
                         });
                     }
                 }
-            }
-            if confirmed_any && self.in_flight.is_empty() {
-                return Ok(());
             }
         }
     }
