@@ -347,13 +347,20 @@ impl ShardInspection {
         for summary in &mut inspection.segments {
             summary.pending = pending.get(&summary.sequence).copied().unwrap_or(0);
         }
+        let unreadable: HashSet<u64> = inspection
+            .segments
+            .iter()
+            .filter(|s| s.header.is_none() && !s.incomplete)
+            .map(|s| s.sequence)
+            .collect();
         let reclaimable: HashSet<u64> = reclaimable_segments(
             inspection
                 .segments
                 .iter()
                 .map(|s| (s.sequence, s.pending > 0, &s.refs)),
-            // A segment whose header cannot be read is kept: the broker would not start on it.
-            |sequence| Some(sequence) == last,
+            // A segment whose header cannot be read is not the broker's to delete: it would not
+            // start on it at all.
+            |sequence| Some(sequence) == last || unreadable.contains(&sequence),
         )
         .into_iter()
         .collect();

@@ -993,3 +993,52 @@ fn replay_to_a_stomp_1_0_broker_refuses_headers_it_cannot_carry() {
         out.stdout
     );
 }
+
+/// A segment whose header cannot be read is never listed as reclaimable (the broker refuses to
+/// start on it, and deletes nothing it cannot read), and `segments` flags it.
+#[test]
+fn a_segment_with_an_unreadable_header_is_not_reclaimable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = ShardLog::open(config(tmp.path(), 0)).unwrap();
+    for i in 0..120u64 {
+        let position = log
+            .append_message(
+                &MessageRecord {
+                    destination: b"/queue/hdr",
+                    message_id: format!("ID:hdr-{i}").as_bytes(),
+                    timestamp_ms: i,
+                    headers: &[],
+                    body: &[b'h'; 500],
+                },
+                i,
+            )
+            .unwrap();
+        log.ack(&[position], i).unwrap();
+    }
+    log.sync_now().unwrap();
+    assert!(log.segment_sequences().len() >= 4);
+    drop(log);
+    let status_of_1 = || {
+        let out = stompd_log(&["segments", path(tmp.path()), "--format", "json"]);
+        assert_eq!(out.code, 0);
+        json_lines(&out.stdout)
+            .into_iter()
+            .find(|r| r["segment"] == 1)
+            .unwrap()
+    };
+    assert_eq!(status_of_1()["status"], "reclaimable");
+    flip_byte(&segment_path(tmp.path(), 0, 1), 30); // inside the header's sequence field
+    let row = status_of_1();
+    assert_eq!(row["status"], "full", "{row}");
+    assert_eq!(row["records"], 0);
+    assert!(row["damage"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("unreadable segment header"));
+    let text = stompd_log(&["segments", path(tmp.path())]);
+    assert!(
+        text.stdout.contains("[1 damaged, see stompd-log verify]"),
+        "{}",
+        text.stdout
+    );
+}
