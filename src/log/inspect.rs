@@ -132,7 +132,9 @@ impl RecordKind {
 /// What one segment held when it was scanned.
 #[derive(Clone, Debug)]
 pub struct SegmentSummary {
+    /// Sequence number, from the file name (it seeds every record's CRC).
     pub sequence: u64,
+    /// The segment file.
     pub path: PathBuf,
     /// Length of the file.
     pub file_bytes: u64,
@@ -285,12 +287,17 @@ impl SegmentSummary {
 /// ([`ShardInspection::records`]) even if the broker deletes a segment meanwhile.
 #[derive(Debug)]
 pub struct ShardInspection {
+    /// The shard directory read.
     pub dir: PathBuf,
     /// From the directory's name (`shard-N`), when it has that form.
     pub shard: Option<u32>,
+    /// Every segment, in sequence order, as scanned.
     pub segments: Vec<SegmentSummary>,
+    /// The read-only maps, one per summary, kept for [`ShardInspection::records`].
     readers: Vec<SegmentReader>,
+    /// Positions named by an ack record of the shard.
     acked: HashSet<Position>,
+    /// Positions named by delivered records, with how many times.
     deliveries: HashMap<Position, u32>,
 }
 
@@ -420,7 +427,9 @@ impl ShardInspection {
 /// One good record of a [`ShardInspection`], borrowing its map.
 #[derive(Clone, Copy, Debug)]
 pub struct InspectedRecord<'a> {
+    /// Where the record starts (its identity, for a message).
     pub position: Position,
+    /// The decoded record.
     pub record: RecordView<'a>,
 }
 

@@ -86,8 +86,11 @@ pub fn representable(version: Version, destination: &[u8], message: &MessageView
 /// Counts for one destination (as it is published, after `--rename`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Messages the filters kept.
     pub selected: u64,
+    /// SENDs written to the broker.
     pub sent: u64,
+    /// SENDs the broker confirmed with a RECEIPT.
     pub confirmed: u64,
     /// Not sent: the broker's STOMP version cannot carry the message unchanged.
     pub unsendable: u64,
@@ -306,12 +309,17 @@ fn error_chain(error: &ClientError) -> String {
     text
 }
 
+/// A replay under way.
 struct Replay {
+    /// The one connection every SEND goes over.
     connection: Connection,
     /// Receipt number -> destination, for SENDs not yet confirmed.
     in_flight: HashMap<u64, Vec<u8>>,
+    /// Per destination as published.
     counts: BTreeMap<Vec<u8>, Counts>,
+    /// The longest wait for one RECEIPT.
     receipt_timeout: Duration,
+    /// Confirmed messages out of the selected ones (hidden unless stderr is a terminal).
     progress: ProgressBar,
 }
 
