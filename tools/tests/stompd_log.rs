@@ -494,7 +494,7 @@ fn verify_and_dump_are_clean_beside_a_live_writer() {
     let writer = thread::spawn(move || {
         let body = [b'x'; 200];
         let mut positions = Vec::new();
-        for i in 0..3000u64 {
+        for i in 0..10_000u64 {
             let position = log
                 .append_message(
                     &MessageRecord {
@@ -546,6 +546,7 @@ fn verify_and_dump_are_clean_beside_a_live_writer() {
         }
     }
     writer.join().unwrap();
+    eprintln!("{rounds} rounds of verify and dump beside the writer");
     assert!(rounds >= 1);
 }
 
