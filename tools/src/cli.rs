@@ -22,6 +22,8 @@ not confirmed by the broker), 2 when the command itself failed (a missing direct
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// List segments: size, records, first and last record, live/full/reclaimable.
+    ///
     /// Each segment: size, record count, first and last record, and whether it is live
     /// (appended to), full (still needed) or reclaimable (the broker deletes it at its next
     /// reclaim).
@@ -31,6 +33,8 @@ Example:
   stompd-log segments /var/lib/stompd/shard-0 --format json")]
     Segments(SegmentsArgs),
 
+    /// Print every record, in log order.
+    ///
     /// Every record in log order: segment, offset, kind, destination, message id, headers,
     /// body (a printable preview, or all of it with --body full).
     #[command(after_help = "\
@@ -42,6 +46,8 @@ Filters combine: --destination (repeatable) and --pending keep only message reco
 SEGMENT[:OFFSET] starts at that position in each shard; --limit stops after that many records.")]
     Dump(DumpArgs),
 
+    /// Check every record's framing and CRC; exit 1 if anything is damaged.
+    ///
     /// Checks the framing and CRC of every record and reports each damaged one with its segment
     /// and offset. Exit status 1 when anything is damaged, 0 when all is well.
     #[command(after_help = "\
@@ -54,9 +60,13 @@ What counts as damage (the rules the broker's recovery uses):
   - bytes after the last good record of a segment (a torn tail: recovery cuts it).
 A running broker may be writing a record at the end of its live (last) segment. So a tail in
 the live segment is read again after --settle-ms: if the data moved on meanwhile it was a
-record being written, not damage; if it is still there, unchanged, it is a torn tail.")]
+record being written, not damage; if it is still there, unchanged, it is a torn tail.
+A segment whose header is all zeros (its creation never finished, or is under way) is listed
+as incomplete, not damage: nothing in it was ever durable and the broker removes it at start.")]
     Verify(VerifyArgs),
 
+    /// Per destination: messages, bytes, acked, still pending.
+    ///
     /// Per destination: messages on disk, their body bytes, how many are acknowledged and how
     /// many are still pending.
     #[command(after_help = "\
@@ -67,6 +77,8 @@ Counts what is on disk: segments the broker already reclaimed (fully acknowledge
 with their messages.")]
     Stats(StatsArgs),
 
+    /// Re-publish messages to any STOMP broker, with receipts.
+    ///
     /// Re-publishes messages (all, or only the pending ones) to any STOMP broker, stompd or
     /// ActiveMQ alike, each SEND with a receipt, and reports what was sent and confirmed.
     #[command(after_help = "\
@@ -116,6 +128,7 @@ pub enum BodyMode {
 pub struct SegmentsArgs {
     #[command(flatten)]
     pub source: Source,
+    /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
@@ -140,8 +153,10 @@ pub struct DumpArgs {
     /// Stop after this many records.
     #[arg(long, value_name = "N")]
     pub limit: Option<u64>,
+    /// How much of each body to show.
     #[arg(long, value_enum, default_value = "preview")]
     pub body: BodyMode,
+    /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
@@ -153,6 +168,7 @@ pub struct VerifyArgs {
     /// How long to wait before reading a damaged-looking tail of a live segment again.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     pub settle_ms: u64,
+    /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
@@ -161,6 +177,7 @@ pub struct VerifyArgs {
 pub struct StatsArgs {
     #[command(flatten)]
     pub source: Source,
+    /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
