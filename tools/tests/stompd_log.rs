@@ -1043,3 +1043,54 @@ fn a_segment_with_an_unreadable_header_is_not_reclaimable() {
         text.stdout
     );
 }
+
+/// A broker that takes the SENDs but never confirms them: replay gives up after
+/// --receipt-timeout with no receipt, reports what was sent and not confirmed, and exits 1.
+#[test]
+fn replay_gives_up_on_a_broker_that_never_confirms() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_log(tmp.path(), &["/queue/silent"], 5);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buffer = [0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.contains(&0) {
+            let n = stream.read(&mut buffer).unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&buffer[..n]);
+        }
+        assert!(seen.starts_with(b"CONNECT\n"));
+        stream
+            .write_all(b"CONNECTED\nversion:1.2\nserver:silent\n\n\0")
+            .unwrap();
+        // Swallow everything until the client hangs up.
+        while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+    });
+    let out = stompd_log(&[
+        "replay",
+        path(tmp.path()),
+        "--to",
+        &address,
+        "--receipt-timeout",
+        "0.3",
+    ]);
+    server.join().unwrap();
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("5 selected, 5 sent, 0 confirmed"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("no RECEIPT"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("NOT CONFIRMED: 5 messages (5 sent without a receipt, 0 not sent)"),
+        "{}",
+        out.stdout
+    );
+}
