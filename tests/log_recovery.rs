@@ -317,6 +317,36 @@ fn a_flipped_length_in_an_earlier_segment_loses_only_that_segments_rest() {
     assert!(!cut.zeroed, "only the last segment's tail is rewritten");
 }
 
+/// A header length zeroed in an earlier segment reads as the end of its data: the records
+/// after it are lost, but not silently. The non-zero bytes past the end are reported as an
+/// unreadable tail, as a damaged length is.
+#[test]
+fn a_zeroed_length_in_an_earlier_segment_is_reported_not_silent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut positions = Vec::new();
+    {
+        let (mut log, _) = open(tmp.path());
+        let mut i = 0;
+        while log.appended_upto().segment < 2 {
+            positions.push(append(&mut log, "/queue/a", i));
+            i += 1;
+        }
+    }
+    let in_first: Vec<&Position> = positions.iter().filter(|p| p.segment == 0).collect();
+    let victim = *in_first[in_first.len() / 2];
+    let path = segment_path(tmp.path(), 0);
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[0u8; 16], victim.offset).unwrap(); // both lengths
+    drop(file);
+    let (_, recovery) = open(tmp.path());
+    assert_eq!(recovery.report.cuts.len(), 1, "{}", recovery.report);
+    let cut = &recovery.report.cuts[0];
+    assert_eq!(cut.position, victim);
+    assert!(!cut.zeroed);
+    assert!(cut.error.is_none(), "the scan saw an end, not an error");
+    assert!(!recovery.report.is_clean());
+}
+
 #[test]
 fn a_drained_queue_keeps_disk_use_bounded() {
     let tmp = tempfile::tempdir().unwrap();

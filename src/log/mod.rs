@@ -8,18 +8,22 @@
 //! - [`shard`]: the shard's log: append, ack, delivered marks, group-commit syncs handed to
 //!   the event loop, reclamation of fully-acknowledged segments, recovery.
 //! - [`policy`]: `--fsync always | every:<ms> | never`.
+//! - [`inspect`]: read-only snapshots of a shard directory for the `stompd-log` tool, with the
+//!   scanner and reclaim rule recovery uses.
 
 pub mod error;
 pub mod format;
+pub mod inspect;
 pub mod policy;
 pub mod segment;
 pub mod shard;
 
 pub use error::LogError;
 pub use format::{FormatError, MessageRecord, Position, RecordView, FORMAT_VERSION};
+pub use inspect::{list_shards, ShardInspection};
 pub use policy::FsyncPolicy;
 pub use segment::{list_segments, SegmentReader};
 pub use shard::{
-    shard_dir, LogConfig, RecoveredMessage, RecoveredQueue, Recovery, RecoveryReport, ShardLog,
-    SkippedRecord, SyncRequest, SyncTarget, TailCut,
+    reclaimable_segments, shard_dir, LogConfig, RecoveredMessage, RecoveredQueue, Recovery,
+    RecoveryReport, ShardLog, SkippedRecord, SyncRequest, SyncTarget, TailCut,
 };

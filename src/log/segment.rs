@@ -273,6 +273,8 @@ pub struct SegmentReader {
     sequence: u64,
     header: Result<SegmentHeader, super::format::FormatError>,
     map: Option<Mmap>,
+    /// Kept open to ask the file system where data lies (`last_nonzero_from`).
+    file: File,
 }
 
 impl SegmentReader {
@@ -294,6 +296,7 @@ impl SegmentReader {
             sequence,
             header,
             map,
+            file,
         })
     }
 
@@ -304,6 +307,38 @@ impl SegmentReader {
     /// The segment header, or why it could not be read.
     pub fn header(&self) -> &Result<SegmentHeader, super::format::FormatError> {
         &self.header
+    }
+
+    /// The whole file as mapped (empty for an empty file).
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Whether this is a segment whose creation never finished: its header (or as much of it
+    /// as the file holds) is all zeros. Recovery removes such a file; no record in it was ever
+    /// reported durable. On a live broker it is also a segment being created right now.
+    pub fn is_blank(&self) -> bool {
+        let bytes = self.bytes();
+        bytes[..bytes.len().min(SEGMENT_HEADER_BYTES)]
+            .iter()
+            .all(|&b| b == 0)
+    }
+
+    /// Length of the file (0 for an empty file).
+    pub fn file_bytes(&self) -> u64 {
+        self.map.as_ref().map_or(0, |map| map.len() as u64)
+    }
+
+    /// The offset of the last non-zero byte at or after `from`, if any: how recovery finds what
+    /// lies past the end of a segment's data (a torn record whose framing never landed, a
+    /// zeroed length hiding good records). Reads only the regions the file system reports as
+    /// data, so an empty 64 MiB segment costs almost nothing.
+    pub fn last_nonzero_from(&self, from: u64) -> Option<u64> {
+        let bytes = self.map.as_deref().unwrap_or(&[]);
+        if from >= bytes.len() as u64 {
+            return None;
+        }
+        super::shard::last_nonzero_from(self.file.as_raw_fd(), bytes, from)
     }
 
     /// The records of the segment (none if its header is bad).

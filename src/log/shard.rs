@@ -403,17 +403,27 @@ impl ShardLog {
                         error: tail_error,
                     });
                 }
-            } else if tail_error.is_some() {
-                report.cuts.push(TailCut {
-                    position: Position {
-                        segment: sequence,
-                        offset: last_good_end,
-                    },
-                    bytes: scan_end.max(last_good_end) - last_good_end,
-                    zeroed: false,
-                    saved_to: None,
-                    error: tail_error,
-                });
+            } else {
+                // A zeroed length reads as the end of the data and hides the records after it;
+                // only non-zero bytes past the end tell. An earlier segment's rest is small
+                // (it rolled because a record did not fit), so looking costs little.
+                let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
+                if tail_error.is_some() || last_nonzero.is_some() {
+                    let bytes = match last_nonzero {
+                        Some(last_nonzero) => last_nonzero - last_good_end + 1,
+                        None => scan_end.max(last_good_end) - last_good_end,
+                    };
+                    report.cuts.push(TailCut {
+                        position: Position {
+                            segment: sequence,
+                            offset: last_good_end,
+                        },
+                        bytes,
+                        zeroed: false,
+                        saved_to: None,
+                        error: tail_error,
+                    });
+                }
             }
             segment.set_write_offset(last_good_end);
             states.insert(
@@ -868,24 +878,19 @@ impl ShardLog {
     /// and returns their sequence numbers. Blocking (unlink); cheap when there is nothing to do.
     /// The event loop calls it after acks, at a quiet moment.
     pub fn reclaim(&mut self) -> Result<Vec<u64>, LogError> {
-        let mut reclaimed = Vec::new();
-        let candidates: Vec<u64> = self
-            .segments
-            .iter()
-            .filter(|(&sequence, state)| Some(sequence) != self.active && state.live.is_empty())
-            .map(|(&sequence, _)| sequence)
-            .collect();
-        // Ascending order: references only point backwards, so deleting an early segment can
-        // free a later one within the same pass.
-        for sequence in candidates {
-            let state = &self.segments[&sequence];
-            if state.refs.iter().any(|r| self.segments.contains_key(r)) {
-                continue;
-            }
-            if self.sync_in_flight.is_some_and(|first| sequence >= first) {
-                continue;
-            }
-            let state = self.segments.remove(&sequence).expect("candidate");
+        let active = self.active;
+        let sync_in_flight = self.sync_in_flight;
+        let deletable = reclaimable_segments(
+            self.segments
+                .iter()
+                .map(|(&sequence, state)| (sequence, !state.live.is_empty(), &state.refs)),
+            |sequence| {
+                Some(sequence) == active || sync_in_flight.is_some_and(|first| sequence >= first)
+            },
+        );
+        let mut reclaimed = Vec::with_capacity(deletable.len());
+        for sequence in deletable {
+            let state = self.segments.remove(&sequence).expect("listed segment");
             let path = state.segment.path().to_owned();
             drop(state);
             fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
@@ -893,6 +898,32 @@ impl ShardLog {
         }
         Ok(reclaimed)
     }
+}
+
+/// The reclaim rule of the module invariants, as a pure function shared by [`ShardLog::reclaim`]
+/// and the read-only inspection (`stompd-log segments`), so both always agree on what may go.
+///
+/// `segments` lists every segment present, ascending by sequence: its sequence, whether it holds
+/// a live message, and the segments its ack and delivered records point into. `pinned` says
+/// which must stay regardless (the active segment, those in a sync in flight). Returns the
+/// deletable sequences, ascending. Ascending order matters: references only point backwards, so
+/// an early segment going can free a later one within the same pass.
+pub fn reclaimable_segments<'a>(
+    segments: impl IntoIterator<Item = (u64, bool, &'a BTreeSet<u64>)>,
+    pinned: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let segments: Vec<_> = segments.into_iter().collect();
+    debug_assert!(segments.windows(2).all(|w| w[0].0 < w[1].0));
+    let mut present: BTreeSet<u64> = segments.iter().map(|&(sequence, ..)| sequence).collect();
+    let mut deletable = Vec::new();
+    for (sequence, has_live, refs) in segments {
+        if has_live || pinned(sequence) || refs.iter().any(|r| present.contains(r)) {
+            continue;
+        }
+        present.remove(&sequence);
+        deletable.push(sequence);
+    }
+    deletable
 }
 
 /// Opens one listed segment and checks its header. Returns `None` (after deleting the file) for
@@ -969,7 +1000,7 @@ fn open_checked(
 /// page cache with) up to a whole segment of zeros. Pages written through the map but not yet on
 /// disk are in the page cache, which SEEK_DATA counts as data. Where lseek cannot tell, the whole
 /// range is read.
-fn last_nonzero_from(fd: RawFd, bytes: &[u8], from: u64) -> Option<u64> {
+pub(crate) fn last_nonzero_from(fd: RawFd, bytes: &[u8], from: u64) -> Option<u64> {
     let end = bytes.len() as u64;
     let mut last = None;
     let mut at = from;

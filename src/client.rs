@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use stompd::codec::{Command, DecodeError, Decoded, Decoder, Frame, FrameWriter, Limits, Version};
+use crate::codec::{Command, DecodeError, Decoded, Decoder, Frame, FrameWriter, Limits, Version};
 use thiserror::Error;
 
 /// Read buffer size. 256 KiB holds a few thousand small MESSAGE frames per read, so a busy
@@ -259,9 +259,9 @@ impl Connection {
     /// dropped. The broker closes the connection after the receipt; drop it afterwards.
     pub fn disconnect(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let mut frame = self.frame(Command::Disconnect);
-        frame.header(b"receipt", b"loadgen-bye");
+        frame.header(b"receipt", b"client-bye");
         frame.finish(b"");
-        self.wait_receipt(b"loadgen-bye", timeout)
+        self.wait_receipt(b"client-bye", timeout)
     }
 
     /// Flushes, then reads frames until the RECEIPT for `receipt_id`, ignoring MESSAGEs and
