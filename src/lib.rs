@@ -4,3 +4,4 @@
 //! [`codec`] turns bytes into frames and back. The `stompd` binary drives them.
 
 pub mod codec;
+pub mod server;
