@@ -62,6 +62,10 @@ pub(super) struct ShardStats {
     pub(super) peer_msgs_sent: AtomicU64,
     pub(super) peer_msgs_received: AtomicU64,
     pub(super) doorbells_rung: AtomicU64,
+    /// Times the shard stopped decoding client input because a peer queue was full.
+    pub(super) input_pauses: AtomicU64,
+    /// Multishot receives that ended because the buffer ring ran dry (ENOBUFS) and were re-armed.
+    pub(super) recv_buffer_exhausted: AtomicU64,
 }
 
 /// The sending side of a shard: producers to every other shard, overflow lists, and the

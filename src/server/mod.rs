@@ -256,6 +256,10 @@ pub struct ShardStatsSnapshot {
     pub peer_msgs_sent: u64,
     pub peer_msgs_received: u64,
     pub doorbells_rung: u64,
+    /// Times the shard stopped decoding client input because a peer queue was full.
+    pub input_pauses: u64,
+    /// Receives re-armed because the provided buffer ring ran dry.
+    pub recv_buffer_exhausted: u64,
 }
 
 /// Reads the shards' counters while the server runs.
@@ -281,6 +285,8 @@ impl StatsHandle {
                     peer_msgs_sent: load(&stats.peer_msgs_sent),
                     peer_msgs_received: load(&stats.peer_msgs_received),
                     doorbells_rung: load(&stats.doorbells_rung),
+                    input_pauses: load(&stats.input_pauses),
+                    recv_buffer_exhausted: load(&stats.recv_buffer_exhausted),
                 }
             })
             .collect()

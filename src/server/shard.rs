@@ -357,6 +357,12 @@ impl<H: ShardHandler> Shard<H> {
             return;
         }
         self.core.input_paused = paused;
+        if paused && self.drain_deadline_ms.is_none() {
+            self.shared[self.core.shard]
+                .stats
+                .input_pauses
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if !paused {
             let parked = std::mem::take(&mut self.core.parked);
             self.core.resume.extend(parked);
@@ -884,8 +890,15 @@ impl<H: ShardHandler> Shard<H> {
                     conn.eof = true;
                     self.core.begin_close(slot, CloseReason::PeerClosed);
                 }
-                // The ring ran dry or we cancelled: re-armed below if still wanted.
-                libc::ENOBUFS | libc::ECANCELED => {}
+                // The ring ran dry: re-armed after this batch's buffers are recycled.
+                libc::ENOBUFS => {
+                    self.shared[self.core.shard]
+                        .stats
+                        .recv_buffer_exhausted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                // We cancelled (input paused): re-armed on resume if still wanted.
+                libc::ECANCELED => {}
                 errno => {
                     conn.eof = true;
                     self.core.begin_close(slot, CloseReason::Io(errno));
