@@ -31,7 +31,9 @@ use super::out::OutQueue;
 use super::setup::{build_ring, pin_to_cpu, setup_error};
 use super::{ServerConfig, ServerError, Shutdown};
 
-/// What a CQE is about: the top byte of its user_data; the low 32 bits hold a slot or a shard.
+/// What a CQE is about: the top byte of its user_data; the low 32 bits hold a slot or a shard,
+/// and for connection operations the 24 bits between hold the slot's generation, so that a
+/// completion or cancel meant for an earlier connection in a reused slot is recognised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Op {
@@ -44,11 +46,17 @@ enum Op {
     DoorbellSent = 7,
 }
 
+const GENERATION_MASK: u32 = 0x00FF_FFFF;
+
 fn user_data(op: Op, index: u32) -> u64 {
-    (u64::from(op as u8) << 56) | u64::from(index)
+    conn_user_data(op, index, 0)
 }
 
-fn decode_user_data(data: u64) -> (Option<Op>, u32) {
+fn conn_user_data(op: Op, slot: u32, generation: u32) -> u64 {
+    (u64::from(op as u8) << 56) | (u64::from(generation & GENERATION_MASK) << 32) | u64::from(slot)
+}
+
+fn decode_user_data(data: u64) -> (Option<Op>, u32, u32) {
     let op = match (data >> 56) as u8 {
         1 => Op::Accept,
         2 => Op::Recv,
@@ -57,9 +65,9 @@ fn decode_user_data(data: u64) -> (Option<Op>, u32) {
         5 => Op::Wake,
         6 => Op::Doorbell,
         7 => Op::DoorbellSent,
-        _ => return (None, 0),
+        _ => return (None, 0, 0),
     };
-    (Some(op), data as u32)
+    (Some(op), data as u32, (data >> 32) as u32 & GENERATION_MASK)
 }
 
 /// Peer messages taken from one source queue per iteration, so one busy peer cannot starve the
@@ -304,12 +312,16 @@ impl<H: ShardHandler> Shard<H> {
         conn.recv_armed = true;
         let entry = opcode::RecvMulti::new(Fd(conn.fd), group)
             .build()
-            .user_data(user_data(Op::Recv, slot));
+            .user_data(conn_user_data(Op::Recv, slot, conn.id.generation));
         self.push(entry);
     }
 
     fn cancel(&mut self, op: Op, slot: u32) {
-        let entry = opcode::AsyncCancel::new(user_data(op, slot))
+        let generation = match op {
+            Op::Recv | Op::Send => self.core.slots[slot as usize].generation,
+            _ => 0,
+        };
+        let entry = opcode::AsyncCancel::new(conn_user_data(op, slot, generation))
             .build()
             .user_data(user_data(Op::Cancel, slot));
         self.push(entry);
@@ -535,7 +547,7 @@ impl<H: ShardHandler> Shard<H> {
             let entry = opcode::SendMsg::new(Fd(conn.fd), header)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
-                .user_data(user_data(Op::Send, slot));
+                .user_data(conn_user_data(Op::Send, slot, conn.id.generation));
             self.push(entry);
         }
         let mut dirty = dirty;
@@ -722,7 +734,24 @@ impl<H: ShardHandler> Shard<H> {
             }
             for &(data, result, flags) in &batch {
                 self.core.now_ms = self.start.elapsed().as_millis() as u64;
-                let (op, index) = decode_user_data(data);
+                let (op, index, generation) = decode_user_data(data);
+                if matches!(op, Some(Op::Recv) | Some(Op::Send))
+                    && !self.is_current(index, generation)
+                {
+                    // A slot is released only when nothing is in flight, so this does not
+                    // happen; if it did, the bytes still have to be accounted to the ring.
+                    debug_assert!(false, "completion for a released connection");
+                    if let (Some(id), true) = (cqueue::buffer_select(flags), result > 0) {
+                        // SAFETY: from this CQE, in order; the slice is dropped at once.
+                        let _ = unsafe {
+                            self.buf_ring
+                                .take(id, result as usize, cqueue::buffer_more(flags))
+                        };
+                    } else if let Some(id) = cqueue::buffer_select(flags) {
+                        self.buf_ring.recycle(id);
+                    }
+                    continue;
+                }
                 match op {
                     Some(Op::Accept) => self.on_accept(result, flags),
                     Some(Op::Recv) => self.on_recv(index, result, flags),
@@ -742,6 +771,12 @@ impl<H: ShardHandler> Shard<H> {
             }
         }
         self.completions = batch;
+    }
+
+    fn is_current(&self, slot: u32, generation: u32) -> bool {
+        self.core.slots.get(slot as usize).is_some_and(|entry| {
+            entry.conn.is_some() && entry.generation & GENERATION_MASK == generation
+        })
     }
 
     fn on_accept(&mut self, result: i32, flags: u32) {

@@ -1,0 +1,190 @@
+//! The handler seam with a handler written for the test: out-buffer backpressure through
+//! `is_out_full` / `on_writable`, and the hard backstop for a handler that ignores it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, test_config, READ_TIMEOUT};
+use socket2::{Domain, Socket, Type};
+use stompd::codec::Frame;
+use stompd::server::{CloseReason, ConnId, Server, ShardHandler, ShardId, ShardIo, Shutdown};
+
+const OUT_LIMIT: usize = 64 * 1024;
+const CHUNK_BYTES: usize = 16 * 1024;
+
+fn pattern(offset: usize) -> u8 {
+    (offset % 251) as u8
+}
+
+/// Answers a frame whose body is a decimal byte count with that many pattern bytes, written
+/// in chunks while the out buffer has room (or regardless, when `ignore_limit`).
+struct Streamer {
+    ignore_limit: bool,
+    /// Per connection: bytes written so far and bytes asked for.
+    streams: HashMap<ConnId, (usize, usize)>,
+    closes: Arc<Mutex<Vec<CloseReason>>>,
+    writable_calls: Arc<AtomicU64>,
+}
+
+impl Streamer {
+    fn pump(&mut self, conn: ConnId, io: &mut ShardIo<'_, ()>) {
+        let Some((written, total)) = self.streams.get_mut(&conn) else {
+            return;
+        };
+        while *written < *total && (self.ignore_limit || !io.is_out_full(conn)) {
+            let length = CHUNK_BYTES.min(*total - *written);
+            let start = *written;
+            if !io.write_with(conn, |out| out.extend((start..start + length).map(pattern))) {
+                return;
+            }
+            *written += length;
+        }
+    }
+}
+
+impl ShardHandler for Streamer {
+    type PeerMsg = ();
+
+    fn on_open(&mut self, _conn: ConnId, _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_frame(&mut self, conn: ConnId, frame: &Frame<'_>, io: &mut ShardIo<'_, ()>) {
+        let total: usize = std::str::from_utf8(frame.body).unwrap().parse().unwrap();
+        self.streams.insert(conn, (0, total));
+        self.pump(conn, io);
+    }
+
+    fn on_writable(&mut self, conn: ConnId, io: &mut ShardIo<'_, ()>) {
+        self.writable_calls.fetch_add(1, Ordering::SeqCst);
+        self.pump(conn, io);
+    }
+
+    fn on_close(&mut self, conn: ConnId, reason: &CloseReason, _io: &mut ShardIo<'_, ()>) {
+        self.streams.remove(&conn);
+        self.closes.lock().unwrap().push(reason.clone());
+    }
+
+    fn on_peer(&mut self, _from: ShardId, _msg: (), _io: &mut ShardIo<'_, ()>) {}
+}
+
+struct Running {
+    addr: std::net::SocketAddr,
+    stats: stompd::server::StatsHandle,
+    closes: Arc<Mutex<Vec<CloseReason>>>,
+    writable_calls: Arc<AtomicU64>,
+    shutdown: Shutdown,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+fn start(ignore_limit: bool) -> Running {
+    let mut config = test_config(1);
+    config.out_buffer_bytes_max = OUT_LIMIT;
+    config.limits.frame_bytes_max = 64 * 1024;
+    let server = Server::bind(config).unwrap();
+    let closes = Arc::new(Mutex::new(Vec::new()));
+    let writable_calls = Arc::new(AtomicU64::new(0));
+    let shutdown = Shutdown::new();
+    let addr = server.local_addr();
+    let stats = server.stats();
+    let thread = {
+        let (closes, writable_calls, shutdown) =
+            (closes.clone(), writable_calls.clone(), shutdown.clone());
+        std::thread::spawn(move || {
+            server
+                .run(
+                    move |_, _| Streamer {
+                        ignore_limit,
+                        streams: HashMap::new(),
+                        closes: closes.clone(),
+                        writable_calls: writable_calls.clone(),
+                    },
+                    shutdown,
+                )
+                .unwrap()
+        })
+    };
+    Running {
+        addr,
+        stats,
+        closes,
+        writable_calls,
+        shutdown,
+        thread: Some(thread),
+    }
+}
+
+fn small_window_client(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream
+}
+
+fn out_bytes(stats: &stompd::server::StatsHandle) -> u64 {
+    stats.shards().iter().map(|shard| shard.out_bytes).sum()
+}
+
+#[test]
+fn a_full_out_buffer_pauses_the_handler_until_on_writable() {
+    let server = start(false);
+    let mut client = small_window_client(server.addr);
+    let total = 4 * 1024 * 1024;
+    std::io::Write::write_all(&mut client, format!("SEND\n\n{total}\0").as_bytes()).unwrap();
+
+    // The handler stops at the limit while the client does not read.
+    assert!(eventually(Duration::from_secs(10), || out_bytes(
+        &server.stats
+    ) >= OUT_LIMIT
+        as u64));
+    assert!(out_bytes(&server.stats) < (OUT_LIMIT + CHUNK_BYTES) as u64);
+
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; 64 * 1024];
+    while received < total {
+        let count = client.read(&mut buffer).expect("read within the timeout");
+        assert!(count > 0, "EOF after {received} bytes");
+        for (index, &byte) in buffer[..count].iter().enumerate() {
+            assert_eq!(byte, pattern(received + index), "byte {}", received + index);
+        }
+        received += count;
+    }
+    assert!(server.writable_calls.load(Ordering::SeqCst) > 0);
+    assert!(server.closes.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_handler_that_ignores_the_limit_gets_the_connection_closed() {
+    let server = start(true);
+    let mut client = small_window_client(server.addr);
+    std::io::Write::write_all(&mut client, b"SEND\n\n100000000\0").unwrap();
+    assert!(eventually(Duration::from_secs(10), || !server
+        .closes
+        .lock()
+        .unwrap()
+        .is_empty()));
+    assert_eq!(
+        server.closes.lock().unwrap()[0],
+        CloseReason::OutBufferOverflow
+    );
+    // The slot is released and nothing stays buffered.
+    assert!(eventually(Duration::from_secs(10), || {
+        let stats = server.stats.shards();
+        stats[0].connections_open == 0 && stats[0].out_bytes == 0
+    }));
+}
