@@ -188,3 +188,63 @@ fn a_handler_that_ignores_the_limit_gets_the_connection_closed() {
         stats[0].connections_open == 0 && stats[0].out_bytes == 0
     }));
 }
+
+/// Echoes each frame's body followed by an EOL; a body of `pause` pauses reading from that
+/// connection until the next tick.
+struct Pauser {
+    paused: Vec<ConnId>,
+}
+
+impl ShardHandler for Pauser {
+    type PeerMsg = ();
+
+    fn on_open(&mut self, _conn: ConnId, _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_frame(&mut self, conn: ConnId, frame: &Frame<'_>, io: &mut ShardIo<'_, ()>) {
+        io.write(conn, frame.body);
+        io.write(conn, b"\n");
+        if frame.body == b"pause" {
+            io.pause_reading(conn);
+            self.paused.push(conn);
+        }
+    }
+
+    fn on_close(&mut self, _conn: ConnId, _reason: &CloseReason, _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_peer(&mut self, _from: ShardId, _msg: (), _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_tick(&mut self, io: &mut ShardIo<'_, ()>) {
+        for conn in self.paused.drain(..) {
+            io.resume_reading(conn);
+        }
+    }
+}
+
+#[test]
+fn frames_received_while_paused_are_decoded_on_resume_without_new_input() {
+    let server = Server::bind(test_config(1)).unwrap();
+    let addr = server.local_addr();
+    let shutdown = Shutdown::new();
+    let thread = {
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || {
+            server
+                .run(|_, _| Pauser { paused: Vec::new() }, shutdown)
+                .unwrap()
+        })
+    };
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    // One write: the last two frames arrive while reading is paused.
+    std::io::Write::write_all(&mut client, b"SEND\n\npause\0SEND\n\na\0SEND\n\nb\0").unwrap();
+    let mut replies = Vec::new();
+    let mut buffer = [0u8; 256];
+    while replies.len() < b"pause\na\nb\n".len() {
+        let count = client.read(&mut buffer).expect("read within the timeout");
+        assert!(count > 0, "EOF");
+        replies.extend_from_slice(&buffer[..count]);
+    }
+    assert_eq!(replies, b"pause\na\nb\n");
+    shutdown.trigger();
+    thread.join().unwrap();
+}

@@ -320,8 +320,15 @@ impl Server {
                 "peer_queue_len_max and tick_ms must be positive",
             ));
         }
-        // A throwaway ring: the real ones are built on the shard threads.
-        drop(setup::build_ring(8)?);
+        // A throwaway ring, on a throwaway thread: the real ones are built on the shard
+        // threads, and a ring's teardown notifies its creating thread, which would make a
+        // blocking socket call with a timeout on the caller's thread fail once with EINTR.
+        std::thread::Builder::new()
+            .name("stompd-probe".into())
+            .spawn(|| setup::build_ring(8).map(drop))
+            .map_err(ServerError::Thread)?
+            .join()
+            .map_err(|_| ServerError::Config("io_uring probe panicked"))??;
 
         let mut listeners = Vec::with_capacity(config.shards);
         let mut addr = config.listen;

@@ -996,6 +996,21 @@ impl<H: ShardHandler> Shard<H> {
         if consumed < bytes.len() && self.core.conn(slot).is_some_and(Conn::is_open) {
             // A frame continues in the next receive (or input was paused): keep its start.
             reader.reassembly.extend_from_slice(&bytes[consumed..]);
+            self.park_if_stopped(slot);
+        }
+    }
+
+    /// Input stopped (paused by the handler or the shard) with whole frames possibly waiting
+    /// in the reassembly buffer: list the connection so they are decoded on resume even if
+    /// the client sends nothing more.
+    fn park_if_stopped(&mut self, slot: u32) {
+        let input_paused = self.core.input_paused;
+        let Some(conn) = self.core.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if conn.is_open() && (conn.paused || input_paused) && !conn.parked {
+            conn.parked = true;
+            self.core.parked.push(slot);
         }
     }
 
@@ -1016,6 +1031,9 @@ impl<H: ShardHandler> Shard<H> {
         }
         if reassembly.is_empty() && reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             *reassembly = Vec::new();
+        }
+        if !reassembly.is_empty() {
+            self.park_if_stopped(slot);
         }
     }
 
