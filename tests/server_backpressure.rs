@@ -63,7 +63,7 @@ fn a_consumer_that_never_reads_keeps_server_memory_bounded_while_another_proceed
     for index in 0..MESSAGES {
         let mut frame =
             format!("SEND\ndestination:/topic/flood\ncontent-length:{BODY_BYTES}\n\n").into_bytes();
-        frame.extend(std::iter::repeat_n((index % 251) as u8, BODY_BYTES));
+        frame.extend(std::iter::repeat((index % 251) as u8).take(BODY_BYTES));
         frame.push(0);
         producer.send(&frame);
         assert_eq!(arrivals.recv_timeout(common::READ_TIMEOUT), Ok(index));

@@ -128,7 +128,7 @@ fn oversized_frame_error_names_the_limit() {
     let mut client = server.client();
     client.stomp_connect();
     let mut frame = b"SEND\ndestination:/queue/big\n\n".to_vec();
-    frame.extend(std::iter::repeat_n(b'x', 10_000));
+    frame.extend(std::iter::repeat(b'x').take(10_000));
     frame.push(0);
     // The server may close before reading all of it; a failed write is fine here.
     let _ = client.stream.write_all(&frame);
