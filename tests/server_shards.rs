@@ -109,6 +109,24 @@ fn producers_and_consumers_on_different_shards_lose_and_duplicate_nothing() {
     server.stop().expect("clean stop");
 }
 
+/// With a one-minute tick, a shard that has nothing to do sleeps in io_uring_enter until a
+/// completion arrives: every cross-shard hop here completes only because the sender's MSG_RING
+/// doorbell wakes the sleeping target.
+#[test]
+fn a_doorbell_wakes_a_sleeping_shard_without_waiting_for_the_tick() {
+    let mut config = test_config(4);
+    config.tick_ms = 60_000;
+    let server = TestServer::start(config);
+    run_cross_shard(&server, 2, 100);
+    let doorbells: u64 = server
+        .stats
+        .shards()
+        .iter()
+        .map(|shard| shard.doorbells_rung)
+        .sum();
+    assert!(doorbells > 0);
+}
+
 /// With peer queues of two messages, publishing overflows them all the time: the shard parks
 /// client input until the overflow drains, and still nothing is lost or reordered.
 #[test]

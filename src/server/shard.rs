@@ -74,6 +74,9 @@ fn decode_user_data(data: u64) -> (Option<Op>, u32, u32) {
 /// others or the shard's own sockets.
 const PEER_MSGS_PER_SOURCE_MAX: usize = 1024;
 
+/// Longest sleep while connections are closing or the shard is draining, whatever `tick_ms`.
+const DEADLINE_POLL_MS: u64 = 50;
+
 /// A reassembly buffer bigger than this is freed when it empties, so 10,000 idle connections do
 /// not each keep the memory of the largest frame they ever sent.
 const REASSEMBLY_KEEP_BYTES_MAX: usize = 64 * 1024;
@@ -689,6 +692,11 @@ impl<H: ShardHandler> Shard<H> {
         } else {
             self.next_tick_ms.saturating_sub(self.core.now_ms)
         };
+        if self.drain_deadline_ms.is_some() || !self.core.closing.is_empty() {
+            // Close and drain deadlines are checked per iteration; do not sleep past them
+            // when the tick is long.
+            timeout_ms = timeout_ms.min(DEADLINE_POLL_MS);
+        }
         if timeout_ms > 0 {
             me.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
