@@ -94,6 +94,8 @@ pub(super) struct IoCore<M> {
     /// Sum of all out buffers, kept current for the stats.
     pub(super) out_bytes_total: usize,
     pub(super) frames_in: u64,
+    /// Times input was paused because a peer queue was full.
+    pub(super) input_pauses: u64,
 }
 
 impl<M> IoCore<M> {
@@ -244,6 +246,14 @@ impl<M> IoCore<M> {
             writer.finish(text.as_bytes());
         });
         self.begin_close(slot, CloseReason::Protocol(error));
+    }
+
+    /// A peer queue is full: stop decoding client input until the overflow drains.
+    pub(super) fn pause_input(&mut self) {
+        if !self.input_paused {
+            self.input_paused = true;
+            self.input_pauses += 1;
+        }
     }
 
     pub(super) fn io(&mut self) -> ShardIo<'_, M> {

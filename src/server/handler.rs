@@ -211,6 +211,10 @@ impl<M> ShardIo<'_, M> {
     /// shard stops decoding client input, so the overflow is bounded by what the frames
     /// already decoded produce.
     pub fn send_peer(&mut self, to: ShardId, msg: M) {
-        self.core.peers.send(to, msg);
+        if !self.core.peers.send(to, msg) {
+            // Stop decoding at once, not at the next loop iteration, so the rest of this
+            // receive batch does not add to the overflow.
+            self.core.pause_input();
+        }
     }
 }

@@ -123,23 +123,30 @@ pub(super) fn mesh<M>(shards: usize, capacity: usize) -> Vec<(PeerOut<M>, PeerIn
 }
 
 impl<M> PeerOut<M> {
-    pub(super) fn send(&mut self, to: ShardId, msg: M) {
+    /// Queues `msg` for `to`; `false` when it had to wait in the overflow list.
+    pub(super) fn send(&mut self, to: ShardId, msg: M) -> bool {
         self.sent += 1;
         if to == self.shard {
             self.local.push_back(msg);
-            return;
+            return true;
         }
         // Overflow first keeps the per-pair order.
         if !self.overflow[to].is_empty() {
             self.overflow[to].push_back(msg);
-            return;
+            return false;
         }
         let producer = self.producers[to]
             .as_mut()
             .expect("a producer per other shard");
         match producer.push(msg) {
-            Ok(()) => self.to_ring[to] = true,
-            Err(rtrb::PushError::Full(msg)) => self.overflow[to].push_back(msg),
+            Ok(()) => {
+                self.to_ring[to] = true;
+                true
+            }
+            Err(rtrb::PushError::Full(msg)) => {
+                self.overflow[to].push_back(msg);
+                false
+            }
         }
     }
 

@@ -197,6 +197,7 @@ where
             close_linger_ms: config.close_linger_ms,
             out_bytes_total: 0,
             frames_in: 0,
+            input_pauses: 0,
         },
         handler: make_handler(params.shard, params.shards),
         peer_in: params.peer_in,
@@ -367,19 +368,24 @@ impl<H: ShardHandler> Shard<H> {
     /// The shard stops decoding client input while a peer queue is full (so it does not buffer
     /// without bound) and while draining; when that ends, parked input flows again.
     fn update_input_pause(&mut self) {
-        let paused = self.drain_deadline_ms.is_some() || self.core.peers.is_congested();
+        let congested = self.core.peers.is_congested();
+        if congested {
+            self.core.pause_input();
+        }
+        let paused = self.drain_deadline_ms.is_some() || congested;
         if paused == self.core.input_paused {
             return;
         }
         self.core.input_paused = paused;
-        if paused && self.drain_deadline_ms.is_none() {
-            self.shared[self.core.shard]
-                .stats
-                .input_pauses
-                .fetch_add(1, Ordering::Relaxed);
-        }
         if !paused {
+            // `parked` mirrors membership of the parked list, which is emptied here; a
+            // connection that is still stopped when its turn comes is parked again.
             let parked = std::mem::take(&mut self.core.parked);
+            for &slot in &parked {
+                if let Some(conn) = self.core.conn_mut(slot) {
+                    conn.parked = false;
+                }
+            }
             self.core.resume.extend(parked);
         }
     }
@@ -415,13 +421,9 @@ impl<H: ShardHandler> Shard<H> {
             return;
         }
         if conn.paused || input_paused {
-            if !conn.parked {
-                conn.parked = true;
-                self.core.parked.push(slot);
-            }
+            self.park(slot);
             return;
         }
-        conn.parked = false;
         self.decode_reassembly(slot);
         let Some(conn) = self.core.conn(slot) else {
             return;
@@ -633,6 +635,11 @@ impl<H: ShardHandler> Shard<H> {
         let entry = &mut self.core.slots[slot as usize];
         let conn = entry.conn.take().expect("released slots hold a connection");
         debug_assert!(!conn.recv_armed && !conn.send_in_flight);
+        if conn.parked {
+            // Keeps the parked list to live connections (the relay pauses every client
+            // that sends DISCONNECT, and a shard that is never congested never empties it).
+            self.core.parked.retain(|&parked| parked != slot);
+        }
         entry.generation = entry.generation.wrapping_add(1);
         self.core.out_bytes_total -= conn.out.bytes();
         // SAFETY: the fd is ours and no operation on it is in flight.
@@ -952,15 +959,26 @@ impl<H: ShardHandler> Shard<H> {
         let Some(conn) = self.core.conn(slot) else {
             return;
         };
-        if !conn.recv_armed && !conn.eof {
-            let wanted = match conn.state {
-                ConnState::Open => !conn.paused && !self.core.input_paused,
-                // progress_closing re-arms lingering reads itself.
-                ConnState::Closing { .. } => false,
-            };
-            if wanted {
+        // progress_closing re-arms lingering reads of closing connections itself.
+        if conn.is_open() && !conn.recv_armed && !conn.eof {
+            if conn.paused || self.core.input_paused {
+                // Whoever lifts the pause re-arms it, from the parked list.
+                self.park(slot);
+            } else {
                 self.rearm.push(slot);
             }
+        }
+    }
+
+    /// Lists an open connection whose input is stopped, so that resuming decodes what it holds
+    /// and re-arms its receive.
+    fn park(&mut self, slot: u32) {
+        let Some(conn) = self.core.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if conn.is_open() && !conn.parked {
+            conn.parked = true;
+            self.core.parked.push(slot);
         }
     }
 
@@ -1012,13 +1030,12 @@ impl<H: ShardHandler> Shard<H> {
     /// in the reassembly buffer: list the connection so they are decoded on resume even if
     /// the client sends nothing more.
     fn park_if_stopped(&mut self, slot: u32) {
-        let input_paused = self.core.input_paused;
-        let Some(conn) = self.core.slots[slot as usize].conn.as_mut() else {
-            return;
-        };
-        if conn.is_open() && (conn.paused || input_paused) && !conn.parked {
-            conn.parked = true;
-            self.core.parked.push(slot);
+        let stopped = self
+            .core
+            .conn(slot)
+            .is_some_and(|conn| conn.paused || self.core.input_paused);
+        if stopped {
+            self.park(slot);
         }
     }
 
@@ -1085,14 +1102,16 @@ impl<H: ShardHandler> Shard<H> {
     fn rearm_receives(&mut self) {
         let rearm = std::mem::take(&mut self.rearm);
         for &slot in &rearm {
-            let wanted = self.core.conn(slot).is_some_and(|conn| {
-                conn.is_open()
-                    && !conn.recv_armed
-                    && !conn.eof
-                    && !conn.paused
-                    && !self.core.input_paused
-            });
-            if wanted {
+            let Some(conn) = self.core.conn(slot) else {
+                continue;
+            };
+            if !conn.is_open() || conn.recv_armed || conn.eof {
+                continue;
+            }
+            if conn.paused || self.core.input_paused {
+                // Paused since the receive ended: resuming re-arms it.
+                self.park(slot);
+            } else {
                 self.arm_recv(slot);
             }
         }
@@ -1111,6 +1130,9 @@ impl<H: ShardHandler> Shard<H> {
         stats
             .frames_in
             .store(self.core.frames_in, Ordering::Relaxed);
+        stats
+            .input_pauses
+            .store(self.core.input_pauses, Ordering::Relaxed);
     }
 
     /// Closes what is left. If the kernel may still write into receive buffers (the drain
