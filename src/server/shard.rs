@@ -425,15 +425,25 @@ impl<H: ShardHandler> Shard<H> {
             return;
         }
         self.decode_reassembly(slot);
+        self.keep_receiving(slot, false);
+    }
+
+    /// After a connection's input was handled: if no receive is armed, arm one (now, or after
+    /// this batch's buffers are recycled when `after_commit`), or, while its input is stopped,
+    /// park it so whoever lifts the pause re-arms it. Closing connections are left to
+    /// `progress_closing`, which re-arms lingering reads itself.
+    fn keep_receiving(&mut self, slot: u32, after_commit: bool) {
         let Some(conn) = self.core.conn(slot) else {
             return;
         };
-        if conn.is_open()
-            && !conn.paused
-            && !self.core.input_paused
-            && !conn.recv_armed
-            && !conn.eof
-        {
+        if !conn.is_open() || conn.recv_armed || conn.eof {
+            return;
+        }
+        if conn.paused || self.core.input_paused {
+            self.park(slot);
+        } else if after_commit {
+            self.rearm.push(slot);
+        } else {
             self.arm_recv(slot);
         }
     }
@@ -956,18 +966,7 @@ impl<H: ShardHandler> Shard<H> {
                 }
             }
         }
-        let Some(conn) = self.core.conn(slot) else {
-            return;
-        };
-        // progress_closing re-arms lingering reads of closing connections itself.
-        if conn.is_open() && !conn.recv_armed && !conn.eof {
-            if conn.paused || self.core.input_paused {
-                // Whoever lifts the pause re-arms it, from the parked list.
-                self.park(slot);
-            } else {
-                self.rearm.push(slot);
-            }
-        }
+        self.keep_receiving(slot, true);
     }
 
     /// Lists an open connection whose input is stopped, so that resuming decodes what it holds
@@ -1102,18 +1101,7 @@ impl<H: ShardHandler> Shard<H> {
     fn rearm_receives(&mut self) {
         let rearm = std::mem::take(&mut self.rearm);
         for &slot in &rearm {
-            let Some(conn) = self.core.conn(slot) else {
-                continue;
-            };
-            if !conn.is_open() || conn.recv_armed || conn.eof {
-                continue;
-            }
-            if conn.paused || self.core.input_paused {
-                // Paused since the receive ended: resuming re-arms it.
-                self.park(slot);
-            } else {
-                self.arm_recv(slot);
-            }
+            self.keep_receiving(slot, false);
         }
         self.rearm = rearm;
         self.rearm.clear();
