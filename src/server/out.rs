@@ -245,4 +245,76 @@ mod tests {
         assert_eq!(sent_total, expected_all);
         assert!(queue.is_empty());
     }
+
+    /// What the kernel would send: the bytes the prepared msghdr points at.
+    #[allow(clippy::unnecessary_cast)]
+    fn prepared_bytes(header: *const libc::msghdr) -> Vec<u8> {
+        // SAFETY: the msghdr and its iovecs point into chunks the queue keeps alive.
+        let iovecs =
+            unsafe { std::slice::from_raw_parts((*header).msg_iov, (*header).msg_iovlen as usize) };
+        let mut flat = Vec::new();
+        for iovec in iovecs {
+            // SAFETY: as above.
+            flat.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(iovec.iov_base as *const u8, iovec.iov_len)
+            });
+        }
+        flat
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Append(Vec<u8>),
+        AppendShared(Vec<u8>),
+        /// Send, and let the kernel take this fraction (per mille) of what was offered.
+        Send(u16),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 1..300).prop_map(Step::Append),
+            proptest::collection::vec(any::<u8>(), 1..2000).prop_map(Step::AppendShared),
+            (0u16..=1000).prop_map(Step::Send),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of appends and short writes, the bytes handed to the kernel are
+        /// exactly the bytes appended, in order, and the byte count stays exact.
+        #[test]
+        fn the_kernel_sees_every_byte_once_in_order(steps in proptest::collection::vec(step(), 1..60)) {
+            let mut queue = OutQueue::new();
+            let mut appended = Vec::new();
+            let mut sent = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Append(bytes) => {
+                        queue.append_with(|out| out.extend_from_slice(&bytes));
+                        appended.extend_from_slice(&bytes);
+                    }
+                    Step::AppendShared(bytes) => {
+                        queue.append_shared(Bytes::from(bytes.clone()));
+                        appended.extend_from_slice(&bytes);
+                    }
+                    Step::Send(per_mille) => {
+                        if let Some(header) = queue.prepare_send() {
+                            let offered = prepared_bytes(header);
+                            let taken = offered.len() * usize::from(per_mille) / 1000;
+                            sent.extend_from_slice(&offered[..taken]);
+                            queue.complete(taken);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(queue.bytes(), appended.len() - sent.len());
+            }
+            while let Some(header) = queue.prepare_send() {
+                let offered = prepared_bytes(header);
+                sent.extend_from_slice(&offered);
+                queue.complete(offered.len());
+            }
+            proptest::prop_assert_eq!(sent, appended);
+            proptest::prop_assert!(queue.is_empty());
+        }
+    }
 }
