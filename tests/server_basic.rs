@@ -215,3 +215,29 @@ fn disconnect_with_receipt_then_close() {
     assert_eq!(receipt.header("receipt-id"), Some("77"));
     client.expect_eof();
 }
+
+#[test]
+fn connections_over_the_limit_get_an_error_and_are_closed() {
+    let mut config = test_config(1);
+    config.connections_max = 2;
+    let server = TestServer::start(config);
+    let mut first = server.client();
+    first.stomp_connect();
+    let mut second = server.client();
+    second.stomp_connect();
+    let mut third = server.client();
+    let error = third.read_frame();
+    assert_eq!(error.command, Command::Error);
+    assert!(error.header("message").unwrap().contains("connections_max"));
+    third.expect_eof();
+    // The two admitted connections still work, and a slot freed by a close is reusable.
+    first.send(b"DISCONNECT\nreceipt:1\n\n\0");
+    assert_eq!(first.read_frame().header("receipt-id"), Some("1"));
+    first.expect_eof();
+    let open = || -> u64 { server.stats.shards()[0].connections_open };
+    assert!(common::eventually(Duration::from_secs(10), || open() == 1));
+    let mut fourth = server.client();
+    fourth.stomp_connect();
+    second.send(b"SEND\ndestination:/queue/a\nreceipt:2\n\n\0");
+    assert_eq!(second.read_frame().header("receipt-id"), Some("2"));
+}
