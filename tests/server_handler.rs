@@ -248,3 +248,68 @@ fn frames_received_while_paused_are_decoded_on_resume_without_new_input() {
     shutdown.trigger();
     thread.join().unwrap();
 }
+
+/// Submits a NOP per frame with the frame's number as token, and answers when it completes.
+struct Submitter {
+    frames: u64,
+    conn: Option<ConnId>,
+}
+
+impl ShardHandler for Submitter {
+    type PeerMsg = ();
+
+    fn on_open(&mut self, conn: ConnId, _io: &mut ShardIo<'_, ()>) {
+        self.conn = Some(conn);
+    }
+
+    fn on_frame(&mut self, _conn: ConnId, _frame: &Frame<'_>, io: &mut ShardIo<'_, ()>) {
+        self.frames += 1;
+        // SAFETY: a NOP refers to no memory.
+        unsafe { io.submit(io_uring::opcode::Nop::new().build(), self.frames) };
+    }
+
+    fn on_completion(&mut self, token: u64, result: i32, _flags: u32, io: &mut ShardIo<'_, ()>) {
+        if let Some(conn) = self.conn {
+            io.write(conn, format!("done {token} {result}\n").as_bytes());
+        }
+    }
+
+    fn on_close(&mut self, _conn: ConnId, _reason: &CloseReason, _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_peer(&mut self, _from: ShardId, _msg: (), _io: &mut ShardIo<'_, ()>) {}
+}
+
+#[test]
+fn operations_a_handler_submits_complete_back_to_it() {
+    let server = Server::bind(test_config(1)).unwrap();
+    let addr = server.local_addr();
+    let shutdown = Shutdown::new();
+    let thread = {
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || {
+            server
+                .run(
+                    |_, _| Submitter {
+                        frames: 0,
+                        conn: None,
+                    },
+                    shutdown,
+                )
+                .unwrap()
+        })
+    };
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    std::io::Write::write_all(&mut client, b"SEND\n\n\0SEND\n\n\0").unwrap();
+    let expected = b"done 1 0\ndone 2 0\n";
+    let mut replies = Vec::new();
+    let mut buffer = [0u8; 256];
+    while replies.len() < expected.len() {
+        let count = client.read(&mut buffer).expect("read within the timeout");
+        assert!(count > 0, "EOF");
+        replies.extend_from_slice(&buffer[..count]);
+    }
+    assert_eq!(replies, expected);
+    shutdown.trigger();
+    thread.join().unwrap();
+}

@@ -96,6 +96,9 @@ pub(super) struct IoCore<M> {
     pub(super) frames_in: u64,
     /// Times input was paused because a peer queue was full.
     pub(super) input_pauses: u64,
+    /// Operations handlers submitted ([`ShardIo::submit`]) with their tokens, for the loop to
+    /// put on the ring.
+    pub(super) handler_ops: Vec<(io_uring::squeue::Entry, u64)>,
 }
 
 impl<M> IoCore<M> {

@@ -104,6 +104,17 @@ pub trait ShardHandler {
     fn is_drained(&self) -> bool {
         true
     }
+
+    /// An operation submitted with [`ShardIo::submit`] completed (`result` and `flags` as in the
+    /// CQE; a multishot operation completes more than once while `flags` has `F_MORE`).
+    fn on_completion(
+        &mut self,
+        _token: u64,
+        _result: i32,
+        _flags: u32,
+        _io: &mut ShardIo<'_, Self::PeerMsg>,
+    ) {
+    }
 }
 
 /// What a handler may ask of its shard's loop. Writes are appended to the connection's out
@@ -204,6 +215,23 @@ impl<M> ShardIo<'_, M> {
         if let Some(connection) = self.core.open_conn_mut(conn) {
             connection.version = version;
         }
+    }
+
+    /// Puts an operation on this shard's ring (for example the log's `WRITE` and `FSYNC`, so
+    /// durable writes never block the shard); [`ShardHandler::on_completion`] gets `token` back
+    /// with the result. The entry's own user_data is replaced. Submitted with the loop's next
+    /// `io_uring_enter`. Keep [`ShardHandler::is_drained`] false while such operations are in
+    /// flight, so shutdown waits for them.
+    ///
+    /// # Safety
+    /// Every buffer or pointer the entry refers to must stay valid, and unmoved, until its
+    /// (last) completion; the ring is closed before the handler is dropped.
+    pub unsafe fn submit(&mut self, entry: io_uring::squeue::Entry, token: u64) {
+        assert!(
+            token <= super::shard::HANDLER_TOKEN_MAX,
+            "tokens have 56 bits"
+        );
+        self.core.handler_ops.push((entry, token));
     }
 
     /// Queues a message for shard `to`. It never fails: when the bounded queue to `to` is full

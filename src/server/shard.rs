@@ -44,7 +44,12 @@ enum Op {
     Wake = 5,
     Doorbell = 6,
     DoorbellSent = 7,
+    /// An operation the handler submitted; the low 56 bits are its token.
+    Handler = 8,
 }
+
+/// Tokens of handler operations fit below the op byte.
+pub(super) const HANDLER_TOKEN_MAX: u64 = (1 << 56) - 1;
 
 const GENERATION_MASK: u32 = 0x00FF_FFFF;
 
@@ -65,6 +70,7 @@ fn decode_user_data(data: u64) -> (Option<Op>, u32, u32) {
         5 => Op::Wake,
         6 => Op::Doorbell,
         7 => Op::DoorbellSent,
+        8 => Op::Handler,
         _ => return (None, 0, 0),
     };
     (Some(op), data as u32, (data >> 32) as u32 & GENERATION_MASK)
@@ -198,6 +204,7 @@ where
             out_bytes_total: 0,
             frames_in: 0,
             input_pauses: 0,
+            handler_ops: Vec::new(),
         },
         handler: make_handler(params.shard, params.shards),
         peer_in: params.peer_in,
@@ -244,6 +251,7 @@ impl<H: ShardHandler> Shard<H> {
             if self.drain_step() {
                 return Ok(());
             }
+            self.submit_handler_ops();
             self.submit_sends();
             self.progress_closing();
             self.ring_doorbells();
@@ -540,6 +548,17 @@ impl<H: ShardHandler> Shard<H> {
         self.core.open_count == 0 || now >= deadline + 1_000
     }
 
+    /// Queues the operations handlers submitted since the last iteration.
+    fn submit_handler_ops(&mut self) {
+        let mut entries = std::mem::take(&mut self.core.handler_ops);
+        for (entry, token) in entries.drain(..) {
+            self.push(entry.user_data((u64::from(Op::Handler as u8) << 56) | token));
+        }
+        if self.core.handler_ops.is_empty() {
+            self.core.handler_ops = entries;
+        }
+    }
+
     fn submit_sends(&mut self) {
         let dirty = std::mem::take(&mut self.core.dirty);
         let now = self.core.now_ms;
@@ -700,6 +719,7 @@ impl<H: ShardHandler> Shard<H> {
         self.flush_backlog();
         let me = &self.shared[self.core.shard];
         let busy = !self.backlog.is_empty()
+            || !self.core.handler_ops.is_empty()
             || self.core.peers.has_local()
             || self.core.peers.is_congested()
             || !self.core.resume.is_empty()
@@ -785,6 +805,11 @@ impl<H: ShardHandler> Shard<H> {
                         if self.drain_deadline_ms.is_none() {
                             self.arm_waker();
                         }
+                    }
+                    Some(Op::Handler) => {
+                        let token = data & HANDLER_TOKEN_MAX;
+                        self.handler
+                            .on_completion(token, result, flags, &mut self.core.io());
                     }
                     Some(Op::Doorbell) | Some(Op::Cancel) => {}
                     Some(Op::DoorbellSent) => {
