@@ -174,8 +174,9 @@ pub fn shard_of(name: &[u8], shards: usize) -> ShardId {
     (hash % shards as u64) as ShardId
 }
 
-/// Asks a running server to stop; clone it freely. Triggering is idempotent and async-signal
-/// safe in effect (an atomic store and `write`s to eventfds), so a signal thread may call it.
+/// Asks a running server to stop; clone it freely. Triggering is idempotent: an atomic store and
+/// a `write` to each shard's eventfd. Call it from a thread (as [`shutdown_on_signals`] does),
+/// not from inside a signal handler: it takes a lock.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     inner: Arc<ShutdownInner>,
