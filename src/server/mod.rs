@@ -149,6 +149,11 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "Linux {}.{} is too old: the server needs multishot receive (Linux {}.{}). Fix: run on Linux 6.1 or newer",
+        found.0, found.1, setup::KERNEL_VERSION_MIN.0, setup::KERNEL_VERSION_MIN.1
+    )]
+    KernelTooOld { found: (u32, u32) },
     #[error("cannot start shard thread: {0}")]
     Thread(#[source] io::Error),
     #[error("shard {0} panicked")]
@@ -320,6 +325,11 @@ impl Server {
             return Err(ServerError::Config(
                 "peer_queue_len_max and tick_ms must be positive",
             ));
+        }
+        if let Some(found) = setup::kernel_version() {
+            if found < setup::KERNEL_VERSION_MIN {
+                return Err(ServerError::KernelTooOld { found });
+            }
         }
         // A throwaway ring, on a throwaway thread: the real ones are built on the shard
         // threads, and a ring's teardown notifies its creating thread, which would make a

@@ -126,3 +126,46 @@ pub(super) fn pin_to_cpu(shard: usize) -> io::Result<usize> {
     }
     Ok(cpu)
 }
+
+/// The oldest kernel with everything the loop relies on: multishot receive (6.0) and
+/// DEFER_TASKRUN (6.1; the loop falls back without it, but 6.1 is the oldest LTS with both).
+pub(super) const KERNEL_VERSION_MIN: (u32, u32) = (6, 0);
+
+/// The running kernel's `major.minor`, from uname.
+pub(super) fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a utsname.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return None;
+    }
+    let release: Vec<u8> = name
+        .release
+        .iter()
+        .take_while(|&&byte| byte != 0)
+        .map(|&byte| byte as u8)
+        .collect();
+    parse_kernel_version(&String::from_utf8_lossy(&release))
+}
+
+/// `"6.18.44-fc-v669"` → `(6, 18)`.
+pub(super) fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(parse_kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(parse_kernel_version("6.1"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        assert!((5, 19) < KERNEL_VERSION_MIN && (6, 1) >= KERNEL_VERSION_MIN);
+    }
+}
