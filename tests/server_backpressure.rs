@@ -1,13 +1,13 @@
 //! Bounded memory: a consumer that stops reading does not make the server buffer without
 //! bound, and does not slow the others.
 
-mod common;
+mod server_common;
 
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{eventually, test_config, Client, TestServer};
+use server_common::{eventually, test_config, Client, TestServer};
 use socket2::{Domain, Socket, Type};
 use stompd::codec::Command;
 
@@ -66,7 +66,10 @@ fn a_consumer_that_never_reads_keeps_server_memory_bounded_while_another_proceed
         frame.extend(std::iter::repeat((index % 251) as u8).take(BODY_BYTES));
         frame.push(0);
         producer.send(&frame);
-        assert_eq!(arrivals.recv_timeout(common::READ_TIMEOUT), Ok(index));
+        assert_eq!(
+            arrivals.recv_timeout(server_common::READ_TIMEOUT),
+            Ok(index)
+        );
         out_bytes_max = out_bytes_max.max(out_bytes(&server));
     }
     reader.join().expect("the fast consumer got every message");

@@ -1,12 +1,12 @@
 //! One shard, real sockets: connect, pipelining, frames split across reads and across receive
 //! buffers, receipts, errors.
 
-mod common;
+mod server_common;
 
 use std::io::Write;
 use std::time::Duration;
 
-use common::{test_config, Client, TestServer};
+use server_common::{test_config, Client, TestServer};
 use stompd::codec::Command;
 
 #[test]
@@ -235,7 +235,9 @@ fn connections_over_the_limit_get_an_error_and_are_closed() {
     assert_eq!(first.read_frame().header("receipt-id"), Some("1"));
     first.expect_eof();
     let open = || -> u64 { server.stats.shards()[0].connections_open };
-    assert!(common::eventually(Duration::from_secs(10), || open() == 1));
+    assert!(server_common::eventually(Duration::from_secs(10), || open(
+    )
+        == 1));
     let mut fourth = server.client();
     fourth.stomp_connect();
     second.send(b"SEND\ndestination:/queue/a\nreceipt:2\n\n\0");

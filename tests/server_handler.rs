@@ -1,7 +1,7 @@
 //! The handler seam with a handler written for the test: out-buffer backpressure through
 //! `is_out_full` / `on_writable`, and the hard backstop for a handler that ignores it.
 
-mod common;
+mod server_common;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, test_config, READ_TIMEOUT};
+use server_common::{eventually, test_config, READ_TIMEOUT};
 use socket2::{Domain, Socket, Type};
 use stompd::codec::Frame;
 use stompd::server::{CloseReason, ConnId, Server, ShardHandler, ShardId, ShardIo, Shutdown};

@@ -1,12 +1,12 @@
 //! The server as a process: signals drain and exit 0; io_uring setup failures say what to fix.
 
-mod common;
+mod server_common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{test_config, Client};
+use server_common::{test_config, Client};
 use stompd::codec::Command;
 use stompd::server::{self, relay::Relay, Server, ServerError, Shutdown};
 

@@ -1,12 +1,12 @@
 //! Several shards, real sockets: traffic between connections on different shards, full peer
 //! queues, and many connections at once.
 
-mod common;
+mod server_common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{eventually, test_config, Client, TestServer};
+use server_common::{eventually, test_config, Client, TestServer};
 use stompd::codec::Command;
 
 const DESTINATIONS: usize = 8;
