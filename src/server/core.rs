@@ -1,0 +1,265 @@
+//! The part of a shard's state that a handler may change through [`ShardIo`]: the connection
+//! table, out buffers and the outgoing peer queues. Requests that need the ring (sends, closes,
+//! resumed reads) are queued here and carried out by the loop in `shard.rs` after the handler
+//! returns, so a handler call never makes a syscall and never re-enters the handler.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use bytes::Bytes;
+
+use crate::codec::{Command, DecodeError, FrameWriter, Version};
+
+use super::handler::{CloseReason, ConnId, ShardId, ShardIo};
+use super::mesh::PeerOut;
+use super::out::OutQueue;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConnState {
+    Open,
+    /// The handler has been (or is about to be) told; queued bytes are flushed, then FIN is sent,
+    /// then input is read and dropped until the client's EOF, so that the client reads our last
+    /// frame instead of a reset. `forced` skips the rest once `deadline_ms` passes.
+    Closing {
+        fin_sent: bool,
+        deadline_ms: u64,
+        forced: bool,
+    },
+}
+
+pub(super) struct Conn {
+    pub(super) fd: RawFd,
+    pub(super) id: ConnId,
+    pub(super) state: ConnState,
+    pub(super) out: OutQueue,
+    pub(super) version: Version,
+    pub(super) heartbeat_send_every_ms: u64,
+    pub(super) heartbeat_read_timeout_ms: u64,
+    pub(super) last_read_ms: u64,
+    pub(super) last_write_ms: u64,
+    /// A multishot receive is armed (its final CQE, without F_MORE, has not arrived).
+    pub(super) recv_armed: bool,
+    pub(super) recv_cancel_sent: bool,
+    pub(super) send_in_flight: bool,
+    pub(super) send_cancel_sent: bool,
+    /// The handler paused reading.
+    pub(super) paused: bool,
+    /// Received bytes wait undecoded in the reassembly buffer because input is paused.
+    pub(super) parked: bool,
+    /// The handler saw the out buffer full and is owed an `on_writable`.
+    pub(super) writable_owed: bool,
+    /// In the dirty list: has queued bytes for the next batch of sends.
+    pub(super) dirty: bool,
+    /// The client closed its side or the socket failed: no receive is re-armed.
+    pub(super) eof: bool,
+}
+
+impl Conn {
+    pub(super) fn is_open(&self) -> bool {
+        self.state == ConnState::Open
+    }
+}
+
+pub(super) struct Slot {
+    pub(super) generation: u32,
+    pub(super) conn: Option<Conn>,
+}
+
+pub(super) struct IoCore<M> {
+    pub(super) shard: ShardId,
+    pub(super) shards: usize,
+    pub(super) now_ms: u64,
+    pub(super) slots: Vec<Slot>,
+    pub(super) free: Vec<u32>,
+    pub(super) open_count: usize,
+    /// Connections with bytes queued since their last send was submitted.
+    pub(super) dirty: Vec<u32>,
+    /// `on_close` calls owed to the handler.
+    pub(super) closed: VecDeque<(ConnId, CloseReason)>,
+    /// Connections in `ConnState::Closing`, driven to release by the loop.
+    pub(super) closing: Vec<u32>,
+    /// `on_writable` calls owed to the handler.
+    pub(super) writable: VecDeque<ConnId>,
+    /// Connections whose input may flow again.
+    pub(super) resume: Vec<u32>,
+    /// Connections holding parked input.
+    pub(super) parked: Vec<u32>,
+    pub(super) peers: PeerOut<M>,
+    /// The whole shard stopped decoding client input (a peer queue is full, or draining).
+    pub(super) input_paused: bool,
+    pub(super) out_buffer_bytes_max: usize,
+    /// Past this the connection is closed: `out_buffer_bytes_max` plus one largest frame.
+    pub(super) out_buffer_bytes_hard_max: usize,
+    pub(super) close_linger_ms: u64,
+    /// Sum of all out buffers, kept current for the stats.
+    pub(super) out_bytes_total: usize,
+    pub(super) frames_in: u64,
+    /// Times input was paused because a peer queue was full.
+    pub(super) input_pauses: u64,
+    /// Operations handlers submitted ([`ShardIo::submit`]) with their tokens, for the loop to
+    /// put on the ring.
+    pub(super) handler_ops: Vec<(io_uring::squeue::Entry, u64)>,
+}
+
+impl<M> IoCore<M> {
+    pub(super) fn conn(&self, slot: u32) -> Option<&Conn> {
+        self.slots.get(slot as usize)?.conn.as_ref()
+    }
+
+    pub(super) fn conn_mut(&mut self, slot: u32) -> Option<&mut Conn> {
+        self.slots.get_mut(slot as usize)?.conn.as_mut()
+    }
+
+    /// The slot of `id` if it is a live, open connection of this shard.
+    pub(super) fn open_slot(&self, id: ConnId) -> Option<u32> {
+        self.open_conn(id).map(|_| id.slot)
+    }
+
+    pub(super) fn open_conn(&self, id: ConnId) -> Option<&Conn> {
+        if id.shard() != self.shard {
+            debug_assert!(false, "connection {id} belongs to another shard");
+            return None;
+        }
+        let slot = self.slots.get(id.slot as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.conn.as_ref().filter(|conn| conn.is_open())
+    }
+
+    pub(super) fn open_conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.open_slot(id)?;
+        self.conn_mut(id.slot)
+    }
+
+    pub(super) fn write_with(&mut self, id: ConnId, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let Some(conn) = self.open_conn_mut(id) else {
+            return false;
+        };
+        let added = conn.out.append_with(encode);
+        self.after_write(id.slot, added);
+        true
+    }
+
+    pub(super) fn write_shared(&mut self, id: ConnId, body: Bytes) -> bool {
+        let Some(conn) = self.open_conn_mut(id) else {
+            return false;
+        };
+        let added = conn.out.append_shared(body);
+        self.after_write(id.slot, added);
+        true
+    }
+
+    fn after_write(&mut self, slot: u32, added: usize) {
+        self.out_bytes_total += added;
+        let hard_max = self.out_buffer_bytes_hard_max;
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(slot);
+        }
+        if conn.out.bytes() > hard_max {
+            tracing::debug!(conn = %conn.id, bytes = conn.out.bytes(), "out buffer over its hard limit; closing");
+            self.begin_close(slot, CloseReason::OutBufferOverflow);
+            self.force_close(slot);
+        }
+    }
+
+    pub(super) fn is_out_full(&mut self, id: ConnId) -> bool {
+        let max = self.out_buffer_bytes_max;
+        let Some(conn) = self.open_conn_mut(id) else {
+            return false;
+        };
+        let full = conn.out.bytes() >= max;
+        if full {
+            conn.writable_owed = true;
+        }
+        full
+    }
+
+    pub(super) fn set_paused(&mut self, slot: u32, paused: bool) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if conn.paused == paused {
+            return;
+        }
+        conn.paused = paused;
+        if !paused {
+            self.resume.push(slot);
+        }
+    }
+
+    /// Starts closing: the handler is told (later, by the loop), new writes are refused,
+    /// queued bytes still go out.
+    pub(super) fn begin_close(&mut self, slot: u32, reason: CloseReason) {
+        let now_ms = self.now_ms;
+        let linger_ms = self.close_linger_ms;
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if !conn.is_open() {
+            return;
+        }
+        conn.state = ConnState::Closing {
+            fin_sent: false,
+            deadline_ms: now_ms + linger_ms,
+            forced: false,
+        };
+        let id = conn.id;
+        tracing::trace!(conn = %id, ?reason, "closing");
+        self.closed.push_back((id, reason));
+        self.closing.push(slot);
+    }
+
+    /// Gives up on flushing and lingering: queued bytes are dropped; the loop cancels what is
+    /// in flight and releases the slot when the kernel is done with it.
+    pub(super) fn force_close(&mut self, slot: u32) {
+        let Some(conn) = self.conn_mut(slot) else {
+            return;
+        };
+        if let ConnState::Closing {
+            forced,
+            deadline_ms,
+            ..
+        } = &mut conn.state
+        {
+            *forced = true;
+            *deadline_ms = 0;
+        }
+    }
+
+    /// Turns a decode error into an ERROR frame that names it (STOMP 1.2 "ERROR": the
+    /// `message` header holds a short description) and closes the connection after it.
+    pub(super) fn protocol_error(&mut self, slot: u32, error: DecodeError) {
+        let Some(conn) = self.conn(slot) else {
+            return;
+        };
+        let (id, version) = (conn.id, conn.version);
+        let text = error.to_string();
+        tracing::debug!(conn = %id, %text, "protocol error");
+        self.write_with(id, |out| {
+            let mut writer = FrameWriter::begin(out, version, Command::Error);
+            writer
+                .header(b"message", text.as_bytes())
+                .header(b"content-type", b"text/plain")
+                .content_length(text.len());
+            writer.finish(text.as_bytes());
+        });
+        self.begin_close(slot, CloseReason::Protocol(error));
+    }
+
+    /// A peer queue is full: stop decoding client input until the overflow drains.
+    pub(super) fn pause_input(&mut self) {
+        if !self.input_paused {
+            self.input_paused = true;
+            self.input_pauses += 1;
+        }
+    }
+
+    pub(super) fn io(&mut self) -> ShardIo<'_, M> {
+        ShardIo { core: self }
+    }
+}
