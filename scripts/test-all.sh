@@ -11,9 +11,12 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "unit, property, integration and fuzz-smoke tests"
-cargo test --workspace --quiet 2>&1 | tee /tmp/stompd-cargo-test.log
-# Surface one closing tally for CI logs that only read the last lines.
-awk '/^test result:/ { split($0, a, " "); p += a[4]; f += a[6] } END { printf "cargo tests: %d passed, %d failed\n", p, f }' /tmp/stompd-cargo-test.log
+mkdir -p target
+cargo test --workspace --quiet 2>&1 | tee target/test-all.log
 
 step "fuzz smoke (libFuzzer, needs a nightly toolchain)"
 scripts/fuzz-smoke.sh "${STOMPD_FUZZ_SECONDS:-30}"
+
+# One closing tally for readers of the log's last lines (every step above already stopped the
+# script on a failure).
+awk '/^test result:/ { split($0, a, " "); p += a[4]; f += a[6] } END { printf "all: %d passed, %d failed\n", p, f }' target/test-all.log
