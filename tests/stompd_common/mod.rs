@@ -88,10 +88,19 @@ impl Broker {
             .expect("VmRSS")
     }
 
+    /// SIGKILL, then wait until nothing listens on the port any more: the kernel tears a dead
+    /// process's io_uring down asynchronously, and until then its listeners (held by the
+    /// ring's pending accepts) stay in the SO_REUSEPORT group and can take, then drop, a
+    /// connection meant for the next broker on the same port.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
@@ -226,28 +235,37 @@ impl Client {
 
     /// The next frame, skipping heart-beat EOLs; `None` on timeout; panics on EOF.
     pub fn read_frame(&mut self, timeout: Duration) -> Option<Frame> {
+        match self.read_frame_or_eof(timeout) {
+            Ok(frame) => frame,
+            Err(()) => panic!("stompd closed the connection; unread: {:?}", self.buffer),
+        }
+    }
+
+    /// As `read_frame`, but the connection ending is `Err(())` instead of a panic.
+    #[allow(clippy::result_unit_err)]
+    pub fn read_frame_or_eof(&mut self, timeout: Duration) -> Result<Option<Frame>, ()> {
         let deadline = Instant::now() + timeout;
         loop {
             while matches!(self.buffer.first(), Some(b'\n') | Some(b'\r')) {
                 self.buffer.remove(0);
             }
             if let Some(frame) = self.parse() {
-                return Some(frame);
+                return Ok(Some(frame));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return Ok(None);
             }
             self.stream.set_read_timeout(Some(left)).unwrap();
             let mut chunk = [0u8; 65536];
             match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("stompd closed the connection; unread: {:?}", self.buffer),
+                Ok(0) => return Err(()),
                 Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return None
+                    return Ok(None)
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("read from stompd: {e}"),
+                Err(_) => return Err(()),
             }
         }
     }
