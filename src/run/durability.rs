@@ -8,12 +8,12 @@
 //! (the log hands out one at a time) and its descriptors stay valid until it completes; a
 //! failed sync stops the log (fsyncgate: retrying could report lost pages as stored).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use fnv::FnvHasher;
+use smallvec::SmallVec;
 
 use crate::broker::{DurableToken, Message, MessageId, Record, Recovered, ShardId};
 use crate::codec::escape::unescape;
@@ -64,15 +64,14 @@ pub enum Settled {
 /// The log of one shard, with the bookkeeping between broker ids and log positions.
 pub struct Durability {
     log: ShardLog,
-    /// Where each live logged message is: (message id, queue) to its record.
-    positions: FnvMap<(MessageId, Arc<[u8]>), Position>,
+    /// Where each live logged message is, by id. Almost always one queue per id; a
+    /// dead-letter copy on the same shard shares its id, hence the queue in the value.
+    positions: Positions,
     /// Tokens not yet reported, in order, each with the position whose durability it needs.
     waiting: VecDeque<Waiting>,
     /// A sync failed: nothing becomes durable any more, and waiting tokens fail.
     failed: bool,
     sync: Option<SyncInFlight>,
-    /// Reused for the headers of each appended record.
-    headers: Vec<Header<'static>>,
 }
 
 /// io_uring user tokens of this module's fsyncs (the handler owns the rest of the space).
@@ -82,11 +81,10 @@ impl Durability {
     pub fn new(log: ShardLog) -> Durability {
         Durability {
             log,
-            positions: FnvMap::default(),
+            positions: Positions::default(),
             waiting: VecDeque::new(),
             failed: false,
             sync: None,
-            headers: Vec::new(),
         }
     }
 
@@ -127,8 +125,7 @@ impl Durability {
                     expires_ms,
                     true,
                 );
-                self.positions
-                    .insert((id, destination.clone()), recovered.position);
+                self.positions.insert(id, &destination, recovered.position);
                 let deliveries = if recovered.redelivered {
                     recovered.deliveries.max(1)
                 } else {
@@ -155,7 +152,7 @@ impl Durability {
             Record::Message { message } => match self.append_message(message, now_ms) {
                 Ok(position) => {
                     self.positions
-                        .insert((message.id, message.destination.clone()), position);
+                        .insert(message.id, &message.destination, position);
                     if let Some(token) = token {
                         self.waiting.push_back(Waiting {
                             token,
@@ -194,7 +191,7 @@ impl Durability {
                 }
             },
             Record::Ack { destination, id } => {
-                if let Some(position) = self.positions.remove(&(*id, destination.clone())) {
+                if let Some(position) = self.positions.remove(*id, destination) {
                     if let Err(error) = self.log.ack(&[position], now_ms) {
                         // The ack is applied in memory; only a restart could bring it back.
                         tracing::warn!(shard = self.log.config().shard, "ack not logged: {error}");
@@ -211,8 +208,8 @@ impl Durability {
                 None
             }
             Record::Delivered { destination, id } => {
-                if let Some(position) = self.positions.get(&(*id, destination.clone())) {
-                    if let Err(error) = self.log.delivered(&[*position], now_ms) {
+                if let Some(position) = self.positions.get(*id, destination) {
+                    if let Err(error) = self.log.delivered(&[position], now_ms) {
                         tracing::warn!(
                             shard = self.log.config().shard,
                             "delivered mark not logged: {error}"
@@ -227,8 +224,9 @@ impl Durability {
     fn append_message(&mut self, message: &Message, now_ms: u64) -> Result<Position, LogError> {
         let mut text = [0u8; 48];
         let id_len = message.id.write_text(&mut text);
-        let mut headers = std::mem::take(&mut self.headers);
-        headers.clear();
+        // Borrowed from the stored block unless a header needed an escape: no allocation
+        // per append in the common case.
+        let mut headers: SmallVec<[Header<'_>; 8]> = SmallVec::new();
         let escaping = if message.header_block_plain {
             Escaping::None
         } else {
@@ -245,12 +243,9 @@ impl Durability {
             ) else {
                 continue;
             };
-            headers.push(Header {
-                name: Cow::Owned(name.into_owned()),
-                value: Cow::Owned(value.into_owned()),
-            });
+            headers.push(Header { name, value });
         }
-        let result = self.log.append_message(
+        self.log.append_message(
             &MessageRecord {
                 destination: &message.destination,
                 message_id: &text[..id_len],
@@ -259,9 +254,7 @@ impl Durability {
                 body: &message.body,
             },
             now_ms,
-        );
-        self.headers = headers;
-        result
+        )
     }
 
     /// The next thing the broker is owed, in token order; `None` while the front token still
@@ -373,5 +366,100 @@ impl Durability {
     /// Live messages, for logs and tests.
     pub fn live_messages(&self) -> u64 {
         self.log.live_messages()
+    }
+}
+
+/// Live message positions by id, with the queue each belongs to.
+#[derive(Default)]
+struct Positions {
+    by_id: FnvMap<MessageId, (Arc<[u8]>, Position)>,
+    /// The rare second queue holding the same id on this shard (a dead-letter copy).
+    more: Vec<(MessageId, Arc<[u8]>, Position)>,
+}
+
+fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
+    std::ptr::eq(a.as_ptr(), b.as_ptr()) || **a == *b
+}
+
+impl Positions {
+    fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
+        match self.by_id.get_mut(&id) {
+            Some((held, at)) if same_queue(held, queue) => *at = position,
+            Some(_) => {
+                self.more
+                    .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
+                self.more.push((id, queue.clone(), position));
+            }
+            None => {
+                self.by_id.insert(id, (queue.clone(), position));
+            }
+        }
+    }
+
+    fn get(&self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        match self.by_id.get(&id) {
+            Some((held, at)) if same_queue(held, queue) => Some(*at),
+            _ => self
+                .more
+                .iter()
+                .find(|(i, q, _)| *i == id && same_queue(q, queue))
+                .map(|(_, _, at)| *at),
+        }
+    }
+
+    fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        if let Some((held, _)) = self.by_id.get(&id) {
+            if same_queue(held, queue) {
+                let (_, at) = self.by_id.remove(&id)?;
+                // Promote a same-id entry of another queue, if any.
+                if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
+                    let (i, q, p) = self.more.swap_remove(index);
+                    self.by_id.insert(i, (q, p));
+                }
+                return Some(at);
+            }
+        }
+        let index = self
+            .more
+            .iter()
+            .position(|(i, q, _)| *i == id && same_queue(q, queue))?;
+        Some(self.more.swap_remove(index).2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::ShardId;
+
+    fn id(seq: u64) -> MessageId {
+        MessageId {
+            shard: ShardId(0),
+            seq,
+        }
+    }
+
+    fn at(offset: u64) -> Position {
+        Position { segment: 0, offset }
+    }
+
+    #[test]
+    fn one_id_in_two_queues_keeps_both_positions() {
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        let dlq: Arc<[u8]> = Arc::from(&b"/queue/DLQ.a"[..]);
+        let mut positions = Positions::default();
+        positions.insert(id(1), &queue, at(10));
+        positions.insert(id(1), &dlq, at(20));
+        positions.insert(id(2), &queue, at(30));
+        assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(10)));
+        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/a"), Some(at(10)));
+        assert_eq!(positions.get(id(1), b"/queue/a"), None);
+        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), None);
+        // Logged again after an ack (a returned auto-ack delivery): the new position wins.
+        positions.insert(id(2), &queue, at(40));
+        assert_eq!(positions.remove(id(2), b"/queue/a"), Some(at(40)));
     }
 }
