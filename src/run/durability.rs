@@ -45,7 +45,8 @@ pub struct NotStored {
 #[derive(Debug)]
 struct Waiting {
     token: DurableToken,
-    position: Position,
+    /// The end of the log right after its record: durable once a sync covers this.
+    end: Position,
     /// The message record it covers, to report it not stored if the sync fails.
     message: Option<(Arc<[u8]>, MessageId)>,
     /// The append itself failed, for this reason.
@@ -71,6 +72,8 @@ pub struct Durability {
     waiting: VecDeque<Waiting>,
     /// A sync failed: nothing becomes durable any more, and waiting tokens fail.
     failed: bool,
+    /// `--fsync always`: tokens wait for the sync; otherwise they are released at once.
+    receipts_wait_for_sync: bool,
     sync: Option<SyncInFlight>,
 }
 
@@ -79,11 +82,13 @@ pub const SYNC_TOKEN: u64 = 1;
 
 impl Durability {
     pub fn new(log: ShardLog) -> Durability {
+        let receipts_wait_for_sync = log.config().fsync.receipt_waits_for_sync();
         Durability {
             log,
             positions: Positions::default(),
             waiting: VecDeque::new(),
             failed: false,
+            receipts_wait_for_sync,
             sync: None,
         }
     }
@@ -156,7 +161,7 @@ impl Durability {
                     if let Some(token) = token {
                         self.waiting.push_back(Waiting {
                             token,
-                            position,
+                            end: self.log.appended_upto(),
                             message: Some((message.destination.clone(), message.id)),
                             failed: None,
                         });
@@ -180,7 +185,7 @@ impl Durability {
                         Some(token) => {
                             self.waiting.push_back(Waiting {
                                 token,
-                                position: self.log.appended_upto(),
+                                end: self.log.appended_upto(),
                                 message: Some((not_stored.destination, not_stored.id)),
                                 failed: Some(not_stored.reason),
                             });
@@ -200,7 +205,7 @@ impl Durability {
                 if let Some(token) = token {
                     self.waiting.push_back(Waiting {
                         token,
-                        position: self.log.appended_upto(),
+                        end: self.log.appended_upto(),
                         message: None,
                         failed: None,
                     });
@@ -264,7 +269,7 @@ impl Durability {
         let reason = match front.failed {
             Some(reason) => Some(reason),
             None if self.failed => Some("the log could not be synced to disk"),
-            None if self.log.receipt_ready(front.position) => None,
+            None if !self.receipts_wait_for_sync || self.log.synced_upto() >= front.end => None,
             None => return None,
         };
         let waiting = self.waiting.pop_front().expect("front exists");
@@ -441,6 +446,117 @@ mod tests {
 
     fn at(offset: u64) -> Position {
         Position { segment: 0, offset }
+    }
+
+    fn open(dir: &std::path::Path) -> Durability {
+        let config = crate::log::LogConfig::new(dir, 0);
+        let (log, _) = ShardLog::open(config).unwrap();
+        Durability::new(log)
+    }
+
+    fn message(seq: u64) -> Record {
+        Record::Message {
+            message: Arc::new(Message::from_send(
+                id(seq),
+                Arc::from(&b"/queue/a"[..]),
+                [(&b"expires"[..], &b"0"[..]), (&b"x\\y"[..], &b"a:b"[..])],
+                b"body",
+                0,
+                true,
+            )),
+        }
+    }
+
+    #[test]
+    fn tokens_wait_for_the_sync_that_covers_them_and_come_out_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        assert_eq!(
+            durability.append(&message(1), Some(DurableToken(0)), 1),
+            None
+        );
+        assert_eq!(durability.next_settled(), None, "not synced yet");
+        let request = durability.start_sync(1).expect("a sync is due");
+        assert!(durability.start_sync(1).is_none(), "one sync in flight");
+        // Appended while the sync is in flight: waits for the next one.
+        durability.append(&message(2), Some(DurableToken(1)), 1);
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(0)))
+        );
+        assert_eq!(durability.next_settled(), None);
+        let request = durability.start_sync(2).unwrap();
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(1)))
+        );
+        assert!(!durability.has_waiting() && !durability.is_sync_in_flight());
+    }
+
+    #[test]
+    fn a_failed_sync_fails_the_waiting_sends_instead_of_confirming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        durability.append(&message(1), Some(DurableToken(0)), 1);
+        let request = durability.start_sync(1).unwrap();
+        durability.sync_completed(-libc::EIO);
+        for _ in 1..request.targets.len() {
+            durability.sync_completed(0);
+        }
+        let Some(Settled::NotStored(not_stored)) = durability.next_settled() else {
+            panic!("the waiting SEND must fail");
+        };
+        assert_eq!(not_stored.token, Some(DurableToken(0)));
+        assert_eq!(not_stored.id, id(1));
+        // And the log refuses what comes next.
+        let failed = durability.append(&message(2), None, 2);
+        assert!(failed.is_some());
+    }
+
+    #[test]
+    fn a_restart_brings_back_messages_with_headers_positions_and_delivery_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut durability = open(dir.path());
+            durability.append(&message(1), None, 1);
+            durability.append(&message(2), None, 1);
+            let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+            durability.append(
+                &Record::Delivered {
+                    destination: queue.clone(),
+                    id: id(2),
+                },
+                None,
+                1,
+            );
+            durability.append(
+                &Record::Ack {
+                    destination: queue,
+                    id: id(1),
+                },
+                None,
+                1,
+            );
+            durability.sync_now();
+        }
+        let config = crate::log::LogConfig::new(dir.path(), 0);
+        let (log, recovery) = ShardLog::open(config).unwrap();
+        let mut durability = Durability::new(log);
+        let recovered = durability.restore_queues(recovery.queues, ShardId(0), 1 << 40);
+        assert_eq!(recovered.len(), 1, "the acked message stays gone");
+        let Record::Message { message: original } = message(2) else {
+            unreachable!()
+        };
+        assert_eq!(*recovered[0].message, *original, "same id, headers, body");
+        assert_eq!(recovered[0].deliveries, 1, "delivered before the restart");
+        // Its position is known again: acking it after the restart reaches the log.
+        assert!(durability.positions.get(id(2), b"/queue/a").is_some());
     }
 
     #[test]
