@@ -234,6 +234,19 @@ impl Queue {
         self.dispatch(ctx);
     }
 
+    /// Drops a message still waiting in `ready` (its log record could not be written, so it
+    /// must not be delivered as if stored). One handed out already stays with its consumer.
+    pub(crate) fn forget_ready(&mut self, id: MessageId) -> bool {
+        let Some(index) = self.ready.iter().position(|held| held.message.id == id) else {
+            return false;
+        };
+        if let Some(held) = self.ready.remove(index) {
+            self.ready_bytes -= held.message.body.len() as u64;
+            self.enqueued = self.enqueued.saturating_sub(1);
+        }
+        true
+    }
+
     /// Puts recovered messages back at startup, in log order.
     pub(crate) fn restore(&mut self, message: Arc<Message>, deliveries: u32) {
         self.enqueued += 1;
@@ -448,6 +461,15 @@ impl Queue {
                 self.dequeued += 1;
                 self.log_done(ctx, &held.message);
             } else {
+                if Self::logged(ctx, &held.message) {
+                    ctx.append(
+                        Record::Delivered {
+                            destination: self.name.clone(),
+                            id: held.message.id,
+                        },
+                        None,
+                    );
+                }
                 consumer.unacked.push_back(held);
             }
         }
@@ -551,10 +573,15 @@ struct TopicConsumer {
     unacked: VecDeque<MessageId>,
     /// Auto acks: deliveries not yet credited back by the session.
     in_flight: u32,
+    /// Messages and body bytes handed over since the connection was last reported full,
+    /// within the slack a paused subscriber gets (see `BrokerConfig::topic_slack_bytes`).
+    slack_messages: u32,
+    slack_bytes: u64,
 }
 
-/// A publish-subscribe destination: nothing is kept. A subscriber that is paused or out of
-/// credit when a message is published does not get it (counted in the shard's metrics),
+/// A publish-subscribe destination: nothing is kept. A subscriber whose connection is full
+/// (paused) beyond its slack, or a client-ack one at its prefetch, does not get a message
+/// published meanwhile (counted in the shard's metrics),
 /// so one slow subscriber neither blocks the others nor grows memory without bound.
 #[derive(Debug)]
 pub(crate) struct Topic {
@@ -595,14 +622,26 @@ impl Topic {
         ctx.counters.messages_accepted_total += 1;
         for consumer in self.consumers.values_mut() {
             let settled = consumer.ack == AckMode::Auto;
-            let used = if settled {
-                consumer.in_flight as usize
-            } else {
-                consumer.unacked.len()
-            };
-            if consumer.paused || used >= consumer.prefetch as usize {
+            // Auto acks: only a full connection (`paused`, the server's out-buffer limit)
+            // makes a subscriber miss messages. Counting unflushed deliveries against the
+            // prefetch, as queues do, dropped messages for subscribers that were keeping up:
+            // a burst decoded in one loop turn outruns the first flush.
+            let used = if settled { 0 } else { consumer.unacked.len() };
+            let body_bytes = message.body.len() as u64;
+            // A full connection still takes a bounded slack (a window of messages, and bytes
+            // within `topic_slack_bytes`): a subscriber that keeps up, but whose socket
+            // buffer is still small when a burst starts, then loses nothing, while one that
+            // stays behind costs at most the slack before it misses messages.
+            let over_slack = consumer.paused
+                && (consumer.slack_messages >= consumer.prefetch
+                    || consumer.slack_bytes + body_bytes > ctx.config.topic_slack_bytes);
+            if over_slack || used >= consumer.prefetch as usize {
                 ctx.counters.topic_deliveries_dropped_total += 1;
                 continue;
+            }
+            if consumer.paused {
+                consumer.slack_messages += 1;
+                consumer.slack_bytes += body_bytes;
             }
             ctx.counters.deliveries_total += 1;
             if settled {
@@ -638,6 +677,8 @@ impl Topic {
                 paused,
                 unacked: VecDeque::new(),
                 in_flight: 0,
+                slack_messages: 0,
+                slack_bytes: 0,
             },
         );
     }
@@ -655,6 +696,10 @@ impl Topic {
     pub(crate) fn flow(&mut self, key: ConsumerKey, paused: bool) {
         if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.paused = paused;
+            if !paused {
+                consumer.slack_messages = 0;
+                consumer.slack_bytes = 0;
+            }
         }
     }
 

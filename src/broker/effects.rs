@@ -26,6 +26,13 @@ pub enum Record {
         destination: Arc<[u8]>,
         id: MessageId,
     },
+    /// A logged message was handed to a client-ack consumer (auto-ack deliveries are logged
+    /// done instead). After a crash it comes back marked redelivered, with its deliveries
+    /// counted, so the dead-letter count and the `redelivered` mark survive restarts.
+    Delivered {
+        destination: Arc<[u8]>,
+        id: MessageId,
+    },
 }
 
 /// Heart-beat timing agreed at CONNECT (STOMP 1.2 "Heart-beating"); 0 means none.
@@ -112,6 +119,10 @@ impl Effects {
 pub enum Rejection {
     QueueMessagesFull,
     QueueBytesFull,
+    /// The log could not store the message (`reason` is safe to show a client: no paths).
+    NotStored {
+        reason: &'static str,
+    },
 }
 
 /// The typed messages between sessions and destinations. They travel the same way whether both
@@ -128,6 +139,10 @@ pub enum ShardMessage {
         prefetch: u32,
         /// The connection's output is full right now (see `Flow`).
         paused: bool,
+        /// The SUBSCRIBE asked for a receipt: `Confirmed` comes back once the destination has
+        /// the subscription, so a client may publish the moment it has the RECEIPT (from any
+        /// connection, on any shard) without the message overtaking its subscription.
+        ticket: Option<u64>,
     },
     /// The subscription ended (UNSUBSCRIBE, DISCONNECT, connection lost): its unacknowledged
     /// messages go back to the front of the queue.

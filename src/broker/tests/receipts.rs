@@ -214,3 +214,65 @@ fn receipt_for_a_send_to_another_shard_comes_back_in_order() {
     }
     assert_eq!(receipt_ids(&cluster.frames(producer)), expected);
 }
+
+#[test]
+fn a_send_the_log_could_not_store_gets_an_error_instead_of_its_receipt() {
+    let mut cluster = Cluster::new(1, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    let (Record::Message { message }, Some(token)) =
+        (cluster.appended[0].1.clone(), cluster.appended[0].2)
+    else {
+        panic!("a receipted persistent SEND is appended with a token");
+    };
+    cluster.shards[0].on_append_failed(b"/queue/a", message.id, Some(token), "disk full");
+    assert!(cluster.frames(producer).is_empty(), "reported in its turn");
+    cluster.durable(0, token);
+    let error = cluster.expect_error(producer);
+    assert_eq!(
+        error.header("message"),
+        Some("message not stored: disk full")
+    );
+    assert!(receipt_ids(&[error]).is_empty());
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/a", "auto");
+    assert!(
+        cluster.frames(consumer).is_empty(),
+        "a message that was not stored is not delivered"
+    );
+}
+
+/// STOMP 1.2 "SUBSCRIBE" with a receipt: a client that publishes (from any connection) once it
+/// has the RECEIPT must not have its message overtake the subscription on the way to the
+/// destination's shard.
+#[test]
+fn a_subscribe_receipt_waits_until_the_destination_on_another_shard_has_the_subscription() {
+    let mut cluster = Cluster::new(2, BrokerConfig::default());
+    let name = (0..)
+        .map(|n| format!("/topic/t{n}"))
+        .find(|name| shard_of(name.as_bytes(), 2) == ShardId(1))
+        .unwrap();
+    let subscriber = cluster.connect(0);
+    cluster.auto_pump = false;
+    cluster.send(
+        subscriber,
+        frame(
+            Command::Subscribe,
+            &[("id", "s"), ("destination", &name), ("receipt", "r1")],
+            b"",
+        ),
+    );
+    assert!(
+        cluster.frames(subscriber).is_empty(),
+        "no RECEIPT before the destination's shard has the subscription"
+    );
+    while cluster.step_link(0) {}
+    assert_eq!(receipt_ids(&cluster.frames(subscriber)), ["r1"]);
+}

@@ -1,0 +1,581 @@
+//! One shard's durable store as the running broker uses it: turns the broker's
+//! [`Record`]s into log appends, keeps each live message's log [`Position`] so later acks and
+//! delivered marks find it, drives the group-commit fsync through the shard's io_uring, and
+//! says which [`DurableToken`]s may be reported to the broker.
+//!
+//! Invariants: tokens are reported in the order the broker issued them (each waits for the
+//! position of its own record, and positions only grow); at most one sync request is in flight
+//! (the log hands out one at a time) and its descriptors stay valid until it completes; a
+//! failed sync stops the log (fsyncgate: retrying could report lost pages as stored).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+use fnv::FnvHasher;
+use smallvec::SmallVec;
+
+use crate::broker::{DurableToken, Message, MessageId, Record, Recovered, ShardId};
+use crate::codec::escape::unescape;
+use crate::codec::{Escaping, Header};
+use crate::log::{LogError, MessageRecord, Position, RecoveredQueue, ShardLog, SyncRequest};
+
+type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<FnvHasher>>;
+
+/// A sync the shard ring is carrying out.
+#[derive(Debug)]
+struct SyncInFlight {
+    upto: Position,
+    /// Completions still to come (one per target).
+    remaining: usize,
+    failed: bool,
+}
+
+/// A message record the log could not store: the broker must hear of it
+/// (`Shard::on_append_failed`); `reason` is safe to show a client.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotStored {
+    pub destination: Arc<[u8]>,
+    pub id: MessageId,
+    pub token: Option<DurableToken>,
+    pub reason: &'static str,
+}
+
+/// A token that waits for its record to become durable.
+#[derive(Debug)]
+struct Waiting {
+    token: DurableToken,
+    /// The end of the log right after its record: durable once a sync covers this.
+    end: Position,
+    /// The message record it covers, to report it not stored if the sync fails.
+    message: Option<(Arc<[u8]>, MessageId)>,
+    /// The append itself failed, for this reason.
+    failed: Option<&'static str>,
+}
+
+/// What the broker is owed, in token order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// `Shard::on_durable(token)`.
+    Durable(DurableToken),
+    /// `Shard::on_append_failed(..)`, then `Shard::on_durable(token)`.
+    NotStored(NotStored),
+}
+
+/// The log of one shard, with the bookkeeping between broker ids and log positions.
+pub struct Durability {
+    log: ShardLog,
+    /// Where each live logged message is, by id. Almost always one queue per id; a
+    /// dead-letter copy on the same shard shares its id, hence the queue in the value.
+    positions: Positions,
+    /// Tokens not yet reported, in order, each with the position whose durability it needs.
+    waiting: VecDeque<Waiting>,
+    /// A sync failed: nothing becomes durable any more, and waiting tokens fail.
+    failed: bool,
+    /// `--fsync always`: tokens wait for the sync; otherwise they are released at once.
+    receipts_wait_for_sync: bool,
+    sync: Option<SyncInFlight>,
+}
+
+/// io_uring user tokens of this module's fsyncs (the handler owns the rest of the space).
+pub const SYNC_TOKEN: u64 = 1;
+
+impl Durability {
+    pub fn new(log: ShardLog) -> Durability {
+        let receipts_wait_for_sync = log.config().fsync.receipt_waits_for_sync();
+        Durability {
+            log,
+            positions: Positions::default(),
+            waiting: VecDeque::new(),
+            failed: false,
+            receipts_wait_for_sync,
+            sync: None,
+        }
+    }
+
+    /// Turns what recovery found into messages for `Shard::restore`, remembering positions.
+    /// `fallback_seq` numbers messages whose stored id is not one of ours (written by another
+    /// tool): counting down from it keeps them apart from the ids this boot hands out.
+    pub fn restore_queues(
+        &mut self,
+        queues: Vec<RecoveredQueue>,
+        shard: ShardId,
+        mut fallback_seq: u64,
+    ) -> Vec<Recovered> {
+        let mut out = Vec::new();
+        for queue in queues {
+            let destination: Arc<[u8]> = Arc::from(queue.destination.as_slice());
+            for recovered in queue.messages {
+                let id = MessageId::parse(&recovered.message_id).unwrap_or_else(|| {
+                    fallback_seq -= 1;
+                    MessageId {
+                        shard,
+                        seq: fallback_seq,
+                    }
+                });
+                let expires_ms = recovered
+                    .headers
+                    .iter()
+                    .find(|h| h.name.as_ref() == b"expires")
+                    .and_then(|h| std::str::from_utf8(&h.value).ok()?.trim().parse().ok())
+                    .unwrap_or(0);
+                let message = Message::from_send(
+                    id,
+                    destination.clone(),
+                    recovered
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.as_ref(), h.value.as_ref())),
+                    &recovered.body,
+                    expires_ms,
+                    true,
+                );
+                self.positions.insert(id, &destination, recovered.position);
+                let deliveries = if recovered.redelivered {
+                    recovered.deliveries.max(1)
+                } else {
+                    recovered.deliveries
+                };
+                out.push(Recovered {
+                    message: Arc::new(message),
+                    deliveries,
+                });
+            }
+        }
+        out
+    }
+
+    /// Appends one broker record. Ack and delivered records of messages the log does not
+    /// know (already acked: a race the broker resolves itself) are skipped.
+    pub fn append(
+        &mut self,
+        record: &Record,
+        token: Option<DurableToken>,
+        now_ms: u64,
+    ) -> Option<NotStored> {
+        match record {
+            Record::Message { message } => match self.append_message(message, now_ms) {
+                Ok(position) => {
+                    self.positions
+                        .insert(message.id, &message.destination, position);
+                    if let Some(token) = token {
+                        self.waiting.push_back(Waiting {
+                            token,
+                            end: self.log.appended_upto(),
+                            message: Some((message.destination.clone(), message.id)),
+                            failed: None,
+                        });
+                    }
+                    None
+                }
+                Err(error) => {
+                    tracing::error!(
+                        shard = self.log.config().shard,
+                        destination = %String::from_utf8_lossy(&message.destination),
+                        "message not stored: {error}"
+                    );
+                    let not_stored = NotStored {
+                        destination: message.destination.clone(),
+                        id: message.id,
+                        token,
+                        reason: error.client_message(),
+                    };
+                    match token {
+                        // Reported in its turn, behind the tokens issued before it.
+                        Some(token) => {
+                            self.waiting.push_back(Waiting {
+                                token,
+                                end: self.log.appended_upto(),
+                                message: Some((not_stored.destination, not_stored.id)),
+                                failed: Some(not_stored.reason),
+                            });
+                            None
+                        }
+                        None => Some(not_stored),
+                    }
+                }
+            },
+            Record::Ack { destination, id } => {
+                if let Some(position) = self.positions.remove(*id, destination) {
+                    if let Err(error) = self.log.ack(&[position], now_ms) {
+                        // The ack is applied in memory; only a restart could bring it back.
+                        tracing::warn!(shard = self.log.config().shard, "ack not logged: {error}");
+                    }
+                }
+                if let Some(token) = token {
+                    self.waiting.push_back(Waiting {
+                        token,
+                        end: self.log.appended_upto(),
+                        message: None,
+                        failed: None,
+                    });
+                }
+                None
+            }
+            Record::Delivered { destination, id } => {
+                if let Some(position) = self.positions.get(*id, destination) {
+                    if let Err(error) = self.log.delivered(&[position], now_ms) {
+                        tracing::warn!(
+                            shard = self.log.config().shard,
+                            "delivered mark not logged: {error}"
+                        );
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn append_message(&mut self, message: &Message, now_ms: u64) -> Result<Position, LogError> {
+        let mut text = [0u8; 48];
+        let id_len = message.id.write_text(&mut text);
+        // Borrowed from the stored block unless a header needed an escape: no allocation
+        // per append in the common case.
+        let mut headers: SmallVec<[Header<'_>; 8]> = SmallVec::new();
+        let escaping = if message.header_block_plain {
+            Escaping::None
+        } else {
+            Escaping::V1_2
+        };
+        for line in message.header_block.split_inclusive(|&b| b == b'\n') {
+            let line = &line[..line.len() - 1];
+            let Some(colon) = memchr::memchr(b':', line) else {
+                continue;
+            };
+            let (Ok(name), Ok(value)) = (
+                unescape(&line[..colon], escaping, 0),
+                unescape(&line[colon + 1..], escaping, 0),
+            ) else {
+                continue;
+            };
+            headers.push(Header { name, value });
+        }
+        self.log.append_message(
+            &MessageRecord {
+                destination: &message.destination,
+                message_id: &text[..id_len],
+                timestamp_ms: now_ms,
+                headers: &headers,
+                body: &message.body,
+            },
+            now_ms,
+        )
+    }
+
+    /// The next thing the broker is owed, in token order; `None` while the front token still
+    /// waits for a sync.
+    pub fn next_settled(&mut self) -> Option<Settled> {
+        let front = self.waiting.front()?;
+        let reason = match front.failed {
+            Some(reason) => Some(reason),
+            None if self.failed => Some("the log could not be synced to disk"),
+            None if !self.receipts_wait_for_sync || self.log.synced_upto() >= front.end => None,
+            None => return None,
+        };
+        let waiting = self.waiting.pop_front().expect("front exists");
+        Some(match (reason, waiting.message) {
+            (Some(reason), Some((destination, id))) => Settled::NotStored(NotStored {
+                destination,
+                id,
+                token: Some(waiting.token),
+                reason,
+            }),
+            _ => Settled::Durable(waiting.token),
+        })
+    }
+
+    /// The sync to put on the ring now, if any (`None` while one is in flight).
+    pub fn start_sync(&mut self, now_ms: u64) -> Option<SyncRequest> {
+        if self.sync.is_some() {
+            return None;
+        }
+        let request = self.log.pending_sync(now_ms)?;
+        self.sync = Some(SyncInFlight {
+            upto: request.upto,
+            remaining: request.targets.len(),
+            failed: false,
+        });
+        Some(request)
+    }
+
+    /// One fsync of the request in flight completed with `result` (negative errno on failure).
+    pub fn sync_completed(&mut self, result: i32) {
+        let Some(sync) = self.sync.as_mut() else {
+            debug_assert!(false, "a sync completion without a sync in flight");
+            return;
+        };
+        sync.remaining -= 1;
+        if result < 0 {
+            sync.failed = true;
+            tracing::error!(
+                shard = self.log.config().shard,
+                error = %std::io::Error::from_raw_os_error(-result),
+                "fsync of the log failed: the log refuses further appends (persistent SENDs get an ERROR); restart the broker once the disk is healthy"
+            );
+        }
+        if sync.remaining == 0 {
+            let sync = self.sync.take().expect("checked above");
+            if sync.failed {
+                self.log.mark_sync_failed();
+                // Nothing becomes durable any more: waiting tokens fail (`next_settled`).
+                self.failed = true;
+            } else {
+                self.log.mark_synced(sync.upto);
+            }
+        }
+    }
+
+    pub fn is_sync_in_flight(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// When the `every:<ms>` timer next wants a sync.
+    pub fn next_sync_due_ms(&self) -> Option<u64> {
+        self.log.next_sync_due_ms()
+    }
+
+    /// Work for a quiet moment: unlink fully-acknowledged segments, prepare the next one.
+    pub fn housekeeping(&mut self, now_ms: u64) {
+        if self.sync.is_none() {
+            if let Err(error) = self.log.reclaim() {
+                tracing::warn!(shard = self.log.config().shard, "reclaim failed: {error}");
+            }
+        }
+        if self.log.wants_spare() {
+            if let Err(error) = self.log.prepare_spare(now_ms) {
+                tracing::warn!(
+                    shard = self.log.config().shard,
+                    "cannot prepare the next log segment: {error}"
+                );
+            }
+        }
+    }
+
+    /// Blocking sync at shutdown.
+    pub fn sync_now(&mut self) {
+        if self.sync.is_some() {
+            return;
+        }
+        if let Err(error) = self.log.sync_now() {
+            tracing::error!(
+                shard = self.log.config().shard,
+                "final log sync failed: {error}"
+            );
+        }
+    }
+
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Live messages, for logs and tests.
+    pub fn live_messages(&self) -> u64 {
+        self.log.live_messages()
+    }
+}
+
+/// Live message positions by id, with the queue each belongs to.
+#[derive(Default)]
+struct Positions {
+    by_id: FnvMap<MessageId, (Arc<[u8]>, Position)>,
+    /// The rare second queue holding the same id on this shard (a dead-letter copy).
+    more: Vec<(MessageId, Arc<[u8]>, Position)>,
+}
+
+fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
+    std::ptr::eq(a.as_ptr(), b.as_ptr()) || **a == *b
+}
+
+impl Positions {
+    fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
+        match self.by_id.get_mut(&id) {
+            Some((held, at)) if same_queue(held, queue) => *at = position,
+            Some(_) => {
+                self.more
+                    .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
+                self.more.push((id, queue.clone(), position));
+            }
+            None => {
+                self.by_id.insert(id, (queue.clone(), position));
+            }
+        }
+    }
+
+    fn get(&self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        match self.by_id.get(&id) {
+            Some((held, at)) if same_queue(held, queue) => Some(*at),
+            _ => self
+                .more
+                .iter()
+                .find(|(i, q, _)| *i == id && same_queue(q, queue))
+                .map(|(_, _, at)| *at),
+        }
+    }
+
+    fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        if let Some((held, _)) = self.by_id.get(&id) {
+            if same_queue(held, queue) {
+                let (_, at) = self.by_id.remove(&id)?;
+                // Promote a same-id entry of another queue, if any.
+                if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
+                    let (i, q, p) = self.more.swap_remove(index);
+                    self.by_id.insert(i, (q, p));
+                }
+                return Some(at);
+            }
+        }
+        let index = self
+            .more
+            .iter()
+            .position(|(i, q, _)| *i == id && same_queue(q, queue))?;
+        Some(self.more.swap_remove(index).2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::ShardId;
+
+    fn id(seq: u64) -> MessageId {
+        MessageId {
+            shard: ShardId(0),
+            seq,
+        }
+    }
+
+    fn at(offset: u64) -> Position {
+        Position { segment: 0, offset }
+    }
+
+    fn open(dir: &std::path::Path) -> Durability {
+        let config = crate::log::LogConfig::new(dir, 0);
+        let (log, _) = ShardLog::open(config).unwrap();
+        Durability::new(log)
+    }
+
+    fn message(seq: u64) -> Record {
+        Record::Message {
+            message: Arc::new(Message::from_send(
+                id(seq),
+                Arc::from(&b"/queue/a"[..]),
+                [(&b"expires"[..], &b"0"[..]), (&b"x\\y"[..], &b"a:b"[..])],
+                b"body",
+                0,
+                true,
+            )),
+        }
+    }
+
+    #[test]
+    fn tokens_wait_for_the_sync_that_covers_them_and_come_out_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        assert_eq!(
+            durability.append(&message(1), Some(DurableToken(0)), 1),
+            None
+        );
+        assert_eq!(durability.next_settled(), None, "not synced yet");
+        let request = durability.start_sync(1).expect("a sync is due");
+        assert!(durability.start_sync(1).is_none(), "one sync in flight");
+        // Appended while the sync is in flight: waits for the next one.
+        durability.append(&message(2), Some(DurableToken(1)), 1);
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(0)))
+        );
+        assert_eq!(durability.next_settled(), None);
+        let request = durability.start_sync(2).unwrap();
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(1)))
+        );
+        assert!(!durability.has_waiting() && !durability.is_sync_in_flight());
+    }
+
+    #[test]
+    fn a_failed_sync_fails_the_waiting_sends_instead_of_confirming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        durability.append(&message(1), Some(DurableToken(0)), 1);
+        let request = durability.start_sync(1).unwrap();
+        durability.sync_completed(-libc::EIO);
+        for _ in 1..request.targets.len() {
+            durability.sync_completed(0);
+        }
+        let Some(Settled::NotStored(not_stored)) = durability.next_settled() else {
+            panic!("the waiting SEND must fail");
+        };
+        assert_eq!(not_stored.token, Some(DurableToken(0)));
+        assert_eq!(not_stored.id, id(1));
+        // And the log refuses what comes next.
+        let failed = durability.append(&message(2), None, 2);
+        assert!(failed.is_some());
+    }
+
+    #[test]
+    fn a_restart_brings_back_messages_with_headers_positions_and_delivery_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut durability = open(dir.path());
+            durability.append(&message(1), None, 1);
+            durability.append(&message(2), None, 1);
+            let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+            durability.append(
+                &Record::Delivered {
+                    destination: queue.clone(),
+                    id: id(2),
+                },
+                None,
+                1,
+            );
+            durability.append(
+                &Record::Ack {
+                    destination: queue,
+                    id: id(1),
+                },
+                None,
+                1,
+            );
+            durability.sync_now();
+        }
+        let config = crate::log::LogConfig::new(dir.path(), 0);
+        let (log, recovery) = ShardLog::open(config).unwrap();
+        let mut durability = Durability::new(log);
+        let recovered = durability.restore_queues(recovery.queues, ShardId(0), 1 << 40);
+        assert_eq!(recovered.len(), 1, "the acked message stays gone");
+        let Record::Message { message: original } = message(2) else {
+            unreachable!()
+        };
+        assert_eq!(*recovered[0].message, *original, "same id, headers, body");
+        assert_eq!(recovered[0].deliveries, 1, "delivered before the restart");
+        // Its position is known again: acking it after the restart reaches the log.
+        assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+    }
+
+    #[test]
+    fn one_id_in_two_queues_keeps_both_positions() {
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        let dlq: Arc<[u8]> = Arc::from(&b"/queue/DLQ.a"[..]);
+        let mut positions = Positions::default();
+        positions.insert(id(1), &queue, at(10));
+        positions.insert(id(1), &dlq, at(20));
+        positions.insert(id(2), &queue, at(30));
+        assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(10)));
+        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/a"), Some(at(10)));
+        assert_eq!(positions.get(id(1), b"/queue/a"), None);
+        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), None);
+        // Logged again after an ack (a returned auto-ack delivery): the new position wins.
+        positions.insert(id(2), &queue, at(40));
+        assert_eq!(positions.remove(id(2), b"/queue/a"), Some(at(40)));
+    }
+}
