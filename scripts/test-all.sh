@@ -14,6 +14,12 @@ step "unit, property, integration and fuzz-smoke tests"
 mkdir -p target
 cargo test --workspace --quiet 2>&1 | tee target/test-all.log
 
+step "load generator and log tool against the real broker"
+cargo build --quiet --bin stompd
+stompd_bin="$PWD/target/debug/stompd"
+LOADGEN_TEST_STOMPD="$stompd_bin" cargo test --quiet -p stompd-loadgen 2>&1 | tee -a target/test-all.log
+STOMPD_LOG_TEST_BROKER="$stompd_bin" cargo test --quiet -p stompd-log 2>&1 | tee -a target/test-all.log
+
 step "fuzz smoke (libFuzzer, needs a nightly toolchain)"
 scripts/fuzz-smoke.sh "${STOMPD_FUZZ_SECONDS:-30}"
 
