@@ -13,4 +13,5 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod log;
+pub mod run;
 pub mod server;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use stompd::auth::PasswordFile;
 use stompd::config::{self, commands, Cli, Command, Config};
+use stompd::server::Shutdown;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -34,7 +35,11 @@ fn main() -> ExitCode {
     if cli.run.print_config {
         return commands::print_config(&resolved, &mut std::io::stdout(), &mut std::io::stderr());
     }
-    config::init_tracing(&resolved.config.log_level);
+    // Log lines go through a background writer thread: a shard thread never blocks on a
+    // slow or full stderr (a terminal, a pipe to journald). Kept until main returns, so lines
+    // still queued are written before exit.
+    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stderr());
+    config::init_tracing_with(&resolved.config.log_level, writer);
     for warning in &resolved.warnings {
         tracing::warn!("{warning}");
     }
@@ -49,15 +54,20 @@ fn main() -> ExitCode {
     run(resolved.config, password_file)
 }
 
-/// PLACEHOLDER until the io_uring server is merged: the lead replaces this body with the
-/// server call (`server::run(server_config, shutdown)`), mapping `Config` onto its types and
-/// wrapping `password_file` (when auth is on) in the broker's `Authenticator`.
+/// Starts the broker and waits for it to stop: exit 0 after a clean drain, 1 when it could
+/// not start or failed while running (the message names the fix).
 fn run(config: Config, password_file: Option<PasswordFile>) -> ExitCode {
-    let _ = password_file;
-    eprintln!(
-        "stompd {}: the network server is not built yet, so nothing listens on {}.",
-        env!("CARGO_PKG_VERSION"),
-        config.listen
-    );
-    ExitCode::from(2)
+    let shutdown = Shutdown::new();
+    if let Err(error) = stompd::server::shutdown_on_signals(&shutdown) {
+        tracing::error!("cannot watch for SIGINT/SIGTERM: {error}");
+        return ExitCode::from(1);
+    }
+    match stompd::run::run(&config, password_file, shutdown) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Straight to stderr, whatever the log level: the operator must see why.
+            eprintln!("stompd: {error}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -71,6 +71,7 @@ fn defaults_when_nothing_is_said() {
     assert_eq!(config.heartbeat_receive_ms, 10_000);
     assert_eq!(config.heartbeat_read_grace_percent, 200);
     assert_eq!(config.fsync, FsyncPolicy::Always);
+    assert_eq!(config.segment_bytes, defaults::SEGMENT_BYTES);
     assert_eq!(config.queue_type, QueueType::File);
     assert_eq!(config.auth, AuthConfig::Off);
     assert_eq!(config.dead_letter_deliveries_max, 7);
@@ -138,6 +139,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("heartbeat_receive_ms", "2000", "2000"),
         ("heartbeat_read_grace_percent", "250", "250"),
         ("fsync", "\"every:20\"", "every:20"),
+        ("segment_bytes", "1048576", "1048576"),
         ("queue_type", "\"memory\"", "memory"),
         ("auth_file", "\"/etc/stompd/users\"", "/etc/stompd/users"),
         ("auth_plaintext", "true", "true"),
@@ -168,6 +170,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         );
         assert_eq!(config.connections_max, 5, "{source}");
         assert_eq!(config.out_buffer_bytes_max, 65536, "{source}");
+        assert_eq!(config.segment_bytes, 1_048_576, "{source}");
         assert_eq!(config.heartbeat_send_ms, 0, "{source}");
         assert_eq!(config.heartbeat_receive_ms, 2000, "{source}");
         assert_eq!(config.heartbeat_read_grace_percent, 250, "{source}");
@@ -441,6 +444,21 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ),
         ("heartbeat_read_grace_percent", "99", "100..=1000"),
         ("heartbeat_read_grace_percent", "1001", "100..=1000"),
+        (
+            "segment_bytes",
+            "65535",
+            "a multiple of 4096 in 65536..=4294967296",
+        ),
+        (
+            "segment_bytes",
+            "70000",
+            "a multiple of 4096 in 65536..=4294967296",
+        ),
+        (
+            "segment_bytes",
+            "4294971392",
+            "a multiple of 4096 in 65536..=4294967296",
+        ),
         ("fsync", "every:0", "every:1..=60000"),
         ("fsync", "every:60001", "every:1..=60000"),
         ("dead_letter_deliveries_max", "0", "1..=10000"),

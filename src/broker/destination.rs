@@ -234,6 +234,19 @@ impl Queue {
         self.dispatch(ctx);
     }
 
+    /// Drops a message still waiting in `ready` (its log record could not be written, so it
+    /// must not be delivered as if stored). One handed out already stays with its consumer.
+    pub(crate) fn forget_ready(&mut self, id: MessageId) -> bool {
+        let Some(index) = self.ready.iter().position(|held| held.message.id == id) else {
+            return false;
+        };
+        if let Some(held) = self.ready.remove(index) {
+            self.ready_bytes -= held.message.body.len() as u64;
+            self.enqueued = self.enqueued.saturating_sub(1);
+        }
+        true
+    }
+
     /// Puts recovered messages back at startup, in log order.
     pub(crate) fn restore(&mut self, message: Arc<Message>, deliveries: u32) {
         self.enqueued += 1;
@@ -448,6 +461,15 @@ impl Queue {
                 self.dequeued += 1;
                 self.log_done(ctx, &held.message);
             } else {
+                if Self::logged(ctx, &held.message) {
+                    ctx.append(
+                        Record::Delivered {
+                            destination: self.name.clone(),
+                            id: held.message.id,
+                        },
+                        None,
+                    );
+                }
                 consumer.unacked.push_back(held);
             }
         }

@@ -26,6 +26,13 @@ pub enum Record {
         destination: Arc<[u8]>,
         id: MessageId,
     },
+    /// A logged message was handed to a client-ack consumer (auto-ack deliveries are logged
+    /// done instead). After a crash it comes back marked redelivered, with its deliveries
+    /// counted, so the dead-letter count and the `redelivered` mark survive restarts.
+    Delivered {
+        destination: Arc<[u8]>,
+        id: MessageId,
+    },
 }
 
 /// Heart-beat timing agreed at CONNECT (STOMP 1.2 "Heart-beating"); 0 means none.
@@ -112,6 +119,10 @@ impl Effects {
 pub enum Rejection {
     QueueMessagesFull,
     QueueBytesFull,
+    /// The log could not store the message (`reason` is safe to show a client: no paths).
+    NotStored {
+        reason: &'static str,
+    },
 }
 
 /// The typed messages between sessions and destinations. They travel the same way whether both

@@ -50,6 +50,8 @@ pub enum ProtocolError {
     LimitExceeded { limit: &'static str, max: u64 },
     #[error("queue full ({limit} reached)")]
     QueueFull { limit: &'static str },
+    #[error("message not stored: {reason}")]
+    NotStored { reason: &'static str },
     #[error("/queue/monitor is read-only")]
     MonitorReadOnly,
     #[error("heart-beat timeout")]

@@ -344,6 +344,41 @@ impl Shard {
         self.drain_local(now_ms, out);
     }
 
+    /// The log could not store the `Record::Message` of `id` on queue `destination` (disk full,
+    /// record too large, a failed sync): the queue forgets the message if it has not been
+    /// handed out yet, and the RECEIPT that waited for `token` becomes an ERROR to its sender
+    /// (`message not stored: reason`). The server still reports `token` through `on_durable`
+    /// in its turn, as for any other token, which is what releases that ERROR.
+    pub fn on_append_failed(
+        &mut self,
+        destination: &[u8],
+        id: MessageId,
+        token: Option<DurableToken>,
+        reason: &'static str,
+    ) {
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(destination) {
+            queue.forget_ready(id);
+        }
+        let Some(token) = token else {
+            return;
+        };
+        // A dead-letter copy that could not be stored: the old queue must keep the message
+        // (it is never logged done there), so its release is dropped.
+        self.durable.waiting.retain(|(waiting, _, then)| {
+            *waiting != token || !matches!(then, ShardMessage::Moved { .. })
+        });
+        for (waiting, _, then) in self.durable.waiting.iter_mut() {
+            if *waiting == token {
+                if let ShardMessage::Confirmed { conn, .. } = then {
+                    *then = ShardMessage::Rejected {
+                        conn: *conn,
+                        reason: Rejection::NotStored { reason },
+                    };
+                }
+            }
+        }
+    }
+
     /// Time passed. Call at least every `tick_interval_ms`: heart-beats, heart-beat timeouts,
     /// expired messages and `/queue/monitor` statistics happen here.
     pub fn on_tick(&mut self, now_ms: u64, out: &mut Effects) {
@@ -773,11 +808,16 @@ impl Shard {
                 }
             }
             ShardMessage::Rejected { conn, reason } => {
-                let limit = match reason {
-                    Rejection::QueueMessagesFull => "queue_messages_max",
-                    Rejection::QueueBytesFull => "queue_bytes_max",
+                let error = match reason {
+                    Rejection::QueueMessagesFull => ProtocolError::QueueFull {
+                        limit: "queue_messages_max",
+                    },
+                    Rejection::QueueBytesFull => ProtocolError::QueueFull {
+                        limit: "queue_bytes_max",
+                    },
+                    Rejection::NotStored { reason } => ProtocolError::NotStored { reason },
                 };
-                self.fail(conn, &ProtocolError::QueueFull { limit }, None, now_ms, out);
+                self.fail(conn, &error, None, now_ms, out);
             }
             ShardMessage::DeadLetter { message, from } => {
                 let name = message.destination.clone();

@@ -220,6 +220,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "POLICY")]
     pub fsync: Option<FsyncPolicy>,
 
+    /// Size of each durable-log segment file, bytes: a multiple of 4096 in 65536..=4294967296.
+    /// One message must fit in 15/16 of a segment. [default: 67108864]
+    /// [env: STOMPD_SEGMENT_BYTES] [toml: segment_bytes]
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes: Option<u64>,
+
     /// stompserver's checkpoint interval, seconds (0..=60). 0 changes nothing; N > 0 means
     /// --fsync every:N000, with a warning. (stompserver -c/--checkpoint)
     #[arg(
@@ -304,6 +310,7 @@ impl RunArgs {
             heartbeat_receive_ms: self.heartbeat_receive_ms,
             heartbeat_read_grace_percent: self.heartbeat_read_grace_percent,
             fsync: self.fsync,
+            segment_bytes: self.segment_bytes,
             queue_type: self.queue_type,
             auth_file: self.auth_file.clone(),
             auth_plaintext: self.auth_plaintext,

@@ -163,6 +163,8 @@ layer! {
     heartbeat_read_grace_percent: u64,
     /// When the log fsyncs: `always`, `every:<ms>` or `never`.
     fsync: FsyncPolicy,
+    /// Size of each log segment file, bytes (a multiple of 4096).
+    segment_bytes: u64,
     /// Where queue messages live: `file` (the log) or `memory`.
     queue_type: QueueType,
     /// Password file; when set, CONNECT must carry a login and passcode found in it.

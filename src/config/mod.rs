@@ -67,6 +67,9 @@ pub mod defaults {
     pub const DEAD_LETTER_DELIVERIES_MAX: u32 = 7;
     /// ActiveMQ's queue prefetch default, which STOMP clients of ActiveMQ are tuned for.
     pub const PREFETCH_DEFAULT: u32 = 1000;
+    /// 64 MiB, the log's own default: a segment roll is rare, and a drained queue pins at
+    /// most one such file.
+    pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
     /// Lifecycle events only; per-connection detail is `debug`.
     pub const LOG_LEVEL: &str = "info";
 
@@ -104,6 +107,12 @@ pub mod bounds {
     /// Below 100 % the server would time out before the client's interval has passed; above
     /// 1000 % a dead peer holds its resources for ten intervals.
     pub const HEARTBEAT_READ_GRACE_PERCENT: RangeInclusive<u64> = 100..=1000;
+    /// Log segments: 64 KiB at least (a few hundred small records per file; smaller only
+    /// multiplies files), 4 GiB at most (the log's own ceiling for one mapping). Also a
+    /// multiple of 4096, the page size the log maps in.
+    pub const SEGMENT_BYTES: RangeInclusive<u64> = 65_536..=4 * 1024 * 1024 * 1024;
+    /// Segment sizes must be whole pages.
+    pub const SEGMENT_BYTES_MULTIPLE: u64 = 4096;
     pub const DEAD_LETTER_DELIVERIES: RangeInclusive<u32> = 1..=10_000;
     pub const PREFETCH: RangeInclusive<u32> = 1..=1_000_000;
 }
@@ -143,6 +152,8 @@ pub struct Config {
     pub heartbeat_read_grace_percent: u64,
     /// When the log fsyncs.
     pub fsync: FsyncPolicy,
+    /// Size of each log segment file, bytes.
+    pub segment_bytes: u64,
     /// Where queue messages live.
     pub queue_type: QueueType,
     /// Who may connect.
@@ -172,6 +183,7 @@ impl Config {
             heartbeat_receive_ms: Some(defaults::HEARTBEAT_RECEIVE_MS),
             heartbeat_read_grace_percent: Some(defaults::HEARTBEAT_READ_GRACE_PERCENT),
             fsync: Some(FsyncPolicy::default()),
+            segment_bytes: Some(defaults::SEGMENT_BYTES),
             queue_type: Some(QueueType::default()),
             auth_file: None,
             auth_plaintext: Some(false),
@@ -203,6 +215,7 @@ impl Config {
             heartbeat_receive_ms: Some(self.heartbeat_receive_ms),
             heartbeat_read_grace_percent: Some(self.heartbeat_read_grace_percent),
             fsync: Some(self.fsync),
+            segment_bytes: Some(self.segment_bytes),
             queue_type: Some(self.queue_type),
             auth_file,
             auth_plaintext: Some(auth_plaintext),
@@ -782,6 +795,23 @@ fn validate(
         }
     }
 
+    let segment_bytes = get(layer.segment_bytes, "segment_bytes");
+    if !bounds::SEGMENT_BYTES.contains(&segment_bytes)
+        || segment_bytes % bounds::SEGMENT_BYTES_MULTIPLE != 0
+    {
+        errors.push(ConfigError::OutOfRange {
+            key: "segment_bytes",
+            value: segment_bytes.to_string(),
+            origin: origin("segment_bytes"),
+            allowed: format!(
+                "a multiple of {} in {}..={}",
+                bounds::SEGMENT_BYTES_MULTIPLE,
+                bounds::SEGMENT_BYTES.start(),
+                bounds::SEGMENT_BYTES.end()
+            ),
+        });
+    }
+
     let listen_text = get(layer.listen, "listen");
     let listen = parse_listen(&listen_text).unwrap_or_else(|reason| {
         errors.push(ConfigError::Invalid {
@@ -860,6 +890,7 @@ fn validate(
         heartbeat_receive_ms,
         heartbeat_read_grace_percent,
         fsync,
+        segment_bytes,
         queue_type: get(layer.queue_type, "queue_type"),
         auth,
         dead_letter_deliveries_max,
@@ -871,6 +902,14 @@ fn validate(
 /// Installs the global `tracing` subscriber: human-readable lines on stderr (stdout is for
 /// command output), filtered by the validated `log_level`.
 pub fn init_tracing(log_level: &str) {
+    init_tracing_with(log_level, std::io::stderr);
+}
+
+/// As [`init_tracing`], writing through `writer` (the broker passes a non-blocking one).
+pub fn init_tracing_with<W>(log_level: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(defaults::LOG_LEVEL));
@@ -878,6 +917,6 @@ pub fn init_tracing(log_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .try_init();
 }

@@ -39,6 +39,18 @@ impl FsyncPolicy {
     pub const EVERY_MS_MAX: u64 = 60_000;
 }
 
+/// The running broker uses the log's type; this one exists for the operator-facing parsing
+/// (trimmed, case-insensitive, tighter `every:` bound). Field for field, so nothing is lost.
+impl From<FsyncPolicy> for crate::log::FsyncPolicy {
+    fn from(policy: FsyncPolicy) -> crate::log::FsyncPolicy {
+        match policy {
+            FsyncPolicy::Always => crate::log::FsyncPolicy::Always,
+            FsyncPolicy::Every { interval_ms } => crate::log::FsyncPolicy::Every { interval_ms },
+            FsyncPolicy::Never => crate::log::FsyncPolicy::Never,
+        }
+    }
+}
+
 impl fmt::Display for FsyncPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -139,6 +151,16 @@ serde_via_str!(QueueType);
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_valid_policy_converts_to_the_log_policy_with_the_same_text() {
+        for text in ["always", "never", "every:1", "every:250", "every:60000"] {
+            let ours: super::FsyncPolicy = text.parse().unwrap();
+            let log: crate::log::FsyncPolicy = ours.into();
+            assert_eq!(log.to_string(), text);
+            assert_eq!(text.parse::<crate::log::FsyncPolicy>().unwrap(), log);
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -48,6 +48,8 @@ pub(super) struct Conn {
     pub(super) parked: bool,
     /// The handler saw the out buffer full and is owed an `on_writable`.
     pub(super) writable_owed: bool,
+    /// The handler asked to hear when the out buffer is next empty ([`ShardIo::notify_flushed`]).
+    pub(super) flushed_owed: bool,
     /// In the dirty list: has queued bytes for the next batch of sends.
     pub(super) dirty: bool,
     /// The client closed its side or the socket failed: no receive is re-armed.
@@ -80,6 +82,8 @@ pub(super) struct IoCore<M> {
     pub(super) closing: Vec<u32>,
     /// `on_writable` calls owed to the handler.
     pub(super) writable: VecDeque<ConnId>,
+    /// `on_flushed` calls owed to the handler.
+    pub(super) flushed: VecDeque<ConnId>,
     /// Connections whose input may flow again.
     pub(super) resume: Vec<u32>,
     /// Connections holding parked input.
@@ -177,6 +181,20 @@ impl<M> IoCore<M> {
             conn.writable_owed = true;
         }
         full
+    }
+
+    /// Arms [`super::ShardHandler::on_flushed`] for the next time the out buffer is empty
+    /// (at once, from the loop, when it already is).
+    pub(super) fn notify_flushed(&mut self, id: ConnId) {
+        let Some(conn) = self.open_conn_mut(id) else {
+            return;
+        };
+        if conn.out.is_empty() && !conn.send_in_flight {
+            conn.flushed_owed = false;
+            self.flushed.push_back(id);
+        } else {
+            conn.flushed_owed = true;
+        }
     }
 
     pub(super) fn set_paused(&mut self, slot: u32, paused: bool) {

@@ -84,6 +84,11 @@ pub trait ShardHandler {
     /// were held back may resume.
     fn on_writable(&mut self, _conn: ConnId, _io: &mut ShardIo<'_, Self::PeerMsg>) {}
 
+    /// The out buffer of a connection for which [`ShardIo::notify_flushed`] was called is empty:
+    /// everything written so far is in the kernel's hands (the broker refills auto-ack windows
+    /// here, so a consumer never has more than its prefetch between queue and socket).
+    fn on_flushed(&mut self, _conn: ConnId, _io: &mut ShardIo<'_, Self::PeerMsg>) {}
+
     /// The connection is closing; it is never handed to the handler again, and writes to it are
     /// ignored. Called exactly once per opened connection, also at shutdown.
     fn on_close(&mut self, conn: ConnId, reason: &CloseReason, io: &mut ShardIo<'_, Self::PeerMsg>);
@@ -183,6 +188,11 @@ impl<M> ShardIo<'_, M> {
         if let Some(slot) = self.core.open_slot(conn) {
             self.core.begin_close(slot, CloseReason::Requested);
         }
+    }
+
+    /// Asks for one [`ShardHandler::on_flushed`] once the out buffer is next empty.
+    pub fn notify_flushed(&mut self, conn: ConnId) {
+        self.core.notify_flushed(conn);
     }
 
     /// Stops decoding frames from `conn` (bytes already received are kept, the kernel's socket

@@ -194,6 +194,7 @@ where
             closed: Default::default(),
             closing: Vec::new(),
             writable: Default::default(),
+            flushed: Default::default(),
             resume: Vec::new(),
             parked: Vec::new(),
             peers: params.peer_out,
@@ -409,6 +410,12 @@ impl<H: ShardHandler> Shard<H> {
             if let Some(id) = self.core.writable.pop_front() {
                 if self.core.open_conn(id).is_some() {
                     self.handler.on_writable(id, &mut self.core.io());
+                }
+                continue;
+            }
+            if let Some(id) = self.core.flushed.pop_front() {
+                if self.core.open_conn(id).is_some() {
+                    self.handler.on_flushed(id, &mut self.core.io());
                 }
                 continue;
             }
@@ -918,6 +925,7 @@ impl<H: ShardHandler> Shard<H> {
             paused: false,
             parked: false,
             writable_owed: false,
+            flushed_owed: false,
             dirty: false,
             eof: false,
         });
@@ -1103,10 +1111,17 @@ impl<H: ShardHandler> Shard<H> {
             if owed {
                 conn.writable_owed = false;
             }
+            let flushed = !more && conn.flushed_owed && conn.is_open();
+            if flushed {
+                conn.flushed_owed = false;
+            }
             let id = conn.id;
             if more && !conn.dirty {
                 conn.dirty = true;
                 self.core.dirty.push(slot);
+            }
+            if flushed {
+                self.core.flushed.push_back(id);
             }
             if owed {
                 self.core.writable.push_back(id);

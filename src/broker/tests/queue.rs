@@ -533,18 +533,25 @@ fn persistent_queue_messages_are_logged_and_their_acks_too() {
     let frames = cluster.frames(consumer);
     assert_eq!(
         cluster.appended.len(),
-        1,
-        "delivery alone is not consumption"
+        2,
+        "delivery alone is not consumption, only a delivered mark for the logged message"
+    );
+    assert_eq!(
+        cluster.appended[1].1,
+        Record::Delivered {
+            destination: Arc::from(&b"/queue/a"[..]),
+            id
+        }
     );
     cluster.ack(consumer, &ack_id(&frames[0]));
     cluster.ack(consumer, &ack_id(&frames[1]));
     assert_eq!(
         cluster.appended.len(),
-        2,
+        3,
         "only the persistent message's ack is logged"
     );
     assert_eq!(
-        cluster.appended[1].1,
+        cluster.appended[2].1,
         Record::Ack {
             destination: Arc::from(&b"/queue/a"[..]),
             id
@@ -692,7 +699,7 @@ fn dead_lettering_across_shards_is_logged_on_both() {
         cluster
             .appended
             .iter()
-            .map(|(shard, record, _)| {
+            .filter_map(|(shard, record, _)| {
                 let text = match record {
                     Record::Message { message } => {
                         format!("message {}", String::from_utf8_lossy(&message.destination))
@@ -700,8 +707,9 @@ fn dead_lettering_across_shards_is_logged_on_both() {
                     Record::Ack { destination, .. } => {
                         format!("ack {}", String::from_utf8_lossy(destination))
                     }
+                    Record::Delivered { .. } => return None,
                 };
-                (*shard, text)
+                Some((*shard, text))
             })
             .collect()
     };
@@ -713,8 +721,13 @@ fn dead_lettering_across_shards_is_logged_on_both() {
         ],
         "the old queue's Ack waits until the dead-letter copy is durable"
     );
-    let token = cluster.appended[1]
-        .2
+    let token = cluster
+        .appended
+        .iter()
+        .find_map(|(shard, record, token)| {
+            (*shard == dlq_shard && matches!(record, Record::Message { .. })).then_some(*token)
+        })
+        .flatten()
         .expect("a dead-letter append carries a token");
     cluster.durable(dlq_shard.0, token);
     assert_eq!(

@@ -214,3 +214,37 @@ fn receipt_for_a_send_to_another_shard_comes_back_in_order() {
     }
     assert_eq!(receipt_ids(&cluster.frames(producer)), expected);
 }
+
+#[test]
+fn a_send_the_log_could_not_store_gets_an_error_instead_of_its_receipt() {
+    let mut cluster = Cluster::new(1, durable_config());
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("receipt", "r1")],
+            b"x",
+        ),
+    );
+    let (Record::Message { message }, Some(token)) =
+        (cluster.appended[0].1.clone(), cluster.appended[0].2)
+    else {
+        panic!("a receipted persistent SEND is appended with a token");
+    };
+    cluster.shards[0].on_append_failed(b"/queue/a", message.id, Some(token), "disk full");
+    assert!(cluster.frames(producer).is_empty(), "reported in its turn");
+    cluster.durable(0, token);
+    let error = cluster.expect_error(producer);
+    assert_eq!(
+        error.header("message"),
+        Some("message not stored: disk full")
+    );
+    assert!(receipt_ids(&[error]).is_empty());
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/a", "auto");
+    assert!(
+        cluster.frames(consumer).is_empty(),
+        "a message that was not stored is not delivered"
+    );
+}
