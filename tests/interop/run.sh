@@ -226,7 +226,8 @@ step "start the brokers ($STOMPD_BIN)"
 export STOMPD_HOST=127.0.0.1
 STOMPD_PORT=$(free_port)
 export STOMPD_PORT STOMPD_FLAVOR=$FLAVOR
-start_broker open "$STOMPD_PORT" || {
+# Heart-beats at 1 s (the smallest stompd allows), so the heart-beat tests see several soon.
+start_broker open "$STOMPD_PORT" --heartbeat-send-ms 1000 --heartbeat-receive-ms 1000 || {
     fail_step "the broker did not start"
     exit 1
 }
