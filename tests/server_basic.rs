@@ -243,3 +243,27 @@ fn connections_over_the_limit_get_an_error_and_are_closed() {
     second.send(b"SEND\ndestination:/queue/a\nreceipt:2\n\n\0");
     assert_eq!(second.read_frame().header("receipt-id"), Some("2"));
 }
+
+/// STOMP 1.2 "Augmented BNF" (`NULL *( EOL )`): the ERROR for a frame that does not decode
+/// ends NUL then EOL, as ActiveMQ writes every frame, so stream parsers that look for `\0\n`
+/// (stomper's StompBuffer, tests/interop) read it before the close.
+#[test]
+fn decode_error_frame_ends_with_nul_then_eol() {
+    let server = TestServer::start(test_config(1));
+    let mut bad = server.client();
+    bad.send(b"HELLO\n\n\0");
+    let mut raw = Vec::new();
+    while !raw.ends_with(b"\0") && !raw.ends_with(b"\0\n") {
+        raw.extend_from_slice(&bad.read_raw());
+    }
+    if raw.ends_with(b"\0") {
+        raw.extend_from_slice(&bad.read_raw());
+    }
+    assert!(
+        raw.starts_with(b"ERROR\n"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(raw.ends_with(b"\0\n"), "{}", String::from_utf8_lossy(&raw));
+    bad.expect_eof();
+}

@@ -858,7 +858,7 @@ impl<H: ShardHandler> Shard<H> {
 
     fn open_conn(&mut self, fd: RawFd) {
         if self.core.open_count >= self.connections_max || self.drain_deadline_ms.is_some() {
-            let frame = b"ERROR\nmessage:connections_max reached\n\n\0";
+            let frame = b"ERROR\nmessage:connections_max reached\n\n\0\n";
             // SAFETY: a fresh socket we own; a best-effort non-blocking write, then close.
             unsafe {
                 libc::send(
