@@ -139,7 +139,12 @@ def test_stomper11_client_ack_and_transaction(wires):
     assert message["body"] == "in a transaction"
     wire.send(with_receipt(stomper.ack(message["headers"]["message-id"], "s1"), "acked"))
     assert wire.expect("RECEIPT")["headers"]["receipt-id"] == "acked"
-    wire.send(stomper.disconnect("bye"))
+    # stomper.disconnect() leaves out the blank line that ends the headers (see
+    # test_stomper11_malformed_disconnect_is_refused), so DISCONNECT is built with its Frame.
+    bye = stomper.Frame()
+    bye.cmd = "DISCONNECT"
+    bye.headers = {"receipt": "bye"}
+    wire.send(bye.pack())
     assert wire.expect("RECEIPT")["headers"]["receipt-id"] == "bye"
 
     # The ACK took: a new consumer sees only what is sent after.
@@ -210,3 +215,18 @@ def test_stomper_login_to_auth_broker(wires):
     bad = wires(port=AUTH_PORT)
     bad.send(stomper.connect(USER, PASSCODE + "x", "localhost"))
     assert bad.expect("ERROR")["headers"].get("message")
+
+
+@needs_broker
+def test_stomper11_malformed_disconnect_is_refused(wires):
+    """Frames (spec: a blank line ends the headers): stomper 0.4.3's disconnect() writes
+    `DISCONNECT\\nreceipt:R\\n\\0` with no blank line, so the NUL lands in the header block.
+    stompd refuses it with an ERROR that says why (and the connection closes), rather than
+    guessing; clients build DISCONNECT with stomper.Frame instead (see above)."""
+    frame_text = stomper.disconnect("r")
+    assert "\n\n" not in frame_text, "stomper fixed its DISCONNECT; drop this test"
+    wire = wires()
+    wire.send(stomper.connect("guest", "guest", "localhost"))
+    wire.expect("CONNECTED")
+    wire.send(frame_text)
+    assert wire.expect("ERROR")["headers"].get("message")
