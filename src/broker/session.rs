@@ -374,8 +374,10 @@ impl Session {
         };
         let persistent = match frame.header(b"persistent") {
             None => ctx.config.persistent_by_default,
-            Some(b"true") => true,
-            Some(b"false") => false,
+            // Any case: stomp.py writes a Python bool as `True`/`False`, and ActiveMQ takes
+            // those without complaint (found by the stomp.py interop tests).
+            Some(value) if value.eq_ignore_ascii_case(b"true") => true,
+            Some(value) if value.eq_ignore_ascii_case(b"false") => false,
             Some(_) => {
                 return Err(ProtocolError::InvalidHeader {
                     header: "persistent",
