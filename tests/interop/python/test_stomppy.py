@@ -202,6 +202,40 @@ def test_unsubscribe_stops_delivery(clients, version):
     assert client.rec.messages.empty()
 
 
+@needs_broker
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("value", ["true", True, "false", False])
+def test_send_persistent_header_as_clients_write_it(clients, version, value):
+    """SEND with ActiveMQ's `persistent` header: stomp.py writes a Python bool as `True` /
+    `False`, which ActiveMQ reads without complaint; stompd reads true/false in any case."""
+    destination = fresh("queue", "persistent")
+    client = clients(version)
+    client.connect()
+    client.send(destination, "kept", persistent=value)
+    client.subscribe(destination)
+    assert client.rec.message().body == "kept"
+    assert client.rec.errors.empty()
+
+
+@needs_broker
+@pytest.mark.parametrize("version", VERSIONS)
+def test_prefetch_one_holds_back_until_ack(clients, version):
+    """SUBSCRIBE with ActiveMQ's `activemq.prefetchSize:1` and ack:client: one unacknowledged
+    message at a time; the ACK lets the next one through."""
+    destination = fresh("queue", "prefetch")
+    client = clients(version)
+    client.connect()
+    for body in ("p1", "p2"):
+        client.send(destination, body)
+    client.subscribe(destination, ack="client", **{"activemq.prefetchSize": "1"})
+    first = client.rec.message()
+    assert first.body == "p1"
+    client.sync()
+    assert client.rec.messages.empty(), "a second message came past prefetch 1"
+    client.ack(first)
+    assert client.rec.message().body == "p2"
+
+
 # ---- Bodies --------------------------------------------------------------------------------
 
 
@@ -274,6 +308,8 @@ def test_client_ack_unacked_message_is_redelivered(clients, version):
     second.subscribe(destination, ack="client")
     again = second.rec.message()
     assert again.body == "needs an ack"
+    # As ActiveMQ marks a redelivery.
+    assert again.headers.get("redelivered") == "true", again.headers
     second.ack(again)
     second.disconnect()
 
