@@ -236,6 +236,56 @@ def test_prefetch_one_holds_back_until_ack(clients, version):
     assert client.rec.message().body == "p2"
 
 
+@needs_broker
+def test_stomp10_subscribe_without_id_and_unsubscribe_by_destination(clients):
+    """STOMP 1.0 SUBSCRIBE / UNSUBSCRIBE: `id` is optional and UNSUBSCRIBE may name the
+    destination instead, as 1.0 clients of ActiveMQ and stompserver do."""
+    client = clients("1.0")
+    client.connect()
+    destination = fresh("queue", "noid")
+    receipt = "r-" + uuid.uuid4().hex
+    client.conn.send_frame("SUBSCRIBE", {"destination": destination, "receipt": receipt})
+    client.rec.receipt(receipt)
+    client.send(destination, "to the id-less subscription")
+    assert client.rec.message().body == "to the id-less subscription"
+    receipt = "u-" + uuid.uuid4().hex
+    client.conn.send_frame("UNSUBSCRIBE", {"destination": destination, "receipt": receipt})
+    client.rec.receipt(receipt)
+    client.send(destination, "after unsubscribe")
+    other = clients("1.0")
+    other.connect()
+    other.subscribe(destination)
+    assert other.rec.message().body == "after unsubscribe"
+    assert client.rec.messages.empty() and client.rec.errors.empty()
+
+
+@needs_broker
+@pytest.mark.parametrize("version", VERSIONS)
+def test_open_transaction_is_aborted_at_disconnect(clients, version):
+    """BEGIN: transactions not committed are aborted implicitly at DISCONNECT."""
+    destination = fresh("queue", "open-tx")
+    client = clients(version)
+    client.connect()
+    tx = client.conn.begin()
+    client.send(destination, "never committed", transaction=tx)
+    client.disconnect()
+    after = clients(version)
+    after.connect()
+    after.subscribe(destination)
+    after.send(destination, "sentinel")
+    assert [f.body for f in drain_until(after, "sentinel")] == ["sentinel"]
+
+
+@needs_broker
+@pytest.mark.parametrize("version", VERSIONS)
+def test_send_without_destination_is_an_error(clients, version):
+    """SEND: `destination` is required; without it the broker answers ERROR."""
+    client = clients(version)
+    client.connect()
+    client.conn.send_frame("SEND", {}, "nowhere")
+    assert "destination" in client.rec.error().headers.get("message", "")
+
+
 # ---- Bodies --------------------------------------------------------------------------------
 
 
@@ -253,6 +303,19 @@ def test_binary_body_with_nul_bytes(clients, version):
     frame = receiver.rec.message()
     assert frame.body == body
     assert int(frame.headers[b"content-length" if b"content-length" in frame.headers else "content-length"]) == len(body)
+
+
+@needs_broker
+@pytest.mark.parametrize("version", VERSIONS)
+def test_large_binary_body_on_a_queue(clients, version):
+    """Frames / content-length: a 4 MiB binary body is stored and delivered intact."""
+    body = bytes(range(256)) * 16384
+    client = clients(version, auto_decode=False)
+    client.connect()
+    destination = fresh("queue", "large")
+    client.send(destination, body)
+    client.subscribe(destination)
+    assert client.rec.message().body == body
 
 
 @pytest.mark.parametrize("version", VERSIONS)
