@@ -1,0 +1,332 @@
+//! Shared helpers for the tests that run the real `stompd` binary: start it on a free port
+//! with its own data directory, talk raw STOMP to it with a timeout on every read, stop it
+//! with a signal or SIGKILL. Every wait has a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long the broker may take to listen (debug build, log recovery, a busy CI machine).
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+/// How long any single expected frame may take to arrive.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct Broker {
+    pub port: u16,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Broker {
+    /// Starts stompd with `--data-dir <dir>/data` and `args`, and waits until it accepts.
+    pub fn start(dir: &Path, args: &[&str]) -> Broker {
+        Broker::start_on(dir, free_port(), args)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Broker {
+        let data_dir = dir.join("data");
+        let stderr_path = dir.join(format!("stompd-{}.log", port));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_stompd"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting stompd");
+        let mut broker = Broker {
+            port,
+            data_dir,
+            child: Some(child),
+            stderr_path,
+        };
+        let deadline = Instant::now() + START_DEADLINE;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = broker.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("stompd exited with {status}: {}", broker.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stompd did not listen: {}",
+                broker.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        broker
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Resident memory of the broker process, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// SIGKILL, then wait until nothing listens on the port any more: the kernel tears a dead
+    /// process's io_uring down asynchronously, and until then its listeners (held by the
+    /// ring's pending accepts) stay in the SO_REUSEPORT group and can take, then drop, a
+    /// connection meant for the next broker on the same port.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Sends `signal` and waits for the exit, at most `deadline`.
+    pub fn signal_and_wait(&mut self, signal: i32, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("stompd did not exit within {deadline:?}: {}", self.stderr());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("stompd did not exit within {deadline:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One received frame.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub command: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Frame {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_str(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            stream,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// CONNECT with `extra` header lines (e.g. "accept-version:1.2\n"); returns the reply.
+    pub fn login(port: u16, extra: &str) -> (Client, Frame) {
+        let mut client = Client::connect(port);
+        client.send(&format!("CONNECT\n{extra}host:localhost\n\n\0"));
+        let reply = client.expect_frame();
+        (client, reply)
+    }
+
+    /// A 1.2 session, CONNECTED checked.
+    pub fn stomp12(port: u16) -> Client {
+        let (client, reply) = Client::login(port, "accept-version:1.2\n");
+        assert_eq!(reply.command, "CONNECTED", "{reply:?}");
+        client
+    }
+
+    pub fn send(&mut self, raw: &str) {
+        self.send_bytes(raw.as_bytes());
+    }
+
+    pub fn send_bytes(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).expect("write to stompd");
+    }
+
+    /// SEND with a body and extra header lines.
+    pub fn publish(&mut self, destination: &str, extra: &str, body: &str) {
+        self.send(&format!(
+            "SEND\ndestination:{destination}\n{extra}content-length:{}\n\n{body}\0",
+            body.len()
+        ));
+    }
+
+    pub fn subscribe(&mut self, id: &str, destination: &str, ack: &str) {
+        self.send(&format!(
+            "SUBSCRIBE\nid:{id}\ndestination:{destination}\nack:{ack}\nreceipt:sub-{id}\n\n\0"
+        ));
+        let receipt = self.expect_frame();
+        assert_eq!(receipt.command, "RECEIPT", "{receipt:?}");
+    }
+
+    pub fn expect_frame(&mut self) -> Frame {
+        self.read_frame(FRAME_DEADLINE)
+            .expect("a frame from stompd within the deadline")
+    }
+
+    /// The next frame, skipping heart-beat EOLs; `None` on timeout; panics on EOF.
+    pub fn read_frame(&mut self, timeout: Duration) -> Option<Frame> {
+        match self.read_frame_or_eof(timeout) {
+            Ok(frame) => frame,
+            Err(()) => panic!("stompd closed the connection; unread: {:?}", self.buffer),
+        }
+    }
+
+    /// As `read_frame`, but the connection ending is `Err(())` instead of a panic.
+    #[allow(clippy::result_unit_err)]
+    pub fn read_frame_or_eof(&mut self, timeout: Duration) -> Result<Option<Frame>, ()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while matches!(self.buffer.first(), Some(b'\n') | Some(b'\r')) {
+                self.buffer.remove(0);
+            }
+            if let Some(frame) = self.parse() {
+                return Ok(Some(frame));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (EOF or reset) within `timeout`, frames
+    /// before it ignored.
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return false
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Option<Frame> {
+        let end = find(&self.buffer, b"\n\n")?;
+        let head = String::from_utf8_lossy(&self.buffer[..end]).into_owned();
+        let mut lines = head.split('\n').map(|l| l.trim_end_matches('\r'));
+        let command = lines.next()?.to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let body_start = end + 2;
+        let length = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let body_end = match length {
+            Some(length) => {
+                if self.buffer.len() < body_start + length + 1 {
+                    return None;
+                }
+                body_start + length
+            }
+            None => body_start + self.buffer[body_start..].iter().position(|&b| b == 0)?,
+        };
+        let body = self.buffer[body_start..body_end].to_vec();
+        assert_eq!(self.buffer[body_end], 0, "frame ends with NUL");
+        self.buffer.drain(..=body_end);
+        Some(Frame {
+            command,
+            headers,
+            body,
+        })
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
