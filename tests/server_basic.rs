@@ -267,3 +267,32 @@ fn decode_error_frame_ends_with_nul_then_eol() {
     assert!(raw.ends_with(b"\0\n"), "{}", String::from_utf8_lossy(&raw));
     bad.expect_eof();
 }
+
+/// A frame larger than the socket can take at once goes out in several sends: after a short
+/// send the rest must be sent without waiting for new output. (The interop suite's 4 MiB
+/// stomp.py body stalled ~32 KiB short until the connection next had something to say.)
+#[test]
+fn a_short_send_is_followed_by_the_rest_of_a_large_frame() {
+    let server = TestServer::start(test_config(1));
+    let mut consumer = server.client();
+    consumer.stomp_connect();
+    consumer.send(b"SUBSCRIBE\nid:0\ndestination:/topic/big\nreceipt:s\n\n\0");
+    assert_eq!(consumer.read_frame().command, Command::Receipt);
+    // Larger than the loopback send buffer (net.ipv4.tcp_wmem max, 4 MiB by default) plus the
+    // unread receive window, so the first send is short.
+    let body = vec![b'b'; 8 * 1024 * 1024];
+    let mut producer = server.client();
+    producer.stomp_connect();
+    let mut frame = format!(
+        "SEND\ndestination:/topic/big\ncontent-length:{}\nreceipt:p\n\n",
+        body.len()
+    )
+    .into_bytes();
+    frame.extend_from_slice(&body);
+    frame.push(0);
+    producer.send(&frame);
+    assert_eq!(producer.read_frame().command, Command::Receipt);
+    let message = consumer.read_frame();
+    assert_eq!(message.command, Command::Message);
+    assert_eq!(message.body.len(), body.len());
+}

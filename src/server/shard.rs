@@ -574,7 +574,9 @@ impl<H: ShardHandler> Shard<H> {
                 continue;
             };
             conn.dirty = false;
-            if conn.send_in_flight || !conn.out.has_queued() {
+            // `is_empty`, not `has_queued`: after a short send the unsent rest stays in the
+            // in-flight list with nothing queued behind it, and must go out all the same.
+            if conn.send_in_flight || conn.out.is_empty() {
                 continue;
             }
             if let ConnState::Closing { forced: true, .. } = conn.state {
