@@ -2,7 +2,8 @@
 //! in this process on a free port. The tests that expect a correct broker can be pointed at
 //! another one, which is how CI runs them against stompd:
 //! - `LOADGEN_TEST_STOMPD=path/to/stompd`: each test starts that binary with
-//!   `--listen 127.0.0.1:PORT` on a free port and kills it afterwards;
+//!   `--listen 127.0.0.1:PORT --data-dir <its own temporary directory>` on a free port and
+//!   kills it afterwards;
 //! - `LOADGEN_TEST_BROKER=host:port`: a broker that is already running.
 //!
 //! Counts are small and every child process is killed after a deadline.
@@ -40,8 +41,15 @@ impl Drop for Broker {
         if let Some(process) = &mut self.process {
             let _ = process.kill();
             let _ = process.wait();
+            let _ = std::fs::remove_dir_all(broker_data_dir(self.port));
         }
     }
+}
+
+/// Each started broker's own data directory: tests run in parallel, and two brokers may not
+/// share one (stompd refuses a data directory another process holds).
+fn broker_data_dir(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("stompd-loadgen-test-{}-{port}", std::process::id()))
 }
 
 struct Outcome {
@@ -67,6 +75,8 @@ fn start_broker_binary(path: &str) -> Broker {
         .port();
     let process = Command::new(path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(broker_data_dir(port))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

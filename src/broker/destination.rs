@@ -575,8 +575,9 @@ struct TopicConsumer {
     in_flight: u32,
 }
 
-/// A publish-subscribe destination: nothing is kept. A subscriber that is paused or out of
-/// credit when a message is published does not get it (counted in the shard's metrics),
+/// A publish-subscribe destination: nothing is kept. A subscriber whose connection is full
+/// (paused), or a client-ack one at its prefetch, does not get a message published meanwhile
+/// (counted in the shard's metrics),
 /// so one slow subscriber neither blocks the others nor grows memory without bound.
 #[derive(Debug)]
 pub(crate) struct Topic {
@@ -617,11 +618,11 @@ impl Topic {
         ctx.counters.messages_accepted_total += 1;
         for consumer in self.consumers.values_mut() {
             let settled = consumer.ack == AckMode::Auto;
-            let used = if settled {
-                consumer.in_flight as usize
-            } else {
-                consumer.unacked.len()
-            };
+            // Auto acks: only a full connection (`paused`, the server's out-buffer limit)
+            // makes a subscriber miss messages. Counting unflushed deliveries against the
+            // prefetch, as queues do, dropped messages for subscribers that were keeping up:
+            // a burst decoded in one loop turn outruns the first flush.
+            let used = if settled { 0 } else { consumer.unacked.len() };
             if consumer.paused || used >= consumer.prefetch as usize {
                 ctx.counters.topic_deliveries_dropped_total += 1;
                 continue;

@@ -68,3 +68,36 @@ fn client_acked_topic_subscriber_out_of_credit_misses_messages() {
     cluster.publish(producer, "/topic/t", "3");
     assert_eq!(bodies(&cluster.frames(slow)), ["3"]);
 }
+
+#[test]
+fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full() {
+    let mut cluster = Cluster::single();
+    cluster.auto_flush = false;
+    let subscriber = cluster.connect(0);
+    cluster.send(
+        subscriber,
+        frame(
+            Command::Subscribe,
+            &[
+                ("id", "s"),
+                ("destination", "/topic/t"),
+                ("prefetch-count", "2"),
+            ],
+            b"",
+        ),
+    );
+    let producer = cluster.connect(0);
+    for body in ["1", "2", "3", "4"] {
+        cluster.publish(producer, "/topic/t", body);
+    }
+    assert_eq!(
+        bodies(&cluster.frames(subscriber)),
+        ["1", "2", "3", "4"],
+        "a burst before the first flush is not lost"
+    );
+    cluster.writable(subscriber, false);
+    cluster.publish(producer, "/topic/t", "5");
+    cluster.writable(subscriber, true);
+    cluster.publish(producer, "/topic/t", "6");
+    assert_eq!(bodies(&cluster.frames(subscriber)), ["6"]);
+}
