@@ -1,7 +1,7 @@
 // @stomp/stompjs under Node over TCP (@stomp/tcp-wrapper) against stompd: connect, subscribe,
 // publish, ack, nack, transactions, heart-beats, binary bodies. Prints TAP lines
 // (`ok - NAME` / `not ok - NAME`) that ../run.sh counts. Every wait is bounded.
-import { Client } from '@stomp/stompjs';
+import { Client, Versions } from '@stomp/stompjs';
 import { TCPWrapper } from '@stomp/tcp-wrapper';
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -79,7 +79,7 @@ class Inbox {
 
 // Connects; resolves with { client, connected, debug } once CONNECTED arrives, rejects on
 // an ERROR frame or a close before it.
-function connect({ port = PORT, login, passcode, heartbeat = 0 } = {}) {
+function connect({ port = PORT, login, passcode, heartbeat = 0, versions } = {}) {
   const debug = [];
   const errors = new Inbox('ERROR frame');
   const connectHeaders = { host: 'localhost' };
@@ -92,6 +92,7 @@ function connect({ port = PORT, login, passcode, heartbeat = 0 } = {}) {
     heartbeatIncoming: heartbeat,
     heartbeatOutgoing: heartbeat,
     debug: (line) => debug.push(line),
+    ...(versions ? { stompVersions: new Versions(versions) } : {}),
   });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
@@ -241,9 +242,10 @@ if (FULL) {
     const { client, connected, debug } = await connect({ heartbeat: 1000 });
     const [sx, sy] = connected.headers['heart-beat'].split(',').map(Number);
     if (!(sx > 0 && sy > 0)) throw new Error(`CONNECTED heart-beat ${connected.headers['heart-beat']}`);
-    // stompjs logs '<<< PONG' for each heart-beat EOL from the broker and '>>> PING' for its own.
+    // stompjs logs '<<< PONG' for each EOL from the broker and '>>> PING' for its own. The EOL
+    // that ends CONNECTED counts as one PONG too, so 3 mean at least 2 real heart-beats.
     const deadline = Date.now() + WAIT_MS;
-    while (debug.filter((l) => l === '<<< PONG').length < 2 || debug.filter((l) => l === '>>> PING').length < 2) {
+    while (debug.filter((l) => l === '<<< PONG').length < 3 || debug.filter((l) => l === '>>> PING').length < 2) {
       if (Date.now() > deadline) {
         throw new Error(`heart-beats within ${WAIT_MS} ms: ${debug.filter((l) => /PING|PONG|activity/.test(l)).join(' | ')}`);
       }
@@ -259,6 +261,29 @@ if (FULL) {
     equal((await inbox.next()).body, 'alive', 'traffic after idle heart-beats');
     await client.deactivate();
   });
+
+  for (const version of ['1.0', '1.1']) {
+    await check(`${version} when asked for: connect, publish, subscribe, ack (spec: Protocol Negotiation, ACK)`, async () => {
+      const destination = fresh('queue', `v${version}`);
+      const { client, connected } = await connect({ versions: [version] });
+      if (version !== '1.0') equal(connected.headers.version, version, 'CONNECTED version');
+      await publishWithReceipt(client, { destination, body: `at ${version}` });
+      const { inbox } = await subscribe(client, destination, { ack: 'client' });
+      const message = await inbox.next();
+      equal(message.body, `at ${version}`, 'body');
+      message.ack({ receipt: `ack-${version}` });
+      await withTimeout(
+        new Promise((resolve) => client.watchForReceipt(`ack-${version}`, resolve)),
+        'RECEIPT for ACK',
+      );
+      await client.deactivate();
+      const again = await connect({ versions: [version] });
+      const after = await subscribe(again.client, destination);
+      again.client.publish({ destination, body: 'sentinel' });
+      equal((await after.inbox.next()).body, 'sentinel', 'nothing left before the sentinel');
+      await again.client.deactivate();
+    });
+  }
 } else {
   skip('ack, nack, transactions, heart-beats', 'needs the full broker');
 }

@@ -197,5 +197,44 @@ end
   end
 end
 
+def pop(queue, what)
+  Timeout.timeout(WAIT_S) { queue.pop }
+rescue Timeout::Error
+  raise "no #{what} within #{WAIT_S} s"
+end
+
+if FULL_BROKER
+  %w[1.0 1.2].each do |version|
+    check("#{version} Stomp::Client (threaded listener): receipts, client ack, transaction (spec: RECEIPT, ACK, COMMIT)") do
+      client = Stomp::Client.new(
+        hosts: [{ login: '', passcode: '', host: HOST, port: PORT, ssl: false }],
+        reliable: false,
+        connect_timeout: WAIT_S,
+        connect_headers: { 'accept-version' => version, 'host' => 'localhost' }
+      )
+      dest = fresh('queue', 'client')
+      messages = Queue.new
+      receipts = Queue.new
+      client.subscribe(dest, ack: 'client', id: 'rbc-1') { |msg| messages << msg }
+      client.publish(dest, 'first') { |receipt| receipts << receipt.headers['receipt-id'] }
+      raise 'empty receipt-id' if pop(receipts, 'RECEIPT for SEND').to_s.empty?
+
+      msg = pop(messages, 'MESSAGE')
+      expect(msg.body, 'first', 'body')
+      client.acknowledge(msg) { |receipt| receipts << receipt.headers['receipt-id'] }
+      pop(receipts, 'RECEIPT for ACK')
+      client.begin('rbc-tx')
+      client.publish(dest, 'in tx', transaction: 'rbc-tx')
+      client.publish(dest, 'outside')
+      expect(pop(messages, 'MESSAGE').body, 'outside', 'the non-transactional message first')
+      client.commit('rbc-tx')
+      tx_msg = pop(messages, 'the committed MESSAGE')
+      expect(tx_msg.body, 'in tx', 'the committed message')
+      client.acknowledge(tx_msg)
+      client.close
+    end
+  end
+end
+
 puts "# ruby-stomp #{Stomp::Version::STRING}: #{$failed} failed"
 exit($failed.zero? ? 0 : 1)
