@@ -48,6 +48,12 @@ pub struct BrokerConfig {
     /// Body bytes a queue holds waiting for consumers; beyond it a SEND is refused. 1 GiB keeps
     /// one runaway queue from taking the machine's memory.
     pub queue_bytes_max: u64,
+    /// Body bytes a topic still hands a subscriber whose connection is full (and at most a
+    /// prefetch window of messages) before it misses messages. 4 MiB absorbs the start of a
+    /// burst, while the kernel's socket buffer is still small, for a subscriber that keeps
+    /// up; a subscriber that stays behind costs no more than this. Keep it under the server's
+    /// hard per-connection limit (`out_buffer_bytes_max + frame_bytes_max`).
+    pub topic_slack_bytes: u64,
     /// Smallest interval at which the server will send heart-beats, whatever the client asks:
     /// 1,000 ms, so a client cannot make the server beat thousands of times a second.
     pub heartbeat_send_ms_min: u64,
@@ -89,6 +95,7 @@ impl Default for BrokerConfig {
             receipts_pending_max: 65_536,
             queue_messages_max: 1_000_000,
             queue_bytes_max: 1024 * 1024 * 1024,
+            topic_slack_bytes: 4 * 1024 * 1024,
             heartbeat_send_ms_min: 1000,
             heartbeat_receive_ms: 10_000,
             heartbeat_read_grace_percent: 200,

@@ -573,11 +573,15 @@ struct TopicConsumer {
     unacked: VecDeque<MessageId>,
     /// Auto acks: deliveries not yet credited back by the session.
     in_flight: u32,
+    /// Messages and body bytes handed over since the connection was last reported full,
+    /// within the slack a paused subscriber gets (see `BrokerConfig::topic_slack_bytes`).
+    slack_messages: u32,
+    slack_bytes: u64,
 }
 
 /// A publish-subscribe destination: nothing is kept. A subscriber whose connection is full
-/// (paused), or a client-ack one at its prefetch, does not get a message published meanwhile
-/// (counted in the shard's metrics),
+/// (paused) beyond its slack, or a client-ack one at its prefetch, does not get a message
+/// published meanwhile (counted in the shard's metrics),
 /// so one slow subscriber neither blocks the others nor grows memory without bound.
 #[derive(Debug)]
 pub(crate) struct Topic {
@@ -623,9 +627,21 @@ impl Topic {
             // prefetch, as queues do, dropped messages for subscribers that were keeping up:
             // a burst decoded in one loop turn outruns the first flush.
             let used = if settled { 0 } else { consumer.unacked.len() };
-            if consumer.paused || used >= consumer.prefetch as usize {
+            let body_bytes = message.body.len() as u64;
+            // A full connection still takes a bounded slack (a window of messages, and bytes
+            // within `topic_slack_bytes`): a subscriber that keeps up, but whose socket
+            // buffer is still small when a burst starts, then loses nothing, while one that
+            // stays behind costs at most the slack before it misses messages.
+            let over_slack = consumer.paused
+                && (consumer.slack_messages >= consumer.prefetch
+                    || consumer.slack_bytes + body_bytes > ctx.config.topic_slack_bytes);
+            if over_slack || used >= consumer.prefetch as usize {
                 ctx.counters.topic_deliveries_dropped_total += 1;
                 continue;
+            }
+            if consumer.paused {
+                consumer.slack_messages += 1;
+                consumer.slack_bytes += body_bytes;
             }
             ctx.counters.deliveries_total += 1;
             if settled {
@@ -661,6 +677,8 @@ impl Topic {
                 paused,
                 unacked: VecDeque::new(),
                 in_flight: 0,
+                slack_messages: 0,
+                slack_bytes: 0,
             },
         );
     }
@@ -678,6 +696,10 @@ impl Topic {
     pub(crate) fn flow(&mut self, key: ConsumerKey, paused: bool) {
         if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.paused = paused;
+            if !paused {
+                consumer.slack_messages = 0;
+                consumer.slack_bytes = 0;
+            }
         }
     }
 

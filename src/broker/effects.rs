@@ -139,6 +139,10 @@ pub enum ShardMessage {
         prefetch: u32,
         /// The connection's output is full right now (see `Flow`).
         paused: bool,
+        /// The SUBSCRIBE asked for a receipt: `Confirmed` comes back once the destination has
+        /// the subscription, so a client may publish the moment it has the RECEIPT (from any
+        /// connection, on any shard) without the message overtaking its subscription.
+        ticket: Option<u64>,
     },
     /// The subscription ended (UNSUBSCRIBE, DISCONNECT, connection lost): its unacknowledged
     /// messages go back to the front of the queue.

@@ -227,7 +227,8 @@ impl Session {
         match command {
             Command::Connect | Command::Stomp => return self.connect(ctx, frame, authenticator),
             Command::Send => return self.send(ctx, frame),
-            Command::Subscribe => self.subscribe(ctx, frame)?,
+            // Its receipt waits for the destination (see `ShardMessage::Subscribe::ticket`).
+            Command::Subscribe => return self.subscribe(ctx, frame),
             Command::Unsubscribe => self.unsubscribe(ctx, frame)?,
             Command::Ack | Command::Nack => self.acknowledge(ctx, frame)?,
             Command::Begin => self.begin(ctx, frame)?,
@@ -507,6 +508,10 @@ impl Session {
                 conn: self.conn,
                 subscription: number,
             };
+            let ticket = match frame.header(b"receipt") {
+                Some(receipt) => Some(self.push_receipt(ctx, receipt, 1, false)?),
+                None => None,
+            };
             let to = shard_of(&destination, ctx.shard_count);
             ctx.route(
                 to,
@@ -516,8 +521,11 @@ impl Session {
                     ack,
                     prefetch,
                     paused: !self.writable,
+                    ticket,
                 },
             );
+        } else if let Some(receipt) = frame.header(b"receipt") {
+            self.push_receipt(ctx, receipt, 0, false)?;
         }
         self.subscriptions.insert(
             number,

@@ -645,9 +645,21 @@ impl Shard {
                 ack,
                 prefetch,
                 paused,
+                ticket,
             } => {
                 self.destination(&destination);
                 let mut ctx = ctx!(self, now_ms, out);
+                if let Some(ticket) = ticket {
+                    // Before any delivery is routed: the RECEIPT may then precede the first
+                    // MESSAGE, as a client reading the spec would expect.
+                    ctx.route(
+                        consumer.conn.shard,
+                        ShardMessage::Confirmed {
+                            conn: consumer.conn,
+                            ticket,
+                        },
+                    );
+                }
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => {
                         queue.subscribe(&mut ctx, consumer, ack, prefetch, paused)

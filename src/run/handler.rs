@@ -102,6 +102,7 @@ impl BrokerHandler {
                 };
                 io.notify_flushed(entry.server);
                 if !entry.out_paused && io.is_out_full(entry.server) {
+                    tracing::trace!(conn = %entry.server, "output full: deliveries paused");
                     entry.out_paused = true;
                     self.shard.on_writable(conn, false, now, &mut self.effects);
                     more = true;
@@ -307,6 +308,7 @@ impl ShardHandler for BrokerHandler {
                 return;
             }
             entry.out_paused = false;
+            tracing::trace!(conn = %conn, "output drained: deliveries resume");
         }
         let now = self.now(io);
         self.shard.on_writable(id, true, now, &mut self.effects);

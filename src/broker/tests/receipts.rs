@@ -248,3 +248,31 @@ fn a_send_the_log_could_not_store_gets_an_error_instead_of_its_receipt() {
         "a message that was not stored is not delivered"
     );
 }
+
+/// STOMP 1.2 "SUBSCRIBE" with a receipt: a client that publishes (from any connection) once it
+/// has the RECEIPT must not have its message overtake the subscription on the way to the
+/// destination's shard.
+#[test]
+fn a_subscribe_receipt_waits_until_the_destination_on_another_shard_has_the_subscription() {
+    let mut cluster = Cluster::new(2, BrokerConfig::default());
+    let name = (0..)
+        .map(|n| format!("/topic/t{n}"))
+        .find(|name| shard_of(name.as_bytes(), 2) == ShardId(1))
+        .unwrap();
+    let subscriber = cluster.connect(0);
+    cluster.auto_pump = false;
+    cluster.send(
+        subscriber,
+        frame(
+            Command::Subscribe,
+            &[("id", "s"), ("destination", &name), ("receipt", "r1")],
+            b"",
+        ),
+    );
+    assert!(
+        cluster.frames(subscriber).is_empty(),
+        "no RECEIPT before the destination's shard has the subscription"
+    );
+    while cluster.step_link(0) {}
+    assert_eq!(receipt_ids(&cluster.frames(subscriber)), ["r1"]);
+}

@@ -70,7 +70,7 @@ fn client_acked_topic_subscriber_out_of_credit_misses_messages() {
 }
 
 #[test]
-fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full() {
+fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full_past_its_slack() {
     let mut cluster = Cluster::single();
     cluster.auto_flush = false;
     let subscriber = cluster.connect(0);
@@ -96,8 +96,15 @@ fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full()
         "a burst before the first flush is not lost"
     );
     cluster.writable(subscriber, false);
-    cluster.publish(producer, "/topic/t", "5");
+    for body in ["5", "6", "7"] {
+        cluster.publish(producer, "/topic/t", body);
+    }
+    assert_eq!(
+        bodies(&cluster.frames(subscriber)),
+        ["5", "6"],
+        "a full connection takes a window of slack, then misses messages"
+    );
     cluster.writable(subscriber, true);
-    cluster.publish(producer, "/topic/t", "6");
-    assert_eq!(bodies(&cluster.frames(subscriber)), ["6"]);
+    cluster.publish(producer, "/topic/t", "8");
+    assert_eq!(bodies(&cluster.frames(subscriber)), ["8"]);
 }
