@@ -8,12 +8,12 @@
 //! (the log hands out one at a time) and its descriptors stay valid until it completes; a
 //! failed sync stops the log (fsyncgate: retrying could report lost pages as stored).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use fnv::FnvHasher;
+use smallvec::SmallVec;
 
 use crate::broker::{DurableToken, Message, MessageId, Record, Recovered, ShardId};
 use crate::codec::escape::unescape;
@@ -45,7 +45,8 @@ pub struct NotStored {
 #[derive(Debug)]
 struct Waiting {
     token: DurableToken,
-    position: Position,
+    /// The end of the log right after its record: durable once a sync covers this.
+    end: Position,
     /// The message record it covers, to report it not stored if the sync fails.
     message: Option<(Arc<[u8]>, MessageId)>,
     /// The append itself failed, for this reason.
@@ -64,15 +65,16 @@ pub enum Settled {
 /// The log of one shard, with the bookkeeping between broker ids and log positions.
 pub struct Durability {
     log: ShardLog,
-    /// Where each live logged message is: (message id, queue) to its record.
-    positions: FnvMap<(MessageId, Arc<[u8]>), Position>,
+    /// Where each live logged message is, by id. Almost always one queue per id; a
+    /// dead-letter copy on the same shard shares its id, hence the queue in the value.
+    positions: Positions,
     /// Tokens not yet reported, in order, each with the position whose durability it needs.
     waiting: VecDeque<Waiting>,
     /// A sync failed: nothing becomes durable any more, and waiting tokens fail.
     failed: bool,
+    /// `--fsync always`: tokens wait for the sync; otherwise they are released at once.
+    receipts_wait_for_sync: bool,
     sync: Option<SyncInFlight>,
-    /// Reused for the headers of each appended record.
-    headers: Vec<Header<'static>>,
 }
 
 /// io_uring user tokens of this module's fsyncs (the handler owns the rest of the space).
@@ -80,13 +82,14 @@ pub const SYNC_TOKEN: u64 = 1;
 
 impl Durability {
     pub fn new(log: ShardLog) -> Durability {
+        let receipts_wait_for_sync = log.config().fsync.receipt_waits_for_sync();
         Durability {
             log,
-            positions: FnvMap::default(),
+            positions: Positions::default(),
             waiting: VecDeque::new(),
             failed: false,
+            receipts_wait_for_sync,
             sync: None,
-            headers: Vec::new(),
         }
     }
 
@@ -127,8 +130,7 @@ impl Durability {
                     expires_ms,
                     true,
                 );
-                self.positions
-                    .insert((id, destination.clone()), recovered.position);
+                self.positions.insert(id, &destination, recovered.position);
                 let deliveries = if recovered.redelivered {
                     recovered.deliveries.max(1)
                 } else {
@@ -155,11 +157,11 @@ impl Durability {
             Record::Message { message } => match self.append_message(message, now_ms) {
                 Ok(position) => {
                     self.positions
-                        .insert((message.id, message.destination.clone()), position);
+                        .insert(message.id, &message.destination, position);
                     if let Some(token) = token {
                         self.waiting.push_back(Waiting {
                             token,
-                            position,
+                            end: self.log.appended_upto(),
                             message: Some((message.destination.clone(), message.id)),
                             failed: None,
                         });
@@ -183,7 +185,7 @@ impl Durability {
                         Some(token) => {
                             self.waiting.push_back(Waiting {
                                 token,
-                                position: self.log.appended_upto(),
+                                end: self.log.appended_upto(),
                                 message: Some((not_stored.destination, not_stored.id)),
                                 failed: Some(not_stored.reason),
                             });
@@ -194,7 +196,7 @@ impl Durability {
                 }
             },
             Record::Ack { destination, id } => {
-                if let Some(position) = self.positions.remove(&(*id, destination.clone())) {
+                if let Some(position) = self.positions.remove(*id, destination) {
                     if let Err(error) = self.log.ack(&[position], now_ms) {
                         // The ack is applied in memory; only a restart could bring it back.
                         tracing::warn!(shard = self.log.config().shard, "ack not logged: {error}");
@@ -203,7 +205,7 @@ impl Durability {
                 if let Some(token) = token {
                     self.waiting.push_back(Waiting {
                         token,
-                        position: self.log.appended_upto(),
+                        end: self.log.appended_upto(),
                         message: None,
                         failed: None,
                     });
@@ -211,8 +213,8 @@ impl Durability {
                 None
             }
             Record::Delivered { destination, id } => {
-                if let Some(position) = self.positions.get(&(*id, destination.clone())) {
-                    if let Err(error) = self.log.delivered(&[*position], now_ms) {
+                if let Some(position) = self.positions.get(*id, destination) {
+                    if let Err(error) = self.log.delivered(&[position], now_ms) {
                         tracing::warn!(
                             shard = self.log.config().shard,
                             "delivered mark not logged: {error}"
@@ -227,8 +229,9 @@ impl Durability {
     fn append_message(&mut self, message: &Message, now_ms: u64) -> Result<Position, LogError> {
         let mut text = [0u8; 48];
         let id_len = message.id.write_text(&mut text);
-        let mut headers = std::mem::take(&mut self.headers);
-        headers.clear();
+        // Borrowed from the stored block unless a header needed an escape: no allocation
+        // per append in the common case.
+        let mut headers: SmallVec<[Header<'_>; 8]> = SmallVec::new();
         let escaping = if message.header_block_plain {
             Escaping::None
         } else {
@@ -245,12 +248,9 @@ impl Durability {
             ) else {
                 continue;
             };
-            headers.push(Header {
-                name: Cow::Owned(name.into_owned()),
-                value: Cow::Owned(value.into_owned()),
-            });
+            headers.push(Header { name, value });
         }
-        let result = self.log.append_message(
+        self.log.append_message(
             &MessageRecord {
                 destination: &message.destination,
                 message_id: &text[..id_len],
@@ -259,9 +259,7 @@ impl Durability {
                 body: &message.body,
             },
             now_ms,
-        );
-        self.headers = headers;
-        result
+        )
     }
 
     /// The next thing the broker is owed, in token order; `None` while the front token still
@@ -271,7 +269,7 @@ impl Durability {
         let reason = match front.failed {
             Some(reason) => Some(reason),
             None if self.failed => Some("the log could not be synced to disk"),
-            None if self.log.receipt_ready(front.position) => None,
+            None if !self.receipts_wait_for_sync || self.log.synced_upto() >= front.end => None,
             None => return None,
         };
         let waiting = self.waiting.pop_front().expect("front exists");
@@ -373,5 +371,211 @@ impl Durability {
     /// Live messages, for logs and tests.
     pub fn live_messages(&self) -> u64 {
         self.log.live_messages()
+    }
+}
+
+/// Live message positions by id, with the queue each belongs to.
+#[derive(Default)]
+struct Positions {
+    by_id: FnvMap<MessageId, (Arc<[u8]>, Position)>,
+    /// The rare second queue holding the same id on this shard (a dead-letter copy).
+    more: Vec<(MessageId, Arc<[u8]>, Position)>,
+}
+
+fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
+    std::ptr::eq(a.as_ptr(), b.as_ptr()) || **a == *b
+}
+
+impl Positions {
+    fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
+        match self.by_id.get_mut(&id) {
+            Some((held, at)) if same_queue(held, queue) => *at = position,
+            Some(_) => {
+                self.more
+                    .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
+                self.more.push((id, queue.clone(), position));
+            }
+            None => {
+                self.by_id.insert(id, (queue.clone(), position));
+            }
+        }
+    }
+
+    fn get(&self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        match self.by_id.get(&id) {
+            Some((held, at)) if same_queue(held, queue) => Some(*at),
+            _ => self
+                .more
+                .iter()
+                .find(|(i, q, _)| *i == id && same_queue(q, queue))
+                .map(|(_, _, at)| *at),
+        }
+    }
+
+    fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        if let Some((held, _)) = self.by_id.get(&id) {
+            if same_queue(held, queue) {
+                let (_, at) = self.by_id.remove(&id)?;
+                // Promote a same-id entry of another queue, if any.
+                if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
+                    let (i, q, p) = self.more.swap_remove(index);
+                    self.by_id.insert(i, (q, p));
+                }
+                return Some(at);
+            }
+        }
+        let index = self
+            .more
+            .iter()
+            .position(|(i, q, _)| *i == id && same_queue(q, queue))?;
+        Some(self.more.swap_remove(index).2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::ShardId;
+
+    fn id(seq: u64) -> MessageId {
+        MessageId {
+            shard: ShardId(0),
+            seq,
+        }
+    }
+
+    fn at(offset: u64) -> Position {
+        Position { segment: 0, offset }
+    }
+
+    fn open(dir: &std::path::Path) -> Durability {
+        let config = crate::log::LogConfig::new(dir, 0);
+        let (log, _) = ShardLog::open(config).unwrap();
+        Durability::new(log)
+    }
+
+    fn message(seq: u64) -> Record {
+        Record::Message {
+            message: Arc::new(Message::from_send(
+                id(seq),
+                Arc::from(&b"/queue/a"[..]),
+                [(&b"expires"[..], &b"0"[..]), (&b"x\\y"[..], &b"a:b"[..])],
+                b"body",
+                0,
+                true,
+            )),
+        }
+    }
+
+    #[test]
+    fn tokens_wait_for_the_sync_that_covers_them_and_come_out_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        assert_eq!(
+            durability.append(&message(1), Some(DurableToken(0)), 1),
+            None
+        );
+        assert_eq!(durability.next_settled(), None, "not synced yet");
+        let request = durability.start_sync(1).expect("a sync is due");
+        assert!(durability.start_sync(1).is_none(), "one sync in flight");
+        // Appended while the sync is in flight: waits for the next one.
+        durability.append(&message(2), Some(DurableToken(1)), 1);
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(0)))
+        );
+        assert_eq!(durability.next_settled(), None);
+        let request = durability.start_sync(2).unwrap();
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(1)))
+        );
+        assert!(!durability.has_waiting() && !durability.is_sync_in_flight());
+    }
+
+    #[test]
+    fn a_failed_sync_fails_the_waiting_sends_instead_of_confirming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        durability.append(&message(1), Some(DurableToken(0)), 1);
+        let request = durability.start_sync(1).unwrap();
+        durability.sync_completed(-libc::EIO);
+        for _ in 1..request.targets.len() {
+            durability.sync_completed(0);
+        }
+        let Some(Settled::NotStored(not_stored)) = durability.next_settled() else {
+            panic!("the waiting SEND must fail");
+        };
+        assert_eq!(not_stored.token, Some(DurableToken(0)));
+        assert_eq!(not_stored.id, id(1));
+        // And the log refuses what comes next.
+        let failed = durability.append(&message(2), None, 2);
+        assert!(failed.is_some());
+    }
+
+    #[test]
+    fn a_restart_brings_back_messages_with_headers_positions_and_delivery_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut durability = open(dir.path());
+            durability.append(&message(1), None, 1);
+            durability.append(&message(2), None, 1);
+            let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+            durability.append(
+                &Record::Delivered {
+                    destination: queue.clone(),
+                    id: id(2),
+                },
+                None,
+                1,
+            );
+            durability.append(
+                &Record::Ack {
+                    destination: queue,
+                    id: id(1),
+                },
+                None,
+                1,
+            );
+            durability.sync_now();
+        }
+        let config = crate::log::LogConfig::new(dir.path(), 0);
+        let (log, recovery) = ShardLog::open(config).unwrap();
+        let mut durability = Durability::new(log);
+        let recovered = durability.restore_queues(recovery.queues, ShardId(0), 1 << 40);
+        assert_eq!(recovered.len(), 1, "the acked message stays gone");
+        let Record::Message { message: original } = message(2) else {
+            unreachable!()
+        };
+        assert_eq!(*recovered[0].message, *original, "same id, headers, body");
+        assert_eq!(recovered[0].deliveries, 1, "delivered before the restart");
+        // Its position is known again: acking it after the restart reaches the log.
+        assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+    }
+
+    #[test]
+    fn one_id_in_two_queues_keeps_both_positions() {
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        let dlq: Arc<[u8]> = Arc::from(&b"/queue/DLQ.a"[..]);
+        let mut positions = Positions::default();
+        positions.insert(id(1), &queue, at(10));
+        positions.insert(id(1), &dlq, at(20));
+        positions.insert(id(2), &queue, at(30));
+        assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(10)));
+        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/a"), Some(at(10)));
+        assert_eq!(positions.get(id(1), b"/queue/a"), None);
+        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), Some(at(20)));
+        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), None);
+        // Logged again after an ack (a returned auto-ack delivery): the new position wins.
+        positions.insert(id(2), &queue, at(40));
+        assert_eq!(positions.remove(id(2), b"/queue/a"), Some(at(40)));
     }
 }
