@@ -29,6 +29,12 @@ use super::types::{
 };
 use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
 
+/// Written after the NUL of every frame the broker sends. STOMP allows EOLs there (1.2
+/// "Augmented BNF": `NULL *( EOL )`), ActiveMQ and stompserver always write one, and stream
+/// parsers written against them wait for it: stomper's `StompBuffer` finds a frame's end by
+/// `\0\n` and would hold a frame ending in a bare NUL until the next bytes came.
+pub(crate) const FRAME_TRAILER: &[u8] = b"\n";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     AwaitingConnect,
@@ -342,6 +348,7 @@ impl Session {
                 writer.header(b"session", conn.to_string().as_bytes());
                 writer.header(b"server", server.as_bytes());
                 writer.finish(b"");
+                out.extend_from_slice(FRAME_TRAILER);
             },
             None,
         );
@@ -368,8 +375,10 @@ impl Session {
         };
         let persistent = match frame.header(b"persistent") {
             None => ctx.config.persistent_by_default,
-            Some(b"true") => true,
-            Some(b"false") => false,
+            // Any case: stomp.py writes a Python bool as `True`/`False`, and ActiveMQ takes
+            // those without complaint (found by the stomp.py interop tests).
+            Some(value) if value.eq_ignore_ascii_case(b"true") => true,
+            Some(value) if value.eq_ignore_ascii_case(b"false") => false,
             Some(_) => {
                 return Err(ProtocolError::InvalidHeader {
                     header: "persistent",
@@ -842,6 +851,7 @@ impl Session {
                     let mut writer = FrameWriter::begin(out, version, Command::Receipt);
                     writer.header(b"receipt-id", &receipt.receipt_id);
                     writer.finish(b"");
+                    out.extend_from_slice(FRAME_TRAILER);
                 },
                 None,
             );
@@ -996,6 +1006,11 @@ impl Session {
         }
         writer.finish_head();
         self.push_write(ctx, start, Some(message));
+        // The body and its NUL go out after the head (see `Effect::Write`); the trailer
+        // follows them as a write of its own.
+        let start = ctx.effects.bytes.len();
+        ctx.effects.bytes.extend_from_slice(FRAME_TRAILER);
+        self.push_write(ctx, start, None);
     }
 
     // --- Flow control, heart-beats, the end ---

@@ -544,6 +544,7 @@ impl Shard {
         self.counters.errors_total += 1;
         let start = out.bytes.len();
         write_error_frame(&mut out.bytes, session.version(), error, receipt);
+        out.bytes.extend_from_slice(super::session::FRAME_TRAILER);
         let end = out.bytes.len();
         out.list.push(Effect::Write {
             conn,

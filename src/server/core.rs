@@ -265,6 +265,10 @@ impl<M> IoCore<M> {
                 .header(b"content-type", b"text/plain")
                 .content_length(text.len());
             writer.finish(text.as_bytes());
+            // The EOL after the NUL that ActiveMQ writes after every frame, as the broker
+            // does (`broker::session::FRAME_TRAILER`): stream parsers such as stomper's look
+            // for `\0\n` and would never see this last frame before the close.
+            out.push(b'\n');
         });
         self.begin_close(slot, CloseReason::Protocol(error));
     }

@@ -71,10 +71,6 @@ impl OutQueue {
         self.bytes == 0
     }
 
-    pub(super) fn has_queued(&self) -> bool {
-        !self.queued.is_empty()
-    }
-
     /// Lets `encode` append to the last owned chunk.
     pub(super) fn append_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> usize {
         let reuse = matches!(self.queued.back(), Some(Chunk::Owned { bytes, .. }) if bytes.len() < OWNED_CHUNK_BYTES_MAX);

@@ -574,7 +574,9 @@ impl<H: ShardHandler> Shard<H> {
                 continue;
             };
             conn.dirty = false;
-            if conn.send_in_flight || !conn.out.has_queued() {
+            // `is_empty`, not `has_queued`: after a short send the unsent rest stays in the
+            // in-flight list with nothing queued behind it, and must go out all the same.
+            if conn.send_in_flight || conn.out.is_empty() {
                 continue;
             }
             if let ConnState::Closing { forced: true, .. } = conn.state {
@@ -858,7 +860,7 @@ impl<H: ShardHandler> Shard<H> {
 
     fn open_conn(&mut self, fd: RawFd) {
         if self.core.open_count >= self.connections_max || self.drain_deadline_ms.is_some() {
-            let frame = b"ERROR\nmessage:connections_max reached\n\n\0";
+            let frame = b"ERROR\nmessage:connections_max reached\n\n\0\n";
             // SAFETY: a fresh socket we own; a best-effort non-blocking write, then close.
             unsafe {
                 libc::send(

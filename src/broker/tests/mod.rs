@@ -81,6 +81,12 @@ pub(crate) struct Cluster {
     pub durable_reported: HashMap<u16, DurableToken>,
     /// Connections written to since they were last reported flushed.
     pub unflushed: std::collections::BTreeSet<ConnectionId>,
+    /// Every byte each connection was sent, in order, as the server would write it.
+    pub raw: HashMap<ConnectionId, Vec<u8>>,
+    /// Connections whose last write ended a frame, so a leading EOL in their next write is
+    /// that frame's trailer (a MESSAGE's trailer is written after its shared body), not a
+    /// heart-beat.
+    trailer_due: std::collections::HashSet<ConnectionId>,
 }
 
 impl Cluster {
@@ -109,6 +115,8 @@ impl Cluster {
             durable_reported: HashMap::new(),
             logins: Vec::new(),
             unflushed: std::collections::BTreeSet::new(),
+            raw: HashMap::new(),
+            trailer_due: std::collections::HashSet::new(),
         }
     }
 
@@ -254,6 +262,7 @@ impl Cluster {
                         data.extend_from_slice(&message.body);
                         data.push(0);
                     }
+                    self.raw.entry(*conn).or_default().extend_from_slice(&data);
                     self.decode_into(*conn, &data);
                 }
                 Effect::Connected {
@@ -288,6 +297,9 @@ impl Cluster {
         let mut decoder = Decoder::new(Limits::default());
         decoder.set_version(self.versions.get(&conn).copied().unwrap_or(Version::V1_0));
         let mut rest = data;
+        if self.trailer_due.remove(&conn) {
+            rest = rest.strip_prefix(b"\n").unwrap_or(rest);
+        }
         while !rest.is_empty() {
             match decoder
                 .decode(rest)
@@ -305,6 +317,12 @@ impl Cluster {
                     };
                     self.seen.entry(conn).or_default().push(Seen::Frame(sent));
                     rest = &rest[consumed..];
+                    match rest.strip_prefix(b"\n") {
+                        Some(after) => rest = after,
+                        None => {
+                            self.trailer_due.insert(conn);
+                        }
+                    }
                 }
                 Decoded::Heartbeat { consumed } => {
                     self.seen.entry(conn).or_default().push(Seen::Heartbeat);

@@ -905,3 +905,49 @@ fn nack_without_requeue_dead_letters_at_once() {
         1
     );
 }
+
+/// ActiveMQ's `persistent` SEND header in any case: stomp.py writes `persistent=True` as
+/// `True`, which ActiveMQ accepts; a value that is neither true nor false is still refused.
+#[test]
+fn persistent_header_is_read_in_any_case() {
+    let config = BrokerConfig {
+        log_enabled: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let producer = cluster.connect(0);
+    for (value, body) in [
+        ("True", "logged"),
+        ("FALSE", "memory"),
+        ("false", "memory too"),
+    ] {
+        cluster.send(
+            producer,
+            frame(
+                Command::Send,
+                &[("destination", "/queue/a"), ("persistent", value)],
+                body.as_bytes(),
+            ),
+        );
+    }
+    assert!(cluster.frames(producer).is_empty(), "no ERROR");
+    assert_eq!(
+        cluster.appended.len(),
+        1,
+        "only the persistent one is logged"
+    );
+    let Record::Message { message } = &cluster.appended[0].1 else {
+        panic!()
+    };
+    assert_eq!(&*message.body, b"logged");
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/a"), ("persistent", "yes")],
+            b"x",
+        ),
+    );
+    let error = cluster.expect_error(producer);
+    assert!(error.header("message").is_some());
+}

@@ -644,3 +644,66 @@ fn shutdown_closes_every_connection_with_an_error_and_returns_unacked() {
     assert_eq!(closes, 1);
     assert_eq!(cluster.shards[other as usize].session_count(), 0);
 }
+
+/// STOMP 1.2 "Augmented BNF" (`frame = ... NULL *( EOL )`): every frame the broker writes
+/// (CONNECTED, RECEIPT, MESSAGE, ERROR) ends NUL then LF, as ActiveMQ and stompserver write
+/// them. stomper's StompBuffer (tests/interop) finds a frame's end by `\0\n` and held frames
+/// ending in a bare NUL until more bytes came.
+#[test]
+fn every_frame_ends_with_nul_then_eol() {
+    let mut cluster = Cluster::single();
+    let conn = cluster.open(0);
+    cluster.send(
+        conn,
+        frame(Command::Connect, &[("accept-version", "1.2")], b""),
+    );
+    cluster.send(
+        conn,
+        frame(
+            Command::Subscribe,
+            &[("destination", "/topic/t"), ("id", "1"), ("receipt", "r1")],
+            b"",
+        ),
+    );
+    cluster.send(
+        conn,
+        frame(Command::Send, &[("destination", "/topic/t")], b"body"),
+    );
+    cluster.send(
+        conn,
+        frame(Command::Commit, &[("transaction", "never")], b""),
+    );
+
+    let seen = cluster.take(conn);
+    let commands: Vec<Command> = seen
+        .iter()
+        .filter_map(|seen| match seen {
+            Seen::Frame(sent) => Some(sent.command),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        commands,
+        [
+            Command::Connected,
+            Command::Receipt,
+            Command::Message,
+            Command::Error
+        ]
+    );
+    assert!(
+        !seen.contains(&Seen::Heartbeat),
+        "the trailer is not a heart-beat: {seen:?}"
+    );
+    let raw = &cluster.raw[&conn];
+    let nuls: Vec<usize> = (0..raw.len()).filter(|&i| raw[i] == 0).collect();
+    assert_eq!(nuls.len(), 4, "{}", String::from_utf8_lossy(raw));
+    for at in nuls {
+        assert_eq!(
+            raw.get(at + 1),
+            Some(&b'\n'),
+            "NUL at {at} not followed by EOL: {}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+}
