@@ -20,9 +20,14 @@ stompd_bin="$PWD/target/debug/stompd"
 LOADGEN_TEST_STOMPD="$stompd_bin" cargo test --quiet -p stompd-loadgen 2>&1 | tee -a target/test-all.log
 STOMPD_LOG_TEST_BROKER="$stompd_bin" cargo test --quiet -p stompd-log 2>&1 | tee -a target/test-all.log
 
+step "interop: real STOMP clients (stomp.py, stomper, Ruby, Perl, stompjs) against stompd"
+STOMPD_BIN="$stompd_bin" tests/interop/run.sh 2>&1 | tee target/interop.log
+interop_tally=$(grep -E '^interop: [0-9]+ passed, [0-9]+ failed' target/interop.log | tail -n 1)
+
 step "fuzz smoke (libFuzzer, needs a nightly toolchain)"
 scripts/fuzz-smoke.sh "${STOMPD_FUZZ_SECONDS:-30}"
 
 # One closing tally for readers of the log's last lines (every step above already stopped the
 # script on a failure).
-awk '/^test result:/ { split($0, a, " "); p += a[4]; f += a[6] } END { printf "all: %d passed, %d failed\n", p, f }' target/test-all.log
+awk -v interop="$interop_tally" '/^test result:/ { split($0, a, " "); p += a[4]; f += a[6] }
+    END { split(interop, b, " "); p += b[2]; f += b[4]; printf "all: %d passed, %d failed\n", p, f }' target/test-all.log
