@@ -96,11 +96,16 @@ impl Broker {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline
-            {
-                thread::sleep(Duration::from_millis(10));
-            }
+            self.wait_until_port_refuses();
+        }
+    }
+
+    /// Waits (bounded) until nothing accepts on the port: a broker's listeners can outlive its
+    /// exit for a moment (see `kill9`), after a clean stop too.
+    fn wait_until_port_refuses(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -112,6 +117,7 @@ impl Broker {
         let end = Instant::now() + deadline;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                self.wait_until_port_refuses();
                 return status;
             }
             if Instant::now() > end {
