@@ -17,7 +17,9 @@ cargo test --workspace --quiet 2>&1 | tee target/test-all.log
 step "load generator and log tool against the real broker"
 cargo build --quiet --bin stompd
 stompd_bin="$PWD/target/debug/stompd"
-LOADGEN_TEST_STOMPD="$stompd_bin" cargo test --quiet -p stompd-loadgen 2>&1 | tee -a target/test-all.log
+# One test at a time: on a 2-core machine parallel load runs starve the broker and the
+# clients alike, and a starved topic subscriber falls past its slack (see README, known gaps).
+LOADGEN_TEST_STOMPD="$stompd_bin" cargo test --quiet -p stompd-loadgen -- --test-threads=1 2>&1 | tee -a target/test-all.log
 STOMPD_LOG_TEST_BROKER="$stompd_bin" cargo test --quiet -p stompd-log 2>&1 | tee -a target/test-all.log
 
 step "interop: real STOMP clients (stomp.py, stomper, Ruby, Perl, stompjs) against stompd"
