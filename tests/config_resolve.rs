@@ -145,6 +145,8 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("auth_plaintext", "true", "true"),
         ("dead_letter_deliveries_max", "3", "3"),
         ("prefetch_default", "10", "10"),
+        ("queue_messages_max", "500", "500"),
+        ("queue_bytes_max", "1000000", "1000000"),
         ("log_level", "\"debug\"", "debug"),
     ];
     let mut keys: Vec<&str> = values.iter().map(|(key, _, _)| *key).collect();
@@ -187,6 +189,8 @@ fn every_key_is_read_from_file_env_and_flags() {
         );
         assert_eq!(config.dead_letter_deliveries_max, 3, "{source}");
         assert_eq!(config.prefetch_default, 10, "{source}");
+        assert_eq!(config.queue_messages_max, 500, "{source}");
+        assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
         assert_eq!(config.log_level, "debug", "{source}");
         for key in Layer::KEYS {
             assert_ne!(resolved.origins[key], Origin::Default, "{source}: {key}");
@@ -465,6 +469,8 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("dead_letter_deliveries_max", "10001", "1..=10000"),
         ("prefetch_default", "0", "1..=1000000"),
         ("prefetch_default", "1000001", "1..=1000000"),
+        ("queue_messages_max", "0", "1..=1000000000"),
+        ("queue_bytes_max", "4096", "65536..=1099511627776"),
     ];
     for (key, value, allowed) in cases {
         let var = config::env_var_name(key);

@@ -42,18 +42,37 @@ pub struct BrokerConfig {
     /// RECEIPTs one connection may have waiting for the log (or for an earlier receipt, to keep
     /// their order). 65,536 bounds the bookkeeping of a client that pipelines receipted sends.
     pub receipts_pending_max: usize,
-    /// Messages a queue holds waiting for consumers; a SEND beyond it is refused with an
-    /// ERROR. 1,000,000 messages.
+    /// Messages a queue holds waiting for consumers before its producers are paused (producer
+    /// flow control, as ActiveMQ's: their input is not read until the queue drains to three
+    /// quarters of this). 1,000,000 messages: a backlog of a million fits. SENDs already on
+    /// their way when the pause began are taken up to a quarter more; a SEND beyond that is
+    /// refused with an ERROR.
     pub queue_messages_max: usize,
-    /// Body bytes a queue holds waiting for consumers; beyond it a SEND is refused. 1 GiB keeps
-    /// one runaway queue from taking the machine's memory.
+    /// Body bytes a queue holds waiting for consumers before its producers are paused, as
+    /// `queue_messages_max`. 1 GiB keeps one runaway queue from taking the machine's memory.
     pub queue_bytes_max: u64,
-    /// Body bytes a topic still hands a subscriber whose connection is full (and at most a
-    /// prefetch window of messages) before it misses messages. 4 MiB absorbs the start of a
-    /// burst, while the kernel's socket buffer is still small, for a subscriber that keeps
-    /// up; a subscriber that stays behind costs no more than this. Keep it under the server's
-    /// hard per-connection limit (`out_buffer_bytes_max + frame_bytes_max`).
+    /// Messages a queue still takes past `queue_messages_max` and its quarter more: what a
+    /// producer's core may decode and forward before the pause reaches it. A core decodes at
+    /// most its receive buffers (8 MiB) per loop turn, about 50,000 small SENDs, and a peer
+    /// queue holds 4,096 more; 131,072 holds two turns of that.
+    pub queue_overshoot_messages: u64,
+    /// Body bytes a queue still takes past `queue_bytes_max` and its quarter more, for the
+    /// same reason: 16 MiB, two loop turns of a core's receive buffers.
+    pub queue_overshoot_bytes: u64,
+    /// Bytes of MESSAGE frames (estimated) a topic still hands a subscriber whose connection is
+    /// full before it misses messages. The producers are paused the moment the subscriber is
+    /// full (see `topic_subscriber_stall_ms`), so this only has to hold what was already on its
+    /// way: frames decoded and a peer queue's worth of messages between cores (4,096). 8 MiB
+    /// holds that for 1 KiB messages; a subscriber that stalls costs no more than this. Keep
+    /// it under the server's hard per-connection limit (`out_buffer_bytes_max +
+    /// frame_bytes_max`).
     pub topic_slack_bytes: u64,
+    /// A topic subscriber whose connection is full pauses the producers of the topic until it
+    /// drains. One that stays full this long is slow,
+    /// not bursty: it stops holding back producers (and misses messages past its slack), so a
+    /// client that never reads cannot stall a topic for everyone. 5,000 ms: far longer than a
+    /// burst takes to drain, far shorter than a publisher's patience.
+    pub topic_subscriber_stall_ms: u64,
     /// Smallest interval at which the server will send heart-beats, whatever the client asks:
     /// 1,000 ms, so a client cannot make the server beat thousands of times a second.
     pub heartbeat_send_ms_min: u64,
@@ -95,7 +114,10 @@ impl Default for BrokerConfig {
             receipts_pending_max: 65_536,
             queue_messages_max: 1_000_000,
             queue_bytes_max: 1024 * 1024 * 1024,
-            topic_slack_bytes: 4 * 1024 * 1024,
+            queue_overshoot_messages: 131_072,
+            queue_overshoot_bytes: 16 * 1024 * 1024,
+            topic_slack_bytes: 8 * 1024 * 1024,
+            topic_subscriber_stall_ms: 5000,
             heartbeat_send_ms_min: 1000,
             heartbeat_receive_ms: 10_000,
             heartbeat_read_grace_percent: 200,

@@ -12,16 +12,27 @@
 //!   original order with their delivery count, so the next delivery is marked redelivered, or
 //!   move to the dead-letter queue once they were delivered `deliveries_max` times.
 //!
-//! Topics keep nothing: each message goes to every current subscriber that can take it.
+//! Producer flow control (queues): once `ready` passes `queue_messages_max` or
+//! `queue_bytes_max`, each connection whose SEND arrives is throttled (told to stop reading
+//! input, [`ShardMessage::Throttle`]) and remembered in `throttled`; every one of them is
+//! released exactly once, when `ready` has drained to three quarters of both limits. SENDs
+//! already under way when the pause began are still taken, up to a quarter over the limits
+//! and a few loop turns' worth of input ([`overshoot_max`]); only beyond that is a SEND
+//! refused.
+//!
+//! Topics keep nothing: each message goes to every current subscriber that can take it. A
+//! subscriber whose connection is full throttles the producers that publish to it, as a queue
+//! does, until it drains (meanwhile it takes what was already on its way within its slack); one that stays full longer than `topic_subscriber_stall_ms` is slow,
+//! not bursty: it stops holding back producers and misses what does not fit its slack.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 
 use super::effects::{Record, Rejection, ShardMessage};
 use super::shard::Ctx;
 use super::types::{
-    dead_letter_queue, shard_of, AckMode, ConsumerKey, Message, MessageId, QueueStats,
+    dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, QueueStats,
 };
 
 /// A message held by a queue, with how many times it has been delivered so far.
@@ -75,6 +86,22 @@ pub(crate) struct Queue {
     /// The earliest time the shard's expiry timer already holds for this queue (u64::MAX:
     /// none), so a queue is put on the timer again only when something expires sooner.
     pub(crate) timer_ms: u64,
+    /// Producers told to stop sending because this queue was over its limits, each to be
+    /// released once. Ordered, so releases go out in the same order on every run.
+    throttled: BTreeSet<ConnectionId>,
+}
+
+/// The hard limit beyond the flow-control one: a quarter more plus `extra`
+/// (`queue_overshoot_*`), room for the SENDs that were already decoded, or on their way
+/// between cores, when the producers were throttled.
+pub(crate) fn overshoot_max(limit: u64, extra: u64) -> u64 {
+    limit.saturating_add(limit / 4).saturating_add(extra)
+}
+
+/// The level a throttled destination must drain to before its producers may resume: three
+/// quarters of the limit, so producers are not paused and resumed on every message.
+fn resume_below(limit: u64) -> u64 {
+    limit - limit / 4
 }
 
 impl Queue {
@@ -89,6 +116,7 @@ impl Queue {
             dequeued: 0,
             next_expiry_ms: u64::MAX,
             timer_ms: u64::MAX,
+            throttled: BTreeSet::new(),
         }
     }
 
@@ -125,7 +153,7 @@ impl Queue {
         &mut self,
         ctx: &mut Ctx<'_>,
         message: Arc<Message>,
-        origin: super::ConnectionId,
+        origin: ConnectionId,
         ticket: Option<u64>,
     ) {
         if message.is_expired(ctx.now_ms) {
@@ -142,9 +170,15 @@ impl Queue {
             }
             return;
         }
-        let rejection = if self.ready.len() >= ctx.config.queue_messages_max {
+        let rejection = if self.ready.len() as u64
+            >= overshoot_max(
+                ctx.config.queue_messages_max as u64,
+                ctx.config.queue_overshoot_messages,
+            ) {
             Some(Rejection::QueueMessagesFull)
-        } else if self.ready_bytes + message.body.len() as u64 > ctx.config.queue_bytes_max {
+        } else if self.ready_bytes + message.body.len() as u64
+            > overshoot_max(ctx.config.queue_bytes_max, ctx.config.queue_overshoot_bytes)
+        {
             Some(Rejection::QueueBytesFull)
         } else {
             None
@@ -200,6 +234,40 @@ impl Queue {
             false,
         );
         self.dispatch(ctx);
+        if self.is_over_limits(ctx) && self.throttled.insert(origin) {
+            ctx.route(
+                origin.shard,
+                ShardMessage::Throttle {
+                    conn: origin,
+                    paused: true,
+                },
+            );
+        }
+    }
+
+    /// Waiting messages or their bytes are past the flow-control limits.
+    fn is_over_limits(&self, ctx: &Ctx<'_>) -> bool {
+        self.ready.len() > ctx.config.queue_messages_max
+            || self.ready_bytes > ctx.config.queue_bytes_max
+    }
+
+    /// Resumes the throttled producers once the queue has drained far enough.
+    fn release_producers(&mut self, ctx: &mut Ctx<'_>) {
+        if self.throttled.is_empty()
+            || self.ready.len() as u64 > resume_below(ctx.config.queue_messages_max as u64)
+            || self.ready_bytes > resume_below(ctx.config.queue_bytes_max)
+        {
+            return;
+        }
+        for conn in std::mem::take(&mut self.throttled) {
+            ctx.route(
+                conn.shard,
+                ShardMessage::Throttle {
+                    conn,
+                    paused: false,
+                },
+            );
+        }
     }
 
     /// A message that used up its deliveries on queue `from`. Taken whatever the limits: it
@@ -423,8 +491,14 @@ impl Queue {
         }
     }
 
-    /// Hands waiting messages to consumers with credit, in turn, until either runs out.
+    /// Hands waiting messages to consumers with credit, in turn, until either runs out; then
+    /// lets throttled producers go if that drained the queue enough.
     fn dispatch(&mut self, ctx: &mut Ctx<'_>) {
+        self.hand_out(ctx);
+        self.release_producers(ctx);
+    }
+
+    fn hand_out(&mut self, ctx: &mut Ctx<'_>) {
         while !self.ready.is_empty() {
             let Some(key) = self.next_with_credit() else {
                 return;
@@ -520,6 +594,7 @@ impl Queue {
             }
         }
         self.ready = kept;
+        self.release_producers(ctx);
     }
 
     /// When the earliest waiting message expires (u64::MAX: none does); may be early.
@@ -530,7 +605,7 @@ impl Queue {
     /// Nothing waits and nobody listens: the shard forgets the queue, so that names used once
     /// do not pile up (a client cannot grow memory by inventing destination names).
     pub(crate) fn is_idle(&self) -> bool {
-        self.ready.is_empty() && self.consumers.is_empty()
+        self.ready.is_empty() && self.consumers.is_empty() && self.throttled.is_empty()
     }
 
     pub(crate) fn stats(&self) -> QueueStats {
@@ -573,10 +648,23 @@ struct TopicConsumer {
     unacked: VecDeque<MessageId>,
     /// Auto acks: deliveries not yet credited back by the session.
     in_flight: u32,
-    /// Messages and body bytes handed over since the connection was last reported full,
+    /// Bytes (frames, estimated) handed over since the connection was last reported full,
     /// within the slack a paused subscriber gets (see `BrokerConfig::topic_slack_bytes`).
-    slack_messages: u32,
     slack_bytes: u64,
+    /// When `paused` last became true: a subscriber full for longer than
+    /// `topic_subscriber_stall_ms` no longer throttles producers.
+    paused_since_ms: u64,
+}
+
+impl TopicConsumer {
+    /// Full and not yet stalled: its producers should wait for it. At once, not when part of
+    /// the slack is used: what is already decoded, or queued between cores, when the producer
+    /// is paused still arrives (up to a peer queue's worth), and the slack must hold it.
+    fn holds_back(&self, ctx: &Ctx<'_>) -> bool {
+        self.paused
+            && ctx.now_ms.saturating_sub(self.paused_since_ms)
+                < ctx.config.topic_subscriber_stall_ms
+    }
 }
 
 /// A publish-subscribe destination: nothing is kept. A subscriber whose connection is full
@@ -586,24 +674,50 @@ struct TopicConsumer {
 #[derive(Debug)]
 pub(crate) struct Topic {
     consumers: BTreeMap<ConsumerKey, TopicConsumer>,
+    /// Producers throttled because a subscriber was holding back, each released once.
+    throttled: BTreeSet<ConnectionId>,
 }
 
 impl Topic {
     pub(crate) fn new() -> Topic {
         Topic {
             consumers: BTreeMap::new(),
+            throttled: BTreeSet::new(),
         }
     }
 
     pub(crate) fn is_idle(&self) -> bool {
-        self.consumers.is_empty()
+        self.consumers.is_empty() && self.throttled.is_empty()
+    }
+
+    /// Whether producers wait for this topic's subscribers (the shard then checks it on ticks,
+    /// when a subscriber may have stalled).
+    pub(crate) fn is_throttling(&self) -> bool {
+        !self.throttled.is_empty()
+    }
+
+    /// Resumes the throttled producers once no subscriber holds them back (it drained, left,
+    /// or stalled).
+    pub(crate) fn release_producers(&mut self, ctx: &mut Ctx<'_>) {
+        if self.throttled.is_empty() || self.consumers.values().any(|c| c.holds_back(ctx)) {
+            return;
+        }
+        for conn in std::mem::take(&mut self.throttled) {
+            ctx.route(
+                conn.shard,
+                ShardMessage::Throttle {
+                    conn,
+                    paused: false,
+                },
+            );
+        }
     }
 
     pub(crate) fn publish(
         &mut self,
         ctx: &mut Ctx<'_>,
         message: Arc<Message>,
-        origin: super::ConnectionId,
+        origin: ConnectionId,
         ticket: Option<u64>,
     ) {
         if let Some(ticket) = ticket {
@@ -627,21 +741,24 @@ impl Topic {
             // prefetch, as queues do, dropped messages for subscribers that were keeping up:
             // a burst decoded in one loop turn outruns the first flush.
             let used = if settled { 0 } else { consumer.unacked.len() };
-            let body_bytes = message.body.len() as u64;
+            // What the MESSAGE costs in the connection's out buffer, roughly: the body, the
+            // sender's headers, and the broker's own (destination, message-id, subscription,
+            // ack, content-length), which stay under 256 bytes for names of normal length.
+            let frame_bytes = (message.body.len() + message.header_block.len()) as u64
+                + 256
+                + message.destination.len() as u64;
             // A full connection still takes a bounded slack (a window of messages, and bytes
             // within `topic_slack_bytes`): a subscriber that keeps up, but whose socket
             // buffer is still small when a burst starts, then loses nothing, while one that
             // stays behind costs at most the slack before it misses messages.
             let over_slack = consumer.paused
-                && (consumer.slack_messages >= consumer.prefetch
-                    || consumer.slack_bytes + body_bytes > ctx.config.topic_slack_bytes);
+                && consumer.slack_bytes + frame_bytes > ctx.config.topic_slack_bytes;
             if over_slack || used >= consumer.prefetch as usize {
                 ctx.counters.topic_deliveries_dropped_total += 1;
                 continue;
             }
             if consumer.paused {
-                consumer.slack_messages += 1;
-                consumer.slack_bytes += body_bytes;
+                consumer.slack_bytes += frame_bytes;
             }
             ctx.counters.deliveries_total += 1;
             if settled {
@@ -659,10 +776,20 @@ impl Topic {
                 },
             );
         }
+        if self.consumers.values().any(|c| c.holds_back(ctx)) && self.throttled.insert(origin) {
+            ctx.route(
+                origin.shard,
+                ShardMessage::Throttle {
+                    conn: origin,
+                    paused: true,
+                },
+            );
+        }
     }
 
     pub(crate) fn subscribe(
         &mut self,
+        ctx: &Ctx<'_>,
         key: ConsumerKey,
         ack: AckMode,
         prefetch: u32,
@@ -677,8 +804,8 @@ impl Topic {
                 paused,
                 unacked: VecDeque::new(),
                 in_flight: 0,
-                slack_messages: 0,
                 slack_bytes: 0,
+                paused_since_ms: ctx.now_ms,
             },
         );
     }
@@ -689,18 +816,22 @@ impl Topic {
         }
     }
 
-    pub(crate) fn unsubscribe(&mut self, key: ConsumerKey) {
+    pub(crate) fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey) {
         self.consumers.remove(&key);
+        self.release_producers(ctx);
     }
 
-    pub(crate) fn flow(&mut self, key: ConsumerKey, paused: bool) {
+    pub(crate) fn flow(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, paused: bool) {
         if let Some(consumer) = self.consumers.get_mut(&key) {
+            if paused && !consumer.paused {
+                consumer.paused_since_ms = ctx.now_ms;
+            }
             consumer.paused = paused;
             if !paused {
-                consumer.slack_messages = 0;
                 consumer.slack_bytes = 0;
             }
         }
+        self.release_producers(ctx);
     }
 
     /// ACK and NACK both just release credit: a topic has nothing to redeliver from.

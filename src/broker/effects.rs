@@ -83,6 +83,11 @@ pub enum Effect {
         record: Record,
         token: Option<DurableToken>,
     },
+    /// Producer flow control: stop decoding the connection's frames (`paused`), leaving the
+    /// rest of what it sends to the kernel's socket buffer and TCP's window, or start again.
+    /// Heart-beat read timeouts do not run while it is paused (the client is not being read,
+    /// so its silence means nothing).
+    Throttle { conn: ConnectionId, paused: bool },
     /// Hand `message` to shard `to` on the queue from this shard to it (FIFO per pair of shards:
     /// the logic relies on that order), to be passed to its `on_peer_message`.
     Peer { to: ShardId, message: ShardMessage },
@@ -216,6 +221,9 @@ pub enum ShardMessage {
     },
     /// The Publish with this ticket is accepted (and durable if required).
     Confirmed { conn: ConnectionId, ticket: u64 },
+    /// Producer flow control: a destination this connection publishes to is over its limits
+    /// (`paused`), or no longer is. Each destination sends one release per pause.
+    Throttle { conn: ConnectionId, paused: bool },
     /// A Publish from this connection was refused.
     Rejected {
         conn: ConnectionId,

@@ -126,6 +126,11 @@ pub(crate) struct Session {
     next_ticket: u64,
     /// The destination of the last SEND, shared with its messages.
     last_destination: Option<Arc<[u8]>>,
+    /// Destinations that currently ask this connection to stop publishing
+    /// ([`ShardMessage::Throttle`]); its input is paused while this is not zero.
+    throttles: u32,
+    /// An [`Effect::Throttle`] pause is in force.
+    input_paused: bool,
 }
 
 impl Session {
@@ -145,6 +150,8 @@ impl Session {
             receipts: VecDeque::new(),
             next_ticket: 0,
             last_destination: None,
+            throttles: 0,
+            input_paused: false,
         }
     }
 
@@ -162,6 +169,41 @@ impl Session {
 
     pub(crate) fn has_monitor(&self) -> bool {
         self.subscriptions.values().any(|s| s.monitor)
+    }
+
+    /// Producer flow control: a destination asks this connection to stop publishing, or lets
+    /// it go again (each destination releases once what it paused).
+    pub(crate) fn throttle(&mut self, ctx: &mut Ctx<'_>, paused: bool) {
+        if paused {
+            self.throttles += 1;
+        } else {
+            debug_assert!(self.throttles > 0, "a release without a pause");
+            self.throttles = self.throttles.saturating_sub(1);
+        }
+        self.update_input(ctx);
+    }
+
+    /// Pauses or resumes reading the connection as the throttles say, except for a connection
+    /// that consumes with client acks: the ACKs it sends may be what drains the destination
+    /// that throttles it (its own queue, say), so pausing it could stop both for good (the
+    /// deadlock ActiveMQ documents for producer flow control). It stays bounded by the queue's
+    /// hard limit instead.
+    fn update_input(&mut self, ctx: &mut Ctx<'_>) {
+        let pause = self.throttles > 0
+            && self.state == State::Connected
+            && self.subscriptions.values().all(|s| s.ack == AckMode::Auto);
+        if pause == self.input_paused {
+            return;
+        }
+        self.input_paused = pause;
+        if !pause {
+            // Its silence while unread says nothing: the heart-beat clock starts again.
+            self.last_read_ms = self.last_read_ms.max(ctx.now_ms);
+        }
+        ctx.effects.list.push(Effect::Throttle {
+            conn: self.conn,
+            paused: pause,
+        });
     }
 
     /// Any bytes from the client, heart-beat EOLs included, show it is alive.
@@ -539,6 +581,7 @@ impl Session {
                 uncredited: 0,
             },
         );
+        self.update_input(ctx);
         Ok(())
     }
 
@@ -587,6 +630,7 @@ impl Session {
                 },
             );
         }
+        self.update_input(ctx);
     }
 
     // --- ACK / NACK ---
@@ -1072,7 +1116,9 @@ impl Session {
         }
         let now = ctx.now_ms;
         let plan = self.heartbeat;
-        if plan.read_timeout_ms > 0 && now.saturating_sub(self.last_read_ms) > plan.read_timeout_ms
+        if plan.read_timeout_ms > 0
+            && !self.input_paused
+            && now.saturating_sub(self.last_read_ms) > plan.read_timeout_ms
         {
             return Err(ProtocolError::HeartbeatTimeout);
         }
@@ -1090,12 +1136,13 @@ impl Session {
     /// queues through the Unsubscribe each destination receives.
     pub(crate) fn end(&mut self, ctx: &mut Ctx<'_>) {
         self.transactions.clear();
+        // First, so dropping the subscriptions does not look like a change of flow control.
+        if self.state != State::Disconnecting {
+            self.state = State::Closed;
+        }
         let numbers: Vec<u64> = self.subscriptions.keys().copied().collect();
         for number in numbers {
             self.drop_subscription(ctx, number);
-        }
-        if self.state != State::Disconnecting {
-            self.state = State::Closed;
         }
     }
 

@@ -4,7 +4,7 @@
 //! sessions and destinations has been handled, so the server sees a settled state.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use super::config::{Authenticator, BrokerConfig};
@@ -156,6 +156,9 @@ pub struct Shard {
     expiry_timer: BinaryHeap<Reverse<(u64, Arc<[u8]>)>>,
     /// When the next statistics round is due (set by the first tick).
     next_monitor_ms: Option<u64>,
+    /// Topics that hold producers throttled: ticks check them, since a subscriber that stalls
+    /// (stays full past `topic_subscriber_stall_ms`) releases its producers without an event.
+    throttling_topics: BTreeSet<Arc<[u8]>>,
     counters: Counters,
 }
 
@@ -186,6 +189,7 @@ impl Shard {
             peer_stats: BTreeMap::new(),
             next_monitor_ms: None,
             expiry_timer: BinaryHeap::new(),
+            throttling_topics: BTreeSet::new(),
             counters: Counters::default(),
         }
     }
@@ -395,6 +399,7 @@ impl Shard {
             }
         }
         self.sweep_due_queues(now_ms, out);
+        self.check_throttling_topics(now_ms, out);
         for (local, error) in failed {
             let conn = ConnectionId {
                 shard: self.id,
@@ -622,6 +627,18 @@ impl Shard {
         }
     }
 
+    fn check_throttling_topics(&mut self, now_ms: u64, out: &mut Effects) {
+        let mut ctx = ctx!(self, now_ms, out);
+        self.throttling_topics
+            .retain(|name| match self.destinations.get_mut(name) {
+                Some(Destination::Topic(topic)) => {
+                    topic.release_producers(&mut ctx);
+                    topic.is_throttling()
+                }
+                _ => false,
+            });
+    }
+
     fn drain_local(&mut self, now_ms: u64, out: &mut Effects) {
         while let Some(message) = self.local.pop_front() {
             self.handle(message, now_ms, out);
@@ -665,7 +682,7 @@ impl Shard {
                         queue.subscribe(&mut ctx, consumer, ack, prefetch, paused)
                     }
                     Some(Destination::Topic(topic)) => {
-                        topic.subscribe(consumer, ack, prefetch, paused)
+                        topic.subscribe(&ctx, consumer, ack, prefetch, paused)
                     }
                     None => {}
                 }
@@ -677,7 +694,7 @@ impl Shard {
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
-                    Some(Destination::Topic(topic)) => topic.unsubscribe(consumer),
+                    Some(Destination::Topic(topic)) => topic.unsubscribe(&mut ctx, consumer),
                     None => {}
                 }
                 self.forget_if_idle(&destination);
@@ -711,7 +728,10 @@ impl Shard {
                         queue.publish(&mut ctx, message, origin, ticket)
                     }
                     Some(Destination::Topic(topic)) => {
-                        topic.publish(&mut ctx, message, origin, ticket)
+                        topic.publish(&mut ctx, message, origin, ticket);
+                        if topic.is_throttling() {
+                            self.throttling_topics.insert(name.clone());
+                        }
                     }
                     None => {}
                 }
@@ -767,7 +787,7 @@ impl Shard {
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
-                    Some(Destination::Topic(topic)) => topic.flow(consumer, paused),
+                    Some(Destination::Topic(topic)) => topic.flow(&mut ctx, consumer, paused),
                     None => {}
                 }
             }
@@ -820,13 +840,19 @@ impl Shard {
                     self.close_if_done(conn, now_ms, out);
                 }
             }
+            ShardMessage::Throttle { conn, paused } => {
+                if let Some(session) = self.sessions.get_mut(&conn.local) {
+                    let mut ctx = ctx!(self, now_ms, out);
+                    session.throttle(&mut ctx, paused);
+                }
+            }
             ShardMessage::Rejected { conn, reason } => {
                 let error = match reason {
                     Rejection::QueueMessagesFull => ProtocolError::QueueFull {
-                        limit: "queue_messages_max",
+                        limit: "queue_messages_max and its overshoot",
                     },
                     Rejection::QueueBytesFull => ProtocolError::QueueFull {
-                        limit: "queue_bytes_max",
+                        limit: "queue_bytes_max and its overshoot",
                     },
                     Rejection::NotStored { reason } => ProtocolError::NotStored { reason },
                 };

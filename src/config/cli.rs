@@ -267,6 +267,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub prefetch_default: Option<u32>,
 
+    /// Messages a queue holds for consumers before its producers are paused (producer flow
+    /// control: their input is not read until the queue drains to three quarters); SENDs
+    /// already on their way are taken up to a quarter more, then refused with ERROR
+    /// (1..=1000000000). [default: 1000000] [env: STOMPD_QUEUE_MESSAGES_MAX]
+    /// [toml: queue_messages_max]
+    #[arg(long, value_name = "N")]
+    pub queue_messages_max: Option<u64>,
+
+    /// Body bytes a queue holds for consumers before its producers are paused, as
+    /// --queue-messages-max (65536..=1099511627776). [default: 1073741824]
+    /// [env: STOMPD_QUEUE_BYTES_MAX] [toml: queue_bytes_max]
+    #[arg(long, value_name = "BYTES")]
+    pub queue_bytes_max: Option<u64>,
+
     /// Log filter: trace, debug, info, warn, error, off, or RUST_LOG-style directives
     /// (stompd=debug,info). [default: info] [env: STOMPD_LOG_LEVEL, then RUST_LOG]
     /// [toml: log_level] (stompserver -l/--log_level; its `fatal` means error)
@@ -316,6 +330,8 @@ impl RunArgs {
             auth_plaintext: self.auth_plaintext,
             dead_letter_deliveries_max: self.dead_letter_deliveries_max,
             prefetch_default: self.prefetch_default,
+            queue_messages_max: self.queue_messages_max,
+            queue_bytes_max: self.queue_bytes_max,
             log_level: self.log_level.clone(),
         };
         if self.debug {

@@ -175,6 +175,11 @@ layer! {
     dead_letter_deliveries_max: u32,
     /// Unacknowledged messages per subscription when the client does not say.
     prefetch_default: u32,
+    /// Messages a queue holds for consumers before its producers are paused (producer flow
+    /// control); SENDs already on their way are taken up to a quarter more, then refused.
+    queue_messages_max: u64,
+    /// Body bytes a queue holds for consumers before its producers are paused, as above.
+    queue_bytes_max: u64,
     /// Log filter: a level (`info`, `debug`) or `RUST_LOG`-style directives.
     log_level: String,
 }

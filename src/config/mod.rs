@@ -67,6 +67,11 @@ pub mod defaults {
     pub const DEAD_LETTER_DELIVERIES_MAX: u32 = 7;
     /// ActiveMQ's queue prefetch default, which STOMP clients of ActiveMQ are tuned for.
     pub const PREFETCH_DEFAULT: u32 = 1000;
+    /// A backlog of a million messages (the benchmarks' backlog case) fits before producers
+    /// are paused; small messages then take a few hundred MiB.
+    pub const QUEUE_MESSAGES_MAX: u64 = 1_000_000;
+    /// 1 GiB: one runaway queue cannot take the machine's memory.
+    pub const QUEUE_BYTES_MAX: u64 = 1024 * 1024 * 1024;
     /// 64 MiB, the log's own default: a segment roll is rare, and a drained queue pins at
     /// most one such file.
     pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -115,6 +120,10 @@ pub mod bounds {
     pub const SEGMENT_BYTES_MULTIPLE: u64 = 4096;
     pub const DEAD_LETTER_DELIVERIES: RangeInclusive<u32> = 1..=10_000;
     pub const PREFETCH: RangeInclusive<u32> = 1..=1_000_000;
+    /// At least one message; at most a billion (messages live in memory as well as in the log).
+    pub const QUEUE_MESSAGES: RangeInclusive<u64> = 1..=1_000_000_000;
+    /// 64 KiB to 1 TiB: below, one large message would pause its producer at once.
+    pub const QUEUE_BYTES: RangeInclusive<u64> = 65_536..=1 << 40;
 }
 
 /// Who may connect.
@@ -162,6 +171,10 @@ pub struct Config {
     pub dead_letter_deliveries_max: u32,
     /// Prefetch of a subscription that sets none.
     pub prefetch_default: u32,
+    /// Messages a queue holds for consumers before its producers are paused.
+    pub queue_messages_max: u64,
+    /// Body bytes a queue holds for consumers before its producers are paused.
+    pub queue_bytes_max: u64,
     /// `tracing_subscriber::EnvFilter` directives, already checked to parse.
     pub log_level: String,
 }
@@ -189,6 +202,8 @@ impl Config {
             auth_plaintext: Some(false),
             dead_letter_deliveries_max: Some(defaults::DEAD_LETTER_DELIVERIES_MAX),
             prefetch_default: Some(defaults::PREFETCH_DEFAULT),
+            queue_messages_max: Some(defaults::QUEUE_MESSAGES_MAX),
+            queue_bytes_max: Some(defaults::QUEUE_BYTES_MAX),
             log_level: Some(defaults::LOG_LEVEL.to_owned()),
         }
     }
@@ -221,6 +236,8 @@ impl Config {
             auth_plaintext: Some(auth_plaintext),
             dead_letter_deliveries_max: Some(self.dead_letter_deliveries_max),
             prefetch_default: Some(self.prefetch_default),
+            queue_messages_max: Some(self.queue_messages_max),
+            queue_bytes_max: Some(self.queue_bytes_max),
             log_level: Some(self.log_level.clone()),
         }
     }
@@ -720,6 +737,18 @@ fn validate(
         (*bounds::DEAD_LETTER_DELIVERIES.start()).into()
             ..=(*bounds::DEAD_LETTER_DELIVERIES.end()).into(),
     );
+    let queue_messages_max = get(layer.queue_messages_max, "queue_messages_max");
+    range(
+        "queue_messages_max",
+        queue_messages_max.into(),
+        (*bounds::QUEUE_MESSAGES.start()).into()..=(*bounds::QUEUE_MESSAGES.end()).into(),
+    );
+    let queue_bytes_max = get(layer.queue_bytes_max, "queue_bytes_max");
+    range(
+        "queue_bytes_max",
+        queue_bytes_max.into(),
+        (*bounds::QUEUE_BYTES.start()).into()..=(*bounds::QUEUE_BYTES.end()).into(),
+    );
     let prefetch_default = get(layer.prefetch_default, "prefetch_default");
     range(
         "prefetch_default",
@@ -895,6 +924,8 @@ fn validate(
         auth,
         dead_letter_deliveries_max,
         prefetch_default,
+        queue_messages_max,
+        queue_bytes_max,
         log_level,
     })
 }

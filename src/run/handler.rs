@@ -206,6 +206,16 @@ impl BrokerHandler {
                         logins_refused.push(conn);
                     }
                 }
+                Effect::Throttle { conn, paused } => {
+                    if let Some(entry) = self.conns.get(&conn.local) {
+                        tracing::trace!(conn = %entry.server, paused, "producer flow control");
+                        if paused {
+                            io.pause_reading(entry.server);
+                        } else {
+                            io.resume_reading(entry.server);
+                        }
+                    }
+                }
                 Effect::Close { conn } => {
                     if let Some(entry) = self.conns.remove(&conn.local) {
                         self.by_server.remove(&entry.server);

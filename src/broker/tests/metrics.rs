@@ -4,7 +4,12 @@ use super::*;
 
 #[test]
 fn metrics_count_what_happened() {
-    let mut cluster = Cluster::single();
+    // Room for one small MESSAGE frame (about 300 bytes) in a full connection's slack.
+    let config = BrokerConfig {
+        topic_slack_bytes: 400,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
     let producer = cluster.connect(0);
     let consumer = cluster.connect(0);
     cluster.subscribe(consumer, "q", "/queue/a", "client");

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::*;
 use crate::codec::{Command, Decoded, Decoder, Frame, Header, Limits, Version};
 
+mod flow;
 mod hostile;
 mod metrics;
 mod monitor;
@@ -87,6 +88,8 @@ pub(crate) struct Cluster {
     /// that frame's trailer (a MESSAGE's trailer is written after its shared body), not a
     /// heart-beat.
     trailer_due: std::collections::HashSet<ConnectionId>,
+    /// Every `Effect::Throttle`, in order: (connection, paused).
+    pub throttles: Vec<(ConnectionId, bool)>,
 }
 
 impl Cluster {
@@ -117,6 +120,7 @@ impl Cluster {
             unflushed: std::collections::BTreeSet::new(),
             raw: HashMap::new(),
             trailer_due: std::collections::HashSet::new(),
+            throttles: Vec::new(),
         }
     }
 
@@ -274,6 +278,7 @@ impl Cluster {
                     self.plans.insert(*conn, *heartbeat);
                 }
                 Effect::Close { conn } => self.seen.entry(*conn).or_default().push(Seen::Closed),
+                Effect::Throttle { conn, paused } => self.throttles.push((*conn, *paused)),
                 Effect::Authenticate {
                     conn,
                     login,

@@ -486,22 +486,25 @@ fn paused_consumer_gets_no_new_queue_deliveries() {
 }
 
 #[test]
-fn full_queue_refuses_sends_with_an_error() {
+fn full_queue_refuses_sends_past_its_overshoot_with_an_error() {
     let config = BrokerConfig {
         queue_messages_max: 2,
+        queue_overshoot_messages: 1,
         ..BrokerConfig::default()
     };
     let mut cluster = Cluster::new(1, config);
     let producer = cluster.connect(0);
     cluster.publish(producer, "/queue/a", "1");
     cluster.publish(producer, "/queue/a", "2");
-    assert!(cluster.take(producer).is_empty());
+    // Past the limit: throttled (tests/flow.rs), still taken within the overshoot.
     cluster.publish(producer, "/queue/a", "3");
+    assert!(cluster.take(producer).is_empty());
+    cluster.publish(producer, "/queue/a", "4");
     assert_eq!(
         cluster.expect_error(producer).header("message"),
-        Some("queue full (queue_messages_max reached)")
+        Some("queue full (queue_messages_max and its overshoot reached)")
     );
-    assert_eq!(cluster.shards[0].held_message_ids(b"/queue/a").len(), 2);
+    assert_eq!(cluster.shards[0].held_message_ids(b"/queue/a").len(), 3);
 }
 
 #[test]
@@ -833,17 +836,20 @@ fn stomp_1_1_client_acks_by_subscription_and_message_id() {
 fn queue_bytes_are_limited() {
     let config = BrokerConfig {
         queue_bytes_max: 10,
+        queue_overshoot_bytes: 0,
         ..BrokerConfig::default()
     };
     let mut cluster = Cluster::new(1, config);
     let producer = cluster.connect(0);
     cluster.publish(producer, "/queue/a", "123456");
     cluster.publish(producer, "/queue/a", "1234");
-    assert!(cluster.take(producer).is_empty());
+    // 11 bytes: throttled, taken within the overshoot (10 + 10/4).
     cluster.publish(producer, "/queue/a", "1");
+    assert!(cluster.take(producer).is_empty());
+    cluster.publish(producer, "/queue/a", "12");
     assert_eq!(
         cluster.expect_error(producer).header("message"),
-        Some("queue full (queue_bytes_max reached)")
+        Some("queue full (queue_bytes_max and its overshoot reached)")
     );
 }
 

@@ -71,7 +71,13 @@ fn client_acked_topic_subscriber_out_of_credit_misses_messages() {
 
 #[test]
 fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full_past_its_slack() {
-    let mut cluster = Cluster::single();
+    // Slack for two of the 10 KB messages below (each frame is its body plus a few hundred
+    // bytes of headers), not three.
+    let config = BrokerConfig {
+        topic_slack_bytes: 25_000,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
     cluster.auto_flush = false;
     let subscriber = cluster.connect(0);
     cluster.send(
@@ -96,13 +102,18 @@ fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full_p
         "a burst before the first flush is not lost"
     );
     cluster.writable(subscriber, false);
-    for body in ["5", "6", "7"] {
-        cluster.publish(producer, "/topic/t", body);
+    let large = |n: char| {
+        std::iter::once(n)
+            .chain(std::iter::repeat_n('x', 10_000))
+            .collect::<String>()
+    };
+    for body in ['5', '6', '7'] {
+        cluster.publish(producer, "/topic/t", &large(body));
     }
     assert_eq!(
         bodies(&cluster.frames(subscriber)),
-        ["5", "6"],
-        "a full connection takes a window of slack, then misses messages"
+        [large('5'), large('6')],
+        "a full connection takes its slack, then misses messages"
     );
     cluster.writable(subscriber, true);
     cluster.publish(producer, "/topic/t", "8");

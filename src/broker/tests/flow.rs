@@ -1,0 +1,327 @@
+//! Producer flow control: a destination that cannot keep up pauses its producers' input
+//! (`Effect::Throttle`) rather than refusing their SENDs or dropping messages, and lets each one
+//! go exactly once when it has caught up.
+
+use super::*;
+
+/// Queues that pause producers past `messages`, and refuse SENDs past that, a quarter more,
+/// and 2.
+fn small_queues(messages: usize) -> BrokerConfig {
+    BrokerConfig {
+        queue_messages_max: messages,
+        queue_overshoot_messages: 2,
+        ..BrokerConfig::default()
+    }
+}
+
+/// Sends `count` messages numbered from `first`.
+fn publish_many(
+    cluster: &mut Cluster,
+    conn: ConnectionId,
+    destination: &str,
+    first: usize,
+    count: usize,
+) {
+    for n in first..first + count {
+        cluster.publish(conn, destination, &n.to_string());
+    }
+}
+
+/// The throttle effects for one connection, in order.
+fn throttles_of(cluster: &Cluster, conn: ConnectionId) -> Vec<bool> {
+    cluster
+        .throttles
+        .iter()
+        .filter(|(c, _)| *c == conn)
+        .map(|(_, paused)| *paused)
+        .collect()
+}
+
+#[test]
+fn a_queue_past_its_limit_pauses_the_producer_once_and_keeps_every_message() {
+    let mut cluster = Cluster::new(1, small_queues(8));
+    let producer = cluster.connect(0);
+    publish_many(&mut cluster, producer, "/queue/q", 0, 8);
+    assert!(
+        throttles_of(&cluster, producer).is_empty(),
+        "at the limit, not past it"
+    );
+    // The 9th passes the limit: paused once, however many more were already on their way.
+    publish_many(&mut cluster, producer, "/queue/q", 8, 2);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    assert!(
+        cluster.take(producer).is_empty(),
+        "no ERROR: the SENDs were taken"
+    );
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/q", "auto");
+    let expected: Vec<String> = (0..10).map(|n| n.to_string()).collect();
+    assert_eq!(bodies(&cluster.frames(consumer)), expected);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+#[test]
+fn the_producer_resumes_only_once_the_queue_drained_to_three_quarters() {
+    let mut cluster = Cluster::new(1, small_queues(8));
+    let producer = cluster.connect(0);
+    publish_many(&mut cluster, producer, "/queue/q", 0, 9);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    let consumer = cluster.connect(0);
+    cluster.send(
+        consumer,
+        frame(
+            Command::Subscribe,
+            &[
+                ("id", "s"),
+                ("destination", "/queue/q"),
+                ("ack", "client-individual"),
+                ("activemq.prefetchSize", "2"),
+            ],
+            b"",
+        ),
+    );
+    // 9 waiting, 2 handed out: 7 left, above 6 (three quarters of 8).
+    let first = cluster.frames(consumer);
+    assert_eq!(bodies(&first), ["0", "1"]);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    cluster.ack(consumer, first[0].header("ack").unwrap());
+    // One more handed out: 6 waiting, resumed.
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+#[test]
+fn sends_past_the_overshoot_are_refused_with_an_error_naming_the_limit() {
+    let mut cluster = Cluster::new(1, small_queues(8));
+    let producer = cluster.connect(0);
+    // 8 + 8/4 + 2 = 12 held; the 13th is refused.
+    publish_many(&mut cluster, producer, "/queue/q", 0, 12);
+    assert!(cluster.take(producer).is_empty());
+    cluster.publish(producer, "/queue/q", "12");
+    let error = cluster.expect_error(producer);
+    assert_eq!(
+        error.header("message"),
+        Some("queue full (queue_messages_max and its overshoot reached)")
+    );
+    assert_eq!(cluster.shards[0].held_message_ids(b"/queue/q").len(), 12);
+}
+
+#[test]
+fn the_byte_limit_throttles_as_the_message_limit_does() {
+    let config = BrokerConfig {
+        queue_bytes_max: 100,
+        queue_overshoot_bytes: 0,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let producer = cluster.connect(0);
+    let body = "x".repeat(60);
+    cluster.publish(producer, "/queue/q", &body);
+    assert!(throttles_of(&cluster, producer).is_empty());
+    cluster.publish(producer, "/queue/q", &body);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/q", "auto");
+    assert_eq!(bodies(&cluster.frames(consumer)).len(), 2);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+#[test]
+fn every_throttled_producer_on_every_shard_is_released_exactly_once() {
+    let mut cluster = Cluster::new(3, small_queues(40));
+    let producers: Vec<ConnectionId> = (0..3).map(|shard| cluster.connect(shard)).collect();
+    publish_many(&mut cluster, producers[0], "/queue/shared", 0, 40);
+    for (n, producer) in producers.iter().enumerate().skip(1) {
+        publish_many(&mut cluster, *producer, "/queue/shared", n * 100, 2);
+    }
+    for producer in &producers[1..] {
+        assert_eq!(throttles_of(&cluster, *producer), [true], "{producer}");
+    }
+    // The first producer's sends came while the queue was under its limit.
+    assert!(throttles_of(&cluster, producers[0]).is_empty());
+    let consumer = cluster.connect(2);
+    cluster.subscribe(consumer, "s", "/queue/shared", "auto");
+    assert_eq!(bodies(&cluster.frames(consumer)).len(), 44);
+    for producer in &producers[1..] {
+        assert_eq!(
+            throttles_of(&cluster, *producer),
+            [true, false],
+            "{producer}"
+        );
+    }
+}
+
+#[test]
+fn a_producer_held_by_two_queues_resumes_when_both_let_it_go() {
+    let mut cluster = Cluster::new(2, small_queues(1));
+    let producer = cluster.connect(0);
+    publish_many(&mut cluster, producer, "/queue/a", 0, 2);
+    publish_many(&mut cluster, producer, "/queue/b", 0, 2);
+    assert_eq!(
+        throttles_of(&cluster, producer),
+        [true],
+        "one pause for both"
+    );
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "a", "/queue/a", "auto");
+    assert_eq!(throttles_of(&cluster, producer), [true], "b still holds it");
+    cluster.subscribe(consumer, "b", "/queue/b", "auto");
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+#[test]
+fn a_connection_that_consumes_with_client_acks_is_never_paused() {
+    // Its ACKs may be what drains the queue it publishes to: pausing it could deadlock.
+    let mut cluster = Cluster::new(1, small_queues(2));
+    let worker = cluster.connect(0);
+    cluster.subscribe(worker, "s", "/queue/work", "client");
+    let other = cluster.connect(0);
+    cluster.send(
+        other,
+        frame(
+            Command::Subscribe,
+            &[
+                ("id", "s"),
+                ("destination", "/queue/work"),
+                ("ack", "client"),
+                ("activemq.prefetchSize", "1"),
+            ],
+            b"",
+        ),
+    );
+    publish_many(&mut cluster, worker, "/queue/jobs", 0, 3);
+    assert!(throttles_of(&cluster, worker).is_empty());
+    // Once it drops its client-ack subscription, the throttle it was sent takes effect.
+    cluster.send(worker, frame(Command::Unsubscribe, &[("id", "s")], b""));
+    assert_eq!(throttles_of(&cluster, worker), [true]);
+}
+
+#[test]
+fn a_paused_producer_is_not_timed_out_for_silence_stomp_1_2_heart_beating() {
+    let mut cluster = Cluster::new(1, small_queues(1));
+    let producer = cluster.open(0);
+    cluster.send(
+        producer,
+        frame(
+            Command::Connect,
+            &[
+                ("accept-version", "1.2"),
+                ("host", "h"),
+                ("heart-beat", "1000,0"),
+            ],
+            b"",
+        ),
+    );
+    cluster.take(producer);
+    let timeout = cluster.plans[&producer].read_timeout_ms;
+    assert!(timeout > 0);
+    publish_many(&mut cluster, producer, "/queue/q", 0, 2);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    // Unread for far longer than its heart-beat timeout: its silence is ours.
+    cluster.now += timeout * 10;
+    cluster.tick();
+    assert!(
+        !cluster.take(producer).contains(&Seen::Closed),
+        "a paused producer was closed"
+    );
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/q", "auto");
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+    // Resumed: the clock starts again from the release, and a silent client is still caught.
+    cluster.now += timeout / 2;
+    cluster.tick();
+    assert!(!cluster.take(producer).contains(&Seen::Closed));
+    cluster.now += timeout;
+    cluster.tick();
+    assert!(cluster.take(producer).contains(&Seen::Closed));
+}
+
+#[test]
+fn expiry_that_drains_a_queue_releases_its_producers() {
+    let mut cluster = Cluster::new(1, small_queues(2));
+    let producer = cluster.connect(0);
+    let expires = (cluster.now + 1000).to_string();
+    for n in 0..3 {
+        cluster.send(
+            producer,
+            frame(
+                Command::Send,
+                &[("destination", "/queue/q"), ("expires", &expires)],
+                n.to_string().as_bytes(),
+            ),
+        );
+    }
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    cluster.now += 2000;
+    cluster.tick();
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+fn dropped(cluster: &Cluster) -> u64 {
+    cluster
+        .shards
+        .iter()
+        .map(|shard| shard.metrics().counters.topic_deliveries_dropped_total)
+        .sum()
+}
+
+/// A topic with one auto-ack subscriber whose connection is full (`writable(false)`).
+fn topic_with_full_subscriber(slack_bytes: u64) -> (Cluster, ConnectionId, ConnectionId) {
+    let config = BrokerConfig {
+        topic_slack_bytes: slack_bytes,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(2, config);
+    cluster.auto_flush = false;
+    let subscriber = cluster.connect(1);
+    cluster.subscribe(subscriber, "s", "/topic/t", "auto");
+    cluster.writable(subscriber, false);
+    let producer = cluster.connect(0);
+    (cluster, subscriber, producer)
+}
+
+#[test]
+fn a_full_topic_subscriber_pauses_the_producer_at_once() {
+    let (mut cluster, subscriber, producer) = topic_with_full_subscriber(100_000);
+    let body = "x".repeat(1000);
+    cluster.publish(producer, "/topic/t", &body);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    // What was already on its way when the pause began fits the slack: nothing missed.
+    for _ in 0..10 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    assert_eq!(throttles_of(&cluster, producer), [true], "paused once");
+    assert_eq!(bodies(&cluster.frames(subscriber)).len(), 11);
+    assert_eq!(dropped(&cluster), 0);
+    cluster.writable(subscriber, true);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+#[test]
+fn a_topic_subscriber_that_leaves_releases_the_producers_it_held() {
+    let (mut cluster, subscriber, producer) = topic_with_full_subscriber(100_000);
+    cluster.publish(producer, "/topic/t", "x");
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    cluster.lose(subscriber);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+}
+
+#[test]
+fn a_stalled_topic_subscriber_stops_holding_back_producers_and_misses_messages_instead() {
+    // Slack for one of these messages, not two.
+    let (mut cluster, subscriber, producer) = topic_with_full_subscriber(1500);
+    let stall = cluster.shards[0].config().topic_subscriber_stall_ms;
+    let body = "x".repeat(1000);
+    cluster.publish(producer, "/topic/t", &body);
+    assert_eq!(throttles_of(&cluster, producer), [true]);
+    cluster.now += stall - 1;
+    cluster.tick();
+    assert_eq!(throttles_of(&cluster, producer), [true], "not stalled yet");
+    cluster.now += 1;
+    cluster.tick();
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+    // From now on it is slow: past its slack it misses messages, and nobody waits for it.
+    cluster.publish(producer, "/topic/t", &body);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+    assert_eq!(bodies(&cluster.frames(subscriber)).len(), 1);
+    assert_eq!(dropped(&cluster), 1);
+}
