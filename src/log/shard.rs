@@ -16,12 +16,13 @@
 //!   segment prepared ahead has the next sequence number; on disk it is an empty segment, which
 //!   recovery simply takes as the active one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
 
 use super::error::LogError;
@@ -373,8 +374,9 @@ impl ShardLog {
         report.segments = opened.len();
 
         // Pass 1: acks, delivered marks, damage, and where each segment's good data ends.
-        let mut acked: HashSet<Position> = HashSet::new();
-        let mut deliveries: HashMap<Position, u32> = HashMap::new();
+        // FxHash: one lookup or insert per record scanned, keyed by positions the log wrote.
+        let mut acked: FxHashSet<Position> = FxHashSet::default();
+        let mut deliveries: FxHashMap<Position, u32> = FxHashMap::default();
         let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
         let last_index = opened.len().wrapping_sub(1);
         for (index, mut segment) in opened.into_iter().enumerate() {

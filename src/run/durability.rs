@@ -8,19 +8,17 @@
 //! (the log hands out one at a time) and its descriptors stay valid until it completes; a
 //! failed sync stops the log (fsyncgate: retrying could report lost pages as stored).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::hash_map::Entry;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use fnv::FnvHasher;
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use crate::broker::{DurableToken, Message, MessageId, Record, Recovered, ShardId};
 use crate::codec::escape::unescape;
 use crate::codec::{Escaping, Header};
 use crate::log::{LogError, MessageRecord, Position, RecoveredQueue, ShardLog, SyncRequest};
-
-type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<FnvHasher>>;
 
 /// A sync the shard ring is carrying out.
 #[derive(Debug)]
@@ -377,7 +375,9 @@ impl Durability {
 /// Live message positions by id, with the queue each belongs to.
 #[derive(Default)]
 struct Positions {
-    by_id: FnvMap<MessageId, (Arc<[u8]>, Position)>,
+    /// FxHash: ids are the broker's own (not client-chosen), and this map is looked up twice per
+    /// durable message (insert on append, remove on ack), so the hash is on the hot path.
+    by_id: FxHashMap<MessageId, (Arc<[u8]>, Position)>,
     /// The rare second queue holding the same id on this shard (a dead-letter copy).
     more: Vec<(MessageId, Arc<[u8]>, Position)>,
 }
@@ -388,15 +388,19 @@ fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
 
 impl Positions {
     fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
-        match self.by_id.get_mut(&id) {
-            Some((held, at)) if same_queue(held, queue) => *at = position,
-            Some(_) => {
-                self.more
-                    .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
-                self.more.push((id, queue.clone(), position));
+        match self.by_id.entry(id) {
+            Entry::Occupied(mut entry) => {
+                let (held, at) = entry.get_mut();
+                if same_queue(held, queue) {
+                    *at = position;
+                } else {
+                    self.more
+                        .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
+                    self.more.push((id, queue.clone(), position));
+                }
             }
-            None => {
-                self.by_id.insert(id, (queue.clone(), position));
+            Entry::Vacant(entry) => {
+                entry.insert((queue.clone(), position));
             }
         }
     }
@@ -413,13 +417,15 @@ impl Positions {
     }
 
     fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
-        if let Some((held, _)) = self.by_id.get(&id) {
-            if same_queue(held, queue) {
-                let (_, at) = self.by_id.remove(&id)?;
+        if let Entry::Occupied(entry) = self.by_id.entry(id) {
+            if same_queue(&entry.get().0, queue) {
+                let (_, at) = entry.remove();
                 // Promote a same-id entry of another queue, if any.
-                if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
-                    let (i, q, p) = self.more.swap_remove(index);
-                    self.by_id.insert(i, (q, p));
+                if !self.more.is_empty() {
+                    if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
+                        let (i, q, p) = self.more.swap_remove(index);
+                        self.by_id.insert(i, (q, p));
+                    }
                 }
                 return Some(at);
             }
