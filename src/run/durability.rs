@@ -468,15 +468,16 @@ impl Positions {
             self.scattered.remove(id, queue);
         }
         if let Some(run) = self.run_mut(id) {
-            if let Some((_, at)) = run.entry_mut(id.seq, queue) {
-                *at = position;
-                return;
-            }
+            // The common case first: a new id at the back, no search.
             if run.slots.back().map_or(true, |last| last.seq < id.seq) {
                 run.slots.push_back(Slot {
                     seq: id.seq,
                     entry: Some((queue.clone(), position)),
                 });
+                return;
+            }
+            if let Some((_, at)) = run.entry_mut(id.seq, queue) {
+                *at = position;
                 return;
             }
         }
