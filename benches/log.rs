@@ -124,17 +124,15 @@ fn bench_append(c: &mut Criterion) {
 /// of unacknowledged messages (the producer ahead of the consumer), so the live-message
 /// bookkeeping holds `backlog` entries. Both the append and the ack are timed, and so are the
 /// segment rolls, the reclaims and the spare segment's preparation (every 4096 acks, as the
-/// broker's tick does), under `never` so the disk's sync latency does not hide the CPU cost;
-/// with and without the spare's background prefault (`LogConfig::prefault_spare`).
+/// broker's tick does), under `never` so the disk's sync latency does not hide the CPU cost.
 fn bench_message_ack(c: &mut Criterion) {
     let mut group = c.benchmark_group("log_message_ack");
     group.sample_size(20);
     group.throughput(Throughput::Elements(1));
-    for (backlog, prefault) in [(1_000usize, true), (200_000, true), (200_000, false)] {
+    for backlog in [1_000usize, 200_000] {
         let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let mut config = LogConfig::new(tmp.path(), 0);
         config.fsync = FsyncPolicy::Never;
-        config.prefault_spare = prefault;
         let (mut log, _) = ShardLog::open(config).unwrap();
         let body = vec![b'x'; 128];
         let headers = [Header::new(b"persistent", b"true")];
@@ -152,14 +150,7 @@ fn bench_message_ack(c: &mut Criterion) {
         }
         let mut acks = 0u64;
         group.bench_function(
-            BenchmarkId::new(
-                if prefault {
-                    "never/128B"
-                } else {
-                    "never-no-prefault/128B"
-                },
-                format!("backlog{backlog}"),
-            ),
+            BenchmarkId::new("never/128B", format!("backlog{backlog}")),
             |b| {
                 b.iter(|| {
                     pending.push_back(log.append_message(&record, 0).unwrap());

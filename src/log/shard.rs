@@ -56,15 +56,6 @@ pub struct LogConfig {
     /// without it as fast or faster in total, while populating stalls the caller for 8-17 ms
     /// per segment. Kept as a switch so other hosts can be measured.
     pub populate: bool,
-    /// Fault a spare segment's pages in on a short-lived helper thread (MADV_POPULATE_READ), so
-    /// the kernel's allocation and zeroing of each fresh page is done off the event loop by the
-    /// time appends reach it. On by default: with the Message + Ack records of every durable
-    /// queue message, first-touch faults of fresh segments (`filemap_fault` and the page zeroing
-    /// under it) were the largest single cost of the queue shard in `perf` (notes/perf.md). Read
-    /// faults leave the pages clean, so the first fdatasync does not write 64 MiB of zeros; each
-    /// page still takes one cheap write fault (`page_mkwrite`) when appends reach it. Ignored
-    /// when `populate` is set (the map is then populated at creation).
-    pub prefault_spare: bool,
 }
 
 impl LogConfig {
@@ -85,7 +76,6 @@ impl LogConfig {
             segment_bytes: LogConfig::SEGMENT_BYTES_DEFAULT,
             fsync: FsyncPolicy::Always,
             populate: false,
-            prefault_spare: true,
         }
     }
 
@@ -361,21 +351,6 @@ pub struct ShardLog {
     failed: bool,
     /// Messages appended or recovered and not yet acknowledged.
     live_messages: u64,
-    /// The helper thread faulting in a spare segment's pages, if one was started. The segment's
-    /// map must outlive it: joined before that segment is sealed or deleted and on drop.
-    prefault: Option<Prefault>,
-}
-
-#[derive(Debug)]
-struct Prefault {
-    sequence: u64,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Drop for ShardLog {
-    fn drop(&mut self) {
-        self.join_prefault(None);
-    }
 }
 
 impl ShardLog {
@@ -604,7 +579,6 @@ impl ShardLog {
             dir_dirty: false,
             failed: false,
             live_messages,
-            prefault: None,
         };
         report.reclaimed = log.reclaim()?;
         Ok((log, Recovery { queues, report }))
@@ -761,7 +735,6 @@ impl ShardLog {
         let sequence = segment.sequence();
         let live = LiveSet::new(segment.segment_bytes());
         if let Some(old) = self.active {
-            self.join_prefault(Some(old));
             self.segments
                 .get_mut(&old)
                 .expect("active segment")
@@ -816,61 +789,9 @@ impl ShardLog {
     /// `NoSpace` here is an early warning: nothing changed.
     pub fn prepare_spare(&mut self, now_ms: u64) -> Result<(), LogError> {
         if self.spare.is_none() {
-            let spare = self.create_segment(now_ms)?;
-            if self.config.prefault_spare && !self.config.populate {
-                self.start_prefault(&spare);
-            }
-            self.spare = Some(spare);
+            self.spare = Some(self.create_segment(now_ms)?);
         }
         Ok(())
-    }
-
-    /// Starts a helper thread that read-faults `segment`'s mapped pages in. Best effort: if no
-    /// thread can be started, appends fault the pages in themselves, as without prefaulting.
-    fn start_prefault(&mut self, segment: &Segment) {
-        self.join_prefault(None);
-        let Some(bytes) = segment.bytes() else {
-            return;
-        };
-        let (address, len) = (bytes.as_ptr() as usize, bytes.len());
-        let spawned = std::thread::Builder::new()
-            .name(format!("stompd-prefault-{}", self.config.shard))
-            .spawn(move || {
-                unpin_current_thread();
-                // SAFETY: the range is the spare's live map; the log joins this thread before
-                // that map can go (see `prefault`). Populating only faults pages in and never
-                // changes what they hold.
-                let rc = unsafe {
-                    libc::madvise(address as *mut libc::c_void, len, libc::MADV_POPULATE_READ)
-                };
-                if rc != 0 {
-                    // Kernels before 5.14: one read per page has the same effect.
-                    for offset in (0..len).step_by(4096) {
-                        // SAFETY: as above; a volatile read so it is not optimised away.
-                        unsafe { std::ptr::read_volatile((address + offset) as *const u8) };
-                    }
-                }
-            });
-        if let Ok(thread) = spawned {
-            self.prefault = Some(Prefault {
-                sequence: segment.sequence(),
-                thread,
-            });
-        }
-    }
-
-    /// Waits for the prefault thread if it is working on segment `sequence` (any segment when
-    /// `None`). It has long finished by the time its segment is sealed or reclaimed (a whole
-    /// segment of appends later), so this does not block in practice.
-    fn join_prefault(&mut self, sequence: Option<u64>) {
-        if let Some(prefault) = self.prefault.take() {
-            if sequence.is_some_and(|s| s != prefault.sequence) {
-                self.prefault = Some(prefault);
-                return;
-            }
-            // The thread only calls madvise; a panic there cannot leave anything to clean up.
-            let _ = prefault.thread.join();
-        }
     }
 
     /// The sync the event loop should issue now, if any: under `always` whenever something is
@@ -1037,7 +958,6 @@ impl ShardLog {
         );
         let mut reclaimed = Vec::with_capacity(deletable.len());
         for sequence in deletable {
-            self.join_prefault(Some(sequence));
             let state = self.segments.remove(&sequence).expect("listed segment");
             let path = state.segment.path().to_owned();
             drop(state);
@@ -1187,21 +1107,6 @@ fn scan_last_nonzero(bytes: &[u8], from: u64, to: u64) -> Option<u64> {
         .map(|i| from + i as u64)
 }
 
-/// Lets the calling thread run on any CPU the process may use. Shard threads are pinned to
-/// their core, and a thread inherits its creator's pinning: a prefault helper left pinned would
-/// take its time from the very shard it works for.
-fn unpin_current_thread() {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it; the kernel
-    // intersects the mask with the CPUs this process is allowed (its cpuset).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
     if u32::try_from(len).is_err() {
         return Err(LogError::FieldTooLong { field, len });
@@ -1211,97 +1116,7 @@ fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    /// Pages of `bytes` (page-aligned) that are in the page cache.
-    fn resident_pages(bytes: &[u8]) -> usize {
-        let pages = bytes.len().div_ceil(4096);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: a live mapping and a vector of one byte per page.
-        let rc = unsafe {
-            libc::mincore(
-                bytes.as_ptr() as *mut libc::c_void,
-                bytes.len(),
-                vec.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        vec.iter().filter(|&&b| b & 1 == 1).count()
-    }
-
-    fn small_log(dir: &Path, prefault_spare: bool) -> ShardLog {
-        let mut config = LogConfig::new(dir, 0);
-        config.segment_bytes = 1024 * 1024;
-        config.fsync = FsyncPolicy::Never;
-        config.prefault_spare = prefault_spare;
-        ShardLog::open(config).unwrap().0
-    }
-
-    fn append_one(log: &mut ShardLog, body: &[u8]) -> Position {
-        let message = MessageRecord {
-            destination: b"/queue/a",
-            message_id: b"id",
-            timestamp_ms: 0,
-            headers: &[],
-            body,
-        };
-        log.append_message(&message, 0).unwrap()
-    }
-
-    #[test]
-    fn a_prefaulted_spare_is_resident_before_appends_reach_it_and_recovers_like_any_segment() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut log = small_log(tmp.path(), true);
-        append_one(&mut log, b"first");
-        log.prepare_spare(0).unwrap();
-        log.join_prefault(None);
-        let spare = log.spare.as_ref().unwrap().bytes().unwrap();
-        assert_eq!(
-            resident_pages(spare),
-            spare.len() / 4096,
-            "all pages faulted in"
-        );
-
-        let mut positions = Vec::new();
-        while log.appended_upto().segment == 0 {
-            positions.push(append_one(&mut log, &[7u8; 1000]));
-        }
-        assert!(log.spare.is_none(), "the roll took the prefaulted spare");
-        positions.push(append_one(&mut log, b"last"));
-        log.ack(&positions[..positions.len() / 2], 0).unwrap();
-        let pending = positions.len() + 1 - positions.len() / 2;
-        log.sync_now().unwrap();
-        drop(log);
-
-        let mut config = LogConfig::new(tmp.path(), 0);
-        config.segment_bytes = 1024 * 1024;
-        let (_, recovery) = ShardLog::open(config).unwrap();
-        assert!(recovery.report.is_clean(), "{}", recovery.report);
-        assert_eq!(recovery.queues[0].messages.len(), pending);
-    }
-
-    #[test]
-    fn without_prefault_the_spare_is_not_resident_and_a_log_dropped_while_prefaulting_is_fine() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut log = small_log(tmp.path(), false);
-        log.prepare_spare(0).unwrap();
-        let spare = log.spare.as_ref().unwrap().bytes().unwrap();
-        // On tmpfs fallocate itself makes every page resident; on a disk file system only
-        // faulting does, which is what shows that the prefault test above can fail.
-        // SAFETY: statfs fills the struct it is given.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        let path = std::ffi::CString::new(tmp.path().as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::statfs(path.as_ptr(), &mut fs) }, 0);
-        if fs.f_type != libc::TMPFS_MAGIC {
-            assert!(resident_pages(spare) < spare.len() / 4096);
-        }
-        drop(log);
-
-        let tmp = tempfile::tempdir().unwrap();
-        let mut log = small_log(tmp.path(), true);
-        log.prepare_spare(0).unwrap();
-        drop(log); // joins the helper before the map goes
-    }
+    use super::LiveSet;
 
     #[test]
     fn live_set_tracks_record_offsets_across_the_whole_segment() {
