@@ -119,6 +119,58 @@ fn bench_append(c: &mut Criterion) {
     group.finish();
 }
 
+/// The broker's shape for a durable queue with auto-ack consumers: every message is appended
+/// (Message record) and later acknowledged one at a time (Ack record), with a standing backlog
+/// of unacknowledged messages (the producer ahead of the consumer), so the live-message
+/// bookkeeping holds `backlog` entries. Both the append and the ack are timed, and so are the
+/// segment rolls, the reclaims and the spare segment's preparation (every 4096 acks, as the
+/// broker's tick does), under `never` so the disk's sync latency does not hide the CPU cost.
+fn bench_message_ack(c: &mut Criterion) {
+    let mut group = c.benchmark_group("log_message_ack");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(1));
+    for backlog in [1_000usize, 200_000] {
+        let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let mut config = LogConfig::new(tmp.path(), 0);
+        config.fsync = FsyncPolicy::Never;
+        let (mut log, _) = ShardLog::open(config).unwrap();
+        let body = vec![b'x'; 128];
+        let headers = [Header::new(b"persistent", b"true")];
+        let record = MessageRecord {
+            destination: b"/queue/bench",
+            message_id: b"ID:bench-1:1",
+            timestamp_ms: 0,
+            headers: &headers,
+            body: &body,
+        };
+        let mut pending: std::collections::VecDeque<Position> =
+            std::collections::VecDeque::with_capacity(backlog + 1);
+        for _ in 0..backlog {
+            pending.push_back(log.append_message(&record, 0).unwrap());
+        }
+        let mut acks = 0u64;
+        group.bench_function(
+            BenchmarkId::new("never/128B", format!("backlog{backlog}")),
+            |b| {
+                b.iter(|| {
+                    pending.push_back(log.append_message(&record, 0).unwrap());
+                    let oldest = pending.pop_front().unwrap();
+                    log.ack(&[oldest], 0).unwrap();
+                    acks += 1;
+                    if acks % CHUNK == 0 {
+                        // What the broker does on its tick.
+                        log.reclaim().unwrap();
+                        if log.wants_spare() {
+                            log.prepare_spare(0).unwrap();
+                        }
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// What a roll costs: creating one default-size segment (fallocate, header, map), with and
 /// without MAP_POPULATE. Deleting it afterwards is untimed.
 fn bench_roll(c: &mut Criterion) {
@@ -202,5 +254,11 @@ fn bench_recover(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_append, bench_roll, bench_recover);
+criterion_group!(
+    benches,
+    bench_append,
+    bench_message_ack,
+    bench_roll,
+    bench_recover
+);
 criterion_main!(benches);

@@ -174,6 +174,31 @@ fn acking_an_unknown_or_repeated_position_is_refused_without_change() {
     assert!(matches!(log.ack(&[bogus], 0), Err(LogError::NotLive(q)) if q == bogus));
     assert!(matches!(log.ack(&[p, p], 0), Err(LogError::NotLive(_))));
     assert_eq!(log.live_messages(), 1);
+    // A batch is refused as a whole: the good position named before the bad one stays live.
+    for bad in [
+        bogus,
+        Position {
+            segment: p.segment,
+            offset: p.offset + 1,
+        },
+        Position {
+            segment: p.segment,
+            offset: u64::MAX - 7,
+        },
+        Position {
+            segment: p.segment + 1,
+            offset: p.offset,
+        },
+    ] {
+        assert!(matches!(log.ack(&[p, bad], 0), Err(LogError::NotLive(q)) if q == bad));
+        assert!(matches!(log.delivered(&[p, bad], 0), Err(LogError::NotLive(q)) if q == bad));
+    }
+    assert!(matches!(
+        log.delivered(&[p, p], 0),
+        Err(LogError::NotLive(_))
+    ));
+    assert_eq!(log.live_messages(), 1);
+    log.delivered(&[p], 0).unwrap();
     log.ack(&[p], 0).unwrap();
     assert!(matches!(log.ack(&[p], 0), Err(LogError::NotLive(_))));
     assert!(matches!(log.delivered(&[p], 0), Err(LogError::NotLive(_))));

@@ -16,12 +16,13 @@
 //!   segment prepared ahead has the next sequence number; on disk it is an empty segment, which
 //!   recovery simply takes as the active one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
 
 use super::error::LogError;
@@ -252,11 +253,72 @@ pub struct Recovery {
     pub report: RecoveryReport,
 }
 
+/// The offsets of one segment's messages that are not acknowledged yet: one bit per 8-byte slot
+/// (every record starts at a multiple of 8), so insert, test and remove are a shift and a mask,
+/// with no hashing, and acks in send order walk the bitmap sequentially (cache friendly however
+/// large the backlog). It takes 1/64 of the segment's size in memory (1 MiB for 64 MiB),
+/// allocated zeroed, so untouched parts cost no resident memory. It replaced a SipHash
+/// `HashSet<u64>` whose lookups were ~20% of a shard's time under a backlog (see notes/perf.md).
+#[derive(Debug)]
+struct LiveSet {
+    words: Vec<u64>,
+    count: usize,
+}
+
+impl LiveSet {
+    fn new(segment_bytes: u64) -> LiveSet {
+        LiveSet {
+            words: vec![0; (segment_bytes / 8).div_ceil(64) as usize],
+            count: 0,
+        }
+    }
+
+    /// Word index and bit mask of `offset`, or `None` for an offset no record can start at.
+    fn slot(&self, offset: u64) -> Option<(usize, u64)> {
+        if offset % 8 != 0 {
+            return None;
+        }
+        let index = offset / 8;
+        let word = usize::try_from(index / 64).ok()?;
+        (word < self.words.len()).then_some((word, 1u64 << (index % 64)))
+    }
+
+    /// Marks `offset` live; false if it already was.
+    fn insert(&mut self, offset: u64) -> bool {
+        let (word, mask) = self.slot(offset).expect("record offset inside its segment");
+        let fresh = self.words[word] & mask == 0;
+        self.words[word] |= mask;
+        self.count += usize::from(fresh);
+        fresh
+    }
+
+    #[cfg(test)]
+    fn contains(&self, offset: u64) -> bool {
+        self.slot(offset)
+            .is_some_and(|(word, mask)| self.words[word] & mask != 0)
+    }
+
+    /// Clears `offset`; false if it was not live.
+    fn remove(&mut self, offset: u64) -> bool {
+        let Some((word, mask)) = self.slot(offset) else {
+            return false;
+        };
+        let was = self.words[word] & mask != 0;
+        self.words[word] &= !mask;
+        self.count -= usize::from(was);
+        was
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
 #[derive(Debug)]
 struct SegmentState {
     segment: Segment,
     /// Offsets of this segment's messages that are not acknowledged yet.
-    live: HashSet<u64>,
+    live: LiveSet,
     /// Other segments that this segment's ack and delivered records point into.
     refs: BTreeSet<u64>,
 }
@@ -312,8 +374,9 @@ impl ShardLog {
         report.segments = opened.len();
 
         // Pass 1: acks, delivered marks, damage, and where each segment's good data ends.
-        let mut acked: HashSet<Position> = HashSet::new();
-        let mut deliveries: HashMap<Position, u32> = HashMap::new();
+        // FxHash: one lookup or insert per record scanned, keyed by positions the log wrote.
+        let mut acked: FxHashSet<Position> = FxHashSet::default();
+        let mut deliveries: FxHashMap<Position, u32> = FxHashMap::default();
         let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
         let last_index = opened.len().wrapping_sub(1);
         for (index, mut segment) in opened.into_iter().enumerate() {
@@ -426,11 +489,12 @@ impl ShardLog {
                 }
             }
             segment.set_write_offset(last_good_end);
+            let live = LiveSet::new(segment.segment_bytes());
             states.insert(
                 sequence,
                 SegmentState {
                     segment,
-                    live: HashSet::new(),
+                    live,
                     refs,
                 },
             );
@@ -574,13 +638,8 @@ impl ShardLog {
     /// reclaimed; after a crash such messages would come back, which is at-least-once delivery.
     /// `NotLive` (nothing changed) if a position is not a live message.
     pub fn ack(&mut self, positions: &[Position], now_ms: u64) -> Result<(), LogError> {
-        self.check_live(positions)?;
-        for p in positions {
-            let state = self.segments.get_mut(&p.segment).expect("checked live");
-            let removed = state.live.remove(&p.offset);
-            debug_assert!(removed);
-            self.live_messages -= 1;
-        }
+        self.take_live(positions)?;
+        self.live_messages -= positions.len() as u64;
         if self.failed {
             return Err(LogError::SyncFailed);
         }
@@ -592,32 +651,40 @@ impl ShardLog {
     /// to keep a dead-letter count across restarts). Needs no sync of its own: it rides on the
     /// next one.
     pub fn delivered(&mut self, positions: &[Position], now_ms: u64) -> Result<(), LogError> {
-        self.check_live(positions)?;
+        // Taking them checks each is live and none is named twice, without allocating; they
+        // are live again right after.
+        self.take_live(positions)?;
+        self.restore_live(positions);
         if self.failed {
             return Err(LogError::SyncFailed);
         }
         self.append_refs(positions, false, now_ms)
     }
 
-    fn check_live(&self, positions: &[Position]) -> Result<(), LogError> {
-        for p in positions {
-            let live = self
+    /// Clears every position's live mark, or none of them: `NotLive` (nothing changed) for the
+    /// first one that is not a live message or that was already named earlier in `positions`.
+    /// One bitmap lookup per position; a single ack does not touch anything else.
+    fn take_live(&mut self, positions: &[Position]) -> Result<(), LogError> {
+        for (index, p) in positions.iter().enumerate() {
+            let removed = self
                 .segments
-                .get(&p.segment)
-                .is_some_and(|s| s.live.contains(&p.offset));
-            if !live {
-                return Err(LogError::NotLive(*p));
-            }
-        }
-        // A position twice in one call would be removed once and counted twice; the set is only
-        // built for batches, so a single ack does not allocate.
-        if positions.len() > 1 {
-            let mut seen = HashSet::with_capacity(positions.len());
-            if let Some(p) = positions.iter().find(|p| !seen.insert(**p)) {
+                .get_mut(&p.segment)
+                .is_some_and(|s| s.live.remove(p.offset));
+            if !removed {
+                self.restore_live(&positions[..index]);
                 return Err(LogError::NotLive(*p));
             }
         }
         Ok(())
+    }
+
+    /// Marks positions cleared by `take_live` live again.
+    fn restore_live(&mut self, positions: &[Position]) {
+        for p in positions {
+            let state = self.segments.get_mut(&p.segment).expect("taken from here");
+            let fresh = state.live.insert(p.offset);
+            debug_assert!(fresh);
+        }
     }
 
     fn append_refs(
@@ -666,6 +733,7 @@ impl ShardLog {
             None => self.create_segment(now_ms)?,
         };
         let sequence = segment.sequence();
+        let live = LiveSet::new(segment.segment_bytes());
         if let Some(old) = self.active {
             self.segments
                 .get_mut(&old)
@@ -681,7 +749,7 @@ impl ShardLog {
             sequence,
             SegmentState {
                 segment,
-                live: HashSet::new(),
+                live,
                 refs: BTreeSet::new(),
             },
         );
@@ -1044,4 +1112,41 @@ fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
         return Err(LogError::FieldTooLong { field, len });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LiveSet;
+
+    #[test]
+    fn live_set_tracks_record_offsets_across_the_whole_segment() {
+        let segment_bytes = 8192;
+        let mut live = LiveSet::new(segment_bytes);
+        assert!(live.is_empty());
+        for offset in [64, 72, 504, 512, segment_bytes - 8] {
+            assert!(live.insert(offset));
+            assert!(live.contains(offset));
+        }
+        assert!(!live.insert(72), "already live");
+        assert_eq!(live.count, 5);
+        assert!(!live.contains(80));
+        assert!(live.remove(72));
+        assert!(!live.remove(72), "removed once only");
+        assert!(!live.contains(72));
+        for offset in [64, 504, 512, segment_bytes - 8] {
+            assert!(live.remove(offset));
+        }
+        assert!(live.is_empty());
+    }
+
+    #[test]
+    fn live_set_offsets_no_record_can_start_at_are_never_live() {
+        let mut live = LiveSet::new(4096);
+        live.insert(64);
+        for offset in [65, 68, 4096, 1 << 40, u64::MAX - 7, u64::MAX] {
+            assert!(!live.contains(offset), "{offset}");
+            assert!(!live.remove(offset), "{offset}");
+        }
+        assert!(live.contains(64));
+    }
 }

@@ -8,19 +8,17 @@
 //! (the log hands out one at a time) and its descriptors stay valid until it completes; a
 //! failed sync stops the log (fsyncgate: retrying could report lost pages as stored).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::hash_map::Entry;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use fnv::FnvHasher;
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use crate::broker::{DurableToken, Message, MessageId, Record, Recovered, ShardId};
 use crate::codec::escape::unescape;
 use crate::codec::{Escaping, Header};
 use crate::log::{LogError, MessageRecord, Position, RecoveredQueue, ShardLog, SyncRequest};
-
-type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<FnvHasher>>;
 
 /// A sync the shard ring is carrying out.
 #[derive(Debug)]
@@ -375,9 +373,145 @@ impl Durability {
 }
 
 /// Live message positions by id, with the queue each belongs to.
+///
+/// A queue shard receives each origin shard's publishes in order (one FIFO channel per pair, ids
+/// numbered upwards by the origin), so almost every insert carries a larger `seq` than the last
+/// one from its origin, and a FIFO consumer's acks come back in the same order. Those go into a
+/// run per origin: a deque sorted by `seq`, where an ack finds the front (or binary-searches)
+/// and touches memory next to the previous ack's. A hash map of a large backlog missed the cache
+/// on every insert and remove instead (~15% of the queue shard's time, see notes/perf.md).
+/// Everything else (recovered ids, an id logged again, a second queue with the same id) goes to
+/// `scattered`.
 #[derive(Default)]
 struct Positions {
-    by_id: FnvMap<MessageId, (Arc<[u8]>, Position)>,
+    /// Indexed by the origin shard's number, for shards below `ORIGIN_RUNS_MAX`.
+    runs: Vec<Run>,
+    scattered: Scattered,
+}
+
+/// Origins with a run of their own: at least the broker's shard count (one per core); ids of
+/// higher shard numbers (only from logs written by another tool) go to the hash map.
+const ORIGIN_RUNS_MAX: usize = 1024;
+
+/// When removed slots in the middle of a run (out-of-order acks) outnumber the live ones, the run
+/// is compacted, so a message never acked at the front cannot make it grow without bound.
+const RUN_COMPACT_LEN_MIN: usize = 64;
+
+#[derive(Default)]
+struct Run {
+    /// Sorted by `seq`, strictly increasing; the front slot is always live.
+    slots: VecDeque<Slot>,
+    /// Slots whose entry was taken.
+    removed: usize,
+}
+
+struct Slot {
+    seq: u64,
+    /// `None` once removed (a tombstone until it reaches the front or the run is compacted).
+    entry: Option<(Arc<[u8]>, Position)>,
+}
+
+impl Run {
+    fn find(&self, seq: u64) -> Option<usize> {
+        let front = self.slots.front()?;
+        if seq == front.seq {
+            return Some(0);
+        }
+        if seq < front.seq {
+            return None;
+        }
+        self.slots.binary_search_by_key(&seq, |slot| slot.seq).ok()
+    }
+
+    /// The live entry for `seq` in `queue`, if this run holds it.
+    fn entry_mut(&mut self, seq: u64, queue: &[u8]) -> Option<(usize, &mut Position)> {
+        let index = self.find(seq)?;
+        match &mut self.slots[index].entry {
+            Some((held, at)) if same_queue(held, queue) => Some((index, at)),
+            _ => None,
+        }
+    }
+
+    fn take(&mut self, index: usize) -> Position {
+        let (_, at) = self.slots[index].entry.take().expect("a live slot");
+        self.removed += 1;
+        while self.slots.front().is_some_and(|slot| slot.entry.is_none()) {
+            self.slots.pop_front();
+            self.removed -= 1;
+        }
+        if self.removed >= RUN_COMPACT_LEN_MIN && self.removed * 2 > self.slots.len() {
+            self.slots.retain(|slot| slot.entry.is_some());
+            self.removed = 0;
+        }
+        at
+    }
+}
+
+impl Positions {
+    fn run_mut(&mut self, id: MessageId) -> Option<&mut Run> {
+        let origin = usize::from(id.shard.0);
+        if origin >= ORIGIN_RUNS_MAX {
+            return None;
+        }
+        if origin >= self.runs.len() {
+            self.runs.resize_with(origin + 1, Run::default);
+        }
+        Some(&mut self.runs[origin])
+    }
+
+    fn run(&self, id: MessageId) -> Option<&Run> {
+        self.runs.get(usize::from(id.shard.0))
+    }
+
+    fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
+        if !self.scattered.is_empty() {
+            self.scattered.remove(id, queue);
+        }
+        if let Some(run) = self.run_mut(id) {
+            // The common case first: a new id at the back, no search.
+            if run.slots.back().map_or(true, |last| last.seq < id.seq) {
+                run.slots.push_back(Slot {
+                    seq: id.seq,
+                    entry: Some((queue.clone(), position)),
+                });
+                return;
+            }
+            if let Some((_, at)) = run.entry_mut(id.seq, queue) {
+                *at = position;
+                return;
+            }
+        }
+        self.scattered.insert(id, queue, position);
+    }
+
+    fn get(&self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        if let Some(run) = self.run(id) {
+            if let Some(index) = run.find(id.seq) {
+                if let Some((held, at)) = &run.slots[index].entry {
+                    if same_queue(held, queue) {
+                        return Some(*at);
+                    }
+                }
+            }
+        }
+        self.scattered.get(id, queue)
+    }
+
+    fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
+        if let Some(run) = self.runs.get_mut(usize::from(id.shard.0)) {
+            if let Some((index, _)) = run.entry_mut(id.seq, queue) {
+                return Some(run.take(index));
+            }
+        }
+        self.scattered.remove(id, queue)
+    }
+}
+
+/// Positions of ids that did not arrive in order, by id.
+#[derive(Default)]
+struct Scattered {
+    /// FxHash: ids are the broker's own (not client-chosen).
+    by_id: FxHashMap<MessageId, (Arc<[u8]>, Position)>,
     /// The rare second queue holding the same id on this shard (a dead-letter copy).
     more: Vec<(MessageId, Arc<[u8]>, Position)>,
 }
@@ -386,17 +520,25 @@ fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
     std::ptr::eq(a.as_ptr(), b.as_ptr()) || **a == *b
 }
 
-impl Positions {
+impl Scattered {
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
     fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
-        match self.by_id.get_mut(&id) {
-            Some((held, at)) if same_queue(held, queue) => *at = position,
-            Some(_) => {
-                self.more
-                    .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
-                self.more.push((id, queue.clone(), position));
+        match self.by_id.entry(id) {
+            Entry::Occupied(mut entry) => {
+                let (held, at) = entry.get_mut();
+                if same_queue(held, queue) {
+                    *at = position;
+                } else {
+                    self.more
+                        .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
+                    self.more.push((id, queue.clone(), position));
+                }
             }
-            None => {
-                self.by_id.insert(id, (queue.clone(), position));
+            Entry::Vacant(entry) => {
+                entry.insert((queue.clone(), position));
             }
         }
     }
@@ -413,13 +555,15 @@ impl Positions {
     }
 
     fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
-        if let Some((held, _)) = self.by_id.get(&id) {
-            if same_queue(held, queue) {
-                let (_, at) = self.by_id.remove(&id)?;
+        if let Entry::Occupied(entry) = self.by_id.entry(id) {
+            if same_queue(&entry.get().0, queue) {
+                let (_, at) = entry.remove();
                 // Promote a same-id entry of another queue, if any.
-                if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
-                    let (i, q, p) = self.more.swap_remove(index);
-                    self.by_id.insert(i, (q, p));
+                if !self.more.is_empty() {
+                    if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
+                        let (i, q, p) = self.more.swap_remove(index);
+                        self.by_id.insert(i, (q, p));
+                    }
                 }
                 return Some(at);
             }
@@ -577,5 +721,97 @@ mod tests {
         // Logged again after an ack (a returned auto-ack delivery): the new position wins.
         positions.insert(id(2), &queue, at(40));
         assert_eq!(positions.remove(id(2), b"/queue/a"), Some(at(40)));
+    }
+
+    #[test]
+    fn in_order_ids_acked_in_order_keep_the_run_short() {
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        let mut positions = Positions::default();
+        for seq in 1..=1000 {
+            positions.insert(id(seq), &queue, at(seq * 8));
+        }
+        assert!(positions.scattered.is_empty(), "in order: all in the run");
+        for seq in 1..=1000 {
+            assert_eq!(positions.remove(id(seq), b"/queue/a"), Some(at(seq * 8)));
+            assert_eq!(positions.runs[0].slots.len() as u64, 1000 - seq);
+        }
+        assert_eq!(positions.remove(id(1), b"/queue/a"), None);
+    }
+
+    #[test]
+    fn a_message_never_acked_at_the_front_does_not_make_the_run_grow_without_bound() {
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        let mut positions = Positions::default();
+        positions.insert(id(1), &queue, at(8));
+        for seq in 2..=100_000 {
+            positions.insert(id(seq), &queue, at(seq * 8));
+            assert_eq!(positions.remove(id(seq), b"/queue/a"), Some(at(seq * 8)));
+        }
+        let run = &positions.runs[0];
+        assert!(
+            run.slots.len() <= 2 * RUN_COMPACT_LEN_MIN,
+            "{}",
+            run.slots.len()
+        );
+        assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(8)));
+    }
+
+    #[test]
+    fn ids_out_of_order_or_from_unknown_origins_are_still_found() {
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        let mut positions = Positions::default();
+        let far = MessageId {
+            shard: ShardId(u16::MAX),
+            seq: 5,
+        };
+        positions.insert(id(10), &queue, at(10));
+        positions.insert(id(3), &queue, at(3));
+        positions.insert(far, &queue, at(99));
+        assert_eq!(positions.get(id(3), b"/queue/a"), Some(at(3)));
+        assert_eq!(positions.get(far, b"/queue/a"), Some(at(99)));
+        assert_eq!(positions.get(far, b"/queue/b"), None);
+        assert_eq!(positions.remove(id(3), b"/queue/a"), Some(at(3)));
+        assert_eq!(positions.remove(id(3), b"/queue/a"), None);
+        assert_eq!(positions.remove(far, b"/queue/a"), Some(at(99)));
+        assert_eq!(positions.remove(id(10), b"/queue/a"), Some(at(10)));
+        assert!(positions.scattered.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of inserts and removes, the positions behave as one map keyed by
+        /// (id, queue): the last insert wins, a remove returns it once.
+        #[test]
+        fn positions_behave_as_a_map_keyed_by_id_and_queue(
+            ops in proptest::collection::vec(
+                (0u8..3, 0u16..3, 0u64..12, proptest::bool::ANY, 0u64..1000),
+                1..300,
+            )
+        ) {
+            let queues: [Arc<[u8]>; 2] = [Arc::from(&b"/queue/a"[..]), Arc::from(&b"/queue/b"[..])];
+            let mut positions = Positions::default();
+            let mut model: std::collections::HashMap<(MessageId, bool), Position> =
+                std::collections::HashMap::new();
+            for (op, shard, seq, second, offset) in ops {
+                let id = MessageId { shard: ShardId(shard * 600), seq };
+                let queue = &queues[usize::from(second)];
+                match op {
+                    0 => {
+                        positions.insert(id, queue, at(offset));
+                        model.insert((id, second), at(offset));
+                    }
+                    1 => proptest::prop_assert_eq!(
+                        positions.remove(id, queue),
+                        model.remove(&(id, second))
+                    ),
+                    _ => proptest::prop_assert_eq!(
+                        positions.get(id, queue),
+                        model.get(&(id, second)).copied()
+                    ),
+                }
+            }
+            for ((id, second), at) in model {
+                proptest::prop_assert_eq!(positions.remove(id, &queues[usize::from(second)]), Some(at));
+            }
+        }
     }
 }
