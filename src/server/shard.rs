@@ -513,8 +513,15 @@ impl<H: ShardHandler> Shard<H> {
         if self.accept_armed {
             self.cancel(Op::Accept, 0);
         }
-        // Closing our listener fd stops new connections; the armed accept holds its own
-        // reference until the cancel completes.
+        // Shut down, not only closed: the armed accept holds its own reference to the socket
+        // until the cancel completes, and while it is open the kernel keeps handing it a share
+        // of new connections (SO_REUSEPORT), which a broker started next on the same port
+        // would never see. Shutting a listener down unhashes it at once; connections still in
+        // its backlog are reset rather than left hanging.
+        if let Some(listener) = &self.listener {
+            // SAFETY: shutdown on a socket we own; an error (already shut) changes nothing.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         self.listener = None;
         self.update_input_pause();
         self.handler.on_shutdown(&mut self.core.io());
