@@ -98,6 +98,19 @@ pub(crate) fn overshoot_max(limit: u64, extra: u64) -> u64 {
     limit.saturating_add(limit / 4).saturating_add(extra)
 }
 
+/// Lets every throttled producer go, each once.
+fn release_all(ctx: &mut Ctx<'_>, throttled: &mut BTreeSet<ConnectionId>) {
+    for conn in std::mem::take(throttled) {
+        ctx.route(
+            conn.shard,
+            ShardMessage::Throttle {
+                conn,
+                paused: false,
+            },
+        );
+    }
+}
+
 /// The level a throttled destination must drain to before its producers may resume: three
 /// quarters of the limit, so producers are not paused and resumed on every message.
 fn resume_below(limit: u64) -> u64 {
@@ -259,15 +272,7 @@ impl Queue {
         {
             return;
         }
-        for conn in std::mem::take(&mut self.throttled) {
-            ctx.route(
-                conn.shard,
-                ShardMessage::Throttle {
-                    conn,
-                    paused: false,
-                },
-            );
-        }
+        release_all(ctx, &mut self.throttled);
     }
 
     /// A message that used up its deliveries on queue `from`. Taken whatever the limits: it
@@ -702,15 +707,7 @@ impl Topic {
         if self.throttled.is_empty() || self.consumers.values().any(|c| c.holds_back(ctx)) {
             return;
         }
-        for conn in std::mem::take(&mut self.throttled) {
-            ctx.route(
-                conn.shard,
-                ShardMessage::Throttle {
-                    conn,
-                    paused: false,
-                },
-            );
-        }
+        release_all(ctx, &mut self.throttled);
     }
 
     pub(crate) fn publish(

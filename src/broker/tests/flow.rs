@@ -67,19 +67,7 @@ fn the_producer_resumes_only_once_the_queue_drained_to_three_quarters() {
     publish_many(&mut cluster, producer, "/queue/q", 0, 9);
     assert_eq!(throttles_of(&cluster, producer), [true]);
     let consumer = cluster.connect(0);
-    cluster.send(
-        consumer,
-        frame(
-            Command::Subscribe,
-            &[
-                ("id", "s"),
-                ("destination", "/queue/q"),
-                ("ack", "client-individual"),
-                ("activemq.prefetchSize", "2"),
-            ],
-            b"",
-        ),
-    );
+    cluster.subscribe_prefetch(consumer, "/queue/q", "client-individual", 2);
     // 9 waiting, 2 handed out: 7 left, above 6 (three quarters of 8).
     let first = cluster.frames(consumer);
     assert_eq!(bodies(&first), ["0", "1"]);
@@ -175,19 +163,7 @@ fn a_connection_that_consumes_with_client_acks_is_never_paused() {
     let worker = cluster.connect(0);
     cluster.subscribe(worker, "s", "/queue/work", "client");
     let other = cluster.connect(0);
-    cluster.send(
-        other,
-        frame(
-            Command::Subscribe,
-            &[
-                ("id", "s"),
-                ("destination", "/queue/work"),
-                ("ack", "client"),
-                ("activemq.prefetchSize", "1"),
-            ],
-            b"",
-        ),
-    );
+    cluster.subscribe_prefetch(other, "/queue/work", "client", 1);
     publish_many(&mut cluster, worker, "/queue/jobs", 0, 3);
     assert!(throttles_of(&cluster, worker).is_empty());
     // Once it drops its client-ack subscription, the throttle it was sent takes effect.

@@ -375,6 +375,30 @@ impl Cluster {
         );
     }
 
+    /// SUBSCRIBE with an ActiveMQ prefetch window.
+    pub fn subscribe_prefetch(
+        &mut self,
+        conn: ConnectionId,
+        destination: &str,
+        ack: &str,
+        prefetch: u32,
+    ) {
+        let prefetch = prefetch.to_string();
+        self.send(
+            conn,
+            frame(
+                Command::Subscribe,
+                &[
+                    ("id", "s"),
+                    ("destination", destination),
+                    ("ack", ack),
+                    ("activemq.prefetchSize", &prefetch),
+                ],
+                b"",
+            ),
+        );
+    }
+
     pub fn publish(&mut self, conn: ConnectionId, destination: &str, body: &str) {
         self.send(
             conn,
