@@ -57,6 +57,10 @@ fn main() -> ExitCode {
 /// Starts the broker and waits for it to stop: exit 0 after a clean drain, 1 when it could
 /// not start or failed while running (the message names the fix).
 fn run(config: Config, password_file: Option<PasswordFile>) -> ExitCode {
+    // A file-size limit (`ulimit -f`) must fail the log's write with EFBIG, which refuses that
+    // one message (its sender gets an ERROR), not kill the broker and every connection with it.
+    // SAFETY: setting a signal's disposition to ignore, before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let shutdown = Shutdown::new();
     if let Err(error) = stompd::server::shutdown_on_signals(&shutdown) {
         tracing::error!("cannot watch for SIGINT/SIGTERM: {error}");

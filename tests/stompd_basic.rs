@@ -224,3 +224,32 @@ fn logins_are_checked_against_the_password_file() {
         assert!(bad.closed_within(Duration::from_secs(5)));
     }
 }
+
+/// With a file-size limit below one log segment (`ulimit -f`), the log cannot store anything:
+/// a persistent SEND without a receipt gets an ERROR naming why (it must not be dropped in
+/// silence), the broker stays up (SIGXFSZ does not kill it), and other connections go on.
+#[test]
+fn a_send_without_receipt_the_log_cannot_store_gets_an_error_and_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_file_size_limited(dir.path(), &["--shards", "1"], 64 * 1024);
+    let mut producer = Client::stomp12(broker.port);
+    producer.publish("/queue/full", "", "lost?");
+    let error = producer.expect_frame();
+    assert_eq!(error.command, "ERROR", "{error:?}");
+    // The raw client does not unescape: `\c` is the colon (STOMP 1.2 "Value Encoding").
+    assert_eq!(
+        error.header("message"),
+        Some("message not stored\\c the broker's storage is full")
+    );
+    assert!(producer.closed_within(Duration::from_secs(10)));
+    // Topics keep nothing on disk: they still work.
+    let mut subscriber = Client::stomp12(broker.port);
+    subscriber.subscribe("s", "/topic/alive", "auto");
+    let mut other = Client::stomp12(broker.port);
+    other.publish("/topic/alive", "", "still here");
+    let message = subscriber.expect_frame();
+    assert_eq!(message.body_str(), "still here");
+    // Nothing was stored, so nothing is delivered from the queue.
+    subscriber.subscribe("q", "/queue/full", "auto");
+    assert!(subscriber.read_frame(Duration::from_millis(300)).is_none());
+}

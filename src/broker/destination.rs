@@ -40,6 +40,10 @@ use super::types::{
 struct Held {
     message: Arc<Message>,
     deliveries: u32,
+    /// The connection that sent it, while that matters: a message the log then fails to store
+    /// is dropped, and its sender hears of it even without a receipt. `None` for messages
+    /// recovered, dead-lettered or handed back.
+    origin: Option<ConnectionId>,
 }
 
 #[derive(Debug)]
@@ -243,6 +247,7 @@ impl Queue {
             Held {
                 message,
                 deliveries: 0,
+                origin: Some(origin),
             },
             false,
         );
@@ -301,6 +306,7 @@ impl Queue {
             Held {
                 message,
                 deliveries: 0,
+                origin: None,
             },
             false,
         );
@@ -309,15 +315,13 @@ impl Queue {
 
     /// Drops a message still waiting in `ready` (its log record could not be written, so it
     /// must not be delivered as if stored). One handed out already stays with its consumer.
-    pub(crate) fn forget_ready(&mut self, id: MessageId) -> bool {
-        let Some(index) = self.ready.iter().position(|held| held.message.id == id) else {
-            return false;
-        };
-        if let Some(held) = self.ready.remove(index) {
-            self.ready_bytes -= held.message.body.len() as u64;
-            self.enqueued = self.enqueued.saturating_sub(1);
-        }
-        true
+    /// Returns the sender of the message dropped, when known.
+    pub(crate) fn forget_ready(&mut self, id: MessageId) -> Option<ConnectionId> {
+        let index = self.ready.iter().position(|held| held.message.id == id)?;
+        let held = self.ready.remove(index)?;
+        self.ready_bytes -= held.message.body.len() as u64;
+        self.enqueued = self.enqueued.saturating_sub(1);
+        held.origin
     }
 
     /// Puts recovered messages back at startup, in log order.
@@ -327,6 +331,7 @@ impl Queue {
             Held {
                 message,
                 deliveries,
+                origin: None,
             },
             false,
         );
@@ -462,6 +467,7 @@ impl Queue {
             Held {
                 message,
                 deliveries,
+                origin: None,
             },
             true,
         );

@@ -350,20 +350,36 @@ impl Shard {
 
     /// The log could not store the `Record::Message` of `id` on queue `destination` (disk full,
     /// record too large, a failed sync): the queue forgets the message if it has not been
-    /// handed out yet, and the RECEIPT that waited for `token` becomes an ERROR to its sender
-    /// (`message not stored: reason`). The server still reports `token` through `on_durable`
-    /// in its turn, as for any other token, which is what releases that ERROR.
+    /// handed out yet. The RECEIPT that waited for `token` becomes an ERROR to its sender
+    /// (`message not stored: reason`); the server still reports `token` through `on_durable`
+    /// in its turn, as for any other token, which is what releases that ERROR. Without a
+    /// token, the sender of a message forgotten here gets that ERROR at once: it asked for no
+    /// receipt, but a message it sent is gone, and it must not carry on as if stored.
     pub fn on_append_failed(
         &mut self,
         destination: &[u8],
         id: MessageId,
         token: Option<DurableToken>,
         reason: &'static str,
+        now_ms: u64,
+        out: &mut Effects,
     ) {
-        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(destination) {
-            queue.forget_ready(id);
-        }
+        let origin = match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.forget_ready(id),
+            _ => None,
+        };
         let Some(token) = token else {
+            if let Some(conn) = origin {
+                let mut ctx = ctx!(self, now_ms, out);
+                ctx.route(
+                    conn.shard,
+                    ShardMessage::Rejected {
+                        conn,
+                        reason: Rejection::NotStored { reason },
+                    },
+                );
+                self.drain_local(now_ms, out);
+            }
             return;
         };
         // A dead-letter copy that could not be stored: the old queue must keep the message

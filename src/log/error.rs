@@ -58,11 +58,11 @@ impl LogError {
     /// log, not in a reply to a client.
     pub fn client_message(&self) -> &'static str {
         match self {
-            LogError::NoSpace { .. } => "message not stored: the broker's storage is full",
-            LogError::RecordTooLarge { .. } => "message not stored: too large for the broker's log",
-            LogError::FieldTooLong { .. } => "message not stored: a header is too long to store",
-            LogError::SyncFailed => "message not stored: the broker's storage failed",
-            _ => "message not stored: storage error",
+            LogError::NoSpace { .. } => "the broker's storage is full",
+            LogError::RecordTooLarge { .. } => "too large for the broker's log",
+            LogError::FieldTooLong { .. } => "a header is too long to store",
+            LogError::SyncFailed => "the broker's storage failed",
+            _ => "storage error",
         }
     }
 }
@@ -78,10 +78,7 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ENOSPC),
         };
         assert!(no_space.to_string().contains("/var/lib/stompd"));
-        assert_eq!(
-            no_space.client_message(),
-            "message not stored: the broker's storage is full"
-        );
+        assert_eq!(no_space.client_message(), "the broker's storage is full");
         let io = LogError::io("/secret/path", io::Error::from_raw_os_error(libc::EIO));
         assert!(!io.client_message().contains('/'));
     }

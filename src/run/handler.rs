@@ -120,7 +120,14 @@ impl BrokerHandler {
                             token,
                             reason,
                         }) => {
-                            self.shard.on_append_failed(&destination, id, token, reason);
+                            self.shard.on_append_failed(
+                                &destination,
+                                id,
+                                token,
+                                reason,
+                                now,
+                                &mut self.effects,
+                            );
                             if let Some(token) = token {
                                 self.shard.on_durable(token, now, &mut self.effects);
                             }
@@ -230,6 +237,8 @@ impl BrokerHandler {
                                 not_stored.id,
                                 None,
                                 not_stored.reason,
+                                now,
+                                &mut self.effects,
                             );
                         }
                     }

@@ -37,18 +37,49 @@ impl Broker {
     }
 
     pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Broker {
+        Broker::start_with(dir, port, args, |_| {})
+    }
+
+    /// Starts stompd with a file-size limit (RLIMIT_FSIZE) of `bytes`, as `ulimit -f` would.
+    pub fn start_file_size_limited(dir: &Path, args: &[&str], bytes: u64) -> Broker {
+        use std::os::unix::process::CommandExt;
+        Broker::start_with(dir, free_port(), args, |command| {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child here.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        })
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: u16,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Broker {
         let data_dir = dir.join("data");
         let stderr_path = dir.join(format!("stompd-{}.log", port));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_stompd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stompd"));
+        command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(args)
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting stompd");
+            .stderr(stderr);
+        configure(&mut command);
+        let child = command.spawn().expect("starting stompd");
         let mut broker = Broker {
             port,
             data_dir,

@@ -232,7 +232,17 @@ fn a_send_the_log_could_not_store_gets_an_error_instead_of_its_receipt() {
     else {
         panic!("a receipted persistent SEND is appended with a token");
     };
-    cluster.shards[0].on_append_failed(b"/queue/a", message.id, Some(token), "disk full");
+    let mut out = Effects::new();
+    let now = cluster.now;
+    cluster.shards[0].on_append_failed(
+        b"/queue/a",
+        message.id,
+        Some(token),
+        "disk full",
+        now,
+        &mut out,
+    );
+    assert!(out.list.is_empty());
     assert!(cluster.frames(producer).is_empty(), "reported in its turn");
     cluster.durable(0, token);
     let error = cluster.expect_error(producer);
@@ -275,4 +285,39 @@ fn a_subscribe_receipt_waits_until_the_destination_on_another_shard_has_the_subs
     );
     while cluster.step_link(0) {}
     assert_eq!(receipt_ids(&cluster.frames(subscriber)), ["r1"]);
+}
+
+#[test]
+fn a_send_without_receipt_the_log_could_not_store_gets_an_error_too() {
+    let mut cluster = Cluster::new(2, durable_config());
+    let queue_shard = shard_of(b"/queue/a", 2);
+    let producer = cluster.connect(1 - queue_shard.0);
+    cluster.publish(producer, "/queue/a", "x");
+    let (shard, Record::Message { message }, None) = cluster.appended[0].clone() else {
+        panic!("a persistent SEND without receipt is appended without a token");
+    };
+    assert_eq!(shard, queue_shard);
+    let mut out = Effects::new();
+    let now = cluster.now;
+    cluster.shards[shard.0 as usize].on_append_failed(
+        b"/queue/a",
+        message.id,
+        None,
+        "disk full",
+        now,
+        &mut out,
+    );
+    cluster.absorb(shard, out);
+    cluster.pump_if_auto();
+    let error = cluster.expect_error(producer);
+    assert_eq!(
+        error.header("message"),
+        Some("message not stored: disk full")
+    );
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/a", "auto");
+    assert!(
+        cluster.frames(consumer).is_empty(),
+        "not stored, not delivered"
+    );
 }
