@@ -44,6 +44,12 @@ pub(super) struct Conn {
     pub(super) send_cancel_sent: bool,
     /// The handler paused reading.
     pub(super) paused: bool,
+    /// Decoded its share of frames this loop turn ([`FRAMES_PER_TURN_MAX`]); the rest waits
+    /// for the next turn, in the reassembly buffer.
+    pub(super) over_budget: bool,
+    /// The turn `decoded_in_turn` counts for.
+    pub(super) decode_turn: u64,
+    pub(super) decoded_in_turn: u32,
     /// Received bytes wait undecoded in the reassembly buffer because input is paused.
     pub(super) parked: bool,
     /// The handler saw the out buffer full and is owed an `on_writable`.
@@ -60,7 +66,19 @@ impl Conn {
     pub(super) fn is_open(&self) -> bool {
         self.state == ConnState::Open
     }
+
+    /// Its input is not decoded now: paused by the handler, or its share of this turn used.
+    pub(super) fn is_stopped(&self) -> bool {
+        self.paused || self.over_budget
+    }
 }
+
+/// Frames one connection may have decoded in one loop turn. Between turns the loop takes in
+/// peer messages (a destination's request to pause this producer among them), sends, and
+/// serves the other connections, so one client's flood neither delays everyone else's frames
+/// by a whole receive batch (8 MiB) nor outruns producer flow control by more than a turn's
+/// worth. 4,096 small frames take about a millisecond to handle.
+pub(super) const FRAMES_PER_TURN_MAX: u32 = 4096;
 
 pub(super) struct Slot {
     pub(super) generation: u32,
@@ -88,6 +106,10 @@ pub(super) struct IoCore<M> {
     pub(super) resume: Vec<u32>,
     /// Connections holding parked input.
     pub(super) parked: Vec<u32>,
+    /// Connections that used their frame budget this turn; resumed at the next.
+    pub(super) over_budget: Vec<u32>,
+    /// Loop iterations so far: the unit of the per-connection frame budget.
+    pub(super) turn: u64,
     pub(super) peers: PeerOut<M>,
     /// The whole shard stopped decoding client input (a peer queue is full, or draining).
     pub(super) input_paused: bool,

@@ -66,6 +66,8 @@ pub(super) struct ShardStats {
     pub(super) input_pauses: AtomicU64,
     /// Multishot receives that ended because the buffer ring ran dry (ENOBUFS) and were re-armed.
     pub(super) recv_buffer_exhausted: AtomicU64,
+    /// Times a connection used its frame budget for a loop turn and waited for the next.
+    pub(super) frame_budget_spent: AtomicU64,
 }
 
 /// The sending side of a shard: producers to every other shard, overflow lists, and the

@@ -266,6 +266,9 @@ pub struct ShardStatsSnapshot {
     pub input_pauses: u64,
     /// Receives re-armed because the provided buffer ring ran dry.
     pub recv_buffer_exhausted: u64,
+    /// Times a connection decoded its frame budget for a loop turn (4,096) and the rest of its
+    /// input waited for the next turn.
+    pub frame_budget_spent: u64,
 }
 
 /// Reads the shards' counters while the server runs.
@@ -293,6 +296,7 @@ impl StatsHandle {
                     doorbells_rung: load(&stats.doorbells_rung),
                     input_pauses: load(&stats.input_pauses),
                     recv_buffer_exhausted: load(&stats.recv_buffer_exhausted),
+                    frame_budget_spent: load(&stats.frame_budget_spent),
                 }
             })
             .collect()

@@ -24,7 +24,7 @@ use socket2::Socket;
 use crate::codec::{Decoded, Decoder, Limits, Version};
 
 use super::bufring::BufRing;
-use super::core::{Conn, ConnState, IoCore, Slot};
+use super::core::{Conn, ConnState, IoCore, Slot, FRAMES_PER_TURN_MAX};
 use super::handler::{CloseReason, ConnId, ShardHandler, ShardId, ShardIo};
 use super::mesh::{PeerIn, PeerOut, ShardShared};
 use super::out::OutQueue;
@@ -197,6 +197,8 @@ where
             flushed: Default::default(),
             resume: Vec::new(),
             parked: Vec::new(),
+            over_budget: Vec::new(),
+            turn: 0,
             peers: params.peer_out,
             input_paused: false,
             out_buffer_bytes_max: config.out_buffer_bytes_max,
@@ -238,6 +240,8 @@ impl<H: ShardHandler> Shard<H> {
         self.arm_waker();
         loop {
             self.core.now_ms = self.start.elapsed().as_millis() as u64;
+            self.core.turn += 1;
+            self.resume_over_budget();
             if self.drain_deadline_ms.is_none() && self.shutdown.is_triggered() {
                 self.begin_drain();
             }
@@ -374,6 +378,26 @@ impl<H: ShardHandler> Shard<H> {
         }
     }
 
+    /// Connections that used their frame budget last turn may decode again (their bytes wait
+    /// in the reassembly buffer; `process_deferred` decodes them and re-arms their receive).
+    fn resume_over_budget(&mut self) {
+        let over = std::mem::take(&mut self.core.over_budget);
+        if !over.is_empty() {
+            self.shared[self.core.shard]
+                .stats
+                .frame_budget_spent
+                .fetch_add(over.len() as u64, Ordering::Relaxed);
+        }
+        for &slot in &over {
+            if let Some(conn) = self.core.conn_mut(slot) {
+                conn.over_budget = false;
+                self.core.resume.push(slot);
+            }
+        }
+        self.core.over_budget = over;
+        self.core.over_budget.clear();
+    }
+
     /// The shard stops decoding client input while a peer queue is full (so it does not buffer
     /// without bound) and while draining; when that ends, parked input flows again.
     fn update_input_pause(&mut self) {
@@ -435,7 +459,7 @@ impl<H: ShardHandler> Shard<H> {
         if !conn.is_open() {
             return;
         }
-        if conn.paused || input_paused {
+        if conn.is_stopped() || input_paused {
             self.park(slot);
             return;
         }
@@ -454,7 +478,7 @@ impl<H: ShardHandler> Shard<H> {
         if !conn.is_open() || conn.recv_armed || conn.eof {
             return;
         }
-        if conn.paused || self.core.input_paused {
+        if conn.is_stopped() || self.core.input_paused {
             self.park(slot);
         } else if after_commit {
             self.rearm.push(slot);
@@ -739,6 +763,7 @@ impl<H: ShardHandler> Shard<H> {
             || self.core.peers.has_local()
             || self.core.peers.is_congested()
             || !self.core.resume.is_empty()
+            || !self.core.over_budget.is_empty()
             || !self.core.closed.is_empty();
         let mut timeout_ms = if busy {
             0
@@ -932,6 +957,9 @@ impl<H: ShardHandler> Shard<H> {
             send_in_flight: false,
             send_cancel_sent: false,
             paused: false,
+            over_budget: false,
+            decode_turn: 0,
+            decoded_in_turn: 0,
             parked: false,
             writable_owed: false,
             flushed_owed: false,
@@ -968,7 +996,7 @@ impl<H: ShardHandler> Shard<H> {
         }
         if result > 0 {
             conn.last_read_ms = now;
-            let (open, paused) = (conn.is_open(), conn.paused || input_paused);
+            let (open, paused) = (conn.is_open(), conn.is_stopped() || input_paused);
             let id = buffer.expect("a receive with data names its buffer");
             // SAFETY: id and length come from this CQE, in CQE order; the bytes are used (or
             // copied) before the next `commit`.
@@ -1074,7 +1102,7 @@ impl<H: ShardHandler> Shard<H> {
         let stopped = self
             .core
             .conn(slot)
-            .is_some_and(|conn| conn.paused || self.core.input_paused);
+            .is_some_and(|conn| conn.is_stopped() || self.core.input_paused);
         if stopped {
             self.park(slot);
         }
@@ -1206,13 +1234,25 @@ fn dispatch_frames<H: ShardHandler>(
     slot: u32,
 ) -> usize {
     let mut position = 0;
+    let turn = core.turn;
     while position < bytes.len() {
-        let Some(conn) = core.conn(slot) else {
+        let input_paused = core.input_paused;
+        let Some(conn) = core.conn_mut(slot) else {
             break;
         };
-        if !conn.is_open() || conn.paused || core.input_paused {
+        if !conn.is_open() || conn.is_stopped() || input_paused {
             break;
         }
+        if conn.decode_turn != turn {
+            conn.decode_turn = turn;
+            conn.decoded_in_turn = 0;
+        }
+        if conn.decoded_in_turn >= FRAMES_PER_TURN_MAX {
+            conn.over_budget = true;
+            core.over_budget.push(slot);
+            break;
+        }
+        conn.decoded_in_turn += 1;
         if decoder.version() != conn.version {
             decoder.set_version(conn.version);
         }
