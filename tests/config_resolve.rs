@@ -147,6 +147,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("prefetch_default", "10", "10"),
         ("queue_messages_max", "500", "500"),
         ("queue_bytes_max", "1000000", "1000000"),
+        ("topic_subscriber_stall_ms", "60000", "60000"),
         ("log_level", "\"debug\"", "debug"),
     ];
     let mut keys: Vec<&str> = values.iter().map(|(key, _, _)| *key).collect();
@@ -191,6 +192,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         assert_eq!(config.prefetch_default, 10, "{source}");
         assert_eq!(config.queue_messages_max, 500, "{source}");
         assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
+        assert_eq!(config.topic_subscriber_stall_ms, 60_000, "{source}");
         assert_eq!(config.log_level, "debug", "{source}");
         for key in Layer::KEYS {
             assert_ne!(resolved.origins[key], Origin::Default, "{source}: {key}");
@@ -471,6 +473,7 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("prefetch_default", "1000001", "1..=1000000"),
         ("queue_messages_max", "0", "1..=1000000000"),
         ("queue_bytes_max", "4096", "65536..=1099511627776"),
+        ("topic_subscriber_stall_ms", "99", "100..=3600000"),
     ];
     for (key, value, allowed) in cases {
         let var = config::env_var_name(key);

@@ -170,3 +170,50 @@ fn every_receipted_send_survives_kill_9() {
         &lost[..lost.len().min(5)]
     );
 }
+
+/// A persistent message handed to a waiting auto-ack consumer in the pass that accepted it
+/// writes no log record (neither its Message nor its Ack: auto ack consumes it on hand-off, and
+/// the pair would only ever be replayed as acked), while a message that waits for a consumer
+/// is written; after kill -9 the consumed ones stay gone and the waiting ones come back.
+#[test]
+fn messages_auto_acked_on_arrival_leave_no_record_and_stay_consumed_after_kill_9() {
+    const CONSUMED: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), &["--shards", "2"]);
+    let mut consumer = Client::stomp12(broker.port);
+    consumer.subscribe("s", "/queue/auto", "auto");
+    let mut producer = Client::stomp12(broker.port);
+    for n in 0..CONSUMED {
+        // One at a time: the consumer always has credit when the message arrives.
+        publish_receipted(&mut producer, "/queue/auto", &[format!("a{n}")]);
+        let message = consumer.expect_frame();
+        assert_eq!(message.command, "MESSAGE", "{message:?}");
+        assert_eq!(message.body_str(), format!("a{n}"));
+    }
+    let kept: Vec<String> = (0..3).map(|n| format!("k{n}")).collect();
+    publish_receipted(&mut producer, "/queue/kept", &kept);
+    broker.kill9();
+    drop((consumer, producer));
+
+    let mut records = 0;
+    for shard in 0..2 {
+        let config = stompd::log::LogConfig::new(&broker.data_dir, shard);
+        let (_log, recovery) = stompd::log::ShardLog::open(config).unwrap();
+        records += recovery.report.records;
+    }
+    assert_eq!(
+        records, 3,
+        "only the three messages that waited were written"
+    );
+
+    let broker = Broker::start_on(dir.path(), broker.port, &["--shards", "2"]);
+    let mut consumer = Client::stomp12(broker.port);
+    consumer.subscribe("auto", "/queue/auto", "auto");
+    consumer.subscribe("kept", "/queue/kept", "auto");
+    let bodies: Vec<String> = (0..3).map(|_| consumer.expect_frame().body_str()).collect();
+    assert_eq!(bodies, kept);
+    assert!(
+        consumer.read_frame(Duration::from_millis(300)).is_none(),
+        "consumed messages are not redelivered"
+    );
+}

@@ -281,6 +281,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES")]
     pub queue_bytes_max: Option<u64>,
 
+    /// How long a topic subscriber whose connection is full holds the topic's producers back
+    /// before it counts as slow and misses messages past its slack instead, so one client that
+    /// never reads cannot stall a topic (100..=3600000). [default: 5000]
+    /// [env: STOMPD_TOPIC_SUBSCRIBER_STALL_MS] [toml: topic_subscriber_stall_ms]
+    #[arg(long, value_name = "MS")]
+    pub topic_subscriber_stall_ms: Option<u64>,
+
     /// Log filter: trace, debug, info, warn, error, off, or RUST_LOG-style directives
     /// (stompd=debug,info). [default: info] [env: STOMPD_LOG_LEVEL, then RUST_LOG]
     /// [toml: log_level] (stompserver -l/--log_level; its `fatal` means error)
@@ -332,6 +339,7 @@ impl RunArgs {
             prefetch_default: self.prefetch_default,
             queue_messages_max: self.queue_messages_max,
             queue_bytes_max: self.queue_bytes_max,
+            topic_subscriber_stall_ms: self.topic_subscriber_stall_ms,
             log_level: self.log_level.clone(),
         };
         if self.debug {

@@ -72,6 +72,8 @@ pub mod defaults {
     pub const QUEUE_MESSAGES_MAX: u64 = 1_000_000;
     /// 1 GiB: one runaway queue cannot take the machine's memory.
     pub const QUEUE_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+    /// Far longer than a burst takes to drain, far shorter than a publisher's patience.
+    pub const TOPIC_SUBSCRIBER_STALL_MS: u64 = 5000;
     /// 64 MiB, the log's own default: a segment roll is rare, and a drained queue pins at
     /// most one such file.
     pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -124,6 +126,9 @@ pub mod bounds {
     pub const QUEUE_MESSAGES: RangeInclusive<u64> = 1..=1_000_000_000;
     /// 64 KiB to 1 TiB: below, one large message would pause its producer at once.
     pub const QUEUE_BYTES: RangeInclusive<u64> = 65_536..=1 << 40;
+    /// 100 ms to an hour: shorter turns every burst into losses, longer lets one stuck client
+    /// hold a topic's producers for longer than anyone waits.
+    pub const TOPIC_SUBSCRIBER_STALL_MS: RangeInclusive<u64> = 100..=3_600_000;
 }
 
 /// Who may connect.
@@ -175,6 +180,8 @@ pub struct Config {
     pub queue_messages_max: u64,
     /// Body bytes a queue holds for consumers before its producers are paused.
     pub queue_bytes_max: u64,
+    /// How long a full topic subscriber holds its producers back before it counts as slow.
+    pub topic_subscriber_stall_ms: u64,
     /// `tracing_subscriber::EnvFilter` directives, already checked to parse.
     pub log_level: String,
 }
@@ -204,6 +211,7 @@ impl Config {
             prefetch_default: Some(defaults::PREFETCH_DEFAULT),
             queue_messages_max: Some(defaults::QUEUE_MESSAGES_MAX),
             queue_bytes_max: Some(defaults::QUEUE_BYTES_MAX),
+            topic_subscriber_stall_ms: Some(defaults::TOPIC_SUBSCRIBER_STALL_MS),
             log_level: Some(defaults::LOG_LEVEL.to_owned()),
         }
     }
@@ -238,6 +246,7 @@ impl Config {
             prefetch_default: Some(self.prefetch_default),
             queue_messages_max: Some(self.queue_messages_max),
             queue_bytes_max: Some(self.queue_bytes_max),
+            topic_subscriber_stall_ms: Some(self.topic_subscriber_stall_ms),
             log_level: Some(self.log_level.clone()),
         }
     }
@@ -749,6 +758,14 @@ fn validate(
         queue_bytes_max.into(),
         (*bounds::QUEUE_BYTES.start()).into()..=(*bounds::QUEUE_BYTES.end()).into(),
     );
+    let topic_subscriber_stall_ms =
+        get(layer.topic_subscriber_stall_ms, "topic_subscriber_stall_ms");
+    range(
+        "topic_subscriber_stall_ms",
+        topic_subscriber_stall_ms.into(),
+        (*bounds::TOPIC_SUBSCRIBER_STALL_MS.start()).into()
+            ..=(*bounds::TOPIC_SUBSCRIBER_STALL_MS.end()).into(),
+    );
     let prefetch_default = get(layer.prefetch_default, "prefetch_default");
     range(
         "prefetch_default",
@@ -926,6 +943,7 @@ fn validate(
         prefetch_default,
         queue_messages_max,
         queue_bytes_max,
+        topic_subscriber_stall_ms,
         log_level,
     })
 }

@@ -3,10 +3,18 @@
 //! delivered marks find it, drives the group-commit fsync through the shard's io_uring, and
 //! says which [`DurableToken`]s may be reported to the broker.
 //!
+//! Message records are deferred until the end of the handler pass ([`Durability::flush`]): a
+//! message auto-acked in the same pass that accepted it (a consumer with credit was waiting)
+//! costs neither its Message nor its Ack record. See [`Durability::append`] for why that keeps
+//! the guarantees.
+//!
 //! Invariants: tokens are reported in the order the broker issued them (each waits for the
-//! position of its own record, and positions only grow); at most one sync request is in flight
-//! (the log hands out one at a time) and its descriptors stay valid until it completes; a
-//! failed sync stops the log (fsyncgate: retrying could report lost pages as stored).
+//! position of its own record, and positions only grow; a deferred message's token holds its
+//! place and is never released before its record is written or cancelled); deferred records
+//! are written in the order they came, and none is left once `flush` returned; at most one sync
+//! request is in flight (the log hands out one at a time) and its descriptors stay valid until
+//! it completes; a failed sync stops the log (fsyncgate: retrying could report lost pages as
+//! stored).
 
 use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
@@ -43,13 +51,33 @@ pub struct NotStored {
 #[derive(Debug)]
 struct Waiting {
     token: DurableToken,
-    /// The end of the log right after its record: durable once a sync covers this.
+    /// The end of the log right after its record: durable once a sync covers this. Not yet
+    /// known while `deferred`.
     end: Position,
+    /// Its message record is deferred: neither written nor cancelled yet, so the token may not
+    /// be released (and nothing behind it may be).
+    deferred: bool,
     /// The message record it covers, to report it not stored if the sync fails.
     message: Option<(Arc<[u8]>, MessageId)>,
     /// The append itself failed, for this reason.
     failed: Option<&'static str>,
 }
+
+/// A message record held back until the end of the handler pass.
+#[derive(Debug)]
+struct Deferred {
+    message: Arc<Message>,
+    /// Where its token's entry is in `waiting`, counted from the first token ever pushed
+    /// (`Durability::waiting_popped` turns it into an index).
+    waiting: Option<u64>,
+}
+
+/// How many message records one handler pass may hold back before the oldest is written. A
+/// message delivered to an auto-ack consumer in the same pass is acked right behind its own
+/// record, so a handful suffices for the case this is for; the bound keeps the scan each ack
+/// makes (newest first) short when one pass accepts many messages (a transaction's COMMIT into
+/// a local queue) while acking others.
+const DEFERRED_MESSAGES_MAX: usize = 64;
 
 /// What the broker is owed, in token order.
 #[derive(Debug, PartialEq, Eq)]
@@ -68,6 +96,12 @@ pub struct Durability {
     positions: Positions,
     /// Tokens not yet reported, in order, each with the position whose durability it needs.
     waiting: VecDeque<Waiting>,
+    /// Entries ever popped from the front of `waiting`.
+    waiting_popped: u64,
+    /// Message records of this handler pass not written yet, in the order they came.
+    deferred: VecDeque<Deferred>,
+    /// Records without a token that could not be written, to report before any token.
+    not_stored: VecDeque<NotStored>,
     /// A sync failed: nothing becomes durable any more, and waiting tokens fail.
     failed: bool,
     /// `--fsync always`: tokens wait for the sync; otherwise they are released at once.
@@ -85,6 +119,9 @@ impl Durability {
             log,
             positions: Positions::default(),
             waiting: VecDeque::new(),
+            waiting_popped: 0,
+            deferred: VecDeque::with_capacity(DEFERRED_MESSAGES_MAX),
+            not_stored: VecDeque::new(),
             failed: false,
             receipts_wait_for_sync,
             sync: None,
@@ -143,58 +180,49 @@ impl Durability {
         out
     }
 
-    /// Appends one broker record. Ack and delivered records of messages the log does not
-    /// know (already acked: a race the broker resolves itself) are skipped.
-    pub fn append(
-        &mut self,
-        record: &Record,
-        token: Option<DurableToken>,
-        now_ms: u64,
-    ) -> Option<NotStored> {
+    /// Takes one broker record. Ack and delivered records of messages the log does not know
+    /// (already acked: a race the broker resolves itself) are skipped.
+    ///
+    /// A message record is deferred until [`Durability::flush`], which the handler calls after
+    /// carrying out each batch of effects; an ack of that message before then cancels both
+    /// records. Why that loses nothing the log promised: the queue logs an auto-ack delivery's
+    /// Ack when it hands the message out, in the same pass that produced the Message record
+    /// when a consumer was waiting. Written, the pair would reach the page cache together and
+    /// be covered by the same sync (syncs start only after the pass), so after any crash the
+    /// message would be acked, never redelivered: auto ack means consumed once handed to the
+    /// connection. Dropping both gives the same outcome without the bytes. A RECEIPT that waited
+    /// for the record waits for what was appended before it instead, so it still comes out in
+    /// turn. A record that is never written cannot fail: a message consumed at once is not
+    /// reported `NotStored` (the sender's RECEIPT tells the truth, it was delivered).
+    pub fn append(&mut self, record: Record, token: Option<DurableToken>, now_ms: u64) {
         match record {
-            Record::Message { message } => match self.append_message(message, now_ms) {
-                Ok(position) => {
-                    self.positions
-                        .insert(message.id, &message.destination, position);
-                    if let Some(token) = token {
-                        self.waiting.push_back(Waiting {
-                            token,
-                            end: self.log.appended_upto(),
-                            message: Some((message.destination.clone(), message.id)),
-                            failed: None,
-                        });
-                    }
-                    None
+            Record::Message { message } => {
+                if self.deferred.len() >= DEFERRED_MESSAGES_MAX {
+                    self.write_deferred(1, now_ms);
                 }
-                Err(error) => {
-                    tracing::error!(
-                        shard = self.log.config().shard,
-                        destination = %String::from_utf8_lossy(&message.destination),
-                        "message not stored: {error}"
-                    );
-                    let not_stored = NotStored {
-                        destination: message.destination.clone(),
-                        id: message.id,
+                let waiting = token.map(|token| {
+                    let at = self.waiting_popped + self.waiting.len() as u64;
+                    self.waiting.push_back(Waiting {
                         token,
-                        reason: error.client_message(),
-                    };
-                    match token {
-                        // Reported in its turn, behind the tokens issued before it.
-                        Some(token) => {
-                            self.waiting.push_back(Waiting {
-                                token,
-                                end: self.log.appended_upto(),
-                                message: Some((not_stored.destination, not_stored.id)),
-                                failed: Some(not_stored.reason),
-                            });
-                            None
-                        }
-                        None => Some(not_stored),
-                    }
-                }
-            },
+                        end: self.log.appended_upto(),
+                        deferred: true,
+                        message: Some((message.destination.clone(), message.id)),
+                        failed: None,
+                    });
+                    at
+                });
+                self.deferred.push_back(Deferred { message, waiting });
+            }
             Record::Ack { destination, id } => {
-                if let Some(position) = self.positions.remove(*id, destination) {
+                if let Some(index) = self.find_deferred(id, &destination) {
+                    let cancelled = self.deferred.remove(index).expect("found above");
+                    if let Some(at) = cancelled.waiting {
+                        let end = self.log.appended_upto();
+                        let waiting = self.waiting_at(at);
+                        waiting.end = end;
+                        waiting.deferred = false;
+                    }
+                } else if let Some(position) = self.positions.remove(id, &destination) {
                     if let Err(error) = self.log.ack(&[position], now_ms) {
                         // The ack is applied in memory; only a restart could bring it back.
                         tracing::warn!(shard = self.log.config().shard, "ack not logged: {error}");
@@ -204,14 +232,19 @@ impl Durability {
                     self.waiting.push_back(Waiting {
                         token,
                         end: self.log.appended_upto(),
+                        deferred: false,
                         message: None,
                         failed: None,
                     });
                 }
-                None
             }
             Record::Delivered { destination, id } => {
-                if let Some(position) = self.positions.get(*id, destination) {
+                // The mark needs the record's position: write it (and, to keep log order, the
+                // ones deferred before it) now.
+                if let Some(index) = self.find_deferred(id, &destination) {
+                    self.write_deferred(index + 1, now_ms);
+                }
+                if let Some(position) = self.positions.get(id, &destination) {
                     if let Err(error) = self.log.delivered(&[position], now_ms) {
                         tracing::warn!(
                             shard = self.log.config().shard,
@@ -219,7 +252,72 @@ impl Durability {
                         );
                     }
                 }
-                None
+            }
+        }
+    }
+
+    /// Writes every deferred message record, in order. Must run before anything that needs
+    /// the records on disk or their positions: a sync, `next_settled`, the end of the handler
+    /// call.
+    pub fn flush(&mut self, now_ms: u64) {
+        self.write_deferred(self.deferred.len(), now_ms);
+    }
+
+    /// The newest deferred record of `id` on queue `destination`.
+    fn find_deferred(&self, id: MessageId, destination: &Arc<[u8]>) -> Option<usize> {
+        if self.deferred.is_empty() {
+            return None;
+        }
+        self.deferred.iter().rposition(|deferred| {
+            deferred.message.id == id && same_queue(&deferred.message.destination, destination)
+        })
+    }
+
+    fn waiting_at(&mut self, at: u64) -> &mut Waiting {
+        let index = (at - self.waiting_popped) as usize;
+        &mut self.waiting[index]
+    }
+
+    /// Writes the `count` oldest deferred records.
+    fn write_deferred(&mut self, count: usize, now_ms: u64) {
+        for _ in 0..count {
+            let Some(Deferred { message, waiting }) = self.deferred.pop_front() else {
+                return;
+            };
+            let failed = match self.append_message(&message, now_ms) {
+                Ok(position) => {
+                    self.positions
+                        .insert(message.id, &message.destination, position);
+                    None
+                }
+                Err(error) => {
+                    tracing::error!(
+                        shard = self.log.config().shard,
+                        destination = %String::from_utf8_lossy(&message.destination),
+                        "message not stored: {error}"
+                    );
+                    Some(error.client_message())
+                }
+            };
+            match waiting {
+                // Reported in its turn, behind the tokens issued before it.
+                Some(at) => {
+                    let end = self.log.appended_upto();
+                    let waiting = self.waiting_at(at);
+                    waiting.end = end;
+                    waiting.deferred = false;
+                    waiting.failed = failed;
+                }
+                None => {
+                    if let Some(reason) = failed {
+                        self.not_stored.push_back(NotStored {
+                            destination: message.destination.clone(),
+                            id: message.id,
+                            token: None,
+                            reason,
+                        });
+                    }
+                }
             }
         }
     }
@@ -260,10 +358,17 @@ impl Durability {
         )
     }
 
-    /// The next thing the broker is owed, in token order; `None` while the front token still
-    /// waits for a sync.
+    /// The next thing the broker is owed: failed records without a token first, then tokens in
+    /// order; `None` while the front token still waits for a sync (or for its deferred record:
+    /// call `flush` first).
     pub fn next_settled(&mut self) -> Option<Settled> {
+        if let Some(not_stored) = self.not_stored.pop_front() {
+            return Some(Settled::NotStored(not_stored));
+        }
         let front = self.waiting.front()?;
+        if front.deferred {
+            return None;
+        }
         let reason = match front.failed {
             Some(reason) => Some(reason),
             None if self.failed => Some("the log could not be synced to disk"),
@@ -271,6 +376,7 @@ impl Durability {
             None => return None,
         };
         let waiting = self.waiting.pop_front().expect("front exists");
+        self.waiting_popped += 1;
         Some(match (reason, waiting.message) {
             (Some(reason), Some((destination, id))) => Settled::NotStored(NotStored {
                 destination,
@@ -284,6 +390,8 @@ impl Durability {
 
     /// The sync to put on the ring now, if any (`None` while one is in flight).
     pub fn start_sync(&mut self, now_ms: u64) -> Option<SyncRequest> {
+        // A sync covers what is written: nothing may still be held back.
+        self.flush(now_ms);
         if self.sync.is_some() {
             return None;
         }
@@ -349,8 +457,9 @@ impl Durability {
         }
     }
 
-    /// Blocking sync at shutdown.
-    pub fn sync_now(&mut self) {
+    /// Blocking sync at shutdown (deferred records written first).
+    pub fn sync_now(&mut self, now_ms: u64) {
+        self.flush(now_ms);
         if self.sync.is_some() {
             return;
         }
@@ -362,8 +471,9 @@ impl Durability {
         }
     }
 
+    /// Tokens or failures not reported yet, or records not written yet.
     pub fn has_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        !self.waiting.is_empty() || !self.deferred.is_empty() || !self.not_stored.is_empty()
     }
 
     /// Live messages, for logs and tests.
@@ -615,15 +725,13 @@ mod tests {
     fn tokens_wait_for_the_sync_that_covers_them_and_come_out_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut durability = open(dir.path());
-        assert_eq!(
-            durability.append(&message(1), Some(DurableToken(0)), 1),
-            None
-        );
+        durability.append(message(1), Some(DurableToken(0)), 1);
+        durability.flush(1);
         assert_eq!(durability.next_settled(), None, "not synced yet");
         let request = durability.start_sync(1).expect("a sync is due");
         assert!(durability.start_sync(1).is_none(), "one sync in flight");
         // Appended while the sync is in flight: waits for the next one.
-        durability.append(&message(2), Some(DurableToken(1)), 1);
+        durability.append(message(2), Some(DurableToken(1)), 1);
         for _ in &request.targets {
             durability.sync_completed(0);
         }
@@ -647,7 +755,7 @@ mod tests {
     fn a_failed_sync_fails_the_waiting_sends_instead_of_confirming_them() {
         let dir = tempfile::tempdir().unwrap();
         let mut durability = open(dir.path());
-        durability.append(&message(1), Some(DurableToken(0)), 1);
+        durability.append(message(1), Some(DurableToken(0)), 1);
         let request = durability.start_sync(1).unwrap();
         durability.sync_completed(-libc::EIO);
         for _ in 1..request.targets.len() {
@@ -659,8 +767,12 @@ mod tests {
         assert_eq!(not_stored.token, Some(DurableToken(0)));
         assert_eq!(not_stored.id, id(1));
         // And the log refuses what comes next.
-        let failed = durability.append(&message(2), None, 2);
-        assert!(failed.is_some());
+        durability.append(message(2), None, 2);
+        durability.flush(2);
+        let Some(Settled::NotStored(not_stored)) = durability.next_settled() else {
+            panic!("a record the failed log refused must be reported");
+        };
+        assert_eq!((not_stored.id, not_stored.token), (id(2), None));
     }
 
     #[test]
@@ -668,11 +780,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut durability = open(dir.path());
-            durability.append(&message(1), None, 1);
-            durability.append(&message(2), None, 1);
+            durability.append(message(1), None, 1);
+            durability.append(message(2), None, 1);
             let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
             durability.append(
-                &Record::Delivered {
+                Record::Delivered {
                     destination: queue.clone(),
                     id: id(2),
                 },
@@ -680,14 +792,14 @@ mod tests {
                 1,
             );
             durability.append(
-                &Record::Ack {
+                Record::Ack {
                     destination: queue,
                     id: id(1),
                 },
                 None,
                 1,
             );
-            durability.sync_now();
+            durability.sync_now(1);
         }
         let config = crate::log::LogConfig::new(dir.path(), 0);
         let (log, recovery) = ShardLog::open(config).unwrap();
@@ -701,6 +813,256 @@ mod tests {
         assert_eq!(recovered[0].deliveries, 1, "delivered before the restart");
         // Its position is known again: acking it after the restart reaches the log.
         assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+    }
+
+    fn ack(seq: u64) -> Record {
+        Record::Ack {
+            destination: Arc::from(&b"/queue/a"[..]),
+            id: id(seq),
+        }
+    }
+
+    fn delivered(seq: u64) -> Record {
+        Record::Delivered {
+            destination: Arc::from(&b"/queue/a"[..]),
+            id: id(seq),
+        }
+    }
+
+    fn sync(durability: &mut Durability, now_ms: u64) {
+        let request = durability.start_sync(now_ms).expect("a sync is due");
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+    }
+
+    /// Reopens the log in `dir`: the ids of the messages recovery brings back, in log order,
+    /// with their delivery counts, and how many good records it read.
+    fn reopen(dir: &std::path::Path) -> (Vec<(MessageId, u32)>, u64) {
+        let config = crate::log::LogConfig::new(dir, 0);
+        let (log, recovery) = ShardLog::open(config).unwrap();
+        let records = recovery.report.records;
+        let recovered = Durability::new(log).restore_queues(recovery.queues, ShardId(0), 1 << 40);
+        let ids = recovered
+            .iter()
+            .map(|r| (r.message.id, r.deliveries))
+            .collect();
+        (ids, records)
+    }
+
+    #[test]
+    fn a_message_acked_in_the_pass_that_accepted_it_writes_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut durability = open(dir.path());
+            let start = durability.log.appended_upto();
+            durability.append(message(1), None, 1);
+            durability.append(ack(1), None, 1);
+            durability.flush(1);
+            assert_eq!(
+                durability.log.appended_upto(),
+                start,
+                "neither record written"
+            );
+            assert_eq!(durability.live_messages(), 0);
+            assert_eq!(durability.positions.get(id(1), b"/queue/a"), None);
+            assert!(!durability.has_waiting());
+            // An ack after the flush of a message written by it is logged as before.
+            durability.append(message(2), None, 2);
+            durability.flush(2);
+            durability.append(ack(2), None, 3);
+            assert!(durability.log.appended_upto() > start);
+            assert_eq!(durability.live_messages(), 0);
+            durability.sync_now(3);
+        }
+        let (ids, records) = reopen(dir.path());
+        assert_eq!(ids, vec![]);
+        assert_eq!(records, 2, "message 2 and its ack; nothing of message 1");
+    }
+
+    #[test]
+    fn a_cancelled_message_keeps_its_token_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        // M1 (token 0), M2 (token 1), M2 auto-acked in the same pass: token 1 needs no record,
+        // yet must not overtake token 0, whose record is not even written before the flush.
+        durability.append(message(1), Some(DurableToken(0)), 1);
+        durability.append(message(2), Some(DurableToken(1)), 1);
+        durability.append(ack(2), None, 1);
+        assert_eq!(
+            durability.next_settled(),
+            None,
+            "token 0's record is deferred"
+        );
+        durability.flush(1);
+        assert_eq!(
+            durability.next_settled(),
+            None,
+            "token 0 waits for its sync"
+        );
+        sync(&mut durability, 2);
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(0)))
+        );
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(1)))
+        );
+        assert_eq!(durability.next_settled(), None);
+        // M3 (token 2), M4 (token 3), M3 acked: token 2 is due with what came before it (all
+        // synced), token 3 still waits for M4's sync.
+        durability.append(message(3), Some(DurableToken(2)), 3);
+        durability.append(message(4), Some(DurableToken(3)), 3);
+        durability.append(ack(3), None, 3);
+        durability.flush(3);
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(2)))
+        );
+        assert_eq!(durability.next_settled(), None, "M4 is not synced");
+        sync(&mut durability, 4);
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(3)))
+        );
+        assert!(!durability.has_waiting());
+        assert_eq!(durability.positions.get(id(3), b"/queue/a"), None);
+        assert!(durability.positions.get(id(4), b"/queue/a").is_some());
+    }
+
+    #[test]
+    fn a_delivered_mark_on_a_deferred_message_writes_it_first_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut durability = open(dir.path());
+            durability.append(message(1), None, 1);
+            durability.append(message(2), None, 1);
+            durability.append(message(3), None, 1);
+            durability.append(delivered(2), None, 1);
+            assert!(durability.positions.get(id(1), b"/queue/a").is_some());
+            assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+            assert_eq!(
+                durability.positions.get(id(3), b"/queue/a"),
+                None,
+                "M3 stays deferred"
+            );
+            durability.flush(1);
+            durability.sync_now(2);
+        }
+        let (ids, records) = reopen(dir.path());
+        assert_eq!(ids, vec![(id(1), 0), (id(2), 1), (id(3), 0)]);
+        assert_eq!(records, 4);
+    }
+
+    #[test]
+    fn deferred_messages_are_written_by_flush_start_sync_and_sync_now() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut durability = open(dir.path());
+            let start = durability.log.appended_upto();
+            durability.append(message(1), None, 1);
+            assert_eq!(durability.log.appended_upto(), start, "deferred");
+            assert!(
+                durability.has_waiting(),
+                "not drained while a record is held"
+            );
+            durability.flush(1);
+            assert!(durability.log.appended_upto() > start);
+            assert!(!durability.has_waiting());
+            assert!(durability.positions.get(id(1), b"/queue/a").is_some());
+            durability.append(message(2), None, 2);
+            sync(&mut durability, 2);
+            assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+            durability.append(message(3), None, 3);
+            durability.sync_now(3);
+            assert_eq!(durability.live_messages(), 3);
+        }
+        let (ids, _) = reopen(dir.path());
+        assert_eq!(ids, vec![(id(1), 0), (id(2), 0), (id(3), 0)]);
+    }
+
+    #[test]
+    fn more_deferred_messages_than_the_bound_write_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut durability = open(dir.path());
+        let count = DEFERRED_MESSAGES_MAX as u64;
+        for seq in 1..=count {
+            durability.append(message(seq), None, 1);
+        }
+        assert_eq!(durability.live_messages(), 0);
+        durability.append(message(count + 1), None, 1);
+        assert_eq!(durability.live_messages(), 1, "the oldest was written");
+        // Its ack is now a record; the newest is still cancelled by its own.
+        durability.append(ack(1), None, 1);
+        durability.append(ack(count + 1), None, 1);
+        durability.flush(1);
+        assert_eq!(durability.live_messages(), count - 1);
+        assert_eq!(durability.positions.get(id(count + 1), b"/queue/a"), None);
+    }
+
+    #[test]
+    fn records_that_cannot_be_stored_are_still_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::log::LogConfig::new(dir.path(), 0);
+        config.segment_bytes = 64 * 1024;
+        let (log, _) = ShardLog::open(config).unwrap();
+        let mut durability = Durability::new(log);
+        let body = vec![7u8; 64 * 1024];
+        let big = |seq: u64| Record::Message {
+            message: Arc::new(Message::from_send(
+                id(seq),
+                Arc::from(&b"/queue/a"[..]),
+                [(&b"persistent"[..], &b"true"[..])],
+                &body,
+                0,
+                true,
+            )),
+        };
+        // With a token: in its turn, before the token behind it.
+        durability.append(big(1), Some(DurableToken(0)), 1);
+        durability.append(message(2), Some(DurableToken(1)), 1);
+        // Without one: reported first, with no token.
+        durability.append(big(3), None, 1);
+        durability.flush(1);
+        let Some(Settled::NotStored(not_stored)) = durability.next_settled() else {
+            panic!("big(3) must be reported");
+        };
+        assert_eq!((not_stored.id, not_stored.token), (id(3), None));
+        assert_eq!(
+            not_stored.reason,
+            LogError::RecordTooLarge {
+                bytes: 0,
+                max_bytes: 0
+            }
+            .client_message()
+        );
+        let Some(Settled::NotStored(not_stored)) = durability.next_settled() else {
+            panic!("big(1) must be reported in its turn");
+        };
+        assert_eq!(
+            (not_stored.id, not_stored.token),
+            (id(1), Some(DurableToken(0)))
+        );
+        assert_eq!(
+            durability.next_settled(),
+            None,
+            "message 2 waits for its sync"
+        );
+        sync(&mut durability, 2);
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(1)))
+        );
+        // One consumed in the pass that accepted it is never written, so it cannot fail.
+        durability.append(big(4), Some(DurableToken(2)), 3);
+        durability.append(ack(4), None, 3);
+        durability.flush(3);
+        assert_eq!(
+            durability.next_settled(),
+            Some(Settled::Durable(DurableToken(2)))
+        );
+        assert!(!durability.has_waiting());
     }
 
     #[test]

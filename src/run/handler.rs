@@ -95,6 +95,11 @@ impl BrokerHandler {
         loop {
             self.apply(io);
             let now = self.now(io);
+            // Message records held back during `apply` (an auto-ack delivery in the same batch
+            // cancels its pair) go to the log before anything reads its state.
+            if let Some(durability) = self.durability.as_mut() {
+                durability.flush(now);
+            }
             let mut more = false;
             for conn in std::mem::take(&mut self.touched) {
                 let Some(entry) = self.conns.get_mut(&conn.local) else {
@@ -229,19 +234,10 @@ impl BrokerHandler {
                         io.close(entry.server);
                     }
                 }
+                // A record that cannot be stored comes back through `next_settled` once the
+                // batch is flushed (`settle`).
                 Effect::Append { record, token } => match self.durability.as_mut() {
-                    Some(durability) => {
-                        if let Some(not_stored) = durability.append(&record, token, now) {
-                            self.shard.on_append_failed(
-                                &not_stored.destination,
-                                not_stored.id,
-                                None,
-                                not_stored.reason,
-                                now,
-                                &mut self.effects,
-                            );
-                        }
-                    }
+                    Some(durability) => durability.append(record, token, now),
                     // Memory queues: the broker is configured without the log and emits no
                     // appends; a stray token is released at once rather than never.
                     None => {
@@ -409,7 +405,12 @@ impl ShardHandler for BrokerHandler {
 impl Drop for BrokerHandler {
     fn drop(&mut self) {
         if let Some(durability) = self.durability.as_mut() {
-            durability.sync_now();
+            // Nothing is deferred after a handler call (`settle` flushes); the clock only
+            // stamps records that a missed flush would otherwise lose.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64);
+            durability.sync_now(now_ms);
         }
     }
 }
