@@ -166,17 +166,13 @@ pub enum ServerError {
     },
 }
 
-/// The destination's owner: a stable hash (FNV-1a, 64 bit) of the name, modulo the shard count.
-/// Stable across builds and versions on purpose: durable queues live in the owning shard's log,
-/// so the mapping must not change when the binary does.
+/// The destination's owner: the broker's placement rule ([`crate::broker::shard_of`], FNV-1a 64
+/// of the name modulo the shard count, stable across builds because durable queues live in the
+/// owning shard's log), in the loop's shard numbering, so handlers that are not the broker (the
+/// relay) place destinations the same way.
 pub fn shard_of(name: &[u8], shards: usize) -> ShardId {
-    assert!(shards > 0);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in name {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (hash % shards as u64) as ShardId
+    let shards = u16::try_from(shards).expect("shard counts fit in u16 (config allows 1024)");
+    usize::from(crate::broker::shard_of(name, shards).0)
 }
 
 /// Asks a running server to stop; clone it freely. Triggering is idempotent: an atomic store and
