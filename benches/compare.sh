@@ -68,27 +68,8 @@ install_package() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends "$1" >&2
 }
 
-# A port nothing listens on (bash's /dev/tcp connect fails).
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
-
-wait_port() { # port seconds pid
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        if [[ -n ${3:-} ]] && ! kill -0 "$3" 2>/dev/null; then return 1; fi
-        sleep 0.2
-    done
-    return 1
-}
+# free_port, wait_port
+source "$ROOT/benches/ports.sh"
 
 declare -A PORT PID
 STARTED=()

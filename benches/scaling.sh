@@ -20,16 +20,8 @@ if [[ ! -x $STOMPD_BIN || ! -x $LOADGEN_BIN ]]; then
 fi
 mkdir -p "$WORK"
 
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
+# free_port, wait_port
+source "$ROOT/benches/ports.sh"
 
 for ((repeat = 1; repeat <= REPEATS; repeat++)); do
     for shards in $SHARDS; do
@@ -38,10 +30,7 @@ for ((repeat = 1; repeat <= REPEATS; repeat++)); do
         "$STOMPD_BIN" --listen "127.0.0.1:$port" --data-dir "$data" --shards "$shards" \
             >"$WORK/stompd.log" 2>&1 &
         broker=$!
-        for _ in $(seq 100); do
-            (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-            sleep 0.1
-        done
+        wait_port "$port" 30 "$broker" || { echo "stompd did not start: $WORK/stompd.log" >&2; exit 1; }
         pids=()
         for ((q = 0; q < QUEUES; q++)); do
             "$LOADGEN_BIN" --port "$port" --broker-pid "$broker" --json --quiet \

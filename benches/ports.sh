@@ -1,0 +1,25 @@
+# Port helpers shared by the benchmark scripts (sourced, not run).
+
+# A port nothing listens on (bash's /dev/tcp connect fails).
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 30000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+}
+
+# Waits until something accepts on the port: at most `seconds`, and not past the exit of
+# `pid` when given. Usage: wait_port PORT SECONDS [PID]
+wait_port() {
+    local deadline=$((SECONDS + $2))
+    while ((SECONDS < deadline)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        if [[ -n ${3:-} ]] && ! kill -0 "$3" 2>/dev/null; then return 1; fi
+        sleep 0.2
+    done
+    return 1
+}
