@@ -101,7 +101,9 @@ fn a_producer_faster_than_its_consumers_is_paused_not_refused() {
         assert!(Instant::now() < deadline, "the queue never stopped growing");
         let statistics = monitor
             .read_frame(TEST_DEADLINE)
-            // Every 5 s, later on a loaded machine while the flood is decoded.
+            // Every 5 s; the first that names the queue can take two rounds when the queue
+            // lives on another core (each core reports the others' figures as last heard, and
+            // sends nothing while it knows of no queue), more on a loaded machine.
             .expect("statistics from /queue/monitor")
             .body_str();
         let Some(size) = monitored_size(&statistics, "/queue/flow") else {
