@@ -10,15 +10,14 @@ use std::time::{Duration, Instant};
 
 use stompd_common::{Broker, Client};
 
-const MESSAGES: usize = 20_000;
-const BODY_BYTES: usize = 1024;
+const MESSAGES: usize = 60_000;
 /// The longest a whole test waits for anything to happen.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
-/// A body that starts with its sequence number.
-fn body(n: usize) -> String {
+/// A body of `bytes` that starts with its sequence number.
+fn body(n: usize, bytes: usize) -> String {
     let mut body = format!("{n:08}-");
-    body.push_str(&"x".repeat(BODY_BYTES - body.len()));
+    body.push_str(&"x".repeat(bytes - body.len()));
     body
 }
 
@@ -27,6 +26,7 @@ fn body(n: usize) -> String {
 fn spawn_producer(
     port: u16,
     destination: &'static str,
+    body_bytes: usize,
     written: Arc<AtomicUsize>,
 ) -> thread::JoinHandle<Vec<stompd_common::Frame>> {
     thread::spawn(move || {
@@ -37,7 +37,7 @@ fn spawn_producer(
             .set_write_timeout(Some(TEST_DEADLINE))
             .unwrap();
         for n in 0..MESSAGES {
-            producer.publish(destination, "", &body(n));
+            producer.publish(destination, "", &body(n, body_bytes));
             written.store(n + 1, Ordering::Relaxed);
         }
         producer.send("DISCONNECT\nreceipt:bye\n\n\0");
@@ -88,7 +88,7 @@ fn a_producer_faster_than_its_consumers_is_paused_not_refused() {
         &["--shards", "2", "--queue-messages-max", "1000"],
     );
     let written = Arc::new(AtomicUsize::new(0));
-    let producer = spawn_producer(broker.port, "/queue/flow", written.clone());
+    let producer = spawn_producer(broker.port, "/queue/flow", 1024, written.clone());
 
     // Nobody consumes yet: the queue fills past its limit, the producer is paused, and the
     // queue stops growing (two statistics reports in a row give the same size) while the
@@ -143,23 +143,15 @@ fn a_topic_subscriber_that_falls_behind_loses_nothing() {
     fast.subscribe("f", "/topic/flow", "auto");
     let mut slow = Client::stomp12(broker.port);
     slow.subscribe("s", "/topic/flow", "auto");
+    // 256 B bodies: what is already on its way when a subscriber fills (a peer queue of 4,096
+    // messages and a turn's decoding) must fit the slack it still gets (8 MiB); with 1 KiB
+    // bodies it may not, and the excess is dropped (docs/ARCHITECTURE.md, "Topic").
     let written = Arc::new(AtomicUsize::new(0));
-    let producer = spawn_producer(broker.port, "/topic/flow", written);
-
-    // `slow` reads nothing until `fast` has 2,000 messages (2 MiB, about half the slack a
-    // full subscriber gets, so `slow`'s connection is full by then); the producer must wait
-    // for it rather than leave it behind.
-    let progress = Arc::new(AtomicUsize::new(0));
-    let reader = {
-        let progress = progress.clone();
-        thread::spawn(move || receive_all_in_order(&mut fast, &progress))
-    };
-    let deadline = Instant::now() + TEST_DEADLINE;
-    while progress.load(Ordering::Relaxed) < 2000 {
-        assert!(Instant::now() < deadline, "the fast subscriber got nothing");
-        assert!(!reader.is_finished(), "the fast subscriber failed");
-        thread::sleep(Duration::from_millis(10));
-    }
+    let producer = spawn_producer(broker.port, "/topic/flow", 256, written);
+    let reader = thread::spawn(move || receive_all_in_order(&mut fast, &AtomicUsize::new(0)));
+    // `slow` reads nothing for a second, so its connection fills and the producer, which
+    // could send everything in that time, must wait for it rather than leave it behind.
+    thread::sleep(Duration::from_secs(1));
     receive_all_in_order(&mut slow, &AtomicUsize::new(0));
     reader.join().unwrap();
     let replies = producer.join().unwrap();
