@@ -737,23 +737,24 @@ impl Topic {
             return;
         }
         ctx.counters.messages_accepted_total += 1;
+        // What the MESSAGE costs in a connection's out buffer, roughly: the body, the sender's
+        // headers, and the broker's own (destination, message-id, subscription, ack,
+        // content-length), which stay under 256 bytes for names of normal length.
+        let frame_bytes = (message.body.len() + message.header_block.len()) as u64
+            + 256
+            + message.destination.len() as u64;
+        let mut holding_back = false;
         for consumer in self.consumers.values_mut() {
+            holding_back |= consumer.holds_back(ctx);
             let settled = consumer.ack == AckMode::Auto;
             // Auto acks: only a full connection (`paused`, the server's out-buffer limit)
             // makes a subscriber miss messages. Counting unflushed deliveries against the
             // prefetch, as queues do, dropped messages for subscribers that were keeping up:
             // a burst decoded in one loop turn outruns the first flush.
             let used = if settled { 0 } else { consumer.unacked.len() };
-            // What the MESSAGE costs in the connection's out buffer, roughly: the body, the
-            // sender's headers, and the broker's own (destination, message-id, subscription,
-            // ack, content-length), which stay under 256 bytes for names of normal length.
-            let frame_bytes = (message.body.len() + message.header_block.len()) as u64
-                + 256
-                + message.destination.len() as u64;
-            // A full connection still takes a bounded slack (a window of messages, and bytes
-            // within `topic_slack_bytes`): a subscriber that keeps up, but whose socket
-            // buffer is still small when a burst starts, then loses nothing, while one that
-            // stays behind costs at most the slack before it misses messages.
+            // A full connection still takes a bounded slack (`topic_slack_bytes`): what was on
+            // its way when its producers were paused, so a subscriber that keeps up loses
+            // nothing, while one that stays behind costs at most the slack.
             let over_slack = consumer.paused
                 && consumer.slack_bytes + frame_bytes > ctx.config.topic_slack_bytes;
             if over_slack || used >= consumer.prefetch as usize {
@@ -779,7 +780,7 @@ impl Topic {
                 },
             );
         }
-        if self.consumers.values().any(|c| c.holds_back(ctx)) && self.throttled.insert(origin) {
+        if holding_back && self.throttled.insert(origin) {
             ctx.route(
                 origin.shard,
                 ShardMessage::Throttle {
