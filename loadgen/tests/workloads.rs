@@ -18,6 +18,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/support/run_bounded.rs"]
+mod run_bounded;
+use run_bounded::{run_bounded, Finished};
+
 use serde_json::Value;
 use stompd::codec::Version;
 use stompd_loadgen::relay::{self, Fault, RelayConfig};
@@ -118,41 +122,19 @@ fn correct_broker() -> Broker {
 }
 
 fn loadgen(broker: &Broker, args: &[&str]) -> Outcome {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stompd-loadgen"))
-        .args(["--host", &broker.host, "--port", &broker.port.to_string()])
-        // Reached only when messages are missing: generous, so a starved CI machine is not
-        // mistaken for a lossy broker. The fault tests shorten it.
-        .args(["--json", "--quiet", "--drain-timeout", "30"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting stompd-loadgen");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_reader = thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).unwrap();
-        text
-    });
-    let err_reader = thread::spawn(move || {
-        let mut text = String::new();
-        stderr.read_to_string(&mut text).unwrap();
-        text
-    });
-    let deadline = Instant::now() + RUN_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("stompd-loadgen {args:?} ran past {RUN_DEADLINE:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out_reader.join().unwrap();
-    let stderr = err_reader.join().unwrap();
+    let Finished {
+        status,
+        stdout,
+        stderr,
+    } = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_stompd-loadgen"))
+            .args(["--host", &broker.host, "--port", &broker.port.to_string()])
+            // Reached only when messages are missing: generous, so a starved CI machine is not
+            // mistaken for a lossy broker. The fault tests shorten it.
+            .args(["--json", "--quiet", "--drain-timeout", "30"])
+            .args(args),
+        RUN_DEADLINE,
+    );
     let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
         panic!("--json output does not parse ({error}): {stdout}\n{stderr}")
     });

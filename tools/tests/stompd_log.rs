@@ -19,6 +19,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/support/run_bounded.rs"]
+mod run_bounded;
+use run_bounded::run_bounded;
+
 use serde_json::Value;
 use stompd::client::{ConnectOptions, Connection};
 use stompd::codec::{Command as StompCommand, Header};
@@ -130,42 +134,16 @@ struct Outcome {
 }
 
 fn stompd_log(args: &[&str]) -> Outcome {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stompd-log"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting stompd-log");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).unwrap();
-        text
-    });
-    let deadline = Instant::now() + RUN_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("stompd-log {args:?} ran past {RUN_DEADLINE:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    if !stderr.is_empty() {
-        eprintln!("stompd-log {args:?} stderr: {stderr}");
+    let finished = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_stompd-log")).args(args),
+        RUN_DEADLINE,
+    );
+    if !finished.stderr.is_empty() {
+        eprintln!("stompd-log {args:?} stderr: {}", finished.stderr);
     }
     Outcome {
-        code: status.code().expect("exited, not killed"),
-        stdout: reader.join().unwrap(),
+        code: finished.status.code().expect("exited, not killed"),
+        stdout: finished.stdout,
     }
 }
 
