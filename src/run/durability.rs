@@ -440,12 +440,14 @@ impl Durability {
         self.log.next_sync_due_ms()
     }
 
-    /// Work for a quiet moment: unlink fully-acknowledged segments, prepare the next one.
+    /// Work for each tick: unlink fully-acknowledged segments, prepare the next one.
+    ///
+    /// Reclaim does not wait for a moment with no sync in flight: under `fsync always` and
+    /// steady load there is almost never one, and the log would grow until the load stopped.
+    /// The log itself keeps every segment an in-flight sync names (`ShardLog::reclaim`).
     pub fn housekeeping(&mut self, now_ms: u64) {
-        if self.sync.is_none() {
-            if let Err(error) = self.log.reclaim() {
-                tracing::warn!(shard = self.log.config().shard, "reclaim failed: {error}");
-            }
+        if let Err(error) = self.log.reclaim() {
+            tracing::warn!(shard = self.log.config().shard, "reclaim failed: {error}");
         }
         if self.log.wants_spare() {
             if let Err(error) = self.log.prepare_spare(now_ms) {
@@ -1116,6 +1118,51 @@ mod tests {
             run.slots.len()
         );
         assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(8)));
+    }
+
+    #[test]
+    fn housekeeping_reclaims_acked_segments_while_a_sync_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::log::LogConfig::new(dir.path(), 0);
+        // A few dozen records per segment, so 200 messages span several.
+        config.segment_bytes = 2 * crate::log::LogConfig::SEGMENT_BYTES_MIN;
+        let (log, _) = ShardLog::open(config).unwrap();
+        let mut durability = Durability::new(log);
+        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
+        for seq in 1..=200 {
+            durability.append(message(seq), None, 1);
+        }
+        durability.flush(1);
+        let request = durability.start_sync(1).unwrap();
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        for seq in 1..=200 {
+            let destination = queue.clone();
+            durability.append(
+                Record::Ack {
+                    destination,
+                    id: id(seq),
+                },
+                None,
+                2,
+            );
+        }
+        durability.flush(2);
+        let before = durability.log.disk_bytes();
+        // Steady load: the acks' sync is in flight at the tick.
+        let request = durability.start_sync(2).unwrap();
+        assert!(durability.is_sync_in_flight());
+        durability.housekeeping(3);
+        let after = durability.log.disk_bytes();
+        assert!(
+            after < before,
+            "acked segments must go while a sync is in flight ({before} -> {after} bytes)"
+        );
+        for _ in &request.targets {
+            durability.sync_completed(0);
+        }
+        assert_eq!(durability.live_messages(), 0);
     }
 
     #[test]
