@@ -47,12 +47,19 @@ pub struct MessageId {
 
 impl MessageId {
     /// Writes the `message-id` text into `buffer` without allocating; returns its length.
+    /// Runs once per delivery and per logged message: plain digit writing, not `fmt`
+    /// (which was 1.3 % of a queue shard's time).
     pub fn write_text(&self, buffer: &mut [u8; 48]) -> usize {
-        use std::io::Write;
-        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
-        // 48 bytes hold "65535-18446744073709551615", so this cannot fail.
-        let _ = write!(cursor, "{}-{}", self.shard.0, self.seq);
-        cursor.position() as usize
+        let mut digits = [0u8; 20];
+        let shard = crate::codec::format_u64(u64::from(self.shard.0), &mut digits);
+        let mut length = shard.len();
+        buffer[..length].copy_from_slice(shard);
+        buffer[length] = b'-';
+        length += 1;
+        let seq = crate::codec::format_u64(self.seq, &mut digits);
+        // 48 bytes hold "65535-18446744073709551615" (26).
+        buffer[length..length + seq.len()].copy_from_slice(seq);
+        length + seq.len()
     }
 
     /// Parses the text [`MessageId::write_text`] writes (used by STOMP 1.0/1.1 ACK frames).
@@ -334,6 +341,18 @@ mod tests {
         assert_eq!(&buffer[..length], b"65535-18446744073709551615");
         assert_eq!(MessageId::parse(&buffer[..length]), Some(id));
         assert_eq!(MessageId::parse(b"x-1"), None);
+    }
+
+    proptest::proptest! {
+        /// The hand-written digits say what `Display` says, for every shard and sequence.
+        #[test]
+        fn message_id_text_matches_display(shard: u16, seq: u64) {
+            let id = MessageId { shard: ShardId(shard), seq };
+            let mut buffer = [0u8; 48];
+            let length = id.write_text(&mut buffer);
+            let expected = id.to_string();
+            proptest::prop_assert_eq!(&buffer[..length], expected.as_bytes());
+        }
     }
 
     #[test]
