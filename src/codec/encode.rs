@@ -101,14 +101,10 @@ impl<'o> FrameWriter<'o> {
 }
 
 /// Formats `value` in decimal into the end of `buffer`, returning the digits.
-pub fn format_u64(mut value: u64, buffer: &mut [u8; 20]) -> &[u8] {
-    let mut start = buffer.len();
-    loop {
-        start -= 1;
-        buffer[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            return &buffer[start..];
-        }
-    }
+pub fn format_u64(value: u64, buffer: &mut [u8; 20]) -> &[u8] {
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(value).as_bytes();
+    let start = buffer.len() - text.len();
+    buffer[start..].copy_from_slice(text);
+    &buffer[start..]
 }
