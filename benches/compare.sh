@@ -8,7 +8,8 @@
 #   activemq   Debian's ActiveMQ Classic, installed with apt-get if missing, started from a
 #              copy of its activemq.xml with only a STOMP NIO connector (tcpNoDelay=true, or its
 #              latency tails carry about 40 ms of Nagle delay) and its data in a scratch dir.
-#   stompd     $STOMPD_BIN, or target/release/stompd built here.
+#   stompd     $STOMPD_BIN, or target/release/stompd built here, at its defaults but for a fresh
+#              data dir ($WORK/stompd-data).
 #   relay      stompd-relay: the simplest in-memory forwarder, a ceiling to report against.
 #   rabbitmq   optional: Debian's rabbitmq-server with the STOMP plugin, guest/guest, vhost /.
 #
@@ -125,7 +126,10 @@ start_stompd() {
         bin=$ROOT/target/release/stompd
     fi
     port=$(free_port)
-    "$bin" --listen "127.0.0.1:$port" >"$WORK/stompd.log" 2>&1 &
+    # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could hold
+    # an earlier run's messages, which a new broker would recover and deliver.
+    rm -rf "$WORK/stompd-data"
+    "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/stompd-data" >"$WORK/stompd.log" 2>&1 &
     PID[stompd]=$!
     STARTED+=($!)
     PORT[stompd]=$port
