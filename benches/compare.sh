@@ -166,8 +166,10 @@ start_rabbitmq() {
     port=$(free_port)
     rm -rf "$dir"
     mkdir -p "$dir"
-    EPMD_WAS_RUNNING=0
-    if pgrep -x epmd >/dev/null; then EPMD_WAS_RUNNING=1; fi
+    if [[ -z ${EPMD_WAS_RUNNING:-} ]]; then
+        EPMD_WAS_RUNNING=0
+        if pgrep -x epmd >/dev/null; then EPMD_WAS_RUNNING=1; fi
+    fi
     RABBIT_NODE=loadgen-$$@localhost
     printf 'stomp.listeners.tcp.1 = 127.0.0.1:%s\nloopback_users = none\nlisteners.tcp = none\n' \
         "$port" >"$dir/rabbitmq.conf"
@@ -196,6 +198,22 @@ for broker in "${BROKER_LIST[@]}"; do
     "start_$broker"
 done
 
+# Stops one broker and starts it afresh. The connections case measures memory per connection
+# from the broker's RSS, which only a fresh process shows: a broker that ran the backlog case
+# reuses the memory it freed, and its growth reads as zero.
+restart_broker() {
+    local broker=$1
+    log "restarting $broker for a fresh process"
+    if [[ $broker == rabbitmq ]]; then
+        rabbit_env "$RABBIT_BIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
+    elif [[ -n ${PID[$broker]:-} ]]; then
+        kill "${PID[$broker]}" 2>/dev/null || true
+        wait "${PID[$broker]}" 2>/dev/null || true
+    fi
+    "start_$broker"
+}
+FRESH_CASES='^connections$'
+
 rm -rf "$WORK/runs"
 for ((repeat = 1; repeat <= REPEATS; repeat++)); do
     for index in "${!CASES[@]}"; do
@@ -206,6 +224,8 @@ for ((repeat = 1; repeat <= REPEATS; repeat++)); do
         read -r -a args <<<"${case#*|}"
         mkdir -p "$WORK/runs/$name"
         for broker in "${BROKER_LIST[@]}"; do
+            [[ -n ${PORT[$broker]:-} ]] || continue
+            if [[ ${case%%|*} =~ $FRESH_CASES ]]; then restart_broker "$broker"; fi
             [[ -n ${PORT[$broker]:-} ]] || continue
             log "repeat $repeat/$REPEATS: $name on $broker"
             pid_args=()
