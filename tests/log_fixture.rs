@@ -114,6 +114,7 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
             sequence: 0,
             segment_bytes: SEGMENT_BYTES,
             created_ms: 1_700_000_000_001,
+            flags: 0,
         }
     );
 

@@ -17,7 +17,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::error::LogError;
-use super::format::{FormatError, Position, RecordView, ScanItem, SegmentHeader};
+use super::format::{
+    ends_data_at, FormatError, Position, RecordView, ScanItem, SegmentHeader, FRAME_BYTES,
+};
 use super::segment::{list_segments, SegmentReader};
 use super::shard::reclaimable_segments;
 
@@ -82,11 +84,14 @@ pub enum Damage {
         bytes: u64,
         error: FormatError,
     },
-    /// Bytes after the last good record that are not zeros: a torn tail (recovery cuts it in
-    /// the last segment), or, in the live segment of a running broker, a record being written.
+    /// Bytes after the last good record that are not zeros (in a recycled segment: that are not
+    /// an end marker): a torn tail (recovery cuts it in the last segment), or, in the live
+    /// segment of a running broker, a record being written.
     Tail {
         offset: u64,
-        /// From `offset` through the last non-zero byte.
+        /// From `offset` through the last non-zero byte; in a recycled segment, through where the
+        /// scan stopped (at least the 16 bytes that were not an end marker), since the leftovers
+        /// of the file's earlier use follow.
         bytes: u64,
         /// Why the scan stopped there; `None` for non-zero bytes after a zero length.
         error: Option<FormatError>,
@@ -265,8 +270,24 @@ impl SegmentSummary {
             }
         }
         let tail_error = tail_error.or(stop.map(|(_, error)| error));
-        let last_nonzero = reader.last_nonzero_from(data_end);
-        if let Some(last_nonzero) = last_nonzero {
+        if header.is_recycled() {
+            // Recovery's rule for a recycled segment: its data ends at an end marker right after
+            // the last good record, and the leftovers behind it are not damage. Without one the
+            // tail is torn; what counts is what was examined, as recovery reports it.
+            let bytes = reader.bytes();
+            if !ends_data_at(bytes, data_end) {
+                let segment_end = bytes.len() as u64;
+                let examined = scan
+                    .offset()
+                    .max(data_end + FRAME_BYTES as u64)
+                    .min(segment_end);
+                summary.damage.push(Damage::Tail {
+                    offset: data_end,
+                    bytes: examined - data_end,
+                    error: tail_error,
+                });
+            }
+        } else if let Some(last_nonzero) = reader.last_nonzero_from(data_end) {
             summary.damage.push(Damage::Tail {
                 offset: data_end,
                 bytes: last_nonzero - data_end + 1,

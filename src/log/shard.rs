@@ -13,8 +13,14 @@
 //!   must outlive the message it acks, or the message would come back after a restart), and
 //!   (4) no sync in flight uses its descriptor.
 //! - The active segment is never deleted, so segment sequence numbers never repeat. A spare
-//!   segment prepared ahead has the next sequence number; on disk it is an empty segment, which
-//!   recovery simply takes as the active one.
+//!   segment prepared ahead has the next sequence number; on disk it is an empty segment (an
+//!   end marker right after its header), which recovery simply takes as the active one.
+//! - At most one reclaimed segment file is kept for reuse (`free`, named `<sequence>.seg.free`,
+//!   a name recovery never reads as a segment and deletes). Only a segment in this build's
+//!   format and of the configured size is kept. It is reused only for a higher sequence number
+//!   than the one it held, so its leftover records can never validate (the record CRC is seeded
+//!   with the sequence), and it gets its final name only after its new header is on disk
+//!   (see `Segment::recycle`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -27,11 +33,12 @@ use smallvec::SmallVec;
 
 use super::error::LogError;
 use super::format::{
-    FormatError, MessageRecord, Position, RecordRef, RecordView, ScanItem, SegmentHeader,
-    SegmentScan, FORMAT_VERSION, REFS_FIXED_BYTES, REF_BYTES, SEGMENT_HEADER_BYTES,
+    ends_data_at, FormatError, MessageRecord, Position, RecordRef, RecordView, ScanItem,
+    SegmentHeader, SegmentScan, FORMAT_VERSION, FRAME_BYTES, REFS_FIXED_BYTES, REF_BYTES,
+    SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
 };
 use super::policy::FsyncPolicy;
-use super::segment::{list_segments, Segment};
+use super::segment::{free_file_name, list_free_files, list_segments, Segment};
 use crate::codec::Header;
 
 /// The directory of shard `shard`'s log under the broker's data directory.
@@ -162,6 +169,15 @@ pub struct SkippedRecord {
     pub error: FormatError,
 }
 
+/// How much of a torn tail in a recycled last segment recovery copies aside (to the
+/// `.seg.cut-<offset>` file) before ending the data with an end marker. A fresh segment's tail
+/// is copied and zeroed through its last non-zero byte, but behind a recycled segment's data lie
+/// up to a whole segment (64 MiB) of leftovers of the file's earlier use, which are not damage:
+/// copying them at every such restart would cost time and disk for nothing. A torn record is at
+/// most one record long and the records a damaged length hides are the ones right after it, so
+/// 1 MiB (larger than a typical record, well under a segment) keeps what an operator may want.
+pub const RECYCLED_CUT_COPY_BYTES_MAX: u64 = 1024 * 1024;
+
 /// Damaged or partial bytes after the last good record of a segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TailCut {
@@ -178,6 +194,14 @@ pub struct TailCut {
     pub saved_to: Option<PathBuf>,
     /// Why the scan stopped there.
     pub error: Option<FormatError>,
+    /// The segment is recycled: its data should have ended with an end marker right after the
+    /// last good record. Bytes further on may be leftovers of the file's earlier use, so `bytes`
+    /// counts only what was examined: in the last segment the prefix copied (at most
+    /// [`RECYCLED_CUT_COPY_BYTES_MAX`], through its last non-zero byte), after which an end marker
+    /// was written (`zeroed`) and the rest left as it is; in an earlier one, from the last good
+    /// record to where the scan stopped (at least the 16 framing bytes that were not an end
+    /// marker).
+    pub recycled: bool,
 }
 
 /// What recovery found and did; the caller logs it.
@@ -195,6 +219,9 @@ pub struct RecoveryReport {
     pub cuts: Vec<TailCut>,
     /// Segment files whose creation never completed (header all zeros), removed.
     pub removed_incomplete: Vec<PathBuf>,
+    /// Reclaimed segment files kept for reuse (`*.seg.free`) left by the last run, removed: a
+    /// free file is never data, and the writer keeps a new one at its next reclaim.
+    pub removed_free: Vec<PathBuf>,
     /// Segments deleted because all their messages were acknowledged.
     pub reclaimed: Vec<u64>,
 }
@@ -233,6 +260,12 @@ impl fmt::Display for RecoveryReport {
             )?;
             if let Some(e) = &c.error {
                 write!(f, " ({e})")?;
+            }
+            if c.recycled {
+                write!(
+                    f,
+                    " (recycled segment: bytes after these are leftovers, not examined)"
+                )?;
             }
             if let Some(p) = &c.saved_to {
                 write!(f, ", saved to {}", p.display())?;
@@ -347,6 +380,9 @@ pub struct ShardLog {
     last_sync_issued_ms: Option<u64>,
     /// A segment was created since the directory was last synced.
     dir_dirty: bool,
+    /// A reclaimed segment file kept for reuse by the next `create_segment`: the sequence it
+    /// held and its path (`<sequence>.seg.free`). At most one; see the module invariants.
+    free: Option<(u64, PathBuf)>,
     /// A sync failed: durability can no longer be promised.
     failed: bool,
     /// Messages appended or recovered and not yet acknowledged.
@@ -363,12 +399,20 @@ impl ShardLog {
         fs::create_dir_all(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let dir = File::open(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let mut report = RecoveryReport::default();
+        // A file kept for reuse by the last run holds nothing needed. It is deleted rather than
+        // reused: its old sequence is only known to be lower than the next one while the
+        // segments that followed it are still here, and a file reused under its own old
+        // sequence would bring its stale records back as valid.
+        for path in list_free_files(&config.dir)? {
+            fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+            report.removed_free.push(path);
+        }
         let mut next_sequence = 0;
-        let mut opened: Vec<Segment> = Vec::new();
+        let mut opened: Vec<(Segment, bool)> = Vec::new();
         for (sequence, path) in list_segments(&config.dir)? {
             next_sequence = sequence + 1;
-            if let Some(segment) = open_checked(&config, sequence, &path, &mut report)? {
-                opened.push(segment);
+            if let Some(opened_segment) = open_checked(&config, sequence, &path, &mut report)? {
+                opened.push(opened_segment);
             }
         }
         report.segments = opened.len();
@@ -379,7 +423,7 @@ impl ShardLog {
         let mut deliveries: FxHashMap<Position, u32> = FxHashMap::default();
         let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
         let last_index = opened.len().wrapping_sub(1);
-        for (index, mut segment) in opened.into_iter().enumerate() {
+        for (index, (mut segment, recycled)) in opened.into_iter().enumerate() {
             let sequence = segment.sequence();
             let mut refs = BTreeSet::new();
             let mut last_good_end = SEGMENT_HEADER_BYTES as u64;
@@ -438,7 +482,60 @@ impl ShardLog {
                 .next()
                 .map(|s| s.error)
                 .or(stop.map(|(_, e)| e));
-            if index == last_index {
+            if recycled {
+                // The data ends at an end marker right after the last good record; what lies
+                // behind it is leftovers and is not looked at. Without one, the tail is torn.
+                if !ends_data_at(bytes, last_good_end) {
+                    let segment_end = bytes.len() as u64;
+                    if index == last_index {
+                        // Copy a bounded prefix aside (see RECYCLED_CUT_COPY_BYTES_MAX), then
+                        // end the data where the good records end; appends go on from there.
+                        let window_end =
+                            (last_good_end + RECYCLED_CUT_COPY_BYTES_MAX).min(segment_end);
+                        let copy_end = scan_last_nonzero(bytes, last_good_end, window_end)
+                            .map_or(last_good_end, |last| last + 1);
+                        let cut_bytes = copy_end - last_good_end;
+                        let saved = segment
+                            .path()
+                            .with_extension(format!("seg.cut-{last_good_end}"));
+                        let saved_to =
+                            fs::write(&saved, &bytes[last_good_end as usize..copy_end as usize])
+                                .ok()
+                                .map(|()| saved);
+                        let marker_end = (last_good_end + FRAME_BYTES as u64).min(segment_end);
+                        let map = segment.bytes_mut().expect("mapped");
+                        map[last_good_end as usize..marker_end as usize].fill(0);
+                        segment.sync_data()?;
+                        report.cuts.push(TailCut {
+                            position: Position {
+                                segment: sequence,
+                                offset: last_good_end,
+                            },
+                            bytes: cut_bytes,
+                            zeroed: true,
+                            saved_to,
+                            error: tail_error,
+                            recycled: true,
+                        });
+                    } else {
+                        let examined = scan_end
+                            .max(last_good_end + FRAME_BYTES as u64)
+                            .min(segment_end)
+                            - last_good_end;
+                        report.cuts.push(TailCut {
+                            position: Position {
+                                segment: sequence,
+                                offset: last_good_end,
+                            },
+                            bytes: examined,
+                            zeroed: false,
+                            saved_to: None,
+                            error: tail_error,
+                            recycled: true,
+                        });
+                    }
+                }
+            } else if index == last_index {
                 let tail = &bytes[last_good_end as usize..];
                 let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
                 if let Some(last_nonzero) = last_nonzero {
@@ -464,6 +561,7 @@ impl ShardLog {
                         zeroed: true,
                         saved_to,
                         error: tail_error,
+                        recycled: false,
                     });
                 }
             } else {
@@ -485,6 +583,7 @@ impl ShardLog {
                         zeroed: false,
                         saved_to: None,
                         error: tail_error,
+                        recycled: false,
                     });
                 }
             }
@@ -577,6 +676,7 @@ impl ShardLog {
             sync_in_flight: None,
             last_sync_issued_ms: None,
             dir_dirty: false,
+            free: None,
             failed: false,
             live_messages,
         };
@@ -757,15 +857,50 @@ impl ShardLog {
         Ok(sequence)
     }
 
+    /// Creates the next segment: from the reclaimed file kept for reuse when there is one (no
+    /// allocation, and its pages are still cached), else a fresh file. A failed reuse falls back
+    /// to a fresh file; `Segment::recycle` leaves no file whose name and header disagree.
     fn create_segment(&mut self, now_ms: u64) -> Result<Segment, LogError> {
-        let header = SegmentHeader {
+        let mut header = SegmentHeader {
             format_version: FORMAT_VERSION,
             shard: self.config.shard,
             sequence: self.next_sequence,
             segment_bytes: self.config.segment_bytes,
             created_ms: now_ms,
+            flags: 0,
         };
-        let segment = Segment::create(&self.config.dir, header, self.config.populate)?;
+        let recycled = self.free.take().and_then(|(old_sequence, free)| {
+            // Stale records of the file validate only under their own sequence.
+            assert!(
+                old_sequence < header.sequence,
+                "reusing a segment file for an old sequence"
+            );
+            let mut recycled_header = header;
+            recycled_header.flags = SEGMENT_FLAG_RECYCLED;
+            match Segment::recycle(
+                &self.config.dir,
+                &self.dir,
+                &free,
+                recycled_header,
+                self.config.populate,
+            ) {
+                Ok(segment) => Some(segment),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "could not reuse a reclaimed log segment file; creating a fresh one"
+                    );
+                    None
+                }
+            }
+        });
+        let segment = match recycled {
+            Some(segment) => segment,
+            None => {
+                header.flags = 0;
+                Segment::create(&self.config.dir, header, self.config.populate)?
+            }
+        };
         self.next_sequence += 1;
         // The new name reaches the disk with the next sync request.
         self.dir_dirty = true;
@@ -960,7 +1095,30 @@ impl ShardLog {
         for sequence in deletable {
             let state = self.segments.remove(&sequence).expect("listed segment");
             let path = state.segment.path().to_owned();
+            // Kept for reuse: one file is enough for the next roll, and a segment of an older
+            // format (whose tail rules know no leftovers) or another size never is.
+            let reusable = self.free.is_none()
+                && state.segment.format_version() == FORMAT_VERSION
+                && state.segment.segment_bytes() == self.config.segment_bytes;
             drop(state);
+            if reusable {
+                // Like the unlink below, not synced: if a crash undoes it, the segment comes back
+                // under its old name (at-least-once). `Segment::recycle` syncs the directory
+                // before it changes the content.
+                let free = path.with_file_name(free_file_name(sequence));
+                match fs::rename(&path, &free) {
+                    Ok(()) => {
+                        self.free = Some((sequence, free));
+                        reclaimed.push(sequence);
+                        continue;
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        path = %path.display(),
+                        "could not keep a reclaimed log segment for reuse; deleting it"
+                    ),
+                }
+            }
             fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
             reclaimed.push(sequence);
         }
@@ -995,13 +1153,13 @@ pub fn reclaimable_segments<'a>(
 }
 
 /// Opens one listed segment and checks its header. Returns `None` (after deleting the file) for
-/// a segment whose creation never finished.
+/// a segment whose creation never finished; else the segment and whether it is recycled.
 fn open_checked(
     config: &LogConfig,
     sequence: u64,
     path: &Path,
     report: &mut RecoveryReport,
-) -> Result<Option<Segment>, LogError> {
+) -> Result<Option<(Segment, bool)>, LogError> {
     let len = fs::metadata(path).map_err(|e| LogError::io(path, e))?.len();
     if len < SEGMENT_HEADER_BYTES as u64 {
         let content = fs::read(path).map_err(|e| LogError::io(path, e))?;
@@ -1018,7 +1176,7 @@ fn open_checked(
             },
         });
     }
-    let segment = Segment::open_existing(sequence, path)?;
+    let mut segment = Segment::open_existing(sequence, path)?;
     let bytes = segment.bytes().expect("mapped");
     let header = match SegmentHeader::decode(bytes) {
         Ok(header) => header,
@@ -1057,7 +1215,10 @@ fn open_checked(
             path: path.to_owned(),
             what,
         }),
-        None => Ok(Some(segment)),
+        None => {
+            segment.set_format_version(header.format_version);
+            Ok(Some((segment, header.is_recycled())))
+        }
     }
 }
 
