@@ -6,12 +6,19 @@
 //! acknowledged at sync k and still not acknowledged at the crash, in order per queue, with its
 //! body intact. (Acknowledged messages may come back: unlinks are not synced, so delivery is at
 //! least once.)
+//!
+//! A segment created since sync k from a recycled file (format version 2) starts from what that
+//! file held at sync k (its inode, under its old name or as `.seg.free`), with only its new
+//! header and the end marker after it on disk for sure (`Segment::recycle` syncs them before it
+//! renames the file): its unsynced sectors hold the old segment's records, not zeros.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use stompd::log::{list_segments, LogConfig, MessageRecord, Position, ShardLog};
+use stompd::log::format::{SegmentHeader, FRAME_BYTES, SEGMENT_HEADER_BYTES};
+use stompd::log::{LogConfig, MessageRecord, Position, ShardLog};
 
 const SECTOR: usize = 512;
 const CRASHES_PER_SYNC_POINT: usize = 4;
@@ -37,31 +44,54 @@ fn config(data_dir: &Path) -> LogConfig {
     config
 }
 
-type Files = BTreeMap<String, Vec<u8>>;
+/// Segment files (`*.seg`) and kept reclaimed files (`*.seg.free`) by name: inode, content.
+type Files = BTreeMap<String, (u64, Vec<u8>)>;
 
 fn snapshot(dir: &Path) -> Files {
-    list_segments(dir)
+    fs::read_dir(dir)
         .unwrap()
-        .into_iter()
-        .map(|(_, path)| {
-            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-            (name, fs::read(&path).unwrap())
+        .map(|entry| entry.unwrap())
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().unwrap();
+            let wanted = name.ends_with(".seg") || name.ends_with(".seg.free");
+            wanted.then(|| {
+                let ino = entry.metadata().unwrap().ino();
+                (name, (ino, fs::read(entry.path()).unwrap()))
+            })
         })
         .collect()
 }
 
+/// What a segment created since the sync started from on disk: zeros for a fresh file; for a
+/// recycled one, what its inode held at the sync, under its new header and end marker (synced
+/// before the file got its new name).
+fn base_of(new: &(u64, Vec<u8>), synced: &Files) -> Vec<u8> {
+    let (ino, bytes) = new;
+    let recycled = SegmentHeader::decode(bytes).is_ok_and(|h| h.is_recycled());
+    let old = synced.values().find(|(old_ino, _)| old_ino == ino);
+    match old {
+        Some((_, old)) if recycled && old.len() == bytes.len() => {
+            let mut base = old.clone();
+            base[..SEGMENT_HEADER_BYTES].copy_from_slice(&bytes[..SEGMENT_HEADER_BYTES]);
+            base[SEGMENT_HEADER_BYTES..SEGMENT_HEADER_BYTES + FRAME_BYTES].fill(0);
+            base
+        }
+        _ => vec![0; bytes.len()],
+    }
+}
+
 /// What the disk might hold after a crash that came after the sync that left `synced` and
 /// before the next one, which found `next`.
-fn crash(synced: &Files, next: &Files, rng: &mut Rng) -> Files {
-    let mut out = Files::new();
+fn crash(synced: &Files, next: &Files, rng: &mut Rng) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
     let names: BTreeSet<&String> = synced.keys().chain(next.keys()).collect();
     for name in names {
         match (synced.get(name), next.get(name)) {
-            (Some(old), Some(new)) => {
+            (Some((_, old)), Some((_, new))) => {
                 out.insert(name.clone(), mix(old, new, rng));
             }
-            // Deleted since the sync: the unlink may not have reached the disk.
-            (Some(old), None) => {
+            // Deleted (or renamed away) since the sync: that may not have reached the disk.
+            (Some((_, old)), None) => {
                 if rng.chance(2) {
                     out.insert(name.clone(), old.clone());
                 }
@@ -69,7 +99,7 @@ fn crash(synced: &Files, next: &Files, rng: &mut Rng) -> Files {
             // Created since the sync: its name may not have reached the disk.
             (None, Some(new)) => {
                 if rng.chance(2) {
-                    out.insert(name.clone(), mix(&vec![0; new.len()], new, rng));
+                    out.insert(name.clone(), mix(&base_of(new, synced), &new.1, rng));
                 }
             }
             (None, None) => unreachable!(),
@@ -141,6 +171,23 @@ fn recovery_after_a_crash_at_any_sync_point_keeps_every_stored_unacked_message()
     sync_points.push((stored_at_end, snapshot(&live_dir)));
     drop(log);
     assert!(sync_points.len() > 30, "{} sync points", sync_points.len());
+    // Segments were recycled between sync points, so crashes start from leftover bytes too.
+    let recycled_between = sync_points
+        .windows(2)
+        .filter(|w| {
+            let (synced, next) = (&w[0].1, &w[1].1);
+            next.iter().any(|(name, new)| {
+                !synced.contains_key(name)
+                    && base_of(new, synced)[SEGMENT_HEADER_BYTES + FRAME_BYTES..]
+                        .iter()
+                        .any(|&b| b != 0)
+            })
+        })
+        .count();
+    assert!(
+        recycled_between > 0,
+        "{recycled_between} recycled segments between syncs"
+    );
 
     for (k, pair) in sync_points.windows(2).enumerate() {
         let [(stored, synced), (stored_next, next)] = pair else {
