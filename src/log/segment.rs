@@ -261,9 +261,11 @@ impl Segment {
             ));
         }
         dir_file.sync_all().map_err(|e| LogError::io(dir, e))?;
+        // The header, then an end marker (zeros) over the old first record.
         let mut bytes = [0u8; SEGMENT_HEADER_BYTES + FRAME_BYTES];
-        let (head, _end_marker) = bytes.split_at_mut(SEGMENT_HEADER_BYTES);
-        header.encode(head.try_into().expect("64 bytes"));
+        let mut head = [0u8; SEGMENT_HEADER_BYTES];
+        header.encode(&mut head);
+        bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(&head);
         file.write_all_at(&bytes, 0)
             .map_err(|e| space_or_io(free, e))?;
         file.sync_data().map_err(|e| LogError::io(free, e))?;
@@ -409,7 +411,8 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
 }
 
 /// A segment opened read-only, for the inspection tool. Safe to use on a live broker's
-/// directory: it never writes, the file never shrinks (segments are zeroed, not truncated), and
+/// directory: it never writes, the file never shrinks (segments are zeroed or ended with an end
+/// marker, not truncated; a recycled file gets a segment name only with its new header), and
 /// a record being written shows up as the end of the scan rather than an error. If the broker
 /// deletes the segment meanwhile, the map keeps the old contents alive.
 #[derive(Debug)]
@@ -430,9 +433,9 @@ impl SegmentReader {
         let map = if len == 0 {
             None
         } else {
-            // SAFETY: read-only shared map. The broker writes only zeroed space past the records
-            // this reader looks at and never truncates segments; torn reads of a record being
-            // written are caught by its CRC.
+            // SAFETY: read-only shared map. The broker writes only past the records this reader
+            // looks at (over zeros, or a recycled file's leftovers) and never truncates
+            // segments; torn reads of a record being written are caught by its CRC.
             Some(unsafe { Mmap::map(&file) }.map_err(|e| LogError::io(path, e))?)
         };
         let header = SegmentHeader::decode(map.as_deref().unwrap_or(&[]));

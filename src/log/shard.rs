@@ -918,7 +918,8 @@ impl ShardLog {
     }
 
     /// Creates (allocates, maps, prefaults) the next segment now, so that the roll that needs it
-    /// costs nothing. Creating a segment blocks for a few milliseconds at the default size; the
+    /// costs nothing. Creating a segment blocks for a few milliseconds at the default size
+    /// (fallocate; or, reusing a reclaimed file, a directory fsync and an fdatasync); the
     /// event loop calls this when `wants_spare` says so, at a moment of its choosing (an idle
     /// turn), instead of paying it inside the append that happens to fill a segment.
     /// `NoSpace` here is an early warning: nothing changed.
@@ -1069,7 +1070,8 @@ impl ShardLog {
         self.segments.keys().copied().collect()
     }
 
-    /// Bytes of disk the segment files take.
+    /// Bytes of disk the segment files take (not counting the one reclaimed file that may be
+    /// kept for reuse, which is at most one more segment).
     pub fn disk_bytes(&self) -> u64 {
         self.segments
             .values()
@@ -1078,7 +1080,9 @@ impl ShardLog {
     }
 
     /// Deletes every segment that no longer holds anything needed (see the module invariants)
-    /// and returns their sequence numbers. Blocking (unlink); cheap when there is nothing to do.
+    /// and returns their sequence numbers; the first one that can be reused is kept instead
+    /// (renamed to `<sequence>.seg.free`) when none is kept yet, for the next `create_segment`.
+    /// Blocking (unlink, rename); cheap when there is nothing to do.
     /// The event loop calls it after acks, at a quiet moment.
     pub fn reclaim(&mut self) -> Result<Vec<u64>, LogError> {
         let active = self.active;
