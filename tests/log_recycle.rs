@@ -11,6 +11,7 @@ use stompd::log::format::{
     decode_record, Decoded, SegmentHeader, FORMAT_VERSION, SEGMENT_FLAG_RECYCLED,
     SEGMENT_HEADER_BYTES,
 };
+use stompd::log::inspect::SegmentSummary;
 use stompd::log::segment::{free_file_name, segment_file_name};
 use stompd::log::shard::RECYCLED_CUT_COPY_BYTES_MAX;
 use stompd::log::{LogConfig, MessageRecord, Position, Recovery, ShardInspection, ShardLog};
@@ -611,4 +612,48 @@ fn a_file_that_cannot_be_reused_falls_back_to_a_fresh_segment() {
     drop(log);
     let (_, recovery) = open(tmp.path());
     assert!(recovery.report.is_clean(), "{}", recovery.report);
+}
+
+/// A reader opened on a segment that the broker then reclaims and reuses (same file, new
+/// header, new records) sees the new contents through its map, which would read as damage; the
+/// reader tells, so the inspection can leave such a segment out like a deleted one.
+#[test]
+fn a_reader_notices_when_its_segment_file_is_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shard_dir(tmp.path());
+    let (mut log, _) = open(tmp.path());
+    let mut old = Vec::new();
+    let mut id = 0;
+    loop {
+        let p = append(&mut log, id);
+        id += 1;
+        if p.segment == 1 {
+            break;
+        }
+        old.push(p);
+    }
+    let path = dir.join(segment_file_name(0));
+    let reader = stompd::log::SegmentReader::open(0, &path).unwrap();
+    assert!(!reader.reused_since_open());
+    assert!(SegmentSummary::scan(&reader, &path, Some(0)).is_clean());
+
+    log.ack(&old, 0).unwrap();
+    log.reclaim().unwrap();
+    while append(&mut log, id).segment != 2 {
+        id += 1;
+    }
+    for _ in 0..3 {
+        id += 1;
+        append(&mut log, id);
+    }
+    assert!(reader.reused_since_open());
+    assert!(
+        !SegmentSummary::scan(&reader, &path, Some(0)).is_clean(),
+        "new records under the old header read as damage"
+    );
+    // The inspection of the directory as it is now: clean, segment 0 gone.
+    let inspection = ShardInspection::read(&dir).unwrap();
+    assert!(inspection.is_clean());
+    let sequences: Vec<u64> = inspection.segments.iter().map(|s| s.sequence).collect();
+    assert_eq!(sequences, [1, 2]);
 }

@@ -5,12 +5,15 @@
 //! It reads with [`SegmentReader`] (read-only maps) and classifies with the same scanner and
 //! the same rules as recovery ([`super::shard`]): a damaged record followed by a good one is
 //! [`Damage::Record`] (recovery skips it), anything after the last good record is
-//! [`Damage::Tail`] (recovery cuts it in the last segment), and which segments may be deleted
-//! comes from [`reclaimable_segments`], the function `ShardLog::reclaim` uses. It never writes,
-//! so it is safe on a live broker's directory; a snapshot is bounded by what each segment held
-//! when it was first scanned (`data_end`), so a second pass over the same readers sees the same
-//! records even while the broker appends. Knows no clocks: telling a record being written from
-//! a torn one (read again later) is the caller's business.
+//! [`Damage::Tail`] (recovery cuts it in the last segment; in a recycled segment only when no
+//! end marker follows the last good record, the leftovers behind one being no damage), and which
+//! segments may be deleted comes from [`reclaimable_segments`], the function
+//! `ShardLog::reclaim` uses. It never writes, so it is safe on a live broker's directory; a
+//! snapshot is bounded by what each segment held when it was first scanned (`data_end`), so a
+//! second pass over the same readers sees the same records even while the broker appends,
+//! except from a segment whose file the broker reused meanwhile (recycling, after reclaiming
+//! it), which is left out like a deleted one. Knows no clocks: telling a record being written
+//! from a torn one (read again later) is the caller's business.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
@@ -339,7 +342,13 @@ impl ShardInspection {
                 }
                 Err(error) => return Err(error),
             };
-            segments.push(SegmentSummary::scan(&reader, &path, shard));
+            let summary = SegmentSummary::scan(&reader, &path, shard);
+            if reader.reused_since_open() {
+                // Reclaimed and its file reused for a new segment while being read, which is
+                // listed (or will be) under its new name: like a segment deleted meanwhile.
+                continue;
+            }
+            segments.push(summary);
             readers.push(reader);
         }
         let mut inspection = ShardInspection {
@@ -407,11 +416,13 @@ impl ShardInspection {
     }
 
     /// Every good record, in log order (segment, then offset), up to where each segment's data
-    /// ended when it was scanned.
+    /// ended when it was scanned. A segment whose file the broker has reused since (recycling:
+    /// it was reclaimed, so it held nothing needed) yields nothing: its map shows new contents.
     pub fn records(&self) -> impl Iterator<Item = InspectedRecord<'_>> + '_ {
         self.readers
             .iter()
             .zip(&self.segments)
+            .filter(|(reader, _)| !reader.reused_since_open())
             .flat_map(|(reader, summary)| {
                 let data_end = summary.data_end;
                 reader.scan().filter_map(move |item| match item {

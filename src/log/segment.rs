@@ -414,7 +414,9 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
 /// directory: it never writes, the file never shrinks (segments are zeroed or ended with an end
 /// marker, not truncated; a recycled file gets a segment name only with its new header), and
 /// a record being written shows up as the end of the scan rather than an error. If the broker
-/// deletes the segment meanwhile, the map keeps the old contents alive.
+/// deletes the segment meanwhile, the map keeps the old contents alive; if it reuses the file
+/// for a new segment (recycling), the map shows the new contents, which
+/// [`SegmentReader::reused_since_open`] tells.
 #[derive(Debug)]
 pub struct SegmentReader {
     sequence: u64,
@@ -486,6 +488,18 @@ impl SegmentReader {
             return None;
         }
         super::shard::last_nonzero_from(self.file.as_raw_fd(), bytes, from)
+    }
+
+    /// Whether the broker reused the file for another segment since it was opened (recycling
+    /// rewrites the header of the same file, then appends new records): the map then shows new
+    /// contents, so a scan may have seen a mix. Only a reclaimed segment, which held nothing
+    /// needed, is reused, so readers treat it as deleted. Check after scanning: the header
+    /// changes before any other byte does.
+    pub fn reused_since_open(&self) -> bool {
+        match &self.header {
+            Ok(header) => SegmentHeader::decode(self.bytes()).as_ref() != Ok(header),
+            Err(_) => false,
+        }
     }
 
     /// The records of the segment (none if its header is bad).
