@@ -274,6 +274,9 @@ impl fmt::Display for RecoveryReport {
         for p in &self.removed_incomplete {
             write!(f, "; removed incomplete segment {}", p.display())?;
         }
+        for p in &self.removed_free {
+            write!(f, "; removed reclaimed file kept for reuse {}", p.display())?;
+        }
         Ok(())
     }
 }
