@@ -232,7 +232,7 @@ fn appends_into_a_recycled_segment_survive_a_stop_without_sync() {
 /// The last record in a recycled segment is torn (its framing landed, the rest did not): it is
 /// cut, with a copy of the bytes from it to the last non-zero one (here less than the bound),
 /// only an end marker is written (the leftovers behind it stay as they are), appends resume
-/// where it was, and the next restart is clean.
+/// (in a new segment), and the next restart is clean.
 #[test]
 fn a_torn_record_in_a_recycled_last_segment_is_cut_and_appends_resume() {
     let tmp = tempfile::tempdir().unwrap();
@@ -273,7 +273,16 @@ fn a_torn_record_in_a_recycled_last_segment_is_cut_and_appends_resume() {
     assert_eq!(after[..marker.start], before[..marker.start]);
     assert_eq!(after[marker.end..], before[marker.end..]);
 
-    assert_eq!(append(&mut log, next_id + 1), torn);
+    // Appends resume in a new segment: a recovered recycled segment is not appended to again
+    // (see a_stale_record_of_the_same_sequence_never_comes_back_after_two_crashes).
+    assert!(log.wants_spare());
+    assert_eq!(
+        append(&mut log, next_id + 1),
+        Position {
+            segment: 3,
+            offset: 64
+        }
+    );
     live.push(next_id + 1);
     drop(log);
     let (_, recovery) = open(tmp.path());
@@ -564,9 +573,12 @@ fn a_crash_between_the_steps_of_reusing_a_file_loses_nothing() {
             "{name}"
         );
         assert!(free_files(tmp.path()).is_empty() || !free_removed, "{name}");
-        // The log goes on: appends land after what was there, and a restart is clean.
+        // The log goes on: appends land after what was there (in a new segment after a
+        // recycled last one, which is not appended to again), and a restart is clean.
         let p = append(&mut log, 1000);
-        assert_eq!(p.segment, *segments.last().unwrap(), "{name}");
+        let last = *segments.last().unwrap();
+        let expected_segment = if name == "final name" { last + 1 } else { last };
+        assert_eq!(p.segment, expected_segment, "{name}");
         drop(log);
         let (_, recovery) = open(tmp.path());
         assert!(recovery.report.is_clean(), "{name}: {}", recovery.report);
@@ -656,4 +668,81 @@ fn a_reader_notices_when_its_segment_file_is_reused() {
     assert!(inspection.is_clean());
     let sequences: Vec<u64> = inspection.segments.iter().map(|s| s.sequence).collect();
     assert_eq!(sequences, [1, 2]);
+}
+
+/// Why the writer never appends in place to a recycled segment it recovered. A machine crash
+/// can keep a later record of the segment's own sequence on disk while losing the framing of
+/// the one before it: recovery then sees the end of the data there, and the later record
+/// (valid: same sequence) stays behind it, not zeroed. Had new appends filled the gap exactly,
+/// a second crash losing only the last end marker would bring that stale record back: here an
+/// ack naming the position a new, synced message took, which would then be lost.
+#[test]
+fn a_stale_record_of_the_same_sequence_never_comes_back_after_two_crashes() {
+    use stompd::log::format::RecordRef;
+    let tmp = tempfile::tempdir().unwrap();
+    let Recycled {
+        mut log,
+        mut live,
+        next_id,
+        ..
+    } = recycled_log(tmp.path());
+    let len_of = |id: u64, body_len: usize| {
+        let text = format!("id-{id}");
+        let body = body(id, body_len);
+        RecordRef::Message(MessageRecord {
+            destination: b"/queue/a",
+            message_id: text.as_bytes(),
+            timestamp_ms: id,
+            headers: &[],
+            body: &body,
+        })
+        .encoded_len() as u64
+    };
+    // Crash 1: message X and the ack of X were appended; the ack reached the disk, X's framing
+    // did not.
+    log.sync_now().unwrap();
+    let x_id = next_id + 100;
+    let x = append_sized(&mut log, x_id, 1000);
+    log.ack(&[x], 0).unwrap();
+    let ack_at = x.offset + len_of(x_id, 1000);
+    log.sync_now().unwrap();
+    drop(log);
+    let path = shard_dir(tmp.path()).join(segment_file_name(x.segment));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut stale_framing = [0u8; 16];
+    file.read_exact_at(&mut stale_framing, ack_at).unwrap();
+    file.write_all_at(&[0u8; 16], x.offset).unwrap();
+
+    let (mut log, recovery) = open(tmp.path());
+    assert!(recovery.report.is_clean(), "{}", recovery.report);
+    assert_eq!(ids(&recovery), names(&live));
+    // Two new messages that together take exactly X's place (if appended in place): the first
+    // synced, the second not.
+    let n1 = append_sized(&mut log, next_id, 100);
+    live.push(next_id);
+    log.sync_now().unwrap();
+    let rest = len_of(x_id, 1000) - len_of(next_id, 100);
+    let n2_id = next_id + 1;
+    let n2_body = (0..2000)
+        .find(|&b| len_of(n2_id, b) == rest)
+        .expect("a body length that fills the gap");
+    append_sized(&mut log, n2_id, n2_body);
+    drop(log);
+    // Crash 2: the last end marker (where the stale ack's framing was) did not reach the disk.
+    file.write_all_at(&stale_framing, ack_at).unwrap();
+    drop(file);
+
+    let (_, recovery) = open(tmp.path());
+    let got = ids(&recovery);
+    let n1_name = format!("id-{}", live.last().unwrap());
+    assert!(
+        got.contains(&n1_name),
+        "the synced message {n1_name} at {n1} was lost: {got:?}\n{}",
+        recovery.report
+    );
+    assert_ne!(n1.segment, x.segment, "appends went to a new segment");
 }

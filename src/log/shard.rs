@@ -21,6 +21,14 @@
 //!   than the one it held, so its leftover records can never validate (the record CRC is seeded
 //!   with the sequence), and it gets its final name only after its new header is on disk
 //!   (see `Segment::recycle`).
+//! - Records are appended to a recycled segment only by the run that created it. One found at
+//!   recovery (the last segment) is never appended to again: the first append rolls
+//!   (`active_closed`). Recovery does not look past the end of a recycled segment's data, so a
+//!   record of the segment's own sequence that a machine crash left on disk behind a lost
+//!   framing stays there; appending in place could line up a new record's end with it, and a
+//!   second crash that lost only the end marker would bring it back as valid (an ack naming a
+//!   position a new message has taken would drop that message). Fresh segments have no such
+//!   leftovers: recovery zeroes everything after their data.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -386,6 +394,10 @@ pub struct ShardLog {
     /// A reclaimed segment file kept for reuse by the next `create_segment`: the sequence it
     /// held and its path (`<sequence>.seg.free`). At most one; see the module invariants.
     free: Option<(u64, PathBuf)>,
+    /// The active segment is a recycled one found at recovery: it is never appended to again
+    /// (see the module invariants), so the first append rolls to a new segment. It stays the
+    /// active segment until then, so that it is not reclaimed and sequence numbers never repeat.
+    active_closed: bool,
     /// A sync failed: durability can no longer be promised.
     failed: bool,
     /// Messages appended or recovered and not yet acknowledged.
@@ -412,6 +424,7 @@ impl ShardLog {
         }
         let mut next_sequence = 0;
         let mut opened: Vec<(Segment, bool)> = Vec::new();
+        let mut last_recycled = false;
         for (sequence, path) in list_segments(&config.dir)? {
             next_sequence = sequence + 1;
             if let Some(opened_segment) = open_checked(&config, sequence, &path, &mut report)? {
@@ -428,6 +441,9 @@ impl ShardLog {
         let last_index = opened.len().wrapping_sub(1);
         for (index, (mut segment, recycled)) in opened.into_iter().enumerate() {
             let sequence = segment.sequence();
+            if index == last_index {
+                last_recycled = recycled;
+            }
             let mut refs = BTreeSet::new();
             let mut last_good_end = SEGMENT_HEADER_BYTES as u64;
             let mut damaged: Vec<SkippedRecord> = Vec::new();
@@ -680,6 +696,7 @@ impl ShardLog {
             last_sync_issued_ms: None,
             dir_dirty: false,
             free: None,
+            active_closed: last_recycled,
             failed: false,
             live_messages,
         };
@@ -823,7 +840,7 @@ impl ShardLog {
     /// sequence.
     fn room_for(&mut self, needed: u64, now_ms: u64) -> Result<u64, LogError> {
         if let Some(sequence) = self.active {
-            if self.segments[&sequence].segment.remaining() >= needed {
+            if !self.active_closed && self.segments[&sequence].segment.remaining() >= needed {
                 return Ok(sequence);
             }
         }
@@ -857,6 +874,7 @@ impl ShardLog {
             },
         );
         self.active = Some(sequence);
+        self.active_closed = false;
         Ok(sequence)
     }
 
@@ -915,9 +933,10 @@ impl ShardLog {
     pub fn wants_spare(&self) -> bool {
         self.spare.is_none()
             && !self.failed
-            && self.active.map_or(true, |sequence| {
-                self.segments[&sequence].segment.remaining() < self.config.segment_bytes / 2
-            })
+            && (self.active_closed
+                || self.active.map_or(true, |sequence| {
+                    self.segments[&sequence].segment.remaining() < self.config.segment_bytes / 2
+                }))
     }
 
     /// Creates (allocates, maps, prefaults) the next segment now, so that the roll that needs it
