@@ -18,9 +18,10 @@
 //! - At most one reclaimed segment file is kept for reuse (`free`, named `<sequence>.seg.free`,
 //!   a name recovery never reads as a segment and deletes). Only a segment in this build's
 //!   format and of the configured size is kept. It is reused only for a higher sequence number
-//!   than the one it held, so its leftover records can never validate (the record CRC is seeded
-//!   with the sequence), and it gets its final name only after its new header is on disk
-//!   (see `Segment::recycle`).
+//!   than the one it held, differing from it in the low 32 bits only, so its leftover records
+//!   can never validate (the record CRC is seeded with the sequence; see
+//!   `stale_records_cannot_validate`), and it gets its final name only after its new header is
+//!   on disk (see `Segment::recycle`).
 //! - Records are appended to a recycled segment only by the run that created it. One found at
 //!   recovery (the last segment) is never appended to again: the first append rolls
 //!   (`active_closed`). Recovery does not look past the end of a recycled segment's data, so a
@@ -896,6 +897,10 @@ impl ShardLog {
                 old_sequence < header.sequence,
                 "reusing a segment file for an old sequence"
             );
+            if !stale_records_cannot_validate(old_sequence, header.sequence) {
+                let _ = fs::remove_file(&free);
+                return None;
+            }
             let mut recycled_header = header;
             recycled_header.flags = SEGMENT_FLAG_RECYCLED;
             match Segment::recycle(
@@ -1152,6 +1157,16 @@ impl ShardLog {
     }
 }
 
+/// Whether no record written under sequence `old` can have a valid CRC under sequence `new`,
+/// whatever its bytes. The CRC is linear: for the same bytes, the CRCs seeded with `old` and
+/// `new` differ by a function of `old ^ new` alone, zero only when `old ^ new`, read as a
+/// polynomial, is a multiple of the degree-32 CRC generator. Below 2^32 it has degree < 32 and
+/// is not zero, so it cannot be one. (Sequences that far apart never meet in practice; the check
+/// makes the argument hold for every file the writer reuses.)
+fn stale_records_cannot_validate(old: u64, new: u64) -> bool {
+    old != new && (old ^ new) >> 32 == 0
+}
+
 /// The reclaim rule of the module invariants, as a pure function shared by [`ShardLog::reclaim`]
 /// and the read-only inspection (`stompd-log segments`), so both always agree on what may go.
 ///
@@ -1324,6 +1339,35 @@ mod tests {
             assert!(live.remove(offset));
         }
         assert!(live.is_empty());
+    }
+
+    /// The premise of recycling, checked on real CRCs: a record written under one sequence
+    /// never validates under another that `stale_records_cannot_validate` accepts, and a pair it
+    /// refuses (sequences differing by the generator polynomial) really can collide.
+    #[test]
+    fn stale_records_validate_only_where_the_check_refuses_reuse() {
+        use super::super::format::{decode_record, encode_record, Decoded, RecordRef};
+        use super::stale_records_cannot_validate;
+        let record = RecordRef::Ack(&[]);
+        let validates = |old: u64, new: u64| {
+            let mut bytes = vec![0u8; 64];
+            encode_record(&mut bytes, old, &record);
+            matches!(decode_record(&bytes, new), Decoded::Record { .. })
+        };
+        for (old, new) in [
+            (0, 1),
+            (5, 6),
+            (1 << 31, (1 << 31) + 1),
+            (7, u32::MAX as u64),
+        ] {
+            assert!(stale_records_cannot_validate(old, new));
+            assert!(!validates(old, new), "{old} -> {new}");
+        }
+        assert!(!stale_records_cannot_validate(3, 3));
+        // x^32 + x^26 + ... + 1 in the reflected bit order crc32fast uses for its input.
+        let generator = 0x1_DB71_0641_u64;
+        assert!(!stale_records_cannot_validate(0, generator));
+        assert!(validates(0, generator), "the refused pair collides");
     }
 
     #[test]
