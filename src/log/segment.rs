@@ -207,7 +207,8 @@ impl Segment {
     ///
     /// On failure the file is removed (under whichever name it has) and the caller creates a
     /// fresh segment instead; nothing ever holds a name and a header that disagree. Blocking
-    /// (two syncs): called where `create` would be, off the append path.
+    /// (two syncs, where `create` blocks on fallocate): called where `create` would be, by
+    /// `prepare_spare` at a tick or, when no spare was ready, by the roll itself.
     pub fn recycle(
         dir: &Path,
         dir_file: &File,
@@ -256,8 +257,15 @@ impl Segment {
             .map_err(|e| LogError::io(free, e))?;
         let len = file.metadata().map_err(|e| LogError::io(free, e))?.len();
         if len != header.segment_bytes {
-            return Err(LogError::Config(
-                "a reclaimed segment file has another size than new segments",
+            return Err(LogError::io(
+                free,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "kept for reuse with {len} bytes, new segments have {}",
+                        header.segment_bytes
+                    ),
+                ),
             ));
         }
         dir_file.sync_all().map_err(|e| LogError::io(dir, e))?;
