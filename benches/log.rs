@@ -190,6 +190,7 @@ fn bench_roll(c: &mut Criterion) {
                         sequence,
                         segment_bytes: LogConfig::SEGMENT_BYTES_DEFAULT,
                         created_ms: 0,
+                        flags: 0,
                     };
                     sequence += 1;
                     let start = Instant::now();

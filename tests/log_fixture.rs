@@ -1,6 +1,7 @@
-//! A log written by format version 1 is kept in `tests/fixtures/log-v1/` and must open, with
-//! exactly this content, in every later build. Do not regenerate it when the format changes:
-//! add a `log-v2` fixture beside it and keep this test.
+//! A log written by format version 1 is kept in `tests/fixtures/log-v1/`, and one written by
+//! version 2 (with a recycled segment) in `tests/fixtures/log-v2/`; both must open, with
+//! exactly this content, in every later build. Do not regenerate them when the format changes:
+//! add a fixture for the new version beside them and keep these tests.
 //!
 //! It was written by `write_fixture` below:
 //! `STOMPD_WRITE_LOG_FIXTURE=1 cargo test --test log_fixture write_fixture -- --ignored`.
@@ -9,8 +10,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use stompd::codec::Header;
-use stompd::log::format::{RecordView, ScanItem, SegmentHeader};
-use stompd::log::{list_segments, LogConfig, MessageRecord, Position, SegmentReader, ShardLog};
+use stompd::log::format::{
+    decode_record, Decoded, RecordView, ScanItem, SegmentHeader, SEGMENT_FLAG_RECYCLED,
+};
+use stompd::log::{
+    list_segments, LogConfig, MessageRecord, Position, SegmentReader, ShardInspection, ShardLog,
+};
 
 const SEGMENT_BYTES: u64 = 16 * 1024;
 
@@ -114,6 +119,7 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
             sequence: 0,
             segment_bytes: SEGMENT_BYTES,
             created_ms: 1_700_000_000_001,
+            flags: 0,
         }
     );
 
@@ -201,4 +207,194 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
     assert_eq!(kinds.matches('a').count(), 2);
     assert_eq!(kinds.matches('d').count(), 1);
     assert!(kinds.contains("mad"), "{kinds}");
+}
+
+// Version 2: a log whose last segment is a recycled file, with the records of the segment it
+// held before still behind its data. Written by `write_fixture_v2`:
+// `STOMPD_WRITE_LOG_FIXTURE=1 cargo test --test log_fixture write_fixture_v2 -- --ignored`.
+
+fn fixture_v2_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v2")
+}
+
+fn append_order_v2(log: &mut ShardLog, i: u64, t: u64) -> Position {
+    let id = format!("ID:fixture-2:{i}");
+    let headers = [Header::new(b"persistent", b"true")];
+    let body = order_body(i);
+    log.append_message(
+        &MessageRecord {
+            destination: b"/queue/orders",
+            message_id: id.as_bytes(),
+            timestamp_ms: t,
+            headers: &headers,
+            body: &body,
+        },
+        t,
+    )
+    .unwrap()
+}
+
+#[test]
+#[ignore = "writes the committed fixture; run only to create it"]
+fn write_fixture_v2() {
+    if std::env::var("STOMPD_WRITE_LOG_FIXTURE").is_err() {
+        return;
+    }
+    let dir = fixture_v2_dir();
+    let _ = fs::remove_dir_all(&dir);
+    let (mut log, _) = ShardLog::open(config(&dir)).unwrap();
+    let t0 = 1_700_000_100_000;
+    let mut orders = Vec::new();
+    // Segment 0: orders until one lands in segment 1.
+    loop {
+        let i = orders.len() as u64;
+        let p = append_order_v2(&mut log, i, t0 + i);
+        orders.push(p);
+        if p.segment == 1 {
+            break;
+        }
+    }
+    let in_0: Vec<Position> = orders.iter().copied().filter(|p| p.segment == 0).collect();
+    log.ack(&in_0, t0).unwrap();
+    let first_in_1 = in_0.len();
+    log.delivered(&orders[first_in_1..first_in_1 + 1], t0)
+        .unwrap();
+    assert_eq!(log.reclaim().unwrap(), [0]);
+    // Segment 1 fills up; segment 2 is segment 0's file reused.
+    loop {
+        let i = orders.len() as u64;
+        let p = append_order_v2(&mut log, i, t0 + i);
+        orders.push(p);
+        if p.segment == 2 {
+            break;
+        }
+    }
+    for _ in 0..3 {
+        let i = orders.len() as u64;
+        orders.push(append_order_v2(&mut log, i, t0 + i));
+    }
+    log.ack(&orders[first_in_1 + 2..first_in_1 + 3], t0)
+        .unwrap();
+    log.append_message(
+        &MessageRecord {
+            destination: b"/queue/audit",
+            message_id: b"ID:fixture-2:audit",
+            timestamp_ms: t0,
+            headers: &[
+                Header::new(b"content-type", b"text/plain"),
+                Header::new(b"x-colon", b"a:b\nc"),
+                Header::new(b"empty", b""),
+            ],
+            body: b"",
+        },
+        t0,
+    )
+    .unwrap();
+    log.delivered(&orders[orders.len() - 1..], t0).unwrap();
+    log.sync_now().unwrap();
+    assert_eq!(log.segment_sequences(), [1, 2]);
+    eprintln!(
+        "orders {}, in segment 0: {first_in_1}, first in segment 2: {:?}",
+        orders.len(),
+        orders.iter().position(|p| p.segment == 2)
+    );
+}
+
+/// Copies a fixture's segment files into a fresh data directory.
+fn copy_fixture(from: &Path, data_dir: &Path) -> PathBuf {
+    let copy = config(data_dir).dir;
+    fs::create_dir_all(&copy).unwrap();
+    for (_, path) in list_segments(&config(from).dir).unwrap() {
+        fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    copy
+}
+
+#[test]
+fn a_version_2_log_with_a_recycled_segment_opens_with_exactly_its_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = copy_fixture(&fixture_v2_dir(), tmp.path());
+
+    // Raw bytes: segment 1 is a fresh file, segment 2 segment 0's file reused (flag bit 0),
+    // with segment 0's orders 5 to 29 still valid under sequence 0 behind its data.
+    let fresh = fs::read(copy.join("00000000000000000001.seg")).unwrap();
+    assert_eq!(u32::from_le_bytes(fresh[8..12].try_into().unwrap()), 2);
+    assert_eq!(u32::from_le_bytes(fresh[20..24].try_into().unwrap()), 0);
+    let recycled = fs::read(copy.join("00000000000000000002.seg")).unwrap();
+    assert_eq!(
+        SegmentHeader::decode(&recycled).unwrap(),
+        SegmentHeader {
+            format_version: 2,
+            shard: 0,
+            sequence: 2,
+            segment_bytes: SEGMENT_BYTES,
+            created_ms: 1_700_000_100_059,
+            flags: SEGMENT_FLAG_RECYCLED,
+        }
+    );
+    // Four orders of 16 + (24 + 13 + 15 + 22) + 400 + 4 = 493 -> 496 bytes, an ack of one
+    // reference (48), the audit message (144), a delivered mark (48), then the end marker.
+    let data_end = 64 + 4 * 496 + 48 + 144 + 48;
+    assert!(recycled[data_end..data_end + 16].iter().all(|&b| b == 0));
+    for k in 5..30 {
+        let offset = 64 + 496 * k;
+        assert!(
+            matches!(
+                decode_record(&recycled[offset..], 0),
+                Decoded::Record { .. }
+            ),
+            "old order {k} left over at {offset}"
+        );
+    }
+
+    let (log, recovery) = ShardLog::open(config(tmp.path())).unwrap();
+    assert!(recovery.report.is_clean(), "{}", recovery.report);
+    assert_eq!(recovery.report.segments, 2);
+    let [orders, audit] = &recovery.queues[..] else {
+        panic!("two queues expected");
+    };
+    assert_eq!(orders.destination, b"/queue/orders");
+    let expected: Vec<u64> = (30..63).filter(|&i| i != 32).collect();
+    let got: Vec<&[u8]> = orders.messages.iter().map(|m| &m.message_id[..]).collect();
+    let want: Vec<String> = expected
+        .iter()
+        .map(|i| format!("ID:fixture-2:{i}"))
+        .collect();
+    assert_eq!(got, want.iter().map(|w| w.as_bytes()).collect::<Vec<_>>());
+    for (m, &i) in orders.messages.iter().zip(&expected) {
+        assert_eq!(m.timestamp_ms, 1_700_000_100_000 + i);
+        assert_eq!(m.body, order_body(i));
+        assert_eq!(m.headers.len(), 1);
+        assert_eq!(m.redelivered, i == 30 || i == 62, "order {i}");
+        assert_eq!(m.deliveries, u32::from(m.redelivered), "order {i}");
+    }
+    assert_eq!(
+        orders.messages.last().unwrap().position,
+        Position {
+            segment: 2,
+            offset: 64 + 3 * 496
+        }
+    );
+    assert_eq!(audit.destination, b"/queue/audit");
+    assert_eq!(audit.messages.len(), 1);
+    assert_eq!(audit.messages[0].message_id, b"ID:fixture-2:audit");
+    assert_eq!(
+        log.appended_upto(),
+        Position {
+            segment: 2,
+            offset: data_end as u64
+        }
+    );
+    assert_eq!(log.live_messages(), 33);
+    drop(log);
+
+    // The read-only views agree: the recycled segment's scan ends at its end marker, and the
+    // inspection finds nothing damaged and no stale record.
+    let reader = SegmentReader::open(2, &copy.join("00000000000000000002.seg")).unwrap();
+    let items: Vec<_> = reader.scan().collect();
+    assert_eq!(items.len(), 7, "4 orders, ack, audit, delivered");
+    assert!(items.iter().all(|i| matches!(i, ScanItem::Record { .. })));
+    let inspection = ShardInspection::read(&copy).unwrap();
+    assert!(inspection.is_clean(), "{:?}", inspection.segments);
+    assert_eq!(inspection.records().count(), 29 + 2 + 7);
 }

@@ -10,7 +10,10 @@
 //! boundary; a record's CRC covers the segment sequence number, its 16 framing bytes, the header
 //! part and the body, so a record copied into another segment (or left over from an earlier use
 //! of the file) never validates; a zero header length ends the data of a segment (segments are
-//! preallocated with zeros, and no valid record has an empty header part).
+//! preallocated with zeros, and no valid record has an empty header part); from version 2 on,
+//! every append also writes an end marker (16 zero bytes of framing) right after its record, so
+//! the data of a recycled segment (one whose file held an earlier segment, marked
+//! [`SEGMENT_FLAG_RECYCLED`]) ends exactly there and the leftovers behind it are never read.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -19,9 +22,17 @@ use crate::codec::Header;
 
 /// The first eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STOMPDLG";
-/// The format version this build writes. Readers accept every version listed in
-/// `docs/log-format.md`; today that is only version 1.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Readers accept every version from
+/// [`FORMAT_VERSION_MIN`] up to this one, as listed in `docs/log-format.md`.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads (and appends to, in its own format).
+pub const FORMAT_VERSION_MIN: u32 = 1;
+/// Segment header flag (version 2 on): the file held an earlier segment before this one, so
+/// bytes after the end of this segment's data are leftovers. The data then ends at the first
+/// end marker (H = 0, B = 0), and nothing after it is examined.
+pub const SEGMENT_FLAG_RECYCLED: u32 = 1;
+/// Every flag bit a reader of this version knows; a header with another bit set is refused.
+const SEGMENT_FLAGS_KNOWN: u32 = SEGMENT_FLAG_RECYCLED;
 /// Size of the segment header; records start right after it.
 pub const SEGMENT_HEADER_BYTES: usize = 64;
 /// The framing before each record: u64 header length, u64 body length.
@@ -72,8 +83,12 @@ pub enum FormatError {
     Truncated { needed: u64, available: u64 },
     #[error("bad magic {found:02x?}")]
     BadMagic { found: [u8; 8] },
-    #[error("format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "format version {found} is not supported (this build reads versions {FORMAT_VERSION_MIN} to {FORMAT_VERSION})"
+    )]
     UnsupportedVersion { found: u32 },
+    #[error("segment header flags {flags:#x} are not known to format version {version}")]
+    UnknownFlags { flags: u32, version: u32 },
     #[error("segment header size {found} is not {SEGMENT_HEADER_BYTES}")]
     BadHeaderSize { found: u32 },
     #[error("segment header CRC {stored:#010x} does not match computed {computed:#010x}")]
@@ -101,6 +116,8 @@ pub struct SegmentHeader {
     pub segment_bytes: u64,
     /// Creation time in Unix milliseconds, as given by the caller; informational.
     pub created_ms: u64,
+    /// Header flags: [`SEGMENT_FLAG_RECYCLED`] or 0 (always 0 in version 1).
+    pub flags: u32,
 }
 
 impl SegmentHeader {
@@ -111,7 +128,7 @@ impl SegmentHeader {
         out[8..12].copy_from_slice(&self.format_version.to_le_bytes());
         out[12..16].copy_from_slice(&(SEGMENT_HEADER_BYTES as u32).to_le_bytes());
         out[16..20].copy_from_slice(&self.shard.to_le_bytes());
-        // 20..24: flags, zero in version 1.
+        out[20..24].copy_from_slice(&self.flags.to_le_bytes());
         out[24..32].copy_from_slice(&self.sequence.to_le_bytes());
         out[32..40].copy_from_slice(&self.segment_bytes.to_le_bytes());
         out[40..48].copy_from_slice(&self.created_ms.to_le_bytes());
@@ -138,9 +155,23 @@ impl SegmentHeader {
             return Err(FormatError::HeaderCrc { stored, computed });
         }
         let format_version = u32_at(bytes, 8);
-        if format_version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&format_version) {
             return Err(FormatError::UnsupportedVersion {
                 found: format_version,
+            });
+        }
+        // Version 1 has no flags; a bit this build does not know could change how the segment
+        // must be read, so it is refused like any other unknown field.
+        let flags = u32_at(bytes, 20);
+        let known = if format_version == 1 {
+            0
+        } else {
+            SEGMENT_FLAGS_KNOWN
+        };
+        if flags & !known != 0 {
+            return Err(FormatError::UnknownFlags {
+                flags,
+                version: format_version,
             });
         }
         let header_bytes = u32_at(bytes, 12);
@@ -155,8 +186,25 @@ impl SegmentHeader {
             sequence: u64_at(bytes, 24),
             segment_bytes: u64_at(bytes, 32),
             created_ms: u64_at(bytes, 40),
+            flags,
         })
     }
+
+    /// Whether the file held an earlier segment: its data ends at the first end marker and the
+    /// bytes after it are leftovers, not damage.
+    pub fn is_recycled(&self) -> bool {
+        self.flags & SEGMENT_FLAG_RECYCLED != 0
+    }
+}
+
+/// Whether a segment's data ends at offset `at` of its bytes: an end marker there (H = 0 and
+/// B = 0), a remainder shorter than the framing that is all zeros, or the segment's end. In a
+/// recycled segment this, right after the last good record, is what makes its tail clean.
+pub fn ends_data_at(bytes: &[u8], at: u64) -> bool {
+    let Some(rest) = usize::try_from(at).ok().and_then(|at| bytes.get(at..)) else {
+        return true;
+    };
+    rest[..rest.len().min(FRAME_BYTES)].iter().all(|&b| b == 0)
 }
 
 /// A message to store: what the broker keeps of a SEND frame.
@@ -232,11 +280,35 @@ fn record_crc(segment_sequence: u64, framed: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// Encodes `record` at the start of `out` and returns its length (padding included).
+/// Encodes `record` at the start of `out` and returns its length (padding included). Writes
+/// nothing past the record.
 ///
 /// Panics if `out` is shorter than `record.encoded_len()` or a
 /// field exceeds its on-disk width: the writer checks both before it calls this.
 pub fn encode_record(out: &mut [u8], segment_sequence: u64, record: &RecordRef<'_>) -> usize {
+    encode(out, segment_sequence, record, false)
+}
+
+/// Encodes `record` at the start of `out`, `out` running to the end of the segment, followed by
+/// an end marker: up to [`FRAME_BYTES`] zero bytes right after the record (as many as `out`
+/// holds), written before the record's own framing. Returns the record's length (padding
+/// included, end marker not). This is how the writer appends from format version 2 on: in a
+/// recycled segment the marker ends the data before the leftovers of the file's earlier use; in
+/// a fresh one it overwrites zeros in the cache line just written.
+pub fn encode_record_with_end_marker(
+    out: &mut [u8],
+    segment_sequence: u64,
+    record: &RecordRef<'_>,
+) -> usize {
+    encode(out, segment_sequence, record, true)
+}
+
+fn encode(
+    out: &mut [u8],
+    segment_sequence: u64,
+    record: &RecordRef<'_>,
+    end_marker: bool,
+) -> usize {
     let header_len = record.header_len();
     let body_len = record.body_len();
     let len = record.encoded_len();
@@ -298,6 +370,10 @@ pub fn encode_record(out: &mut [u8], segment_sequence: u64, record: &RecordRef<'
     let crc = hasher.finalize();
     out[at..at + CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
     out[at + CRC_BYTES..len].fill(0);
+    if end_marker {
+        let end = out.len().min(len + FRAME_BYTES);
+        out[len..end].fill(0);
+    }
     // The framing goes in last: a reader of a record still being written then usually sees a
     // zero header length (the end of the data) rather than a record that fails its CRC. Readers
     // check the CRC regardless, so this is a courtesy to the inspection tool, not a guarantee.
@@ -697,6 +773,7 @@ mod tests {
             sequence: 42,
             segment_bytes: 65536,
             created_ms: 123,
+            flags: 0,
         };
         let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
         header.encode(&mut bytes);
@@ -712,6 +789,7 @@ mod tests {
             sequence: 0,
             segment_bytes: 4096,
             created_ms: 0,
+            flags: 0,
         };
         let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
         header.encode(&mut bytes);
@@ -735,14 +813,37 @@ mod tests {
             Err(FormatError::HeaderCrc { .. })
         ));
         // A future version with a valid CRC is refused by version, not by CRC.
+        let with_crc = |mut bytes: [u8; SEGMENT_HEADER_BYTES]| {
+            let crc = crc32fast::hash(&bytes[..60]);
+            bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+            bytes
+        };
         let mut future = bytes;
-        future[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32fast::hash(&future[..60]);
-        future[60..64].copy_from_slice(&crc.to_le_bytes());
+        future[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         assert_eq!(
-            SegmentHeader::decode(&future),
-            Err(FormatError::UnsupportedVersion { found: 2 })
+            SegmentHeader::decode(&with_crc(future)),
+            Err(FormatError::UnsupportedVersion {
+                found: FORMAT_VERSION + 1
+            })
         );
+        // Version 2 knows one flag (recycled); any other bit is refused, and version 1 knows
+        // none.
+        for (version, flags, known) in [
+            (2u32, 1u32, true),
+            (2, 2, false),
+            (2, 3, false),
+            (1, 1, false),
+        ] {
+            let mut flagged = bytes;
+            flagged[8..12].copy_from_slice(&version.to_le_bytes());
+            flagged[20..24].copy_from_slice(&flags.to_le_bytes());
+            let decoded = SegmentHeader::decode(&with_crc(flagged));
+            if known {
+                assert!(decoded.unwrap().is_recycled());
+            } else {
+                assert_eq!(decoded, Err(FormatError::UnknownFlags { flags, version }));
+            }
+        }
     }
 
     #[test]
@@ -785,6 +886,30 @@ mod tests {
         assert_eq!(len, 80, "79 bytes padded to a multiple of 8");
         assert_eq!(out[79], 0, "padding is zero");
         assert_eq!(out[80], 0xAA, "nothing written past the record");
+    }
+
+    /// From version 2 on the writer ends the data after every record: 16 zero bytes right
+    /// after it (fewer at the segment's end), written over whatever the file held before.
+    #[test]
+    fn the_end_marker_follows_the_record_as_far_as_it_fits() {
+        let record = message(&[], b"hi");
+        let len = record.encoded_len();
+        let mut out = vec![0xAAu8; len + 40];
+        assert_eq!(encode_record_with_end_marker(&mut out, 7, &record), len);
+        assert!(out[len..len + FRAME_BYTES].iter().all(|&b| b == 0));
+        assert_eq!(out[len + FRAME_BYTES], 0xAA, "nothing past the marker");
+        assert!(matches!(decode_record(&out, 7), Decoded::Record { .. }));
+        assert_eq!(decode_record(&out[len..], 7), Decoded::End);
+        assert!(ends_data_at(&out, len as u64));
+        assert!(!ends_data_at(&out, len as u64 + FRAME_BYTES as u64));
+
+        // Near the end of a segment only what fits is written, and the short rest reads as the
+        // end of the data.
+        let mut out = vec![0xAAu8; len + 5];
+        encode_record_with_end_marker(&mut out, 7, &record);
+        assert!(out[len..].iter().all(|&b| b == 0));
+        assert_eq!(decode_record(&out[len..], 7), Decoded::End);
+        assert!(ends_data_at(&out, len as u64 + 5));
     }
 
     #[test]

@@ -5,19 +5,24 @@
 //! It reads with [`SegmentReader`] (read-only maps) and classifies with the same scanner and
 //! the same rules as recovery ([`super::shard`]): a damaged record followed by a good one is
 //! [`Damage::Record`] (recovery skips it), anything after the last good record is
-//! [`Damage::Tail`] (recovery cuts it in the last segment), and which segments may be deleted
-//! comes from [`reclaimable_segments`], the function `ShardLog::reclaim` uses. It never writes,
-//! so it is safe on a live broker's directory; a snapshot is bounded by what each segment held
-//! when it was first scanned (`data_end`), so a second pass over the same readers sees the same
-//! records even while the broker appends. Knows no clocks: telling a record being written from
-//! a torn one (read again later) is the caller's business.
+//! [`Damage::Tail`] (recovery cuts it in the last segment; in a recycled segment only when no
+//! end marker follows the last good record, the leftovers behind one being no damage), and which
+//! segments may be deleted comes from [`reclaimable_segments`], the function
+//! `ShardLog::reclaim` uses. It never writes, so it is safe on a live broker's directory; a
+//! snapshot is bounded by what each segment held when it was first scanned (`data_end`), so a
+//! second pass over the same readers sees the same records even while the broker appends,
+//! except from a segment whose file the broker reused meanwhile (recycling, after reclaiming
+//! it), which is left out like a deleted one. Knows no clocks: telling a record being written
+//! from a torn one (read again later) is the caller's business.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::error::LogError;
-use super::format::{FormatError, Position, RecordView, ScanItem, SegmentHeader};
+use super::format::{
+    ends_data_at, FormatError, Position, RecordView, ScanItem, SegmentHeader, FRAME_BYTES,
+};
 use super::segment::{list_segments, SegmentReader};
 use super::shard::reclaimable_segments;
 
@@ -82,11 +87,14 @@ pub enum Damage {
         bytes: u64,
         error: FormatError,
     },
-    /// Bytes after the last good record that are not zeros: a torn tail (recovery cuts it in
-    /// the last segment), or, in the live segment of a running broker, a record being written.
+    /// Bytes after the last good record that are not zeros (in a recycled segment: that are not
+    /// an end marker): a torn tail (recovery cuts it in the last segment), or, in the live
+    /// segment of a running broker, a record being written.
     Tail {
         offset: u64,
-        /// From `offset` through the last non-zero byte.
+        /// From `offset` through the last non-zero byte; in a recycled segment, through where the
+        /// scan stopped (at least the 16 bytes that were not an end marker), since the leftovers
+        /// of the file's earlier use follow.
         bytes: u64,
         /// Why the scan stopped there; `None` for non-zero bytes after a zero length.
         error: Option<FormatError>,
@@ -265,8 +273,24 @@ impl SegmentSummary {
             }
         }
         let tail_error = tail_error.or(stop.map(|(_, error)| error));
-        let last_nonzero = reader.last_nonzero_from(data_end);
-        if let Some(last_nonzero) = last_nonzero {
+        if header.is_recycled() {
+            // Recovery's rule for a recycled segment: its data ends at an end marker right after
+            // the last good record, and the leftovers behind it are not damage. Without one the
+            // tail is torn; what counts is what was examined, as recovery reports it.
+            let bytes = reader.bytes();
+            if !ends_data_at(bytes, data_end) {
+                let segment_end = bytes.len() as u64;
+                let examined = scan
+                    .offset()
+                    .max(data_end + FRAME_BYTES as u64)
+                    .min(segment_end);
+                summary.damage.push(Damage::Tail {
+                    offset: data_end,
+                    bytes: examined - data_end,
+                    error: tail_error,
+                });
+            }
+        } else if let Some(last_nonzero) = reader.last_nonzero_from(data_end) {
             summary.damage.push(Damage::Tail {
                 offset: data_end,
                 bytes: last_nonzero - data_end + 1,
@@ -318,7 +342,13 @@ impl ShardInspection {
                 }
                 Err(error) => return Err(error),
             };
-            segments.push(SegmentSummary::scan(&reader, &path, shard));
+            let summary = SegmentSummary::scan(&reader, &path, shard);
+            if reader.reused_since_open() {
+                // Reclaimed and its file reused for a new segment while being read, which is
+                // listed (or will be) under its new name: like a segment deleted meanwhile.
+                continue;
+            }
+            segments.push(summary);
             readers.push(reader);
         }
         let mut inspection = ShardInspection {
@@ -386,11 +416,13 @@ impl ShardInspection {
     }
 
     /// Every good record, in log order (segment, then offset), up to where each segment's data
-    /// ended when it was scanned.
+    /// ended when it was scanned. A segment whose file the broker has reused since (recycling:
+    /// it was reclaimed, so it held nothing needed) yields nothing: its map shows new contents.
     pub fn records(&self) -> impl Iterator<Item = InspectedRecord<'_>> + '_ {
         self.readers
             .iter()
             .zip(&self.segments)
+            .filter(|(reader, _)| !reader.reused_since_open())
             .flat_map(|(reader, summary)| {
                 let data_end = summary.data_end;
                 reader.scan().filter_map(move |item| match item {

@@ -4,7 +4,17 @@
 //! front, write the header), mapping it, appending encoded records into the map, and opening a
 //! segment read-only for inspection. Invariants: a segment file never changes length after it is
 //! created (so a reader's map never faults past the end of the file); records are appended only
-//! at `write_offset`, which only grows; a record never spans two segments.
+//! at `write_offset`, which only grows; a record never spans two segments; every append is
+//! followed by an end marker (16 zero bytes, as many as fit), so a segment's data always ends
+//! at `write_offset` even in a recycled file whose bytes after it are leftovers; a file is
+//! renamed to a segment's name only once its header (and the end marker after it) is on disk,
+//! so a segment name never points at a file whose header names another segment.
+//!
+//! Recycling: a reclaimed segment file may be kept under a name recovery ignores
+//! ([`free_file_name`], `<sequence>.seg.free`) and reused by [`Segment::recycle`] for a later
+//! sequence. Its pages are still in the page cache, so appends into it fault in existing pages
+//! instead of having the kernel allocate and zero fresh ones (15-19% of the queue shard's CPU
+//! in the profile of notes/perf.md).
 //!
 //! Why `fallocate` and not `set_len`: a sparse file would let the disk fill up underneath the
 //! map, and a write fault on a page with no block behind it kills the process with SIGBUS.
@@ -21,15 +31,46 @@ use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use super::error::LogError;
 use super::format::{
-    encode_record, RecordRef, SegmentHeader, SegmentScan, FORMAT_VERSION, SEGMENT_HEADER_BYTES,
+    encode_record_with_end_marker, RecordRef, SegmentHeader, SegmentScan, FORMAT_VERSION,
+    FRAME_BYTES, SEGMENT_HEADER_BYTES,
 };
 
 /// File name suffix of segment files.
 pub const SEGMENT_SUFFIX: &str = ".seg";
 
+/// File name suffix of a reclaimed segment file kept for reuse (after [`SEGMENT_SUFFIX`], so
+/// `<sequence>.seg.free`): outside the segment name pattern, so recovery never reads it as data
+/// (it deletes such files at start).
+pub const FREE_SUFFIX: &str = ".free";
+
 /// The file name of segment `sequence`: 20 decimal digits, so names sort like numbers.
 pub fn segment_file_name(sequence: u64) -> String {
     format!("{sequence:020}{SEGMENT_SUFFIX}")
+}
+
+/// The name a reclaimed segment file `sequence` is kept under until it is reused.
+pub fn free_file_name(sequence: u64) -> String {
+    format!("{sequence:020}{SEGMENT_SUFFIX}{FREE_SUFFIX}")
+}
+
+/// The reclaimed segment files kept for reuse in `dir` (`*.seg.free`), in name order.
+pub fn list_free_files(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
+    let mut found = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name
+            .strip_suffix(FREE_SUFFIX)
+            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+            .is_some_and(|stem| stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        {
+            found.push(entry.path());
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
 }
 
 /// The segments in `dir`, sorted by sequence. Files with other names are left alone.
@@ -66,8 +107,12 @@ pub struct Segment {
     map: Option<MmapMut>,
     /// Length of the file.
     segment_bytes: u64,
-    /// Where the next record goes; everything from here to the end is zeros.
+    /// Where the next record goes; the bytes here are an end marker (or the segment's end), and
+    /// after it zeros, or leftovers of the file's earlier use in a recycled segment.
     write_offset: u64,
+    /// Format version of the header (1 for a segment written by an older build, which is never
+    /// recycled); 0 until recovery has read the header of an existing segment.
+    format_version: u32,
 }
 
 impl Segment {
@@ -92,6 +137,7 @@ impl Segment {
                 map: Some(map),
                 segment_bytes: header.segment_bytes,
                 write_offset: SEGMENT_HEADER_BYTES as u64,
+                format_version: header.format_version,
             }),
             Err(error) => {
                 drop(file);
@@ -143,7 +189,114 @@ impl Segment {
             map: Some(map),
             segment_bytes,
             write_offset: SEGMENT_HEADER_BYTES as u64,
+            format_version: 0,
         })
+    }
+
+    /// Reuses the reclaimed segment file at `free` (see [`free_file_name`]) as segment
+    /// `header.sequence` (a header with `SEGMENT_FLAG_RECYCLED`), in an order that keeps every
+    /// crash state recoverable without loss:
+    ///
+    /// 1. fsync the directory `dir`, so the rename away from the old segment name (done by
+    ///    reclaim) is on disk before the content changes: otherwise a crash could bring back the
+    ///    old name over the new header, a misplaced segment recovery refuses;
+    /// 2. write the new header and an end marker right after it, then fdatasync, so the final
+    ///    name never points at a stale header or at the old first record;
+    /// 3. rename to the segment's name (made durable by the next sync, as for a new file);
+    /// 4. map it. No allocation: the file was allocated in full when it was first created.
+    ///
+    /// On failure the file is removed (under whichever name it has) and the caller creates a
+    /// fresh segment instead; nothing ever holds a name and a header that disagree. Blocking
+    /// (two syncs, where `create` blocks on fallocate): called where `create` would be, by
+    /// `prepare_spare` at a tick or, when no spare was ready, by the roll itself.
+    pub fn recycle(
+        dir: &Path,
+        dir_file: &File,
+        free: &Path,
+        header: SegmentHeader,
+        populate: bool,
+    ) -> Result<Segment, LogError> {
+        debug_assert_eq!(header.format_version, FORMAT_VERSION);
+        debug_assert!(header.is_recycled());
+        let path = dir.join(segment_file_name(header.sequence));
+        let mut renamed = false;
+        let result =
+            Self::recycle_steps(dir, dir_file, free, &path, header, populate, &mut renamed);
+        match result {
+            Ok((file, map)) => Ok(Segment {
+                sequence: header.sequence,
+                path,
+                file,
+                map: Some(map),
+                segment_bytes: header.segment_bytes,
+                write_offset: SEGMENT_HEADER_BYTES as u64,
+                format_version: header.format_version,
+            }),
+            Err(error) => {
+                // Under its final name it is a valid empty segment (header and end marker were
+                // synced before the rename); removing it only makes room for a fresh one.
+                let _ = fs::remove_file(if renamed { &path } else { free });
+                Err(error)
+            }
+        }
+    }
+
+    fn recycle_steps(
+        dir: &Path,
+        dir_file: &File,
+        free: &Path,
+        path: &Path,
+        header: SegmentHeader,
+        populate: bool,
+        renamed: &mut bool,
+    ) -> Result<(File, MmapMut), LogError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(free)
+            .map_err(|e| LogError::io(free, e))?;
+        let len = file.metadata().map_err(|e| LogError::io(free, e))?.len();
+        if len != header.segment_bytes {
+            return Err(LogError::io(
+                free,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "kept for reuse with {len} bytes, new segments have {}",
+                        header.segment_bytes
+                    ),
+                ),
+            ));
+        }
+        dir_file.sync_all().map_err(|e| LogError::io(dir, e))?;
+        // The header, then an end marker (zeros) over the old first record.
+        let mut bytes = [0u8; SEGMENT_HEADER_BYTES + FRAME_BYTES];
+        let mut head = [0u8; SEGMENT_HEADER_BYTES];
+        header.encode(&mut head);
+        bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(&head);
+        file.write_all_at(&bytes, 0)
+            .map_err(|e| space_or_io(free, e))?;
+        file.sync_data().map_err(|e| LogError::io(free, e))?;
+        fs::rename(free, path).map_err(|e| LogError::io(path, e))?;
+        *renamed = true;
+        let mut options = MmapOptions::new();
+        if populate {
+            options.populate();
+        }
+        // SAFETY: as in `create`: the file is ours, in the shard's own directory, and its length
+        // never changes.
+        let map = unsafe { options.map_mut(&file) }.map_err(|e| LogError::io(path, e))?;
+        Ok((file, map))
+    }
+
+    /// Records what recovery read in the header of an existing segment.
+    pub(crate) fn set_format_version(&mut self, format_version: u32) {
+        self.format_version = format_version;
+    }
+
+    /// Format version of the segment's header.
+    pub fn format_version(&self) -> u32 {
+        self.format_version
     }
 
     pub fn sequence(&self) -> u64 {
@@ -196,8 +349,9 @@ impl Segment {
             "record does not fit: caller must roll"
         );
         let map = self.map.as_mut().expect("appending to a sealed segment");
-        let out = &mut map[offset as usize..(offset + len) as usize];
-        let written = encode_record(out, self.sequence, record) as u64;
+        // To the segment's end: the end marker goes right after the record, as far as it fits.
+        let out = &mut map[offset as usize..];
+        let written = encode_record_with_end_marker(out, self.sequence, record) as u64;
         // Assert pair, writing side: what went into the map is exactly as long as planned; the
         // CRC is re-checked in debug builds the way a reader will check it.
         assert_eq!(written, len);
@@ -265,9 +419,12 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
 }
 
 /// A segment opened read-only, for the inspection tool. Safe to use on a live broker's
-/// directory: it never writes, the file never shrinks (segments are zeroed, not truncated), and
+/// directory: it never writes, the file never shrinks (segments are zeroed or ended with an end
+/// marker, not truncated; a recycled file gets a segment name only with its new header), and
 /// a record being written shows up as the end of the scan rather than an error. If the broker
-/// deletes the segment meanwhile, the map keeps the old contents alive.
+/// deletes the segment meanwhile, the map keeps the old contents alive; if it reuses the file
+/// for a new segment (recycling), the map shows the new contents, which
+/// [`SegmentReader::reused_since_open`] tells.
 #[derive(Debug)]
 pub struct SegmentReader {
     sequence: u64,
@@ -286,9 +443,9 @@ impl SegmentReader {
         let map = if len == 0 {
             None
         } else {
-            // SAFETY: read-only shared map. The broker writes only zeroed space past the records
-            // this reader looks at and never truncates segments; torn reads of a record being
-            // written are caught by its CRC.
+            // SAFETY: read-only shared map. The broker writes only past the records this reader
+            // looks at (over zeros, or a recycled file's leftovers) and never truncates
+            // segments; torn reads of a record being written are caught by its CRC.
             Some(unsafe { Mmap::map(&file) }.map_err(|e| LogError::io(path, e))?)
         };
         let header = SegmentHeader::decode(map.as_deref().unwrap_or(&[]));
@@ -339,6 +496,18 @@ impl SegmentReader {
             return None;
         }
         super::shard::last_nonzero_from(self.file.as_raw_fd(), bytes, from)
+    }
+
+    /// Whether the broker reused the file for another segment since it was opened (recycling
+    /// rewrites the header of the same file, then appends new records): the map then shows new
+    /// contents, so a scan may have seen a mix. Only a reclaimed segment, which held nothing
+    /// needed, is reused, so readers treat it as deleted. Check after scanning: the header
+    /// changes before any other byte does.
+    pub fn reused_since_open(&self) -> bool {
+        match &self.header {
+            Ok(header) => SegmentHeader::decode(self.bytes()).as_ref() != Ok(header),
+            Err(_) => false,
+        }
     }
 
     /// The records of the segment (none if its header is bad).

@@ -13,8 +13,23 @@
 //!   must outlive the message it acks, or the message would come back after a restart), and
 //!   (4) no sync in flight uses its descriptor.
 //! - The active segment is never deleted, so segment sequence numbers never repeat. A spare
-//!   segment prepared ahead has the next sequence number; on disk it is an empty segment, which
-//!   recovery simply takes as the active one.
+//!   segment prepared ahead has the next sequence number; on disk it is an empty segment (an
+//!   end marker right after its header), which recovery simply takes as the active one.
+//! - At most one reclaimed segment file is kept for reuse (`free`, named `<sequence>.seg.free`,
+//!   a name recovery never reads as a segment and deletes). Only a segment in this build's
+//!   format and of the configured size is kept. It is reused only for a higher sequence number
+//!   than the one it held, differing from it in the low 32 bits only, so its leftover records
+//!   can never validate (the record CRC is seeded with the sequence; see
+//!   `stale_records_cannot_validate`), and it gets its final name only after its new header is
+//!   on disk (see `Segment::recycle`).
+//! - Records are appended to a recycled segment only by the run that created it. One found at
+//!   recovery (the last segment) is never appended to again: the first append rolls
+//!   (`active_closed`). Recovery does not look past the end of a recycled segment's data, so a
+//!   record of the segment's own sequence that a machine crash left on disk behind a lost
+//!   framing stays there; appending in place could line up a new record's end with it, and a
+//!   second crash that lost only the end marker would bring it back as valid (an ack naming a
+//!   position a new message has taken would drop that message). Fresh segments have no such
+//!   leftovers: recovery zeroes everything after their data.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -27,11 +42,12 @@ use smallvec::SmallVec;
 
 use super::error::LogError;
 use super::format::{
-    FormatError, MessageRecord, Position, RecordRef, RecordView, ScanItem, SegmentHeader,
-    SegmentScan, FORMAT_VERSION, REFS_FIXED_BYTES, REF_BYTES, SEGMENT_HEADER_BYTES,
+    ends_data_at, FormatError, MessageRecord, Position, RecordRef, RecordView, ScanItem,
+    SegmentHeader, SegmentScan, FORMAT_VERSION, FRAME_BYTES, REFS_FIXED_BYTES, REF_BYTES,
+    SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
 };
 use super::policy::FsyncPolicy;
-use super::segment::{list_segments, Segment};
+use super::segment::{free_file_name, list_free_files, list_segments, Segment};
 use crate::codec::Header;
 
 /// The directory of shard `shard`'s log under the broker's data directory.
@@ -162,6 +178,15 @@ pub struct SkippedRecord {
     pub error: FormatError,
 }
 
+/// How much of a torn tail in a recycled last segment recovery copies aside (to the
+/// `.seg.cut-<offset>` file) before ending the data with an end marker. A fresh segment's tail
+/// is copied and zeroed through its last non-zero byte, but behind a recycled segment's data lie
+/// up to a whole segment (64 MiB) of leftovers of the file's earlier use, which are not damage:
+/// copying them at every such restart would cost time and disk for nothing. A torn record is at
+/// most one record long and the records a damaged length hides are the ones right after it, so
+/// 1 MiB (larger than a typical record, well under a segment) keeps what an operator may want.
+pub const RECYCLED_CUT_COPY_BYTES_MAX: u64 = 1024 * 1024;
+
 /// Damaged or partial bytes after the last good record of a segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TailCut {
@@ -178,6 +203,14 @@ pub struct TailCut {
     pub saved_to: Option<PathBuf>,
     /// Why the scan stopped there.
     pub error: Option<FormatError>,
+    /// The segment is recycled: its data should have ended with an end marker right after the
+    /// last good record. Bytes further on may be leftovers of the file's earlier use, so `bytes`
+    /// counts only what was examined: in the last segment the prefix copied (at most
+    /// [`RECYCLED_CUT_COPY_BYTES_MAX`], through its last non-zero byte), after which an end marker
+    /// was written (`zeroed`) and the rest left as it is; in an earlier one, from the last good
+    /// record to where the scan stopped (at least the 16 framing bytes that were not an end
+    /// marker).
+    pub recycled: bool,
 }
 
 /// What recovery found and did; the caller logs it.
@@ -195,6 +228,9 @@ pub struct RecoveryReport {
     pub cuts: Vec<TailCut>,
     /// Segment files whose creation never completed (header all zeros), removed.
     pub removed_incomplete: Vec<PathBuf>,
+    /// Reclaimed segment files kept for reuse (`*.seg.free`) left by the last run, removed: a
+    /// free file is never data, and the writer keeps a new one at its next reclaim.
+    pub removed_free: Vec<PathBuf>,
     /// Segments deleted because all their messages were acknowledged.
     pub reclaimed: Vec<u64>,
 }
@@ -234,12 +270,21 @@ impl fmt::Display for RecoveryReport {
             if let Some(e) = &c.error {
                 write!(f, " ({e})")?;
             }
+            if c.recycled {
+                write!(
+                    f,
+                    " (recycled segment: bytes after these are leftovers, not examined)"
+                )?;
+            }
             if let Some(p) = &c.saved_to {
                 write!(f, ", saved to {}", p.display())?;
             }
         }
         for p in &self.removed_incomplete {
             write!(f, "; removed incomplete segment {}", p.display())?;
+        }
+        for p in &self.removed_free {
+            write!(f, "; removed reclaimed file kept for reuse {}", p.display())?;
         }
         Ok(())
     }
@@ -347,6 +392,13 @@ pub struct ShardLog {
     last_sync_issued_ms: Option<u64>,
     /// A segment was created since the directory was last synced.
     dir_dirty: bool,
+    /// A reclaimed segment file kept for reuse by the next `create_segment`: the sequence it
+    /// held and its path (`<sequence>.seg.free`). At most one; see the module invariants.
+    free: Option<(u64, PathBuf)>,
+    /// The active segment is a recycled one found at recovery: it is never appended to again
+    /// (see the module invariants), so the first append rolls to a new segment. It stays the
+    /// active segment until then, so that it is not reclaimed and sequence numbers never repeat.
+    active_closed: bool,
     /// A sync failed: durability can no longer be promised.
     failed: bool,
     /// Messages appended or recovered and not yet acknowledged.
@@ -363,12 +415,21 @@ impl ShardLog {
         fs::create_dir_all(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let dir = File::open(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let mut report = RecoveryReport::default();
+        // A file kept for reuse by the last run holds nothing needed. It is deleted rather than
+        // reused: its old sequence is only known to be lower than the next one while the
+        // segments that followed it are still here, and a file reused under its own old
+        // sequence would bring its stale records back as valid.
+        for path in list_free_files(&config.dir)? {
+            fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+            report.removed_free.push(path);
+        }
         let mut next_sequence = 0;
-        let mut opened: Vec<Segment> = Vec::new();
+        let mut opened: Vec<(Segment, bool)> = Vec::new();
+        let mut last_recycled = false;
         for (sequence, path) in list_segments(&config.dir)? {
             next_sequence = sequence + 1;
-            if let Some(segment) = open_checked(&config, sequence, &path, &mut report)? {
-                opened.push(segment);
+            if let Some(opened_segment) = open_checked(&config, sequence, &path, &mut report)? {
+                opened.push(opened_segment);
             }
         }
         report.segments = opened.len();
@@ -379,8 +440,11 @@ impl ShardLog {
         let mut deliveries: FxHashMap<Position, u32> = FxHashMap::default();
         let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
         let last_index = opened.len().wrapping_sub(1);
-        for (index, mut segment) in opened.into_iter().enumerate() {
+        for (index, (mut segment, recycled)) in opened.into_iter().enumerate() {
             let sequence = segment.sequence();
+            if index == last_index {
+                last_recycled = recycled;
+            }
             let mut refs = BTreeSet::new();
             let mut last_good_end = SEGMENT_HEADER_BYTES as u64;
             let mut damaged: Vec<SkippedRecord> = Vec::new();
@@ -438,7 +502,60 @@ impl ShardLog {
                 .next()
                 .map(|s| s.error)
                 .or(stop.map(|(_, e)| e));
-            if index == last_index {
+            if recycled {
+                // The data ends at an end marker right after the last good record; what lies
+                // behind it is leftovers and is not looked at. Without one, the tail is torn.
+                if !ends_data_at(bytes, last_good_end) {
+                    let segment_end = bytes.len() as u64;
+                    if index == last_index {
+                        // Copy a bounded prefix aside (see RECYCLED_CUT_COPY_BYTES_MAX), then
+                        // end the data where the good records end; appends go on from there.
+                        let window_end =
+                            (last_good_end + RECYCLED_CUT_COPY_BYTES_MAX).min(segment_end);
+                        let copy_end = scan_last_nonzero(bytes, last_good_end, window_end)
+                            .map_or(last_good_end, |last| last + 1);
+                        let cut_bytes = copy_end - last_good_end;
+                        let saved = segment
+                            .path()
+                            .with_extension(format!("seg.cut-{last_good_end}"));
+                        let saved_to =
+                            fs::write(&saved, &bytes[last_good_end as usize..copy_end as usize])
+                                .ok()
+                                .map(|()| saved);
+                        let marker_end = (last_good_end + FRAME_BYTES as u64).min(segment_end);
+                        let map = segment.bytes_mut().expect("mapped");
+                        map[last_good_end as usize..marker_end as usize].fill(0);
+                        segment.sync_data()?;
+                        report.cuts.push(TailCut {
+                            position: Position {
+                                segment: sequence,
+                                offset: last_good_end,
+                            },
+                            bytes: cut_bytes,
+                            zeroed: true,
+                            saved_to,
+                            error: tail_error,
+                            recycled: true,
+                        });
+                    } else {
+                        let examined = scan_end
+                            .max(last_good_end + FRAME_BYTES as u64)
+                            .min(segment_end)
+                            - last_good_end;
+                        report.cuts.push(TailCut {
+                            position: Position {
+                                segment: sequence,
+                                offset: last_good_end,
+                            },
+                            bytes: examined,
+                            zeroed: false,
+                            saved_to: None,
+                            error: tail_error,
+                            recycled: true,
+                        });
+                    }
+                }
+            } else if index == last_index {
                 let tail = &bytes[last_good_end as usize..];
                 let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
                 if let Some(last_nonzero) = last_nonzero {
@@ -464,6 +581,7 @@ impl ShardLog {
                         zeroed: true,
                         saved_to,
                         error: tail_error,
+                        recycled: false,
                     });
                 }
             } else {
@@ -485,6 +603,7 @@ impl ShardLog {
                         zeroed: false,
                         saved_to: None,
                         error: tail_error,
+                        recycled: false,
                     });
                 }
             }
@@ -577,6 +696,8 @@ impl ShardLog {
             sync_in_flight: None,
             last_sync_issued_ms: None,
             dir_dirty: false,
+            free: None,
+            active_closed: last_recycled,
             failed: false,
             live_messages,
         };
@@ -720,7 +841,7 @@ impl ShardLog {
     /// sequence.
     fn room_for(&mut self, needed: u64, now_ms: u64) -> Result<u64, LogError> {
         if let Some(sequence) = self.active {
-            if self.segments[&sequence].segment.remaining() >= needed {
+            if !self.active_closed && self.segments[&sequence].segment.remaining() >= needed {
                 return Ok(sequence);
             }
         }
@@ -754,18 +875,58 @@ impl ShardLog {
             },
         );
         self.active = Some(sequence);
+        self.active_closed = false;
         Ok(sequence)
     }
 
+    /// Creates the next segment: from the reclaimed file kept for reuse when there is one (no
+    /// allocation, and its pages are still cached), else a fresh file. A failed reuse falls back
+    /// to a fresh file; `Segment::recycle` leaves no file whose name and header disagree.
     fn create_segment(&mut self, now_ms: u64) -> Result<Segment, LogError> {
-        let header = SegmentHeader {
+        let mut header = SegmentHeader {
             format_version: FORMAT_VERSION,
             shard: self.config.shard,
             sequence: self.next_sequence,
             segment_bytes: self.config.segment_bytes,
             created_ms: now_ms,
+            flags: 0,
         };
-        let segment = Segment::create(&self.config.dir, header, self.config.populate)?;
+        let recycled = self.free.take().and_then(|(old_sequence, free)| {
+            // Stale records of the file validate only under their own sequence.
+            assert!(
+                old_sequence < header.sequence,
+                "reusing a segment file for an old sequence"
+            );
+            if !stale_records_cannot_validate(old_sequence, header.sequence) {
+                let _ = fs::remove_file(&free);
+                return None;
+            }
+            let mut recycled_header = header;
+            recycled_header.flags = SEGMENT_FLAG_RECYCLED;
+            match Segment::recycle(
+                &self.config.dir,
+                &self.dir,
+                &free,
+                recycled_header,
+                self.config.populate,
+            ) {
+                Ok(segment) => Some(segment),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "could not reuse a reclaimed log segment file; creating a fresh one"
+                    );
+                    None
+                }
+            }
+        });
+        let segment = match recycled {
+            Some(segment) => segment,
+            None => {
+                header.flags = 0;
+                Segment::create(&self.config.dir, header, self.config.populate)?
+            }
+        };
         self.next_sequence += 1;
         // The new name reaches the disk with the next sync request.
         self.dir_dirty = true;
@@ -777,13 +938,15 @@ impl ShardLog {
     pub fn wants_spare(&self) -> bool {
         self.spare.is_none()
             && !self.failed
-            && self.active.map_or(true, |sequence| {
-                self.segments[&sequence].segment.remaining() < self.config.segment_bytes / 2
-            })
+            && (self.active_closed
+                || self.active.map_or(true, |sequence| {
+                    self.segments[&sequence].segment.remaining() < self.config.segment_bytes / 2
+                }))
     }
 
     /// Creates (allocates, maps, prefaults) the next segment now, so that the roll that needs it
-    /// costs nothing. Creating a segment blocks for a few milliseconds at the default size; the
+    /// costs nothing. Creating a segment blocks for a few milliseconds at the default size
+    /// (fallocate; or, reusing a reclaimed file, a directory fsync and an fdatasync); the
     /// event loop calls this when `wants_spare` says so, at a moment of its choosing (an idle
     /// turn), instead of paying it inside the append that happens to fill a segment.
     /// `NoSpace` here is an early warning: nothing changed.
@@ -934,7 +1097,8 @@ impl ShardLog {
         self.segments.keys().copied().collect()
     }
 
-    /// Bytes of disk the segment files take.
+    /// Bytes of disk the segment files take (not counting the one reclaimed file that may be
+    /// kept for reuse, which is at most one more segment).
     pub fn disk_bytes(&self) -> u64 {
         self.segments
             .values()
@@ -943,7 +1107,9 @@ impl ShardLog {
     }
 
     /// Deletes every segment that no longer holds anything needed (see the module invariants)
-    /// and returns their sequence numbers. Blocking (unlink); cheap when there is nothing to do.
+    /// and returns their sequence numbers; the first one that can be reused is kept instead
+    /// (renamed to `<sequence>.seg.free`) when none is kept yet, for the next `create_segment`.
+    /// Blocking (unlink, rename); cheap when there is nothing to do.
     /// The event loop calls it after acks, at a quiet moment.
     pub fn reclaim(&mut self) -> Result<Vec<u64>, LogError> {
         let active = self.active;
@@ -960,12 +1126,45 @@ impl ShardLog {
         for sequence in deletable {
             let state = self.segments.remove(&sequence).expect("listed segment");
             let path = state.segment.path().to_owned();
+            // Kept for reuse: one file is enough for the next roll, and a segment of an older
+            // format (whose tail rules know no leftovers) or another size never is.
+            let reusable = self.free.is_none()
+                && state.segment.format_version() == FORMAT_VERSION
+                && state.segment.segment_bytes() == self.config.segment_bytes;
             drop(state);
+            if reusable {
+                // Like the unlink below, not synced: if a crash undoes it, the segment comes back
+                // under its old name (at-least-once). `Segment::recycle` syncs the directory
+                // before it changes the content.
+                let free = path.with_file_name(free_file_name(sequence));
+                match fs::rename(&path, &free) {
+                    Ok(()) => {
+                        self.free = Some((sequence, free));
+                        reclaimed.push(sequence);
+                        continue;
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        path = %path.display(),
+                        "could not keep a reclaimed log segment for reuse; deleting it"
+                    ),
+                }
+            }
             fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
             reclaimed.push(sequence);
         }
         Ok(reclaimed)
     }
+}
+
+/// Whether no record written under sequence `old` can have a valid CRC under sequence `new`,
+/// whatever its bytes. The CRC is linear: for the same bytes, the CRCs seeded with `old` and
+/// `new` differ by a function of `old ^ new` alone, zero only when `old ^ new`, read as a
+/// polynomial, is a multiple of the degree-32 CRC generator. Below 2^32 it has degree < 32 and
+/// is not zero, so it cannot be one. (Sequences that far apart never meet in practice; the check
+/// makes the argument hold for every file the writer reuses.)
+fn stale_records_cannot_validate(old: u64, new: u64) -> bool {
+    old != new && (old ^ new) >> 32 == 0
 }
 
 /// The reclaim rule of the module invariants, as a pure function shared by [`ShardLog::reclaim`]
@@ -995,13 +1194,13 @@ pub fn reclaimable_segments<'a>(
 }
 
 /// Opens one listed segment and checks its header. Returns `None` (after deleting the file) for
-/// a segment whose creation never finished.
+/// a segment whose creation never finished; else the segment and whether it is recycled.
 fn open_checked(
     config: &LogConfig,
     sequence: u64,
     path: &Path,
     report: &mut RecoveryReport,
-) -> Result<Option<Segment>, LogError> {
+) -> Result<Option<(Segment, bool)>, LogError> {
     let len = fs::metadata(path).map_err(|e| LogError::io(path, e))?.len();
     if len < SEGMENT_HEADER_BYTES as u64 {
         let content = fs::read(path).map_err(|e| LogError::io(path, e))?;
@@ -1018,7 +1217,7 @@ fn open_checked(
             },
         });
     }
-    let segment = Segment::open_existing(sequence, path)?;
+    let mut segment = Segment::open_existing(sequence, path)?;
     let bytes = segment.bytes().expect("mapped");
     let header = match SegmentHeader::decode(bytes) {
         Ok(header) => header,
@@ -1057,7 +1256,10 @@ fn open_checked(
             path: path.to_owned(),
             what,
         }),
-        None => Ok(Some(segment)),
+        None => {
+            segment.set_format_version(header.format_version);
+            Ok(Some((segment, header.is_recycled())))
+        }
     }
 }
 
@@ -1137,6 +1339,35 @@ mod tests {
             assert!(live.remove(offset));
         }
         assert!(live.is_empty());
+    }
+
+    /// The premise of recycling, checked on real CRCs: a record written under one sequence
+    /// never validates under another that `stale_records_cannot_validate` accepts, and a pair it
+    /// refuses (sequences differing by the generator polynomial) really can collide.
+    #[test]
+    fn stale_records_validate_only_where_the_check_refuses_reuse() {
+        use super::super::format::{decode_record, encode_record, Decoded, RecordRef};
+        use super::stale_records_cannot_validate;
+        let record = RecordRef::Ack(&[]);
+        let validates = |old: u64, new: u64| {
+            let mut bytes = vec![0u8; 64];
+            encode_record(&mut bytes, old, &record);
+            matches!(decode_record(&bytes, new), Decoded::Record { .. })
+        };
+        for (old, new) in [
+            (0, 1),
+            (5, 6),
+            (1 << 31, (1 << 31) + 1),
+            (7, u32::MAX as u64),
+        ] {
+            assert!(stale_records_cannot_validate(old, new));
+            assert!(!validates(old, new), "{old} -> {new}");
+        }
+        assert!(!stale_records_cannot_validate(3, 3));
+        // x^32 + x^26 + ... + 1 in the reflected bit order crc32fast uses for its input.
+        let generator = 0x1_DB71_0641_u64;
+        assert!(!stale_records_cannot_validate(0, generator));
+        assert!(validates(0, generator), "the refused pair collides");
     }
 
     #[test]

@@ -57,7 +57,9 @@ Example:
 What counts as damage (the rules the broker's recovery uses):
   - a segment header that cannot be read or names another sequence, shard or size;
   - a record whose CRC or layout is wrong, with good records after it (recovery skips it);
-  - bytes after the last good record of a segment (a torn tail: recovery cuts it).
+  - bytes after the last good record of a segment (a torn tail: recovery cuts it). In a
+    recycled segment (format 2: a reused file, whose bytes after its data are leftovers of its
+    earlier use) only a missing end marker right after the last good record counts.
 A running broker may be writing a record at the end of its live (last) segment. So a tail in
 the live segment is read again after --settle-ms: if the data moved on meanwhile it was a
 record being written, not damage; if it is still there, unchanged, it is a torn tail.

@@ -45,6 +45,7 @@ pub fn run(args: &SegmentsArgs, out: &mut dyn Write) -> anyhow::Result<u8> {
                         "last": position(summary.last),
                         "status": summary.status.as_str(),
                         "incomplete": summary.incomplete,
+                        "recycled": summary.header.is_some_and(|h| h.is_recycled()),
                         "damage": summary.damage.iter().map(damage_text).collect::<Vec<_>>(),
                     });
                     writeln!(out, "{object}")?;
@@ -75,6 +76,9 @@ fn line(summary: &SegmentSummary) -> String {
         position(summary.last),
         summary.status.as_str(),
     );
+    if summary.header.is_some_and(|h| h.is_recycled()) {
+        line.push_str(" (recycled: bytes after its data are leftovers of the file's earlier use)");
+    }
     if summary.incomplete {
         line.push_str(" (incomplete: its creation never finished; the broker removes it at start)");
     }
