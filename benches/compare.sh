@@ -10,6 +10,7 @@
 #              latency tails carry about 40 ms of Nagle delay) and its data in a scratch dir.
 #   stompd     $STOMPD_BIN, or target/release/stompd built here, at its defaults but for a fresh
 #              data dir ($WORK/stompd-data).
+#   stompd1    optional: the same with --shards 1 (see start_stompd1).
 #   relay      stompd-relay: the simplest in-memory forwarder, a ceiling to report against.
 #   rabbitmq   optional: Debian's rabbitmq-server with the STOMP plugin, guest/guest, vhost /.
 #
@@ -119,8 +120,15 @@ start_activemq() {
     wait_port "$port" 120 "${PID[activemq]}" || die "ActiveMQ did not open port $port: see $dir/out.log"
 }
 
-start_stompd() {
-    local bin=${STOMPD_BIN:-} port
+# stompd at its defaults (one shard per CPU), or, as `stompd1`, with `--shards 1`: on a machine
+# whose few CPUs the load generator shares, where the connections and the queue land decides
+# whether a message crosses cores, and the second column shows what that costs.
+start_stompd() { start_stompd_as stompd; }
+start_stompd1() { start_stompd_as stompd1 --shards 1; }
+
+start_stompd_as() {
+    local name=$1 bin=${STOMPD_BIN:-} port
+    shift
     if [[ -z $bin ]]; then
         (cd "$ROOT" && cargo build --release --bin stompd >&2)
         bin=$ROOT/target/release/stompd
@@ -128,14 +136,14 @@ start_stompd() {
     port=$(free_port)
     # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could hold
     # an earlier run's messages, which a new broker would recover and deliver.
-    rm -rf "$WORK/stompd-data"
-    "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/stompd-data" >"$WORK/stompd.log" 2>&1 &
-    PID[stompd]=$!
+    rm -rf "$WORK/$name-data"
+    "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
+    PID[$name]=$!
     STARTED+=($!)
-    PORT[stompd]=$port
-    if ! wait_port "$port" 30 "${PID[stompd]}"; then
-        log "stompd did not start (see $WORK/stompd.log); its column will read 'not run'"
-        unset 'PID[stompd]' 'PORT[stompd]'
+    PORT[$name]=$port
+    if ! wait_port "$port" 30 "${PID[$name]}"; then
+        log "$name did not start (see $WORK/$name.log); its column will read 'not run'"
+        unset "PID[$name]" "PORT[$name]"
     fi
 }
 
