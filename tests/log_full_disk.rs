@@ -146,10 +146,85 @@ fn file_size_limit_child() {
         matches!(&error, LogError::NoSpace { source, .. } if source.raw_os_error() == Some(libc::EFBIG)),
         "{error}"
     );
+    // A full disk refuses new blocks, not writes into blocks a segment already has; the
+    // file-size limit refuses both past 4096 bytes, and appends reach the file in batches
+    // (before a sync), so lift it before the batch is written.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct, raising the soft limit to the hard one.
+    assert_eq!(
+        unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited) },
+        0
+    );
     let in_first: Vec<Position> = stored.iter().copied().filter(|p| p.segment == 0).collect();
     log.ack(&in_first, 0).expect("acks fit in the reserve");
     log.sync_now().unwrap();
     println!("child-ok {} {}", stored.len(), in_first.len());
+}
+
+const WRITE_CHILD_VAR: &str = "STOMPD_LOG_WRITE_FAIL_CHILD_DIR";
+
+/// Runs in a child process (see the test below): the batched write of appended records fails
+/// (a file-size limit below their offsets makes `pwrite` fail with EFBIG).
+#[test]
+#[ignore = "run by a_failed_write_fails_the_log_and_no_sync_confirms_it as its child"]
+fn write_fail_child() {
+    let Ok(dir) = std::env::var(WRITE_CHILD_VAR) else {
+        return;
+    };
+    // SAFETY: as in `file_size_limit_child`.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let mut config = LogConfig::new(Path::new(&dir), 0);
+    config.segment_bytes = SEGMENT_BYTES;
+    let (mut log, _) = ShardLog::open(config).unwrap();
+    // Past the first 4096 bytes of the segment, then limit the file size below them.
+    let mut stored = Vec::new();
+    while log.appended_upto().offset < 8192 {
+        stored.push(append(&mut log, stored.len()).unwrap());
+    }
+    let limit = libc::rlimit {
+        rlim_cur: 4096,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+    assert!(
+        log.pending_sync(0).is_none(),
+        "no sync may cover records that were not written"
+    );
+    assert!(log.has_failed());
+    assert!(
+        append(&mut log, stored.len()).is_err(),
+        "a failed log refuses appends"
+    );
+    assert!(log.sync_now().is_err());
+    println!("write-fail-ok {}", stored.len());
+}
+
+#[test]
+fn a_failed_write_fails_the_log_and_no_sync_confirms_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "write_fail_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WRITE_CHILD_VAR, tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("write-fail-ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

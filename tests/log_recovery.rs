@@ -643,6 +643,10 @@ fn the_read_only_reader_works_beside_a_live_writer() {
     for i in 0..3 {
         append(&mut log, "/queue/a", i);
     }
+    // Appends reach the file in batches: at the end of a loop turn or before a sync.
+    let reader = SegmentReader::open(0, &segment_path(tmp.path(), 0)).unwrap();
+    assert_eq!(reader.scan().count(), 0, "nothing written yet");
+    log.write_pending().unwrap();
     let end = log.appended_upto();
     let path = segment_path(tmp.path(), 0);
     let reader = SegmentReader::open(0, &path).unwrap();
@@ -658,6 +662,26 @@ fn the_read_only_reader_works_beside_a_live_writer() {
     let records: Vec<_> = reader.scan().collect();
     assert_eq!(records.len(), 3, "a record being written is not reported");
     assert_eq!(SEGMENT_HEADER_BYTES, 64);
+}
+
+/// Appends are batched in memory and written with one `pwrite`; a sync request must never be
+/// handed out before what it covers is in the file, or the fsync would confirm nothing.
+#[test]
+fn a_sync_request_is_handed_out_only_after_its_records_are_in_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(tmp.path());
+    for i in 0..5 {
+        append(&mut log, "/queue/a", i);
+    }
+    let reader = SegmentReader::open(0, &segment_path(tmp.path(), 0)).unwrap();
+    assert_eq!(reader.scan().count(), 0, "batched, not written yet");
+    let request = log.pending_sync(0).expect("a sync is due");
+    assert_eq!(request.upto, log.appended_upto());
+    assert_eq!(
+        reader.scan().count(),
+        5,
+        "written before the sync is handed out"
+    );
 }
 
 #[test]

@@ -217,3 +217,26 @@ fn messages_auto_acked_on_arrival_leave_no_record_and_stay_consumed_after_kill_9
         "consumed messages are not redelivered"
     );
 }
+
+/// `--fsync never`: RECEIPTs do not wait for a sync, so what a client was told must be in the
+/// page cache before the RECEIPT leaves (appends are batched and written at the end of each
+/// loop turn); a crash of the process alone then loses none of it.
+#[test]
+fn under_fsync_never_every_receipted_send_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--shards", "2", "--fsync", "never"];
+    let mut broker = Broker::start(dir.path(), &args);
+    let bodies: Vec<String> = (0..50).map(|n| format!("n{n}")).collect();
+    let mut producer = Client::stomp12(broker.port);
+    publish_receipted(&mut producer, "/queue/never", &bodies);
+    broker.kill9();
+    drop(producer);
+
+    let broker = Broker::start_on(dir.path(), broker.port, &args);
+    let mut consumer = Client::stomp12(broker.port);
+    consumer.subscribe("s", "/queue/never", "auto");
+    let got: Vec<String> = (0..bodies.len())
+        .map(|_| consumer.expect_frame().body_str())
+        .collect();
+    assert_eq!(got, bodies);
+}

@@ -110,6 +110,15 @@ pub struct Segment {
     /// Where the next record goes; the bytes here are an end marker (or the segment's end), and
     /// after it zeros, or leftovers of the file's earlier use in a recycled segment.
     write_offset: u64,
+    /// Records appended since the last [`Segment::write_pending`], for the file from
+    /// `pending_at` on. Appends go through `pwrite` in batches, not through the map: the
+    /// kernel's write-back of a page written through a shared map must write-protect it in
+    /// every thread's page tables, which costs a TLB-shootdown interrupt to the other shard
+    /// threads' CPUs, and the next write to it a fault; with two shards passing messages that
+    /// cost about a quarter of the throughput (BENCHMARKS.md, "How the figures moved").
+    pending: Vec<u8>,
+    /// File offset of `pending[0]`.
+    pending_at: u64,
     /// Format version of the header (1 for a segment written by an older build, which is never
     /// recycled); 0 until recovery has read the header of an existing segment.
     format_version: u32,
@@ -137,6 +146,8 @@ impl Segment {
                 map: Some(map),
                 segment_bytes: header.segment_bytes,
                 write_offset: SEGMENT_HEADER_BYTES as u64,
+                pending: Vec::new(),
+                pending_at: 0,
                 format_version: header.format_version,
             }),
             Err(error) => {
@@ -189,6 +200,8 @@ impl Segment {
             map: Some(map),
             segment_bytes,
             write_offset: SEGMENT_HEADER_BYTES as u64,
+            pending: Vec::new(),
+            pending_at: 0,
             format_version: 0,
         })
     }
@@ -230,6 +243,8 @@ impl Segment {
                 map: Some(map),
                 segment_bytes: header.segment_bytes,
                 write_offset: SEGMENT_HEADER_BYTES as u64,
+                pending: Vec::new(),
+                pending_at: 0,
                 format_version: header.format_version,
             }),
             Err(error) => {
@@ -348,32 +363,74 @@ impl Segment {
             len <= self.remaining(),
             "record does not fit: caller must roll"
         );
-        let map = self.map.as_mut().expect("appending to a sealed segment");
-        // To the segment's end: the end marker goes right after the record, as far as it fits.
-        let out = &mut map[offset as usize..];
-        let written = encode_record_with_end_marker(out, self.sequence, record) as u64;
-        // Assert pair, writing side: what went into the map is exactly as long as planned; the
-        // CRC is re-checked in debug builds the way a reader will check it.
+        assert!(self.map.is_some(), "appending to a sealed segment");
+        if self.pending.is_empty() {
+            self.pending_at = offset;
+        }
+        debug_assert_eq!(self.pending_at + self.pending.len() as u64, offset);
+        let start = self.pending.len();
+        // Room for the end marker too, which the next record overwrites (see `write_pending`).
+        self.pending.resize(start + len as usize + FRAME_BYTES, 0);
+        let written =
+            encode_record_with_end_marker(&mut self.pending[start..], self.sequence, record) as u64;
+        // Assert pair, writing side: what was encoded is exactly as long as planned; the CRC is
+        // re-checked in debug builds the way a reader will check it.
         assert_eq!(written, len);
         debug_assert!(matches!(
-            super::format::decode_record(&map[offset as usize..], self.sequence),
+            super::format::decode_record(&self.pending[start..], self.sequence),
             super::format::Decoded::Record { len: l, .. } if l as u64 == len
         ));
+        self.pending.truncate(start + len as usize);
         self.write_offset += len;
         offset
+    }
+
+    /// Whether appended records wait for [`Segment::write_pending`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes the records appended since the last call into the file (the page cache), with the
+    /// end marker after the last one (as many of its bytes as fit). The shard calls this before
+    /// each sync and at the end of each event-loop turn, before any frame of that turn goes out,
+    /// so a crash of the process alone still loses nothing a client was told about.
+    pub fn write_pending(&mut self) -> Result<(), LogError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let records = self.pending.len();
+        let end = self.pending_at + records as u64;
+        let marker = (FRAME_BYTES as u64).min(self.segment_bytes - end) as usize;
+        self.pending.resize(records + marker, 0);
+        let result = self.file.write_all_at(&self.pending, self.pending_at);
+        self.pending.clear();
+        result.map_err(|e| space_or_io(&self.path, e))
     }
 
     /// Drops the map once the segment is full: sealed segments are only synced and, later,
     /// deleted, and each map costs address space and page tables.
     pub fn seal(&mut self) {
+        debug_assert!(self.pending.is_empty(), "sealed with records not written");
         self.map = None;
     }
 
     /// Blocking fdatasync, for recovery, tools, tests and shutdown (never on the event loop).
+    /// Records not yet written (`write_pending`) are not covered.
     pub fn sync_data(&self) -> Result<(), LogError> {
         self.file
             .sync_data()
             .map_err(|e| LogError::io(&self.path, e))
+    }
+}
+
+impl Drop for Segment {
+    /// A log dropped without a sync (a test's crash, a stop after a failed sync) still puts what
+    /// was appended into the page cache, as the map did before appends were batched: only the
+    /// death of the process loses the current turn's records.
+    fn drop(&mut self) {
+        if let Err(error) = self.write_pending() {
+            tracing::warn!("records not written when the segment was closed: {error}");
+        }
     }
 }
 

@@ -856,11 +856,14 @@ impl ShardLog {
         let sequence = segment.sequence();
         let live = LiveSet::new(segment.segment_bytes());
         if let Some(old) = self.active {
-            self.segments
-                .get_mut(&old)
-                .expect("active segment")
-                .segment
-                .seal();
+            let state = self.segments.get_mut(&old).expect("active segment");
+            if let Err(error) = state.segment.write_pending() {
+                // Records already accepted did not reach the file: no sync may confirm them.
+                self.failed = true;
+                self.spare = Some(segment);
+                return Err(error);
+            }
+            state.segment.seal();
         }
         self.appended = Position {
             segment: sequence,
@@ -957,6 +960,34 @@ impl ShardLog {
         Ok(())
     }
 
+    /// A sync or a write of the log failed: it refuses appends, and nothing appended since
+    /// the last good sync will ever be reported durable.
+    pub fn has_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Writes the records appended since the last call into the active segment's file (see
+    /// [`Segment::write_pending`]). An error fails the log as a failed sync does: the records
+    /// were accepted, and no later sync may report them durable.
+    pub fn write_pending(&mut self) -> Result<(), LogError> {
+        let Some(active) = self.active else {
+            return Ok(());
+        };
+        let segment = &mut self
+            .segments
+            .get_mut(&active)
+            .expect("active segment")
+            .segment;
+        if !segment.has_pending() {
+            return Ok(());
+        }
+        let result = segment.write_pending();
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
     /// The sync the event loop should issue now, if any: under `always` whenever something is
     /// unsynced and no sync is in flight; under `every:<ms>` at most once per interval; never
     /// under `never`. The request covers every record appended so far (group commit).
@@ -974,6 +1005,12 @@ impl ShardLog {
                     }
                 }
             }
+        }
+        // What the sync covers must be in the file first. Only here, when a sync is issued:
+        // under `every` and `never` the event loop writes at the end of each turn instead.
+        if let Err(error) = self.write_pending() {
+            tracing::error!(shard = self.config.shard, "log write failed: {error}");
+            return None;
         }
         let request = self.sync_request();
         self.sync_in_flight = Some(self.synced.segment);
@@ -1046,6 +1083,7 @@ impl ShardLog {
         if self.failed {
             return Err(LogError::SyncFailed);
         }
+        self.write_pending()?;
         let request = self.sync_request();
         for (&sequence, state) in self.segments.range(self.synced.segment..) {
             if sequence > self.synced.segment || state.segment.write_offset() > self.synced.offset {

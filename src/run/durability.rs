@@ -371,7 +371,9 @@ impl Durability {
         }
         let reason = match front.failed {
             Some(reason) => Some(reason),
-            None if self.failed => Some("the log could not be synced to disk"),
+            None if self.failed || self.log.has_failed() => {
+                Some("the log could not be written or synced to disk")
+            }
             None if !self.receipts_wait_for_sync || self.log.synced_upto() >= front.end => None,
             None => return None,
         };
@@ -386,6 +388,30 @@ impl Durability {
             }),
             _ => Settled::Durable(waiting.token),
         })
+    }
+
+    /// Writes the records appended this turn into the log's file, at the end of each event-loop
+    /// turn, before the turn's frames go out; returns false when the write failed (waiting
+    /// tokens now fail: the caller settles).
+    ///
+    /// Only where receipts do not wait for a sync (`fsync never` or `every`): there a client may
+    /// hear of a record before any sync, and only the page cache keeps it through a crash of
+    /// the process. Under `always` nothing a client hears of depends on an unsynced record, and
+    /// each sync writes what it covers first; writing every turn there would cost a `pwrite`
+    /// per turn, and a shard passing messages to another takes many short turns.
+    pub fn write_pending(&mut self) -> bool {
+        if self.receipts_wait_for_sync {
+            return true;
+        }
+        if let Err(error) = self.log.write_pending() {
+            tracing::error!(
+                shard = self.log.config().shard,
+                "log write failed: the log refuses further appends (persistent SENDs get an ERROR); restart the broker once the disk is healthy: {error}"
+            );
+            self.failed = true;
+            return false;
+        }
+        true
     }
 
     /// The sync to put on the ring now, if any (`None` while one is in flight).

@@ -372,6 +372,14 @@ impl ShardHandler for BrokerHandler {
         self.settle(io);
     }
 
+    fn on_turn_end(&mut self, io: &mut ShardIo<'_, ShardMessage>) {
+        if let Some(durability) = self.durability.as_mut() {
+            if !durability.write_pending() {
+                self.settle(io);
+            }
+        }
+    }
+
     fn on_shutdown(&mut self, io: &mut ShardIo<'_, ShardMessage>) {
         self.shutting_down = true;
         let now = self.now(io);

@@ -100,6 +100,11 @@ pub trait ShardHandler {
     /// Called every `tick_ms`.
     fn on_tick(&mut self, _io: &mut ShardIo<'_, Self::PeerMsg>) {}
 
+    /// The loop has run every handler call of this turn and is about to submit the turn's
+    /// operations and sends: the last moment to put what the turn produced where a crash of
+    /// the process would not lose it before a client hears of it.
+    fn on_turn_end(&mut self, _io: &mut ShardIo<'_, Self::PeerMsg>) {}
+
     /// The server is shutting down: the listener is closed and no more frames will be decoded.
     /// Finish what is in flight (receipts); connections are closed once [`Self::is_drained`]
     /// and every out buffer is empty, or when the drain deadline passes.

@@ -256,6 +256,7 @@ impl<H: ShardHandler> Shard<H> {
             if self.drain_step() {
                 return Ok(());
             }
+            self.handler.on_turn_end(&mut self.core.io());
             self.submit_handler_ops();
             self.submit_sends();
             self.progress_closing();
