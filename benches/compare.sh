@@ -133,18 +133,25 @@ start_stompd_as() {
         (cd "$ROOT" && cargo build --release --bin stompd >&2)
         bin=$ROOT/target/release/stompd
     fi
-    port=$(free_port)
-    # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could hold
-    # an earlier run's messages, which a new broker would recover and deliver.
-    rm -rf "$WORK/$name-data"
-    "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
-    PID[$name]=$!
-    STARTED+=($!)
-    PORT[$name]=$port
-    if ! wait_port "$port" 30 "${PID[$name]}"; then
-        log "$name did not start (see $WORK/$name.log); its column will read 'not run'"
-        unset "PID[$name]" "PORT[$name]"
-    fi
+    # A free port can be taken between free_port and the bind (a client's ephemeral port):
+    # try another, a few times.
+    local attempt
+    for attempt in 1 2 3; do
+        port=$(free_port)
+        # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could
+        # hold an earlier run's messages, which a new broker would recover and deliver.
+        rm -rf "$WORK/$name-data"
+        "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
+        PID[$name]=$!
+        STARTED+=($!)
+        PORT[$name]=$port
+        if wait_port "$port" 30 "${PID[$name]}"; then
+            return 0
+        fi
+        log "$name did not start on port $port (attempt $attempt): $(tail -n 1 "$WORK/$name.log")"
+    done
+    log "$name did not start (see $WORK/$name.log); its column will read 'not run'"
+    unset "PID[$name]" "PORT[$name]"
 }
 
 start_relay() {
