@@ -1,10 +1,12 @@
 # Port helpers shared by the benchmark scripts (sourced, not run).
 
-# A port nothing listens on (bash's /dev/tcp connect fails).
+# A port nothing listens on (bash's /dev/tcp connect fails), below the kernel's ephemeral
+# range (32768 and up by default): a port in it can be the local end of a client connection
+# (the connections case opens thousands), and a broker started on it fails with EADDRINUSE.
 free_port() {
     local port
     while :; do
-        port=$((20000 + RANDOM % 30000))
+        port=$((20000 + RANDOM % 12000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return
