@@ -108,6 +108,52 @@ fn a_full_disk_refuses_sends_keeps_acks_working_and_damages_nothing() {
     append(&mut log, stored.len()).expect("space was freed");
 }
 
+/// In a child test (single-threaded, run by [`run_child`]): ignores SIGXFSZ, so a file-size
+/// limit turns into an EFBIG error instead of killing the process, and opens the log in `dir`.
+fn child_log(dir: &str) -> ShardLog {
+    // SAFETY: a plain libc call at the start of a single-threaded child.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let mut config = LogConfig::new(Path::new(dir), 0);
+    config.segment_bytes = SEGMENT_BYTES;
+    ShardLog::open(config).unwrap().0
+}
+
+/// In a child test: sets the soft file-size limit to `bytes`.
+fn limit_file_size(bytes: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct (the soft limit may go anywhere up to the hard one).
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+}
+
+/// Runs the ignored test `name` of this binary in a child process with `var` set to `dir`
+/// (resource limits must not touch the test harness's other threads); returns its stdout
+/// after checking it succeeded.
+fn run_child(name: &str, var: &str, dir: &Path) -> String {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(var, dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 const CHILD_VAR: &str = "STOMPD_LOG_FSIZE_CHILD_DIR";
 
 /// Runs in a child process (see the test below): a file-size limit lower than a segment makes
@@ -118,24 +164,12 @@ fn file_size_limit_child() {
     let Ok(dir) = std::env::var(CHILD_VAR) else {
         return;
     };
-    // SAFETY: plain libc calls at the start of a single-threaded child. Ignoring SIGXFSZ turns
-    // "file too large" into the EFBIG error instead of killing the process.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-    }
-    let mut config = LogConfig::new(Path::new(&dir), 0);
-    config.segment_bytes = SEGMENT_BYTES;
-    let (mut log, _) = ShardLog::open(config).unwrap();
+    let mut log = child_log(&dir);
     let mut stored = Vec::new();
     while log.appended_upto().segment < 1 {
         stored.push(append(&mut log, stored.len()).unwrap());
     }
-    let limit = libc::rlimit {
-        rlim_cur: 4096,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit with a valid struct.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+    limit_file_size(4096);
     let error = loop {
         match append(&mut log, stored.len()) {
             Ok(p) => stored.push(p),
@@ -149,15 +183,7 @@ fn file_size_limit_child() {
     // A full disk refuses new blocks, not writes into blocks a segment already has; the
     // file-size limit refuses both past 4096 bytes, and appends reach the file in batches
     // (before a sync), so lift it before the batch is written.
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit with a valid struct, raising the soft limit to the hard one.
-    assert_eq!(
-        unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited) },
-        0
-    );
+    limit_file_size(libc::RLIM_INFINITY);
     let in_first: Vec<Position> = stored.iter().copied().filter(|p| p.segment == 0).collect();
     log.ack(&in_first, 0).expect("acks fit in the reserve");
     log.sync_now().unwrap();
@@ -174,24 +200,13 @@ fn write_fail_child() {
     let Ok(dir) = std::env::var(WRITE_CHILD_VAR) else {
         return;
     };
-    // SAFETY: as in `file_size_limit_child`.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-    }
-    let mut config = LogConfig::new(Path::new(&dir), 0);
-    config.segment_bytes = SEGMENT_BYTES;
-    let (mut log, _) = ShardLog::open(config).unwrap();
+    let mut log = child_log(&dir);
     // Past the first 4096 bytes of the segment, then limit the file size below them.
     let mut stored = Vec::new();
     while log.appended_upto().offset < 8192 {
         stored.push(append(&mut log, stored.len()).unwrap());
     }
-    let limit = libc::rlimit {
-        rlim_cur: 4096,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit with a valid struct.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+    limit_file_size(4096);
     assert!(
         log.pending_sync(0).is_none(),
         "no sync may cover records that were not written"
@@ -208,45 +223,14 @@ fn write_fail_child() {
 #[test]
 fn a_failed_write_fails_the_log_and_no_sync_confirms_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "write_fail_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(WRITE_CHILD_VAR, tmp.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("write-fail-ok"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_child("write_fail_child", WRITE_CHILD_VAR, tmp.path());
+    assert!(stdout.contains("write-fail-ok"), "{stdout}");
 }
 
 #[test]
 fn a_file_size_limit_refuses_sends_and_damages_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "file_size_limit_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_VAR, tmp.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_child("file_size_limit_child", CHILD_VAR, tmp.path());
     let counts = stdout
         .split("child-ok ")
         .nth(1)
