@@ -139,17 +139,7 @@ impl Segment {
             .map_err(|e| space_or_io(&path, e))?;
         let built = Self::fill_new(&file, &path, header, populate);
         match built {
-            Ok(map) => Ok(Segment {
-                sequence: header.sequence,
-                path,
-                file,
-                map: Some(map),
-                segment_bytes: header.segment_bytes,
-                write_offset: SEGMENT_HEADER_BYTES as u64,
-                pending: Vec::new(),
-                pending_at: 0,
-                format_version: header.format_version,
-            }),
+            Ok(map) => Ok(Self::empty(header, path, file, map)),
             Err(error) => {
                 drop(file);
                 // The file holds nothing anyone relies on; if even this fails recovery deletes a
@@ -157,6 +147,21 @@ impl Segment {
                 let _ = fs::remove_file(&path);
                 Err(error)
             }
+        }
+    }
+
+    /// A new segment (created or recycled) with nothing appended yet.
+    fn empty(header: SegmentHeader, path: PathBuf, file: File, map: MmapMut) -> Segment {
+        Segment {
+            sequence: header.sequence,
+            path,
+            file,
+            map: Some(map),
+            segment_bytes: header.segment_bytes,
+            write_offset: SEGMENT_HEADER_BYTES as u64,
+            pending: Vec::new(),
+            pending_at: 0,
+            format_version: header.format_version,
         }
     }
 
@@ -236,17 +241,7 @@ impl Segment {
         let result =
             Self::recycle_steps(dir, dir_file, free, &path, header, populate, &mut renamed);
         match result {
-            Ok((file, map)) => Ok(Segment {
-                sequence: header.sequence,
-                path,
-                file,
-                map: Some(map),
-                segment_bytes: header.segment_bytes,
-                write_offset: SEGMENT_HEADER_BYTES as u64,
-                pending: Vec::new(),
-                pending_at: 0,
-                format_version: header.format_version,
-            }),
+            Ok((file, map)) => Ok(Self::empty(header, path, file, map)),
             Err(error) => {
                 // Under its final name it is a valid empty segment (header and end marker were
                 // synced before the rename); removing it only makes room for a fresh one.
