@@ -53,35 +53,28 @@ pub fn free_file_name(sequence: u64) -> String {
     format!("{sequence:020}{SEGMENT_SUFFIX}{FREE_SUFFIX}")
 }
 
-/// The reclaimed segment files kept for reuse in `dir` (`*.seg.free`), in name order.
+/// The reclaimed segment files kept for reuse in `dir` (`*.seg.free`), in sequence order.
 pub fn list_free_files(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
-    let mut found = Vec::new();
-    let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| LogError::io(dir, e))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name
-            .strip_suffix(FREE_SUFFIX)
-            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
-            .is_some_and(|stem| stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
-        {
-            found.push(entry.path());
-        }
-    }
-    found.sort_unstable();
-    Ok(found)
+    let free_suffix = format!("{SEGMENT_SUFFIX}{FREE_SUFFIX}");
+    let found = list_numbered(dir, &free_suffix)?;
+    Ok(found.into_iter().map(|(_, path)| path).collect())
 }
 
 /// The segments in `dir`, sorted by sequence. Files with other names are left alone.
 pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    list_numbered(dir, SEGMENT_SUFFIX)
+}
+
+/// The files in `dir` named by a 20-digit sequence and then exactly `suffix`, sorted by
+/// sequence.
+fn list_numbered(dir: &Path, suffix: &str) -> Result<Vec<(u64, PathBuf)>, LogError> {
     let mut found = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| LogError::io(dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+        let Some(stem) = name.strip_suffix(suffix) else {
             continue;
         };
         if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
