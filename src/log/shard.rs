@@ -515,17 +515,8 @@ impl ShardLog {
                         let copy_end = scan_last_nonzero(bytes, last_good_end, window_end)
                             .map_or(last_good_end, |last| last + 1);
                         let cut_bytes = copy_end - last_good_end;
-                        let saved = segment
-                            .path()
-                            .with_extension(format!("seg.cut-{last_good_end}"));
-                        let saved_to =
-                            fs::write(&saved, &bytes[last_good_end as usize..copy_end as usize])
-                                .ok()
-                                .map(|()| saved);
                         let marker_end = (last_good_end + FRAME_BYTES as u64).min(segment_end);
-                        let map = segment.bytes_mut().expect("mapped");
-                        map[last_good_end as usize..marker_end as usize].fill(0);
-                        segment.sync_data()?;
+                        let saved_to = cut_tail(&mut segment, last_good_end, copy_end, marker_end)?;
                         report.cuts.push(TailCut {
                             position: Position {
                                 segment: sequence,
@@ -556,22 +547,11 @@ impl ShardLog {
                     }
                 }
             } else if index == last_index {
-                let tail = &bytes[last_good_end as usize..];
                 let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
                 if let Some(last_nonzero) = last_nonzero {
                     let cut_bytes = last_nonzero - last_good_end + 1;
-                    // Keep what is about to be zeroed beside the log: a damaged length in the
-                    // middle of the segment also lands here, with good records behind it that
-                    // an operator may want back. Best effort: a full disk must not stop recovery.
-                    let saved = segment
-                        .path()
-                        .with_extension(format!("seg.cut-{last_good_end}"));
-                    let saved_to = fs::write(&saved, &tail[..cut_bytes as usize])
-                        .ok()
-                        .map(|()| saved);
-                    let map = segment.bytes_mut().expect("mapped");
-                    map[last_good_end as usize..(last_good_end + cut_bytes) as usize].fill(0);
-                    segment.sync_data()?;
+                    let end = last_good_end + cut_bytes;
+                    let saved_to = cut_tail(&mut segment, last_good_end, end, end)?;
                     report.cuts.push(TailCut {
                         position: Position {
                             segment: sequence,
@@ -1308,6 +1288,27 @@ fn open_checked(
 /// page cache with) up to a whole segment of zeros. Pages written through the map but not yet on
 /// disk are in the page cache, which SEEK_DATA counts as data. Where lseek cannot tell, the whole
 /// range is read.
+/// Cuts a torn tail in recovery: copies `from..copy_end` beside the segment
+/// (`<segment>.seg.cut-<from>`), zeroes `from..zero_end` and syncs. The copy is kept because a
+/// damaged length in the middle of the segment also lands in the tail, with good records behind
+/// it that an operator may want back; it is best effort (a full disk must not stop recovery),
+/// and where it went is returned.
+fn cut_tail(
+    segment: &mut Segment,
+    from: u64,
+    copy_end: u64,
+    zero_end: u64,
+) -> Result<Option<PathBuf>, LogError> {
+    let saved = segment.path().with_extension(format!("seg.cut-{from}"));
+    let map = segment.bytes_mut().expect("recovered segments are mapped");
+    let saved_to = fs::write(&saved, &map[from as usize..copy_end as usize])
+        .ok()
+        .map(|()| saved);
+    map[from as usize..zero_end as usize].fill(0);
+    segment.sync_data()?;
+    Ok(saved_to)
+}
+
 pub(crate) fn last_nonzero_from(fd: RawFd, bytes: &[u8], from: u64) -> Option<u64> {
     let end = bytes.len() as u64;
     let mut last = None;
