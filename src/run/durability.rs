@@ -392,17 +392,12 @@ impl Durability {
 
     /// Writes the records appended this turn into the log's file, at the end of each event-loop
     /// turn, before the turn's frames go out; returns false when the write failed (waiting
-    /// tokens now fail: the caller settles).
-    ///
-    /// Only where receipts do not wait for a sync (`fsync never` or `every`): there a client may
-    /// hear of a record before any sync, and only the page cache keeps it through a crash of
-    /// the process. Under `always` nothing a client hears of depends on an unsynced record, and
-    /// each sync writes what it covers first; writing every turn there would cost a `pwrite`
-    /// per turn, and a shard passing messages to another takes many short turns.
+    /// tokens now fail: the caller settles). Under every fsync policy: a client hears of
+    /// records before any sync covers them (a RECEIPT for an ACK sent by another shard, a
+    /// delivery), and only the page cache keeps them through a crash of the process. Writing
+    /// only when a sync starts was faster (1.05M against 840k msgs/s, BENCHMARKS.md) but lost a
+    /// receipted ACK to kill -9 (tests/stompd_durable.rs).
     pub fn write_pending(&mut self) -> bool {
-        if self.receipts_wait_for_sync {
-            return true;
-        }
         if let Err(error) = self.log.write_pending() {
             tracing::error!(
                 shard = self.log.config().shard,
