@@ -163,7 +163,7 @@ impl BrokerHandler {
         // Taken out so the bytes can be read while effects are consumed; put back to keep
         // both buffers' capacity (no allocation per call once warm).
         let mut list = std::mem::take(&mut self.effects.list);
-        let mut logins_refused = Vec::new();
+        let mut logins_busy = Vec::new();
         for effect in list.drain(..) {
             match effect {
                 Effect::Write { conn, bytes, body } => {
@@ -215,7 +215,7 @@ impl BrokerHandler {
                     if queued {
                         io.pause_reading(entry.server);
                     } else {
-                        logins_refused.push(conn);
+                        logins_busy.push(conn);
                     }
                 }
                 Effect::Throttle { conn, paused } => {
@@ -256,9 +256,8 @@ impl BrokerHandler {
         if self.effects.list.is_empty() {
             self.effects.bytes.clear();
         }
-        for conn in logins_refused {
-            self.shard
-                .on_login_result(conn, false, now, &mut self.effects);
+        for conn in logins_busy {
+            self.shard.on_login_queue_full(conn, now, &mut self.effects);
         }
     }
 
