@@ -66,8 +66,9 @@ pub enum Effect {
         heartbeat: HeartbeatPlan,
     },
     /// Check this login (only with `login_offloaded`): run the [`crate::broker::Authenticator`]
-    /// off the core's thread, then call [`crate::broker::Shard::on_login_result`]. Decode no
-    /// further frames of the connection until then.
+    /// off the core's thread, then call [`crate::broker::Shard::on_login_result`] (or
+    /// [`crate::broker::Shard::on_login_queue_full`] when the check cannot be queued). Decode
+    /// no further frames of the connection until then.
     Authenticate {
         conn: ConnectionId,
         login: Box<[u8]>,
