@@ -314,6 +314,13 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(&conn.local) else {
             return;
         };
+        if session.awaits_connect() {
+            // Refused inline, straight from `AwaitingConnect`: the connect timer is done.
+            let deadline = session
+                .opened_ms()
+                .saturating_add(self.config.connect_timeout_ms);
+            self.connect_deadlines.remove(&(deadline, conn.local));
+        }
         let due = now_ms.saturating_add(self.config.login_failure_delay_ms);
         session.refuse_later(due);
         self.beating.remove(&conn.local);
@@ -600,6 +607,13 @@ impl Shard {
 
     /// What this shard holds now and its running totals, for the metrics endpoint. Walks the
     /// queues, so call it at scrape time, not per message.
+    /// Entries in the connect-timeout and refusal timers (tests check they are bounded by the
+    /// sessions that need them).
+    #[cfg(test)]
+    pub(crate) fn login_timers_len(&self) -> (usize, usize) {
+        (self.connect_deadlines.len(), self.refusals.len())
+    }
+
     pub fn metrics(&self) -> ShardMetrics {
         let mut metrics = ShardMetrics {
             sessions: self.sessions.len() as u64,

@@ -628,6 +628,7 @@ fn refused_login_is_answered_after_the_delay() {
         ("receipt", "c1"),
     ];
     cluster.send(bad, frame(Command::Connect, &connect, b""));
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 1));
     cluster.advance(699);
     assert!(cluster.take(bad).is_empty(), "refused before the delay");
     cluster.send(
@@ -651,6 +652,7 @@ fn refused_login_is_answered_after_the_delay() {
     let gone = cluster.open(0);
     cluster.send(gone, frame(Command::Connect, &connect, b""));
     cluster.lose(gone);
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 0));
     cluster.advance(700);
     assert!(cluster.take(gone).is_empty());
     assert_eq!(cluster.shards[0].metrics().sessions, 0);
@@ -720,6 +722,12 @@ fn connect_timeout_closes_connections_that_never_connect() {
     cluster.login_result(checking, true);
     connected_frame(&mut cluster, checking);
     assert_eq!(cluster.shards[0].metrics().sessions, 2);
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 0));
+    // Lost before connecting: its timer goes with it.
+    let lost = cluster.open(0);
+    assert_eq!(cluster.shards[0].login_timers_len(), (1, 0));
+    cluster.lose(lost);
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 0));
 }
 
 /// When the server cannot even queue a login for verification, the client hears so at once
