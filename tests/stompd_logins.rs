@@ -93,6 +93,43 @@ fn a_refused_login_is_answered_no_sooner_than_the_delay() {
     assert_eq!(reply.command, "CONNECTED", "{reply:?}");
 }
 
+/// Frames pipelined after a refused CONNECT (a server frame, then bytes that are no frame)
+/// must not be answered before the delayed refusal: an immediate ERROR for them would tell a
+/// guesser the verdict early. Plain-text files verify inline on the shard, the path where the
+/// frames would otherwise be decoded at once.
+#[test]
+fn frames_after_a_refused_login_draw_no_earlier_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("plain-users");
+    std::fs::write(&users, "alice:s3cret\n").unwrap();
+    let broker = Broker::start(
+        dir.path(),
+        &[
+            "--shards",
+            "1",
+            "--auth-file",
+            users.to_str().unwrap(),
+            "--auth-plaintext",
+            "--login-failure-delay-ms",
+            "1500",
+        ],
+    );
+    let mut client = broker.client();
+    let started = Instant::now();
+    client.send(
+        "CONNECT\naccept-version:1.2\nlogin:alice\npasscode:wrong\n\n\0MESSAGE\n\n\0\x01\x02 not a frame\n\n\0",
+    );
+    let reply = client.expect_frame();
+    let waited = started.elapsed();
+    assert_eq!(reply.command, "ERROR", "{reply:?}");
+    assert_eq!(reply.header("message"), Some("login failed"));
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "answered after {waited:?}, before the delay"
+    );
+    assert!(client.closed_within(FRAME_DEADLINE));
+}
+
 /// @stomp/stompjs's own suite and any reconnect storm after a restart: many connections of
 /// one user logging in at once, login required. Every one must get CONNECTED. The time it
 /// took is printed (BENCHMARKS.md, "Logins"), not asserted.

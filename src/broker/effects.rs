@@ -86,6 +86,9 @@ pub enum Effect {
     },
     /// Producer flow control: stop decoding the connection's frames (`paused`), leaving the
     /// rest of what it sends to the kernel's socket buffer and TCP's window, or start again.
+    /// Also emitted (paused, never released) for a refused login waiting for its delayed
+    /// ERROR: a frame or a malformed byte decoded meanwhile must not get an earlier answer
+    /// that would tell a guesser the verdict before the delay.
     /// Heart-beat read timeouts do not run while it is paused (the client is not being read,
     /// so its silence means nothing).
     Throttle { conn: ConnectionId, paused: bool },

@@ -258,7 +258,7 @@ impl Shard {
         match result {
             Err(ProtocolError::LoginFailed) if self.config.login_failure_delay_ms > 0 => {
                 let receipt = frame.header(b"receipt").map(Box::from);
-                self.refuse_later(conn, receipt, now_ms);
+                self.refuse_later(conn, receipt, now_ms, out);
             }
             Err(error) => self.fail(conn, &error, frame.header(b"receipt"), now_ms, out),
             Ok(()) => {
@@ -286,7 +286,7 @@ impl Shard {
         let mut ctx = ctx!(self, now_ms, out);
         match session.login_result(&mut ctx, accepted) {
             Err(ProtocolError::LoginFailed) if self.config.login_failure_delay_ms > 0 => {
-                self.refuse_later(conn, None, now_ms);
+                self.refuse_later(conn, None, now_ms, out);
             }
             Err(error) => self.fail(conn, &error, None, now_ms, out),
             Ok(()) => {
@@ -309,8 +309,17 @@ impl Shard {
         }
     }
 
-    /// Holds a refused login's ERROR for `login_failure_delay_ms` (sent by `on_tick`).
-    fn refuse_later(&mut self, conn: ConnectionId, receipt: Option<Box<[u8]>>, now_ms: u64) {
+    /// Holds a refused login's ERROR for `login_failure_delay_ms` (sent by `on_tick`), and
+    /// stops reading the connection meanwhile: anything decoded before the ERROR (a server
+    /// frame, a malformed one, which the server answers itself) would be answered at once,
+    /// telling the client its login failed before the delay.
+    fn refuse_later(
+        &mut self,
+        conn: ConnectionId,
+        receipt: Option<Box<[u8]>>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
         let Some(session) = self.sessions.get_mut(&conn.local) else {
             return;
         };
@@ -325,6 +334,7 @@ impl Shard {
         session.refuse_later(due);
         self.beating.remove(&conn.local);
         self.refusals.insert((due, conn.local), receipt);
+        out.list.push(Effect::Throttle { conn, paused: true });
     }
 
     /// Sends the refusals that are due and closes connections that missed the connect

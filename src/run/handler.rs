@@ -142,14 +142,11 @@ impl BrokerHandler {
                 }
             }
             if let Some(auth) = self.auth.as_mut() {
-                let refusal_delayed = self.shard.config().login_failure_delay_ms > 0;
                 while let Some((conn, accepted)) = auth.poll() {
-                    // A refused connection stays unread until its delayed ERROR closes it:
-                    // whatever it sends meanwhile would only be decoded to be dropped.
-                    if accepted || !refusal_delayed {
-                        if let Some(entry) = self.conns.get(&conn.local) {
-                            io.resume_reading(entry.server);
-                        }
+                    // A refusal whose ERROR is delayed pauses the input again at once
+                    // (`Effect::Throttle` from the broker).
+                    if let Some(entry) = self.conns.get(&conn.local) {
+                        io.resume_reading(entry.server);
                     }
                     self.shard
                         .on_login_result(conn, accepted, now, &mut self.effects);

@@ -585,6 +585,7 @@ fn offloaded_login_waits_for_the_verdict() {
         ),
     );
     cluster.login_result(bad, false);
+    assert_eq!(cluster.throttles, [(bad, true)]);
     cluster.advance(BrokerConfig::default().login_failure_delay_ms);
     assert_eq!(
         cluster.expect_error(bad).header("message"),
@@ -611,8 +612,8 @@ fn offloaded_login_waits_for_the_verdict() {
 }
 
 /// A refused login's ERROR waits `login_failure_delay_ms` (not a millisecond less), so each
-/// guess costs the guesser a second; frames sent meanwhile are dropped, and the CONNECT's
-/// receipt is still answered.
+/// guess costs the guesser a second; its input is paused and frames that still reach the
+/// shard are dropped, and the CONNECT's receipt is still answered.
 #[test]
 fn refused_login_is_answered_after_the_delay() {
     let config = BrokerConfig {
@@ -629,6 +630,8 @@ fn refused_login_is_answered_after_the_delay() {
     ];
     cluster.send(bad, frame(Command::Connect, &connect, b""));
     assert_eq!(cluster.shards[0].login_timers_len(), (0, 1));
+    // Its input is not read until the ERROR: nothing it sends can draw an earlier answer.
+    assert_eq!(cluster.throttles, [(bad, true)]);
     cluster.advance(699);
     assert!(cluster.take(bad).is_empty(), "refused before the delay");
     cluster.send(
