@@ -144,7 +144,8 @@ fn plain_digest(password: &[u8]) -> [u8; 64] {
 /// server must not call it on a shard's event-loop thread. Run it on a small blocking pool,
 /// and/or cache successful `(login, passcode)` checks keyed by a fast keyed digest. The type
 /// is `Send + Sync` and `verify` takes `&self`, so one `Arc<PasswordFile>` serves every
-/// thread; reloading (SIGHUP) is loading a new one and swapping the `Arc`.
+/// thread. The file is read once at start; a reload (SIGHUP, not implemented) would load a
+/// new one, swap the `Arc` and empty the shards' login caches (`run::auth::LoginCache`).
 #[derive(Clone)]
 pub struct PasswordFile {
     users: HashMap<Vec<u8>, Credential>,

@@ -148,6 +148,8 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("queue_messages_max", "500", "500"),
         ("queue_bytes_max", "1000000", "1000000"),
         ("topic_subscriber_stall_ms", "60000", "60000"),
+        ("connect_timeout_ms", "500", "500"),
+        ("login_failure_delay_ms", "0", "0"),
         ("log_level", "\"debug\"", "debug"),
     ];
     let mut keys: Vec<&str> = values.iter().map(|(key, _, _)| *key).collect();
@@ -193,6 +195,8 @@ fn every_key_is_read_from_file_env_and_flags() {
         assert_eq!(config.queue_messages_max, 500, "{source}");
         assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
         assert_eq!(config.topic_subscriber_stall_ms, 60_000, "{source}");
+        assert_eq!(config.connect_timeout_ms, 500, "{source}");
+        assert_eq!(config.login_failure_delay_ms, 0, "{source}");
         assert_eq!(config.log_level, "debug", "{source}");
         for key in Layer::KEYS {
             assert_ne!(resolved.origins[key], Origin::Default, "{source}: {key}");
@@ -474,6 +478,8 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("queue_messages_max", "0", "1..=1000000000"),
         ("queue_bytes_max", "4096", "65536..=1099511627776"),
         ("topic_subscriber_stall_ms", "99", "100..=3600000"),
+        ("connect_timeout_ms", "99", "100..=3600000"),
+        ("login_failure_delay_ms", "60001", "0..=60000"),
     ];
     for (key, value, allowed) in cases {
         let var = config::env_var_name(key);

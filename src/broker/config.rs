@@ -94,6 +94,18 @@ pub struct BrokerConfig {
     /// during which a core checking it inline would serve nobody. Off by default, because with
     /// authentication off (`AllowAll`) there is nothing slow to move.
     pub login_offloaded: bool,
+    /// A connection that has not sent a complete, valid CONNECT this long after it was
+    /// accepted gets ERROR and is closed: 10,000 ms, RabbitMQ's `handshake_timeout`. Without it
+    /// a client that connects and says nothing (or half a frame) holds a connection slot and
+    /// its buffers for ever. The clock stops at the CONNECT frame: the wait for an offloaded
+    /// login's verdict is the server's doing, bounded by its hashing queue, and not held
+    /// against the client.
+    pub connect_timeout_ms: u64,
+    /// A refused login is answered this long after the verdict, so guessing passwords over
+    /// one connection after another is slow: 1,000 ms, as login(1)'s delay after a failure is
+    /// seconds. The connection is held (and counts against the connection limit) but costs
+    /// nothing meanwhile; 0 answers at once.
+    pub login_failure_delay_ms: u64,
     /// The `server` header of CONNECTED.
     pub server_name: String,
 }
@@ -124,6 +136,8 @@ impl Default for BrokerConfig {
             tick_interval_ms: 100,
             monitor_interval_ms: 5000,
             login_offloaded: false,
+            connect_timeout_ms: 10_000,
+            login_failure_delay_ms: 1000,
             server_name: concat!("stompd/", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }

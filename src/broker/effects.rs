@@ -66,8 +66,9 @@ pub enum Effect {
         heartbeat: HeartbeatPlan,
     },
     /// Check this login (only with `login_offloaded`): run the [`crate::broker::Authenticator`]
-    /// off the core's thread, then call [`crate::broker::Shard::on_login_result`]. Decode no
-    /// further frames of the connection until then.
+    /// off the core's thread, then call [`crate::broker::Shard::on_login_result`] (or
+    /// [`crate::broker::Shard::on_login_queue_full`] when the check cannot be queued). Decode
+    /// no further frames of the connection until then.
     Authenticate {
         conn: ConnectionId,
         login: Box<[u8]>,
@@ -85,6 +86,9 @@ pub enum Effect {
     },
     /// Producer flow control: stop decoding the connection's frames (`paused`), leaving the
     /// rest of what it sends to the kernel's socket buffer and TCP's window, or start again.
+    /// Also emitted (paused, never released) for a refused login waiting for its delayed
+    /// ERROR: a frame or a malformed byte decoded meanwhile must not get an earlier answer
+    /// that would tell a guesser the verdict before the delay.
     /// Heart-beat read timeouts do not run while it is paused (the client is not being read,
     /// so its silence means nothing).
     Throttle { conn: ConnectionId, paused: bool },

@@ -20,6 +20,10 @@ pub enum ProtocolError {
     NoCommonVersion,
     #[error("login failed")]
     LoginFailed,
+    #[error("server busy, too many logins already wait for verification; retry later")]
+    LoginQueueFull,
+    #[error("connect timeout, no complete CONNECT frame within {0} ms of connecting")]
+    ConnectTimeout(u64),
     #[error("{0} sent before CONNECTED (login still being checked)")]
     LoginPending(Command),
     #[error("{0} is a server frame")]

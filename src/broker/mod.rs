@@ -15,7 +15,7 @@
 //! - [`Shard::open_connection`] on accept; [`Shard::on_input`] whenever bytes arrive;
 //!   [`Shard::on_frame`] per decoded frame; [`Shard::on_decode_error`] when decoding fails;
 //!   [`Shard::on_login_result`] with the verdict on an [`Effect::Authenticate`] (only with
-//!   `login_offloaded`);
+//!   `login_offloaded`), or [`Shard::on_login_queue_full`] when it could not be queued;
 //! - [`Shard::on_writable`] when a connection's output buffer fills or drains;
 //!   [`Shard::on_flushed`] when it is empty again (auto-ack windows refill only then);
 //! - [`Shard::on_peer_message`] for each [`Effect::Peer`] another shard produced;

@@ -3,7 +3,8 @@
 //! reaches destinations only through [`ShardMessage`]s.
 //!
 //! States: `AwaitingConnect` (only CONNECT or STOMP is legal) → (`AwaitingLogin` while the
-//! server checks an offloaded login) → `Connected` → either
+//! server checks an offloaded login) → `Connected` (or `Refusing` until a refused login's
+//! delayed ERROR) → either
 //! `Disconnecting` (DISCONNECT with a receipt that still waits for earlier receipts) → `Closed`,
 //! or straight to `Closed` (DISCONNECT without receipt, or any error, which the shard turns into
 //! an ERROR frame and a close).
@@ -40,6 +41,9 @@ enum State {
     AwaitingConnect,
     /// CONNECT was valid; the server is checking the login ([`Effect::Authenticate`]).
     AwaitingLogin,
+    /// The login was refused; the ERROR waits for `login_failure_delay_ms` (the shard's
+    /// refusal timer). Frames that still come are dropped.
+    Refusing,
     Connected,
     /// DISCONNECT arrived; its RECEIPT waits for earlier ones, then the connection closes.
     Disconnecting,
@@ -112,6 +116,10 @@ struct PendingReceipt {
 pub(crate) struct Session {
     conn: ConnectionId,
     state: State,
+    /// When the connection was accepted: the connect timeout counts from here.
+    opened_ms: u64,
+    /// In `Refusing`: when the delayed ERROR is due (the key of the shard's refusal timer).
+    refusal_due_ms: u64,
     version: Version,
     heartbeat: HeartbeatPlan,
     last_read_ms: u64,
@@ -138,6 +146,8 @@ impl Session {
         Session {
             conn,
             state: State::AwaitingConnect,
+            opened_ms: now_ms,
+            refusal_due_ms: 0,
             version: Version::V1_0,
             heartbeat: HeartbeatPlan::default(),
             last_read_ms: now_ms,
@@ -161,6 +171,31 @@ impl Session {
 
     pub(crate) fn heartbeat(&self) -> HeartbeatPlan {
         self.heartbeat
+    }
+
+    pub(crate) fn opened_ms(&self) -> u64 {
+        self.opened_ms
+    }
+
+    /// No complete CONNECT yet: the connect timeout applies.
+    pub(crate) fn awaits_connect(&self) -> bool {
+        self.state == State::AwaitingConnect
+    }
+
+    /// When a refused login's ERROR is due, if this session is waiting for it.
+    pub(crate) fn refusal_due_ms(&self) -> Option<u64> {
+        (self.state == State::Refusing).then_some(self.refusal_due_ms)
+    }
+
+    /// The login was refused; the shard sends the ERROR at `due_ms`. Only from the login
+    /// states.
+    pub(crate) fn refuse_later(&mut self, due_ms: u64) {
+        debug_assert!(matches!(
+            self.state,
+            State::AwaitingConnect | State::AwaitingLogin
+        ));
+        self.state = State::Refusing;
+        self.refusal_due_ms = due_ms;
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -253,6 +288,8 @@ impl Session {
                 }
             }
             State::AwaitingLogin => return Err(ProtocolError::LoginPending(command)),
+            // The verdict is given; the ERROR is only waiting for its delay.
+            State::Refusing => return Ok(()),
             State::Connected => {
                 if matches!(command, Command::Connect | Command::Stomp) {
                     return Err(ProtocolError::AlreadyConnected);

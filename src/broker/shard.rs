@@ -159,6 +159,14 @@ pub struct Shard {
     /// Topics that hold producers throttled: ticks check them, since a subscriber that stalls
     /// (stays full past `topic_subscriber_stall_ms`) releases its producers without an event.
     throttling_topics: BTreeSet<Arc<[u8]>>,
+    /// Connections without a complete CONNECT, by `(deadline, local)`: ticks close the due
+    /// ones. An entry leaves when its session gets past `AwaitingConnect` or is removed, so
+    /// this holds at most the open connections (as `refusals` does).
+    connect_deadlines: BTreeSet<(u64, u64)>,
+    /// Refused logins waiting for their ERROR, by `(due, local)`, with the CONNECT's
+    /// `receipt` header. One per session in `Refusing`, removed with it; each such connection
+    /// still counts against the server's connection limit while it waits.
+    refusals: BTreeMap<(u64, u64), Option<Box<[u8]>>>,
     counters: Counters,
 }
 
@@ -190,6 +198,8 @@ impl Shard {
             next_monitor_ms: None,
             expiry_timer: BinaryHeap::new(),
             throttling_topics: BTreeSet::new(),
+            connect_deadlines: BTreeSet::new(),
+            refusals: BTreeMap::new(),
             counters: Counters::default(),
         }
     }
@@ -210,6 +220,10 @@ impl Shard {
         };
         self.next_connection += 1;
         self.sessions.insert(conn.local, Session::new(conn, now_ms));
+        self.connect_deadlines.insert((
+            now_ms.saturating_add(self.config.connect_timeout_ms),
+            conn.local,
+        ));
         conn
     }
 
@@ -233,8 +247,19 @@ impl Shard {
         };
         session.note_input(now_ms);
         let mut ctx = ctx!(self, now_ms, out);
+        let awaited_connect = session.awaits_connect();
         let result = session.handle_frame(&mut ctx, frame, &*self.authenticator);
+        if awaited_connect && !session.awaits_connect() {
+            let deadline = session
+                .opened_ms()
+                .saturating_add(self.config.connect_timeout_ms);
+            self.connect_deadlines.remove(&(deadline, conn.local));
+        }
         match result {
+            Err(ProtocolError::LoginFailed) if self.config.login_failure_delay_ms > 0 => {
+                let receipt = frame.header(b"receipt").map(Box::from);
+                self.refuse_later(conn, receipt, now_ms, out);
+            }
             Err(error) => self.fail(conn, &error, frame.header(b"receipt"), now_ms, out),
             Ok(()) => {
                 if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
@@ -260,6 +285,9 @@ impl Shard {
         };
         let mut ctx = ctx!(self, now_ms, out);
         match session.login_result(&mut ctx, accepted) {
+            Err(ProtocolError::LoginFailed) if self.config.login_failure_delay_ms > 0 => {
+                self.refuse_later(conn, None, now_ms, out);
+            }
             Err(error) => self.fail(conn, &error, None, now_ms, out),
             Ok(()) => {
                 if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
@@ -269,6 +297,86 @@ impl Shard {
             }
         }
         self.drain_local(now_ms, out);
+    }
+
+    /// An offloaded login could not even be queued for verification (the server's hashing
+    /// queue is full): ERROR `server busy, …` at once, without the refusal delay. The client
+    /// did nothing wrong and should retry; a delay would only hold its connection longer.
+    pub fn on_login_queue_full(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {
+        if self.sessions.contains_key(&conn.local) {
+            self.fail(conn, &ProtocolError::LoginQueueFull, None, now_ms, out);
+            self.drain_local(now_ms, out);
+        }
+    }
+
+    /// Holds a refused login's ERROR for `login_failure_delay_ms` (sent by `on_tick`), and
+    /// stops reading the connection meanwhile: anything decoded before the ERROR (a server
+    /// frame, a malformed one, which the server answers itself) would be answered at once,
+    /// telling the client its login failed before the delay.
+    fn refuse_later(
+        &mut self,
+        conn: ConnectionId,
+        receipt: Option<Box<[u8]>>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(session) = self.sessions.get_mut(&conn.local) else {
+            return;
+        };
+        if session.awaits_connect() {
+            // Refused inline, straight from `AwaitingConnect`: the connect timer is done.
+            let deadline = session
+                .opened_ms()
+                .saturating_add(self.config.connect_timeout_ms);
+            self.connect_deadlines.remove(&(deadline, conn.local));
+        }
+        let due = now_ms.saturating_add(self.config.login_failure_delay_ms);
+        session.refuse_later(due);
+        self.beating.remove(&conn.local);
+        self.refusals.insert((due, conn.local), receipt);
+        out.list.push(Effect::Throttle { conn, paused: true });
+    }
+
+    /// Sends the refusals that are due and closes connections that missed the connect
+    /// timeout.
+    fn expire_logins(&mut self, now_ms: u64, out: &mut Effects) {
+        while let Some(entry) = self.refusals.first_entry() {
+            if entry.key().0 > now_ms {
+                break;
+            }
+            let ((_, local), receipt) = entry.remove_entry();
+            let conn = ConnectionId {
+                shard: self.id,
+                local,
+            };
+            if self.sessions.contains_key(&local) {
+                self.fail(
+                    conn,
+                    &ProtocolError::LoginFailed,
+                    receipt.as_deref(),
+                    now_ms,
+                    out,
+                );
+            }
+        }
+        while let Some(&(deadline, local)) = self.connect_deadlines.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.connect_deadlines.pop_first();
+            let conn = ConnectionId {
+                shard: self.id,
+                local,
+            };
+            if self
+                .sessions
+                .get(&local)
+                .is_some_and(Session::awaits_connect)
+            {
+                let error = ProtocolError::ConnectTimeout(self.config.connect_timeout_ms);
+                self.fail(conn, &error, None, now_ms, out);
+            }
+        }
     }
 
     /// The connection's bytes could not be decoded: ERROR naming the problem, then close.
@@ -400,7 +508,8 @@ impl Shard {
     }
 
     /// Time passed. Call at least every `tick_interval_ms`: heart-beats, heart-beat timeouts,
-    /// expired messages and `/queue/monitor` statistics happen here.
+    /// connect timeouts, delayed login refusals, expired messages and `/queue/monitor`
+    /// statistics happen here.
     pub fn on_tick(&mut self, now_ms: u64, out: &mut Effects) {
         let mut failed = Vec::new();
         {
@@ -414,6 +523,7 @@ impl Shard {
                 }
             }
         }
+        self.expire_logins(now_ms, out);
         self.sweep_due_queues(now_ms, out);
         self.check_throttling_topics(now_ms, out);
         for (local, error) in failed {
@@ -507,6 +617,13 @@ impl Shard {
 
     /// What this shard holds now and its running totals, for the metrics endpoint. Walks the
     /// queues, so call it at scrape time, not per message.
+    /// Entries in the connect-timeout and refusal timers (tests check they are bounded by the
+    /// sessions that need them).
+    #[cfg(test)]
+    pub(crate) fn login_timers_len(&self) -> (usize, usize) {
+        (self.connect_deadlines.len(), self.refusals.len())
+    }
+
     pub fn metrics(&self) -> ShardMetrics {
         let mut metrics = ShardMetrics {
             sessions: self.sessions.len() as u64,
@@ -580,7 +697,17 @@ impl Shard {
 
     fn remove_session(&mut self, conn: ConnectionId) -> Option<Session> {
         self.beating.remove(&conn.local);
-        self.sessions.remove(&conn.local)
+        let session = self.sessions.remove(&conn.local)?;
+        if session.awaits_connect() {
+            let deadline = session
+                .opened_ms()
+                .saturating_add(self.config.connect_timeout_ms);
+            self.connect_deadlines.remove(&(deadline, conn.local));
+        }
+        if let Some(due) = session.refusal_due_ms() {
+            self.refusals.remove(&(due, conn.local));
+        }
+        Some(session)
     }
 
     fn close_if_done(&mut self, conn: ConnectionId, now_ms: u64, out: &mut Effects) {

@@ -288,6 +288,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS")]
     pub topic_subscriber_stall_ms: Option<u64>,
 
+    /// A connection that has not sent a complete CONNECT this long after it was accepted gets
+    /// ERROR and is closed; the wait for a login's verdict does not count (100..=3600000).
+    /// [default: 10000] [env: STOMPD_CONNECT_TIMEOUT_MS] [toml: connect_timeout_ms]
+    #[arg(long, value_name = "MS")]
+    pub connect_timeout_ms: Option<u64>,
+
+    /// A refused login's ERROR is sent this long after the verdict, so guessing passwords is
+    /// slow; 0 answers at once (0..=60000). [default: 1000]
+    /// [env: STOMPD_LOGIN_FAILURE_DELAY_MS] [toml: login_failure_delay_ms]
+    #[arg(long, value_name = "MS")]
+    pub login_failure_delay_ms: Option<u64>,
+
     /// Log filter: trace, debug, info, warn, error, off, or RUST_LOG-style directives
     /// (stompd=debug,info). [default: info] [env: STOMPD_LOG_LEVEL, then RUST_LOG]
     /// [toml: log_level] (stompserver -l/--log_level; its `fatal` means error)
@@ -340,6 +352,8 @@ impl RunArgs {
             queue_messages_max: self.queue_messages_max,
             queue_bytes_max: self.queue_bytes_max,
             topic_subscriber_stall_ms: self.topic_subscriber_stall_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+            login_failure_delay_ms: self.login_failure_delay_ms,
             log_level: self.log_level.clone(),
         };
         if self.debug {

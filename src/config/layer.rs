@@ -183,6 +183,10 @@ layer! {
     /// How long a topic subscriber whose connection is full holds the topic's producers back
     /// before it counts as slow (and misses messages past its slack instead), ms.
     topic_subscriber_stall_ms: u64,
+    /// How long a connection may take to send a complete CONNECT before it is closed, ms.
+    connect_timeout_ms: u64,
+    /// How long a refused login waits for its ERROR, ms (0: at once).
+    login_failure_delay_ms: u64,
     /// Log filter: a level (`info`, `debug`) or `RUST_LOG`-style directives.
     log_level: String,
 }

@@ -74,6 +74,12 @@ pub mod defaults {
     pub const QUEUE_BYTES_MAX: u64 = 1024 * 1024 * 1024;
     /// Far longer than a burst takes to drain, far shorter than a publisher's patience.
     pub const TOPIC_SUBSCRIBER_STALL_MS: u64 = 5000;
+    /// RabbitMQ's `handshake_timeout`: long enough for a client on a slow link that must
+    /// also do TLS in front of us, short enough that silent sockets do not pile up.
+    pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+    /// A second per refused login: a person mistyping hardly notices, a guesser is slowed to
+    /// one guess per second per connection.
+    pub const LOGIN_FAILURE_DELAY_MS: u64 = 1000;
     /// 64 MiB, the log's own default: a segment roll is rare, and a drained queue pins at
     /// most one such file.
     pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -129,6 +135,12 @@ pub mod bounds {
     /// 100 ms to an hour: shorter turns every burst into losses, longer lets one stuck client
     /// hold a topic's producers for longer than anyone waits.
     pub const TOPIC_SUBSCRIBER_STALL_MS: RangeInclusive<u64> = 100..=3_600_000;
+    /// 100 ms to an hour: below the broker's tick (100 ms) it would be meaningless; an hour
+    /// is already as good as none.
+    pub const CONNECT_TIMEOUT_MS: RangeInclusive<u64> = 100..=3_600_000;
+    /// Up to a minute: a refused connection is held (and counts against `connections_max`)
+    /// this long, so more would let refusals crowd out clients.
+    pub const LOGIN_FAILURE_DELAY_MS: RangeInclusive<u64> = 0..=60_000;
 }
 
 /// Who may connect.
@@ -182,6 +194,10 @@ pub struct Config {
     pub queue_bytes_max: u64,
     /// How long a full topic subscriber holds its producers back before it counts as slow.
     pub topic_subscriber_stall_ms: u64,
+    /// How long a connection may take to send a complete CONNECT before it is closed.
+    pub connect_timeout_ms: u64,
+    /// How long a refused login waits for its ERROR.
+    pub login_failure_delay_ms: u64,
     /// `tracing_subscriber::EnvFilter` directives, already checked to parse.
     pub log_level: String,
 }
@@ -212,6 +228,8 @@ impl Config {
             queue_messages_max: Some(defaults::QUEUE_MESSAGES_MAX),
             queue_bytes_max: Some(defaults::QUEUE_BYTES_MAX),
             topic_subscriber_stall_ms: Some(defaults::TOPIC_SUBSCRIBER_STALL_MS),
+            connect_timeout_ms: Some(defaults::CONNECT_TIMEOUT_MS),
+            login_failure_delay_ms: Some(defaults::LOGIN_FAILURE_DELAY_MS),
             log_level: Some(defaults::LOG_LEVEL.to_owned()),
         }
     }
@@ -247,6 +265,8 @@ impl Config {
             queue_messages_max: Some(self.queue_messages_max),
             queue_bytes_max: Some(self.queue_bytes_max),
             topic_subscriber_stall_ms: Some(self.topic_subscriber_stall_ms),
+            connect_timeout_ms: Some(self.connect_timeout_ms),
+            login_failure_delay_ms: Some(self.login_failure_delay_ms),
             log_level: Some(self.log_level.clone()),
         }
     }
@@ -766,6 +786,19 @@ fn validate(
         (*bounds::TOPIC_SUBSCRIBER_STALL_MS.start()).into()
             ..=(*bounds::TOPIC_SUBSCRIBER_STALL_MS.end()).into(),
     );
+    let connect_timeout_ms = get(layer.connect_timeout_ms, "connect_timeout_ms");
+    range(
+        "connect_timeout_ms",
+        connect_timeout_ms.into(),
+        (*bounds::CONNECT_TIMEOUT_MS.start()).into()..=(*bounds::CONNECT_TIMEOUT_MS.end()).into(),
+    );
+    let login_failure_delay_ms = get(layer.login_failure_delay_ms, "login_failure_delay_ms");
+    range(
+        "login_failure_delay_ms",
+        login_failure_delay_ms.into(),
+        (*bounds::LOGIN_FAILURE_DELAY_MS.start()).into()
+            ..=(*bounds::LOGIN_FAILURE_DELAY_MS.end()).into(),
+    );
     let prefetch_default = get(layer.prefetch_default, "prefetch_default");
     range(
         "prefetch_default",
@@ -944,6 +977,8 @@ fn validate(
         queue_messages_max,
         queue_bytes_max,
         topic_subscriber_stall_ms,
+        connect_timeout_ms,
+        login_failure_delay_ms,
         log_level,
     })
 }

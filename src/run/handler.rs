@@ -19,7 +19,7 @@ use crate::broker::{ConnectionId, Effect, Effects, Message, Shard, ShardMessage}
 use crate::codec::Frame;
 use crate::server::{CloseReason, ConnId, ShardHandler, ShardIo};
 
-use super::auth::AuthClient;
+use super::auth::{AuthClient, Submitted};
 use super::durability::{Durability, NotStored, Settled, SYNC_TOKEN};
 
 type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<FnvHasher>>;
@@ -141,8 +141,10 @@ impl BrokerHandler {
                     more = true;
                 }
             }
-            if let Some(auth) = self.auth.as_ref() {
+            if let Some(auth) = self.auth.as_mut() {
                 while let Some((conn, accepted)) = auth.poll() {
+                    // A refusal whose ERROR is delayed pauses the input again at once
+                    // (`Effect::Throttle` from the broker).
                     if let Some(entry) = self.conns.get(&conn.local) {
                         io.resume_reading(entry.server);
                     }
@@ -163,7 +165,8 @@ impl BrokerHandler {
         // Taken out so the bytes can be read while effects are consumed; put back to keep
         // both buffers' capacity (no allocation per call once warm).
         let mut list = std::mem::take(&mut self.effects.list);
-        let mut logins_refused = Vec::new();
+        let mut logins_busy = Vec::new();
+        let mut logins_known = Vec::new();
         for effect in list.drain(..) {
             match effect {
                 Effect::Write { conn, bytes, body } => {
@@ -208,14 +211,14 @@ impl BrokerHandler {
                     let Some(entry) = self.conns.get(&conn.local) else {
                         continue;
                     };
-                    let queued = match self.auth.as_ref() {
+                    let submitted = match self.auth.as_mut() {
                         Some(auth) => auth.submit(conn, login, passcode),
-                        None => false,
+                        None => Submitted::QueueFull,
                     };
-                    if queued {
-                        io.pause_reading(entry.server);
-                    } else {
-                        logins_refused.push(conn);
+                    match submitted {
+                        Submitted::Queued => io.pause_reading(entry.server),
+                        Submitted::Accepted => logins_known.push(conn),
+                        Submitted::QueueFull => logins_busy.push(conn),
                     }
                 }
                 Effect::Throttle { conn, paused } => {
@@ -256,9 +259,12 @@ impl BrokerHandler {
         if self.effects.list.is_empty() {
             self.effects.bytes.clear();
         }
-        for conn in logins_refused {
+        for conn in logins_known {
             self.shard
-                .on_login_result(conn, false, now, &mut self.effects);
+                .on_login_result(conn, true, now, &mut self.effects);
+        }
+        for conn in logins_busy {
+            self.shard.on_login_queue_full(conn, now, &mut self.effects);
         }
     }
 

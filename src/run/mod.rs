@@ -101,6 +101,8 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         queue_messages_max: usize::try_from(config.queue_messages_max).unwrap_or(usize::MAX),
         queue_bytes_max: config.queue_bytes_max,
         topic_subscriber_stall_ms: config.topic_subscriber_stall_ms,
+        connect_timeout_ms: config.connect_timeout_ms,
+        login_failure_delay_ms: config.login_failure_delay_ms,
         deliveries_max: config.dead_letter_deliveries_max,
         // `sx`: the fastest the server promises to beat. The broker logic has no "never"
         // (a client that asks for beats gets them), so 0 keeps its 1 s floor.

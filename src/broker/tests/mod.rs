@@ -212,6 +212,20 @@ impl Cluster {
         self.pump_if_auto();
     }
 
+    pub fn login_queue_full(&mut self, conn: ConnectionId) {
+        let mut out = Effects::new();
+        let now = self.now;
+        self.shards[conn.shard.0 as usize].on_login_queue_full(conn, now, &mut out);
+        self.absorb(conn.shard, out);
+        self.pump_if_auto();
+    }
+
+    /// Moves the clock `ms` forward and ticks every shard.
+    pub fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        self.tick();
+    }
+
     fn pump_if_auto(&mut self) {
         if !self.auto_pump {
             return;

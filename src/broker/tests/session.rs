@@ -152,14 +152,18 @@ fn login_is_checked_by_the_authenticator() {
             b"",
         ),
     );
-    assert_eq!(
-        cluster.expect_error(bad).header("message"),
-        Some("login failed")
-    );
     let anonymous = cluster.open(0);
     cluster.send(
         anonymous,
         frame(Command::Connect, &[("accept-version", "1.2")], b""),
+    );
+    // Refusals wait for `login_failure_delay_ms`, then come together with the tick.
+    assert!(cluster.take(bad).is_empty());
+    assert!(cluster.take(anonymous).is_empty());
+    cluster.advance(BrokerConfig::default().login_failure_delay_ms);
+    assert_eq!(
+        cluster.expect_error(bad).header("message"),
+        Some("login failed")
     );
     assert_eq!(
         cluster.expect_error(anonymous).header("message"),
@@ -581,6 +585,8 @@ fn offloaded_login_waits_for_the_verdict() {
         ),
     );
     cluster.login_result(bad, false);
+    assert_eq!(cluster.throttles, [(bad, true)]);
+    cluster.advance(BrokerConfig::default().login_failure_delay_ms);
     assert_eq!(
         cluster.expect_error(bad).header("message"),
         Some("login failed")
@@ -602,6 +608,153 @@ fn offloaded_login_waits_for_the_verdict() {
     assert_eq!(
         cluster.expect_error(eager).header("message"),
         Some("SUBSCRIBE sent before CONNECTED (login still being checked)")
+    );
+}
+
+/// A refused login's ERROR waits `login_failure_delay_ms` (not a millisecond less), so each
+/// guess costs the guesser a second; its input is paused and frames that still reach the
+/// shard are dropped, and the CONNECT's receipt is still answered.
+#[test]
+fn refused_login_is_answered_after_the_delay() {
+    let config = BrokerConfig {
+        login_failure_delay_ms: 700,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::with_auth(1, config, Arc::new(FakeAuth));
+    let bad = cluster.open(0);
+    let connect = [
+        ("accept-version", "1.2"),
+        ("login", "alice"),
+        ("passcode", "nope"),
+        ("receipt", "c1"),
+    ];
+    cluster.send(bad, frame(Command::Connect, &connect, b""));
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 1));
+    // Its input is not read until the ERROR: nothing it sends can draw an earlier answer.
+    assert_eq!(cluster.throttles, [(bad, true)]);
+    cluster.advance(699);
+    assert!(cluster.take(bad).is_empty(), "refused before the delay");
+    cluster.send(
+        bad,
+        frame(Command::Send, &[("destination", "/queue/a")], b"x"),
+    );
+    assert!(
+        cluster.take(bad).is_empty(),
+        "frames after a refusal are dropped"
+    );
+    cluster.advance(1);
+    let error = cluster.expect_error(bad);
+    assert_eq!(error.header("message"), Some("login failed"));
+    assert_eq!(error.header("receipt-id"), Some("c1"));
+    assert!(
+        cluster.shards[0].queue_stats().is_empty(),
+        "the SEND went nowhere"
+    );
+
+    // A connection lost while it waits leaves nothing behind to fire later.
+    let gone = cluster.open(0);
+    cluster.send(gone, frame(Command::Connect, &connect, b""));
+    cluster.lose(gone);
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 0));
+    cluster.advance(700);
+    assert!(cluster.take(gone).is_empty());
+    assert_eq!(cluster.shards[0].metrics().sessions, 0);
+
+    // 0 answers at once.
+    let config = BrokerConfig {
+        login_failure_delay_ms: 0,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::with_auth(1, config, Arc::new(FakeAuth));
+    let bad = cluster.open(0);
+    cluster.send(bad, frame(Command::Connect, &connect, b""));
+    assert_eq!(
+        cluster.expect_error(bad).header("message"),
+        Some("login failed")
+    );
+}
+
+/// A connection that sends no complete CONNECT within `connect_timeout_ms` is told why and
+/// closed; bytes that are not a whole frame (heart-beat EOLs, half a CONNECT) do not extend
+/// it. Once CONNECT has come, the timer is off, also while its login is being checked.
+#[test]
+fn connect_timeout_closes_connections_that_never_connect() {
+    let config = BrokerConfig {
+        connect_timeout_ms: 500,
+        login_offloaded: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let silent = cluster.open(0);
+    cluster.advance(250);
+    let chatty = cluster.open(0);
+    let checking = cluster.open(0);
+    let connected = cluster.open(0);
+    cluster.send(
+        checking,
+        frame(Command::Connect, &[("accept-version", "1.2")], b""),
+    );
+    cluster.send(
+        connected,
+        frame(Command::Connect, &[("accept-version", "1.2")], b""),
+    );
+    cluster.login_result(connected, true);
+    connected_frame(&mut cluster, connected);
+    cluster.advance(249);
+    assert!(cluster.take(silent).is_empty(), "closed before its time");
+    cluster.advance(1);
+    assert_eq!(
+        cluster.expect_error(silent).header("message"),
+        Some("connect timeout, no complete CONNECT frame within 500 ms of connecting")
+    );
+    // Input that is not a frame counts as life for heart-beats, not as connecting.
+    cluster.shards[0].on_input(chatty, cluster.now);
+    cluster.advance(249);
+    assert!(cluster.take(chatty).is_empty());
+    cluster.advance(1);
+    assert_eq!(
+        cluster.expect_error(chatty).header("message"),
+        Some("connect timeout, no complete CONNECT frame within 500 ms of connecting")
+    );
+    cluster.advance(10_000);
+    assert!(
+        cluster.take(checking).is_empty(),
+        "a login being checked is not cut"
+    );
+    assert!(cluster.take(connected).is_empty());
+    cluster.login_result(checking, true);
+    connected_frame(&mut cluster, checking);
+    assert_eq!(cluster.shards[0].metrics().sessions, 2);
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 0));
+    // Lost before connecting: its timer goes with it.
+    let lost = cluster.open(0);
+    assert_eq!(cluster.shards[0].login_timers_len(), (1, 0));
+    cluster.lose(lost);
+    assert_eq!(cluster.shards[0].login_timers_len(), (0, 0));
+}
+
+/// When the server cannot even queue a login for verification, the client hears so at once
+/// (no refusal delay: it did nothing wrong) with a message naming the condition.
+#[test]
+fn login_queue_full_is_server_busy_at_once() {
+    let config = BrokerConfig {
+        login_offloaded: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    let conn = cluster.open(0);
+    cluster.send(
+        conn,
+        frame(
+            Command::Connect,
+            &[("accept-version", "1.2"), ("login", "a"), ("passcode", "b")],
+            b"",
+        ),
+    );
+    cluster.login_queue_full(conn);
+    assert_eq!(
+        cluster.expect_error(conn).header("message"),
+        Some("server busy, too many logins already wait for verification; retry later")
     );
 }
 
