@@ -98,6 +98,8 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         receipts_wait_for_sync: file
             && crate::log::FsyncPolicy::from(config.fsync).receipt_waits_for_sync(),
         prefetch_default_messages: config.prefetch_default,
+        prefetch_default_bytes: config.prefetch_bytes_default,
+        out_buffer_bytes_max: config.out_buffer_bytes_max as u64,
         queue_messages_max: usize::try_from(config.queue_messages_max).unwrap_or(usize::MAX),
         queue_bytes_max: config.queue_bytes_max,
         topic_subscriber_stall_ms: config.topic_subscriber_stall_ms,

@@ -181,6 +181,22 @@ impl<M> ShardIo<'_, M> {
             .map_or(0, |connection| connection.out.bytes())
     }
 
+    /// Bytes of `conn`'s output handed to the kernel so far (taken by it, or offered in a send
+    /// still in flight); also for a connection that is closing, so [`ShardHandler::on_close`]
+    /// can tell which frames never reached the socket. `u64::MAX` (all of it, as far as
+    /// anyone can tell) for a connection already released.
+    pub fn handed_bytes(&self, conn: ConnId) -> u64 {
+        let Some(slot) = self.core.slots.get(conn.slot as usize) else {
+            return u64::MAX;
+        };
+        match &slot.conn {
+            Some(connection) if slot.generation == conn.generation => {
+                connection.out.handed_bytes(connection.send_in_flight)
+            }
+            _ => u64::MAX,
+        }
+    }
+
     /// Whether the out buffer is at or over `out_buffer_bytes_max`: deliver nothing more until
     /// [`ShardHandler::on_writable`]. Asking arms that callback.
     pub fn is_out_full(&mut self, conn: ConnId) -> bool {
