@@ -79,9 +79,10 @@ pub struct BrokerConfig {
     /// full before it misses messages. The producers are paused the moment the subscriber is
     /// full (see `topic_subscriber_stall_ms`), so this only has to hold what was already on its
     /// way: frames decoded and a peer queue's worth of messages between cores (4,096). 8 MiB
-    /// holds that for 1 KiB messages; a subscriber that stalls costs no more than this. Keep
-    /// it under the server's hard per-connection limit (`out_buffer_bytes_max +
-    /// frame_bytes_max`).
+    /// holds that for 1 KiB messages; a subscriber that stalls costs no more than this (or one
+    /// message, when a message is larger: an empty slack takes one). What the slack holds
+    /// waits in the session until the connection drains (see `out_buffer_bytes_max`), so it
+    /// need not fit the server's out buffer.
     pub topic_slack_bytes: u64,
     /// A topic subscriber whose connection is full pauses the producers of the topic until it
     /// drains. One that stays full this long is slow,

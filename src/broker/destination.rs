@@ -829,8 +829,12 @@ impl Topic {
             let used = if settled { 0 } else { consumer.unacked.len() };
             // A full connection still takes a bounded slack (`topic_slack_bytes`): what was on
             // its way when its producers were paused, so a subscriber that keeps up loses
-            // nothing, while one that stays behind costs at most the slack.
+            // nothing, while one that stays behind costs at most the slack. An empty slack
+            // takes one message whatever its size, so a message larger than the slack is not
+            // lost to a subscriber that is only briefly full (it waits in the session, not
+            // in the out buffer).
             let over_slack = consumer.paused
+                && consumer.slack_bytes > 0
                 && consumer.slack_bytes + frame_bytes > ctx.config.topic_slack_bytes;
             if over_slack || used >= consumer.prefetch as usize {
                 ctx.counters.topic_deliveries_dropped_total += 1;

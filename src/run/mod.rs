@@ -114,11 +114,6 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         heartbeat_receive_ms: config.heartbeat_receive_ms,
         heartbeat_read_grace_percent: config.heartbeat_read_grace_percent,
         login_offloaded,
-        // Within the server's hard limit per connection (out buffer + one frame), with room
-        // for the deliveries already between cores when the subscriber was reported full.
-        topic_slack_bytes: defaults
-            .topic_slack_bytes
-            .min(config.limits.frame_bytes_max as u64 / 2),
         ..defaults
     }
 }
