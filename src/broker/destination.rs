@@ -32,8 +32,10 @@
 //!
 //! Topics keep nothing: each message goes to every current subscriber that can take it. A
 //! subscriber whose connection is full throttles the producers that publish to it, as a queue
-//! does, until it drains (meanwhile it takes what was already on its way within its slack); one that stays full longer than `topic_subscriber_stall_ms` is slow,
-//! not bursty: it stops holding back producers and misses what does not fit its slack.
+//! does, until it drains (meanwhile it takes what was already on its way within its slack, and
+//! an empty slack takes one message however large); one that stays full longer than
+//! `topic_subscriber_stall_ms` is slow, not bursty: it stops holding back producers and misses
+//! what does not fit its slack.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;

@@ -50,9 +50,10 @@ pub enum CloseReason {
     Protocol(DecodeError),
     /// No byte arrived within the read heart-beat timeout set by [`ShardIo::set_heartbeat`].
     HeartbeatTimeout,
-    /// The handler queued more than `out_buffer_bytes_max + frame_bytes_max` for a client that does
-    /// not read: the hard backstop that keeps memory bounded even if the handler ignores
-    /// [`ShardIo::is_out_full`].
+    /// The handler queued more than `out_buffer_bytes_max` plus one largest MESSAGE for a client
+    /// that does not read: the hard backstop that keeps memory bounded even if the handler
+    /// ignores [`ShardIo::is_out_full`]. The broker paces its deliveries below it; frames it
+    /// does not pace (a flood of RECEIPTs to a client that never reads) can still reach it.
     OutBufferOverflow,
     /// A socket error (errno).
     Io(i32),

@@ -3,7 +3,9 @@
 //! Invariants: at most one send is in flight; the chunks in `in_flight` (and the iovec array and
 //! `msghdr` that point into them) are not touched until its completion, because the kernel reads
 //! them; new bytes go to `queued` only. Owned chunks hold encoded frame heads and small frames;
-//! shared chunks hold stored message bodies ([`Bytes`]), which are sent where they lie.
+//! shared chunks hold stored message bodies ([`Bytes`]), which are sent where they lie. It
+//! counts what the kernel took over the connection's life, so the broker can tell which frames
+//! of a lost connection never reached the socket.
 
 use std::collections::VecDeque;
 
