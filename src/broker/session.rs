@@ -17,7 +17,8 @@
 //! - a MESSAGE is written only while `out_bytes_estimate`, which is never less than what the
 //!   server's out buffer holds, is under `out_buffer_bytes_max`; deliveries that arrive
 //!   otherwise wait in `deferred`, in arrival order, and are written as the buffer drains
-//!   (`flushed`, `set_writable`). So deliveries never take a connection's out buffer past
+//!   (`flushed`, `set_writable`); while any wait, queues are told to hand this connection
+//!   nothing more (`update_flow`). So deliveries never take a connection's out buffer past
 //!   the limit plus one frame, whatever arrives from other shards: what waits here is bounded
 //!   by the subscriptions' windows (queues) or slack (topics), not by the buffer;
 //! - a client-ack delivery is in `unacked` only once written; one that was never written (it
@@ -35,7 +36,8 @@ use super::effects::{Effect, HeartbeatPlan, ShardMessage};
 use super::error::ProtocolError;
 use super::shard::Ctx;
 use super::types::{
-    shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, MONITOR_DESTINATION,
+    shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message, MessageId,
+    MONITOR_DESTINATION,
 };
 use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
 
@@ -90,6 +92,10 @@ struct Subscription {
     uncredited: u32,
     /// Their estimated frame bytes, credited back with them (the queue's byte window).
     uncredited_bytes: u64,
+    /// The destination is a queue (not a topic): see `Session::update_flow`.
+    queue: bool,
+    /// What the destination was last told: hand this subscription nothing for now.
+    flow_paused: bool,
 }
 
 #[derive(Debug)]
@@ -595,6 +601,8 @@ impl Session {
         self.next_subscription += 1;
         let destination: Arc<[u8]> = Arc::from(destination);
         let monitor = &*destination == MONITOR_DESTINATION;
+        let queue = DestinationKind::of(&destination) == DestinationKind::Queue;
+        let flow_paused = !self.writable || (queue && !self.deferred.is_empty());
         if !monitor {
             let consumer = ConsumerKey {
                 conn: self.conn,
@@ -613,7 +621,7 @@ impl Session {
                     ack,
                     prefetch,
                     prefetch_bytes: ctx.config.prefetch_default_bytes,
-                    paused: !self.writable,
+                    paused: flow_paused,
                     ticket,
                 },
             );
@@ -631,6 +639,8 @@ impl Session {
                 unacked: VecDeque::new(),
                 uncredited: 0,
                 uncredited_bytes: 0,
+                queue,
+                flow_paused,
             },
         );
         self.update_input(ctx);
@@ -725,6 +735,10 @@ impl Session {
                     },
                 );
             }
+        }
+        if self.state == State::Connected {
+            // Its deliveries no longer wait: the others' queues may resume.
+            self.update_flow(ctx);
         }
         self.update_input(ctx);
     }
@@ -1044,6 +1058,7 @@ impl Session {
                 deliveries,
                 settled,
             });
+            self.update_flow(ctx);
             return;
         }
         self.write_delivery(ctx, number, message, deliveries);
@@ -1227,6 +1242,7 @@ impl Session {
             );
         }
         self.write_deferred(ctx);
+        self.update_flow(ctx);
     }
 
     pub(crate) fn set_writable(&mut self, ctx: &mut Ctx<'_>, writable: bool) {
@@ -1240,10 +1256,29 @@ impl Session {
                 .out_bytes_estimate
                 .min(ctx.config.out_buffer_bytes_max / 2);
         }
-        for (number, subscription) in &self.subscriptions {
+        if writable {
+            self.write_deferred(ctx);
+        }
+        self.update_flow(ctx);
+    }
+
+    /// Tells each destination whether to hand this connection more: not while the server
+    /// reports its out buffer full, and, for queues, not while deliveries wait here for room
+    /// (what a queue still holds can go to its other consumers meanwhile). Topics pause only
+    /// on the server's word: their pause holds back producers, which the session's own
+    /// estimate, reset only when the buffer empties, would do far more often than needed.
+    fn update_flow(&mut self, ctx: &mut Ctx<'_>) {
+        let full = !self.writable;
+        let waiting = !self.deferred.is_empty();
+        for (number, subscription) in &mut self.subscriptions {
             if subscription.monitor {
                 continue;
             }
+            let paused = full || (waiting && subscription.queue);
+            if paused == subscription.flow_paused {
+                continue;
+            }
+            subscription.flow_paused = paused;
             let to = shard_of(&subscription.destination, ctx.shard_count);
             ctx.route(
                 to,
@@ -1253,12 +1288,9 @@ impl Session {
                         subscription: *number,
                     },
                     destination: subscription.destination.clone(),
-                    paused: !writable,
+                    paused,
                 },
             );
-        }
-        if writable {
-            self.write_deferred(ctx);
         }
     }
 

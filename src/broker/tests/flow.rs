@@ -461,3 +461,36 @@ fn auto_ack_deliveries_still_waiting_when_the_subscription_ends_go_back_in_order
         "the ones written are consumed, the waiting ones come back in order"
     );
 }
+
+#[test]
+fn a_queue_serves_other_consumers_while_one_has_deliveries_waiting_for_its_out_buffer() {
+    let mut cluster = Cluster::new(2, paced(10_000, 7));
+    cluster.auto_flush = false;
+    let stuck = cluster.connect(1);
+    cluster.subscribe(stuck, "s", "/queue/q", "auto");
+    let reader = cluster.connect(1);
+    cluster.subscribe(reader, "s", "/queue/q", "auto");
+    let producer = cluster.connect(0);
+    let mut read = Vec::new();
+    for n in 0..60 {
+        cluster.publish(producer, "/queue/q", &format!("{n:04}{}", "x".repeat(996)));
+        read.extend(numbers(&cluster.frames(reader)));
+        // Only the reader's socket keeps up.
+        cluster.flush(reader);
+        while cluster.step_link(0) {}
+    }
+    read.extend(numbers(&cluster.frames(reader)));
+    let stuck_got = numbers(&cluster.frames(stuck));
+    // The stuck one was written its out buffer's worth (10,000 bytes of ~1,100-byte frames)
+    // and holds one more waiting; its queue stopped handing it messages then.
+    assert!(
+        (8..=10).contains(&stuck_got.len()),
+        "written to the stuck consumer: {stuck_got:?}"
+    );
+    assert_eq!(
+        read.len() + stuck_got.len() + 1,
+        60,
+        "the reader got everything else"
+    );
+    assert!(read.windows(2).all(|pair| pair[0] < pair[1]), "{read:?}");
+}
