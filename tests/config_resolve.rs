@@ -76,6 +76,7 @@ fn defaults_when_nothing_is_said() {
     assert_eq!(config.auth, AuthConfig::Off);
     assert_eq!(config.dead_letter_deliveries_max, 7);
     assert_eq!(config.prefetch_default, 1000);
+    assert_eq!(config.prefetch_bytes_default, 4 * 1024 * 1024);
     assert_eq!(config.log_level, "info");
     assert!(resolved
         .origins
@@ -145,6 +146,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("auth_plaintext", "true", "true"),
         ("dead_letter_deliveries_max", "3", "3"),
         ("prefetch_default", "10", "10"),
+        ("prefetch_bytes_default", "65536", "65536"),
         ("queue_messages_max", "500", "500"),
         ("queue_bytes_max", "1000000", "1000000"),
         ("topic_subscriber_stall_ms", "60000", "60000"),
@@ -192,6 +194,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         );
         assert_eq!(config.dead_letter_deliveries_max, 3, "{source}");
         assert_eq!(config.prefetch_default, 10, "{source}");
+        assert_eq!(config.prefetch_bytes_default, 65536, "{source}");
         assert_eq!(config.queue_messages_max, 500, "{source}");
         assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
         assert_eq!(config.topic_subscriber_stall_ms, 60_000, "{source}");
@@ -475,6 +478,8 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("dead_letter_deliveries_max", "10001", "1..=10000"),
         ("prefetch_default", "0", "1..=1000000"),
         ("prefetch_default", "1000001", "1..=1000000"),
+        ("prefetch_bytes_default", "4095", "4096..=1073741824"),
+        ("prefetch_bytes_default", "1073741825", "4096..=1073741824"),
         ("queue_messages_max", "0", "1..=1000000000"),
         ("queue_bytes_max", "4096", "65536..=1099511627776"),
         ("topic_subscriber_stall_ms", "99", "100..=3600000"),

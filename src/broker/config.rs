@@ -20,9 +20,25 @@ pub struct BrokerConfig {
     /// the unacknowledged messages; for auto acks, those written and not yet flushed to the
     /// socket ([`crate::broker::Shard::on_flushed`]).
     pub prefetch_default_messages: u32,
+    /// Byte window of every queue subscription, beside its message window: estimated frame
+    /// bytes ([`crate::broker::Message::frame_bytes_estimate`]) of the messages handed to it
+    /// and not yet acknowledged (client acks) or flushed to the socket (auto acks). A window
+    /// holding nothing always takes one message, so a message larger than this goes out
+    /// alone. 4 MiB: a round trip's worth of traffic on a fast link, while 1,000 messages of
+    /// 64 KiB (the message window) would be 64 MiB handed to one connection at once. No
+    /// SUBSCRIBE header sets it: ActiveMQ and RabbitMQ's STOMP adapters prefetch by count
+    /// only (AMQP's `prefetch-size` is not implemented by RabbitMQ either).
+    pub prefetch_default_bytes: u64,
     /// Upper bound of `activemq.prefetchSize` / `prefetch-count`; larger requests are lowered
     /// to it. 65,536 unacknowledged messages bound what one subscription pins in memory.
     pub prefetch_messages_max: u32,
+    /// The server's soft limit of a connection's out buffer (`out_buffer_bytes_max`). A session
+    /// writes a MESSAGE only while the bytes it wrote since the buffer was last reported
+    /// empty (or below half) stay under this; later deliveries wait in the session, in order,
+    /// within their subscriptions' windows. So deliveries never push a buffer past this plus
+    /// one frame, and the server's hard limit (this plus a largest frame) never closes a
+    /// consumer for what the broker chose to send it. 256 KiB, the server's default.
+    pub out_buffer_bytes_max: u64,
     /// Deliveries after which a message that comes back (NACK, consumer gone) moves to its
     /// dead-letter queue: 7, ActiveMQ's first delivery plus `maximumRedeliveries` 6.
     pub deliveries_max: u32,
@@ -63,9 +79,10 @@ pub struct BrokerConfig {
     /// full before it misses messages. The producers are paused the moment the subscriber is
     /// full (see `topic_subscriber_stall_ms`), so this only has to hold what was already on its
     /// way: frames decoded and a peer queue's worth of messages between cores (4,096). 8 MiB
-    /// holds that for 1 KiB messages; a subscriber that stalls costs no more than this. Keep
-    /// it under the server's hard per-connection limit (`out_buffer_bytes_max +
-    /// frame_bytes_max`).
+    /// holds that for 1 KiB messages; a subscriber that stalls costs no more than this (or one
+    /// message, when a message is larger: an empty slack takes one). What the slack holds
+    /// waits in the session until the connection drains (see `out_buffer_bytes_max`), so it
+    /// need not fit the server's out buffer.
     pub topic_slack_bytes: u64,
     /// A topic subscriber whose connection is full pauses the producers of the topic until it
     /// drains. One that stays full this long is slow,
@@ -117,6 +134,8 @@ impl Default for BrokerConfig {
             receipts_wait_for_sync: false,
             persistent_by_default: true,
             prefetch_default_messages: 1000,
+            prefetch_default_bytes: 4 * 1024 * 1024,
+            out_buffer_bytes_max: 256 * 1024,
             prefetch_messages_max: 65_536,
             deliveries_max: 7,
             subscriptions_per_connection_max: 1024,

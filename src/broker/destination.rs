@@ -4,10 +4,20 @@
 //! Queue invariants:
 //! - every accepted, unexpired message is in exactly one place: `ready` (waiting, FIFO) or one
 //!   consumer's `unacked` (delivered, in delivery order), until it is consumed for good;
-//! - a consumer is handed a message only when it is not paused and holds fewer than its prefetch
-//!   in its window (client acks: unacknowledged; auto acks: handed out and not yet credited back
-//!   by the session once flushed to the socket); among those, consumers take turns
-//!   (round-robin, by consumer key);
+//! - a consumer is handed a message only when it is not paused and its window has room: fewer
+//!   than its prefetch messages in it, and the message's estimated frame bytes fit in its
+//!   byte window beside those already in it, or the window is empty (so a message larger than
+//!   the byte window goes out alone). The window holds, for client acks, the unacknowledged
+//!   messages; for auto acks, those handed out and not yet credited back by the session once
+//!   flushed to the socket. Among consumers with room, they take turns (round-robin, by
+//!   consumer key);
+//! - `window_bytes` of a consumer is exactly the estimated frame bytes of the messages in its
+//!   window, so what one subscription has between its queue and its socket is at most
+//!   `max(prefetch_bytes, one message)`;
+//! - a message's `deliveries` counts every time it was handed out (the client is told:
+//!   `redelivered`, `delivery-count`); `unsent` counts those that the consumer's session
+//!   reported never written to the socket ([`ShardMessage::Unsent`]), which do not count
+//!   toward `deliveries_max`;
 //! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
 //!   original order with their delivery count, so the next delivery is marked redelivered, or
 //!   move to the dead-letter queue once they were delivered `deliveries_max` times.
@@ -22,8 +32,10 @@
 //!
 //! Topics keep nothing: each message goes to every current subscriber that can take it. A
 //! subscriber whose connection is full throttles the producers that publish to it, as a queue
-//! does, until it drains (meanwhile it takes what was already on its way within its slack); one that stays full longer than `topic_subscriber_stall_ms` is slow,
-//! not bursty: it stops holding back producers and misses what does not fit its slack.
+//! does, until it drains (meanwhile it takes what was already on its way within its slack, and
+//! an empty slack takes one message however large); one that stays full longer than
+//! `topic_subscriber_stall_ms` is slow, not bursty: it stops holding back producers and misses
+//! what does not fit its slack.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
@@ -40,10 +52,20 @@ use super::types::{
 struct Held {
     message: Arc<Message>,
     deliveries: u32,
+    /// Of `deliveries`, those that never reached the consumer's socket: they do not count
+    /// toward `deliveries_max`.
+    unsent: u32,
     /// The connection that sent it, while that matters: a message the log then fails to store
     /// is dropped, and its sender hears of it even without a receipt. `None` for messages
     /// recovered, dead-lettered or handed back.
     origin: Option<ConnectionId>,
+}
+
+impl Held {
+    /// Deliveries that may have reached a client: what dead-lettering counts.
+    fn deliveries_sent(&self) -> u32 {
+        self.deliveries.saturating_sub(self.unsent)
+    }
 }
 
 #[derive(Debug)]
@@ -52,6 +74,11 @@ struct QueueConsumer {
     /// Most messages in its window at a time: unacknowledged ones for client acks, handed
     /// out and not yet credited back by the session for auto acks.
     prefetch: u32,
+    /// Most estimated frame bytes in its window, though an empty window takes one message
+    /// whatever its size.
+    prefetch_bytes: u64,
+    /// Estimated frame bytes of the messages in its window now.
+    window_bytes: u64,
     /// Its connection's output is full: deliver nothing until resumed.
     paused: bool,
     /// Delivered and not yet acknowledged, in delivery order (empty for auto acks).
@@ -61,12 +88,15 @@ struct QueueConsumer {
 }
 
 impl QueueConsumer {
-    fn has_credit(&self) -> bool {
+    /// Room for one more message of `frame_bytes` (estimated) in its window.
+    fn has_credit(&self, frame_bytes: u64) -> bool {
         let used = match self.ack {
             AckMode::Auto => self.in_flight as usize,
             AckMode::Client | AckMode::ClientIndividual => self.unacked.len(),
         };
-        !self.paused && used < self.prefetch as usize
+        !self.paused
+            && used < self.prefetch as usize
+            && (used == 0 || self.window_bytes + frame_bytes <= self.prefetch_bytes)
     }
 }
 
@@ -247,6 +277,7 @@ impl Queue {
             Held {
                 message,
                 deliveries: 0,
+                unsent: 0,
                 origin: Some(origin),
             },
             false,
@@ -306,6 +337,7 @@ impl Queue {
             Held {
                 message,
                 deliveries: 0,
+                unsent: 0,
                 origin: None,
             },
             false,
@@ -331,6 +363,7 @@ impl Queue {
             Held {
                 message,
                 deliveries,
+                unsent: 0,
                 origin: None,
             },
             false,
@@ -343,6 +376,7 @@ impl Queue {
         key: ConsumerKey,
         ack: AckMode,
         prefetch: u32,
+        prefetch_bytes: u64,
         paused: bool,
     ) {
         let previous = self.consumers.insert(
@@ -350,6 +384,8 @@ impl Queue {
             QueueConsumer {
                 ack,
                 prefetch: prefetch.max(1),
+                prefetch_bytes,
+                window_bytes: 0,
                 paused,
                 unacked: VecDeque::new(),
                 in_flight: 0,
@@ -367,12 +403,32 @@ impl Queue {
         self.dispatch(ctx);
     }
 
-    /// The session wrote `count` auto-acked deliveries: room for as many more.
-    pub(crate) fn credit(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, count: u32) {
+    /// The session flushed `count` auto-acked deliveries of `bytes` (estimated) to the
+    /// socket: room for as many more.
+    pub(crate) fn credit(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, count: u32, bytes: u64) {
         if let Some(consumer) = self.consumers.get_mut(&key) {
             consumer.in_flight = consumer.in_flight.saturating_sub(count);
+            consumer.window_bytes = consumer.window_bytes.saturating_sub(bytes);
+            debug_assert!(
+                consumer.in_flight > 0 || consumer.window_bytes == 0,
+                "an empty auto-ack window holds no bytes"
+            );
         }
         self.dispatch(ctx);
+    }
+
+    /// The consumer's session never wrote these deliveries to the socket (they waited behind
+    /// a full out buffer, or the connection was lost before they were sent): they do not
+    /// count toward `deliveries_max`. The `Unsubscribe` that follows takes them back.
+    pub(crate) fn unsent(&mut self, key: ConsumerKey, ids: &[MessageId]) {
+        let Some(consumer) = self.consumers.get_mut(&key) else {
+            return;
+        };
+        for held in consumer.unacked.iter_mut() {
+            if ids.contains(&held.message.id) && held.unsent < held.deliveries {
+                held.unsent += 1;
+            }
+        }
     }
 
     pub(crate) fn flow(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, paused: bool) {
@@ -388,6 +444,19 @@ impl Queue {
     /// not hold are skipped: the session checked them, so a miss means the consumer already
     /// ended (its messages were taken back) and the ack lost a race it may lose.
     fn remove_unacked(&mut self, key: ConsumerKey, ids: &[MessageId]) -> Vec<Held> {
+        let removed = self.take_unacked(key, ids);
+        if let Some(consumer) = self.consumers.get_mut(&key) {
+            let bytes: u64 = removed
+                .iter()
+                .map(|held| held.message.frame_bytes_estimate())
+                .sum();
+            debug_assert!(bytes <= consumer.window_bytes, "window bytes are exact");
+            consumer.window_bytes = consumer.window_bytes.saturating_sub(bytes);
+        }
+        removed
+    }
+
+    fn take_unacked(&mut self, key: ConsumerKey, ids: &[MessageId]) -> Vec<Held> {
         let Some(consumer) = self.consumers.get_mut(&key) else {
             return Vec::new();
         };
@@ -467,6 +536,7 @@ impl Queue {
             Held {
                 message,
                 deliveries,
+                unsent: 0,
                 origin: None,
             },
             true,
@@ -479,11 +549,15 @@ impl Queue {
     /// asked (`dead_letter_now`). A dead-letter queue keeps its own messages either way.
     fn take_back(&mut self, ctx: &mut Ctx<'_>, returned: Vec<Held>, dead_letter_now: bool) {
         let dead_letter = dead_letter_queue(&self.name);
-        for held in returned.into_iter().rev() {
+        let mut kept = Vec::new();
+        for held in returned {
             match &dead_letter {
-                Some(dlq) if dead_letter_now || held.deliveries >= ctx.config.deliveries_max => {
-                    // Its Ack record is written only once the dead-letter queue's copy is
-                    // durable (`Moved`): a crash in between duplicates it, never loses it.
+                Some(dlq)
+                    if dead_letter_now || held.deliveries_sent() >= ctx.config.deliveries_max =>
+                {
+                    // In their order, so the dead-letter queue keeps it too. Its Ack record
+                    // is written only once the dead-letter queue's copy is durable (`Moved`):
+                    // a crash in between duplicates it, never loses it.
                     self.dequeued += 1;
                     ctx.counters.messages_dead_lettered_total += 1;
                     let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
@@ -497,8 +571,12 @@ impl Queue {
                         },
                     );
                 }
-                _ => self.hold(held, true),
+                _ => kept.push(held),
             }
+        }
+        // Last first, so they stand at the front in their original order.
+        for held in kept.into_iter().rev() {
+            self.hold(held, true);
         }
     }
 
@@ -510,8 +588,9 @@ impl Queue {
     }
 
     fn hand_out(&mut self, ctx: &mut Ctx<'_>) {
-        while !self.ready.is_empty() {
-            let Some(key) = self.next_with_credit() else {
+        while let Some(front) = self.ready.front() {
+            let frame_bytes = front.message.frame_bytes_estimate();
+            let Some(key) = self.next_with_credit(frame_bytes) else {
                 return;
             };
             let Some(mut held) = self.ready.pop_front() else {
@@ -532,6 +611,7 @@ impl Queue {
                 return;
             };
             let settled = consumer.ack == AckMode::Auto;
+            consumer.window_bytes += frame_bytes;
             ctx.route(
                 key.conn.shard,
                 ShardMessage::Deliver {
@@ -560,10 +640,12 @@ impl Queue {
         }
     }
 
-    /// The first consumer after the one served last, wrapping around, that can take one more.
-    fn next_with_credit(&self) -> Option<ConsumerKey> {
-        let has_credit =
-            |(key, consumer): (&ConsumerKey, &QueueConsumer)| consumer.has_credit().then_some(*key);
+    /// The first consumer after the one served last, wrapping around, that can take one more
+    /// message of `frame_bytes`.
+    fn next_with_credit(&self, frame_bytes: u64) -> Option<ConsumerKey> {
+        let has_credit = |(key, consumer): (&ConsumerKey, &QueueConsumer)| {
+            consumer.has_credit(frame_bytes).then_some(*key)
+        };
         match self.last_served {
             None => self.consumers.iter().find_map(has_credit),
             Some(last) => self
@@ -737,12 +819,7 @@ impl Topic {
             return;
         }
         ctx.counters.messages_accepted_total += 1;
-        // What the MESSAGE costs in a connection's out buffer, roughly: the body, the sender's
-        // headers, and the broker's own (destination, message-id, subscription, ack,
-        // content-length), which stay under 256 bytes for names of normal length.
-        let frame_bytes = (message.body.len() + message.header_block.len()) as u64
-            + 256
-            + message.destination.len() as u64;
+        let frame_bytes = message.frame_bytes_estimate();
         let mut holding_back = false;
         for consumer in self.consumers.values_mut() {
             holding_back |= consumer.holds_back(ctx);
@@ -754,8 +831,12 @@ impl Topic {
             let used = if settled { 0 } else { consumer.unacked.len() };
             // A full connection still takes a bounded slack (`topic_slack_bytes`): what was on
             // its way when its producers were paused, so a subscriber that keeps up loses
-            // nothing, while one that stays behind costs at most the slack.
+            // nothing, while one that stays behind costs at most the slack. An empty slack
+            // takes one message whatever its size, so a message larger than the slack is not
+            // lost to a subscriber that is only briefly full (it waits in the session, not
+            // in the out buffer).
             let over_slack = consumer.paused
+                && consumer.slack_bytes > 0
                 && consumer.slack_bytes + frame_bytes > ctx.config.topic_slack_bytes;
             if over_slack || used >= consumer.prefetch as usize {
                 ctx.counters.topic_deliveries_dropped_total += 1;

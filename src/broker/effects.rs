@@ -140,12 +140,14 @@ pub enum Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardMessage {
     // Session -> destination (addressed by `destination`'s shard).
-    /// A subscription starts: deliver to it, at most `prefetch` in its window at a time.
+    /// A subscription starts: deliver to it, at most `prefetch` messages and (queues)
+    /// `prefetch_bytes` estimated frame bytes in its window at a time, though always one.
     Subscribe {
         consumer: ConsumerKey,
         destination: Arc<[u8]>,
         ack: AckMode,
         prefetch: u32,
+        prefetch_bytes: u64,
         /// The connection's output is full right now (see `Flow`).
         paused: bool,
         /// The SUBSCRIBE asked for a receipt: `Confirmed` comes back once the destination has
@@ -172,6 +174,14 @@ pub enum ShardMessage {
         destination: Arc<[u8]>,
         ids: SmallVec<[MessageId; 4]>,
     },
+    /// These client-ack deliveries to `consumer` never reached its socket (they waited in the
+    /// session, or in an out buffer the connection lost): they do not count toward
+    /// dead-lettering. Sent just before the `Unsubscribe` that takes them back.
+    Unsent {
+        consumer: ConsumerKey,
+        destination: Arc<[u8]>,
+        ids: SmallVec<[MessageId; 4]>,
+    },
     /// These messages, delivered to `consumer`, were not consumed: redeliver (or dead-letter).
     Nack {
         consumer: ConsumerKey,
@@ -180,14 +190,15 @@ pub enum ShardMessage {
         /// False (`requeue:false` on the NACK, as RabbitMQ has it): dead-letter them now.
         requeue: bool,
     },
-    /// `count` more auto-acked deliveries of this consumer have left the broker (the server
-    /// reported its connection's output flushed): its window has room for as many more. So an
-    /// auto-ack consumer never has more than `prefetch` messages between its queue and its
-    /// socket, and one call never writes more than that to it.
+    /// `count` more auto-acked deliveries of this consumer, `bytes` of estimated frames, have
+    /// left the broker (the server reported its connection's output flushed): its window has
+    /// room for as many more. So an auto-ack consumer never has more than its window between
+    /// its queue and its socket, and one call never writes more than that to it.
     Credit {
         consumer: ConsumerKey,
         destination: Arc<[u8]>,
         count: u32,
+        bytes: u64,
     },
     /// The consumer's connection cannot take more output (`paused`) or can again.
     Flow {

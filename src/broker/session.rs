@@ -14,7 +14,18 @@
 //!   the client under a client ack mode and not yet acknowledged or taken into a transaction;
 //! - an ACK or NACK inside a transaction takes its messages out of `unacked` until COMMIT
 //!   (sent to the destination) or ABORT (put back), so they cannot be acknowledged twice;
-//! - RECEIPTs go out in the order their frames arrived; `receipts` is sorted by ticket.
+//! - RECEIPTs go out in the order their frames arrived; `receipts` is sorted by ticket;
+//! - a MESSAGE is written only while `out_bytes_estimate`, which is never less than what the
+//!   server's out buffer holds, is under `out_buffer_bytes_max`; deliveries that arrive
+//!   otherwise wait in `deferred`, in arrival order, and are written as the buffer drains
+//!   (`flushed`, `set_writable`); while any wait, queues are told to hand this connection
+//!   nothing more (`update_flow`). So deliveries never take a connection's out buffer past
+//!   the limit plus one frame, whatever arrives from other shards: what waits here is bounded
+//!   by the subscriptions' windows (queues) or slack (topics), not by the buffer;
+//! - a client-ack delivery is in `unacked` only once written; one that was never written (it
+//!   waited in `deferred`, or lay past what the server had handed to the kernel when the
+//!   connection was lost) is reported [`ShardMessage::Unsent`] when its subscription ends, so
+//!   it does not count toward dead-lettering.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -26,7 +37,8 @@ use super::effects::{Effect, HeartbeatPlan, ShardMessage};
 use super::error::ProtocolError;
 use super::shard::Ctx;
 use super::types::{
-    shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, MONITOR_DESTINATION,
+    shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message, MessageId,
+    MONITOR_DESTINATION,
 };
 use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
 
@@ -56,6 +68,18 @@ struct Pending {
     /// Per-session delivery number; the `ack` header carries it.
     tag: u64,
     id: MessageId,
+    /// Offset of its MESSAGE frame in the connection's output (`Session::written_bytes` when
+    /// it was written): it reached the socket if the server handed the kernel more than this.
+    at: u64,
+}
+
+/// A delivery that arrived while the connection's out buffer was full, waiting to be written.
+#[derive(Debug)]
+struct Deferred {
+    number: u64,
+    message: Arc<Message>,
+    deliveries: u32,
+    settled: bool,
 }
 
 #[derive(Debug)]
@@ -70,6 +94,12 @@ struct Subscription {
     /// Auto acks: deliveries written and not yet credited back to the destination (it does so
     /// once the server reports the connection's output flushed).
     uncredited: u32,
+    /// Their estimated frame bytes, credited back with them (the queue's byte window).
+    uncredited_bytes: u64,
+    /// The destination is a queue (not a topic): see `Session::update_flow`.
+    queue: bool,
+    /// What the destination was last told: hand this subscription nothing for now.
+    flow_paused: bool,
 }
 
 #[derive(Debug)]
@@ -139,6 +169,18 @@ pub(crate) struct Session {
     throttles: u32,
     /// An [`Effect::Throttle`] pause is in force.
     input_paused: bool,
+    /// Bytes written since the server last reported the out buffer empty (`flushed`), or at
+    /// most half full (`set_writable`, which lowers this to half the limit): never less than
+    /// what the buffer holds. MESSAGEs are written only while this is under
+    /// `out_buffer_bytes_max`.
+    out_bytes_estimate: u64,
+    /// Deliveries waiting for room in the out buffer, in arrival order.
+    deferred: VecDeque<Deferred>,
+    /// Every byte written to the connection so far: where the next frame starts.
+    written_bytes: u64,
+    /// How much of the output the server handed to the kernel, when it says (the connection
+    /// was lost: the rest was dropped); `u64::MAX` otherwise, as everything written goes out.
+    handed_bytes: u64,
 }
 
 impl Session {
@@ -162,7 +204,17 @@ impl Session {
             last_destination: None,
             throttles: 0,
             input_paused: false,
+            out_bytes_estimate: 0,
+            deferred: VecDeque::new(),
+            written_bytes: 0,
+            handed_bytes: u64::MAX,
         }
+    }
+
+    /// The server handed the kernel the first `bytes` of this connection's output and dropped
+    /// the rest (the connection was lost): deliveries past it never reached the client.
+    pub(crate) fn set_handed_bytes(&mut self, bytes: u64) {
+        self.handed_bytes = bytes;
     }
 
     pub(crate) fn version(&self) -> Version {
@@ -260,6 +312,10 @@ impl Session {
     /// Records the bytes appended since `start` as a write to this connection.
     fn push_write(&mut self, ctx: &mut Ctx<'_>, start: usize, body: Option<Arc<Message>>) {
         let end = ctx.effects.bytes.len();
+        // Exactly what the server queues for this write (see `Effect::Write`).
+        let written = (end - start) as u64 + body.as_ref().map_or(0, |m| m.body.len() as u64 + 1);
+        self.written_bytes += written;
+        self.out_bytes_estimate += written;
         ctx.effects.list.push(Effect::Write {
             conn: self.conn,
             bytes: start..end,
@@ -582,6 +638,8 @@ impl Session {
         self.next_subscription += 1;
         let destination: Arc<[u8]> = Arc::from(destination);
         let monitor = &*destination == MONITOR_DESTINATION;
+        let queue = DestinationKind::of(&destination) == DestinationKind::Queue;
+        let flow_paused = !self.writable || (queue && !self.deferred.is_empty());
         if !monitor {
             let consumer = ConsumerKey {
                 conn: self.conn,
@@ -599,7 +657,8 @@ impl Session {
                     destination: destination.clone(),
                     ack,
                     prefetch,
-                    paused: !self.writable,
+                    prefetch_bytes: ctx.config.prefetch_default_bytes,
+                    paused: flow_paused,
                     ticket,
                 },
             );
@@ -616,6 +675,9 @@ impl Session {
                 monitor,
                 unacked: VecDeque::new(),
                 uncredited: 0,
+                uncredited_bytes: 0,
+                queue,
+                flow_paused,
             },
         );
         self.update_input(ctx);
@@ -654,18 +716,66 @@ impl Session {
         let Some(subscription) = self.subscriptions.remove(&number) else {
             return;
         };
+        let (waiting, others): (VecDeque<Deferred>, VecDeque<Deferred>) =
+            std::mem::take(&mut self.deferred)
+                .into_iter()
+                .partition(|deferred| deferred.number == number);
+        self.deferred = others;
         if !subscription.monitor {
+            let consumer = ConsumerKey {
+                conn: self.conn,
+                subscription: number,
+            };
             let to = shard_of(&subscription.destination, ctx.shard_count);
+            // Client-ack deliveries the client never got: written past what reached the
+            // kernel, or still waiting here. The queue takes them back with the Unsubscribe
+            // either way; this keeps them from counting toward dead-lettering.
+            let handed = self.handed_bytes;
+            let unsent: SmallVec<[MessageId; 4]> = subscription
+                .unacked
+                .iter()
+                .filter(|pending| pending.at >= handed)
+                .map(|pending| pending.id)
+                .chain(
+                    waiting
+                        .iter()
+                        .filter(|deferred| !deferred.settled)
+                        .map(|deferred| deferred.message.id),
+                )
+                .collect();
+            if !unsent.is_empty() {
+                ctx.route(
+                    to,
+                    ShardMessage::Unsent {
+                        consumer,
+                        destination: subscription.destination.clone(),
+                        ids: unsent,
+                    },
+                );
+            }
             ctx.route(
                 to,
                 ShardMessage::Unsubscribe {
-                    consumer: ConsumerKey {
-                        conn: self.conn,
-                        subscription: number,
-                    },
+                    consumer,
                     destination: subscription.destination,
                 },
             );
+            // Auto-ack deliveries still waiting were forgotten by their queue: they go back,
+            // after the Unsubscribe (so the queue does not hand them to this consumer again),
+            // last first, so that they end up at its front in their order.
+            for deferred in waiting.into_iter().rev().filter(|d| d.settled) {
+                ctx.route(
+                    to,
+                    ShardMessage::Returned {
+                        message: deferred.message,
+                        deliveries: deferred.deliveries,
+                    },
+                );
+            }
+        }
+        if self.state == State::Connected {
+            // Its deliveries no longer wait: the others' queues may resume.
+            self.update_flow(ctx);
         }
         self.update_input(ctx);
     }
@@ -976,6 +1086,49 @@ impl Session {
             self.drop_expired(ctx, number, message, settled);
             return;
         }
+        if !self.deferred.is_empty() || !self.has_room(ctx) {
+            // Behind a full out buffer (or behind deliveries already waiting for it, to keep
+            // their order): written once it drains.
+            self.deferred.push_back(Deferred {
+                number,
+                message,
+                deliveries,
+                settled,
+            });
+            self.update_flow(ctx);
+            return;
+        }
+        self.write_delivery(ctx, number, message, deliveries);
+    }
+
+    /// The out buffer may take another MESSAGE: the server has not reported it full, and what
+    /// was written since it was last empty (or below half) is under its limit.
+    fn has_room(&self, ctx: &Ctx<'_>) -> bool {
+        self.writable && self.out_bytes_estimate < ctx.config.out_buffer_bytes_max
+    }
+
+    /// Writes waiting deliveries while the out buffer has room.
+    fn write_deferred(&mut self, ctx: &mut Ctx<'_>) {
+        while self.state == State::Connected && self.has_room(ctx) {
+            let Some(deferred) = self.deferred.pop_front() else {
+                return;
+            };
+            if deferred.message.is_expired(ctx.now_ms) {
+                self.drop_expired(ctx, deferred.number, deferred.message, deferred.settled);
+                continue;
+            }
+            self.write_delivery(ctx, deferred.number, deferred.message, deferred.deliveries);
+        }
+    }
+
+    fn write_delivery(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        deliveries: u32,
+    ) {
+        let at = self.written_bytes;
         let tag = self.next_tag;
         self.next_tag += 1;
         let Some(subscription) = self.subscriptions.get_mut(&number) else {
@@ -984,10 +1137,12 @@ impl Session {
         let ack = subscription.ack;
         if ack == AckMode::Auto {
             subscription.uncredited += 1;
+            subscription.uncredited_bytes += message.frame_bytes_estimate();
         } else {
             subscription.unacked.push_back(Pending {
                 tag,
                 id: message.id,
+                at,
             });
         }
         self.write_message(
@@ -1020,6 +1175,7 @@ impl Session {
                 consumer,
                 destination,
                 count: 1,
+                bytes: message.frame_bytes_estimate(),
             }
         } else {
             ShardMessage::Ack {
@@ -1101,11 +1257,13 @@ impl Session {
     /// destinations. This is what bounds an auto-ack consumer to `prefetch` messages between
     /// its queue and its socket.
     pub(crate) fn flushed(&mut self, ctx: &mut Ctx<'_>) {
+        self.out_bytes_estimate = 0;
         for (number, subscription) in &mut self.subscriptions {
             if subscription.uncredited == 0 {
                 continue;
             }
             let count = std::mem::take(&mut subscription.uncredited);
+            let bytes = std::mem::take(&mut subscription.uncredited_bytes);
             let to = shard_of(&subscription.destination, ctx.shard_count);
             ctx.route(
                 to,
@@ -1116,9 +1274,12 @@ impl Session {
                     },
                     destination: subscription.destination.clone(),
                     count,
+                    bytes,
                 },
             );
         }
+        self.write_deferred(ctx);
+        self.update_flow(ctx);
     }
 
     pub(crate) fn set_writable(&mut self, ctx: &mut Ctx<'_>, writable: bool) {
@@ -1126,10 +1287,35 @@ impl Session {
             return;
         }
         self.writable = writable;
-        for (number, subscription) in &self.subscriptions {
+        if writable {
+            // The server says the buffer drained to half its limit or less.
+            self.out_bytes_estimate = self
+                .out_bytes_estimate
+                .min(ctx.config.out_buffer_bytes_max / 2);
+        }
+        if writable {
+            self.write_deferred(ctx);
+        }
+        self.update_flow(ctx);
+    }
+
+    /// Tells each destination whether to hand this connection more: not while the server
+    /// reports its out buffer full, and, for queues, not while deliveries wait here for room
+    /// (what a queue still holds can go to its other consumers meanwhile). Topics pause only
+    /// on the server's word: their pause holds back producers, which the session's own
+    /// estimate, reset only when the buffer empties, would do far more often than needed.
+    fn update_flow(&mut self, ctx: &mut Ctx<'_>) {
+        let full = !self.writable;
+        let waiting = !self.deferred.is_empty();
+        for (number, subscription) in &mut self.subscriptions {
             if subscription.monitor {
                 continue;
             }
+            let paused = full || (waiting && subscription.queue);
+            if paused == subscription.flow_paused {
+                continue;
+            }
+            subscription.flow_paused = paused;
             let to = shard_of(&subscription.destination, ctx.shard_count);
             ctx.route(
                 to,
@@ -1139,7 +1325,7 @@ impl Session {
                         subscription: *number,
                     },
                     destination: subscription.destination.clone(),
-                    paused: !writable,
+                    paused,
                 },
             );
         }

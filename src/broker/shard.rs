@@ -404,6 +404,15 @@ impl Shard {
         }
     }
 
+    /// The server handed the kernel the first `bytes` of the connection's output and drops
+    /// the rest: call it just before [`Self::on_connection_lost`], so that client-ack
+    /// deliveries that never reached the socket do not count toward dead-lettering.
+    pub fn on_output_handed(&mut self, conn: ConnectionId, bytes: u64) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            session.set_handed_bytes(bytes);
+        }
+    }
+
     /// The connection's output buffer filled up (`false`) or drained (`true`): paused
     /// subscriptions get no new queue deliveries.
     pub fn on_writable(
@@ -804,6 +813,7 @@ impl Shard {
                 destination,
                 ack,
                 prefetch,
+                prefetch_bytes,
                 paused,
                 ticket,
             } => {
@@ -822,7 +832,7 @@ impl Shard {
                 }
                 match self.destinations.get_mut(&destination) {
                     Some(Destination::Queue(queue)) => {
-                        queue.subscribe(&mut ctx, consumer, ack, prefetch, paused)
+                        queue.subscribe(&mut ctx, consumer, ack, prefetch, prefetch_bytes, paused)
                     }
                     Some(Destination::Topic(topic)) => {
                         topic.subscribe(&ctx, consumer, ack, prefetch, paused)
@@ -910,14 +920,26 @@ impl Shard {
                 }
                 self.track_expiry(&destination);
             }
+            ShardMessage::Unsent {
+                consumer,
+                destination,
+                ids,
+            } => {
+                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination) {
+                    queue.unsent(consumer, &ids);
+                }
+            }
             ShardMessage::Credit {
                 consumer,
                 destination,
                 count,
+                bytes,
             } => {
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.credit(&mut ctx, consumer, count),
+                    Some(Destination::Queue(queue)) => {
+                        queue.credit(&mut ctx, consumer, count, bytes)
+                    }
                     Some(Destination::Topic(topic)) => topic.credit(consumer, count),
                     None => {}
                 }

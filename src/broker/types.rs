@@ -238,6 +238,15 @@ impl Message {
         self.expires_ms != 0 && self.expires_ms <= now_ms
     }
 
+    /// What its MESSAGE frame costs in a connection's out buffer, roughly: the body, the
+    /// sender's headers, and the broker's own (destination, message-id, subscription, ack,
+    /// content-length, redelivered), which stay under 256 bytes for names of normal length.
+    /// Windows and topic slack count in these bytes, so that many small messages weigh their
+    /// heads too.
+    pub fn frame_bytes_estimate(&self) -> u64 {
+        (self.body.len() + self.header_block.len() + self.destination.len()) as u64 + 256
+    }
+
     /// A copy of this message for another destination (dead-lettering), with the same id.
     pub fn moved_to(&self, destination: Arc<[u8]>) -> Message {
         Message {

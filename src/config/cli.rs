@@ -267,6 +267,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub prefetch_default: Option<u32>,
 
+    /// Bytes of messages a queue subscription has between its queue and its client at most
+    /// (4096..=1073741824); a message larger than this goes out alone.
+    /// [default: 4194304] [env: STOMPD_PREFETCH_BYTES_DEFAULT] [toml: prefetch_bytes_default]
+    #[arg(long, value_name = "BYTES")]
+    pub prefetch_bytes_default: Option<u64>,
+
     /// Messages a queue holds for consumers before its producers are paused (producer flow
     /// control: their input is not read until the queue drains to three quarters); SENDs
     /// already on their way are taken up to a quarter more, then refused with ERROR
@@ -349,6 +355,7 @@ impl RunArgs {
             auth_plaintext: self.auth_plaintext,
             dead_letter_deliveries_max: self.dead_letter_deliveries_max,
             prefetch_default: self.prefetch_default,
+            prefetch_bytes_default: self.prefetch_bytes_default,
             queue_messages_max: self.queue_messages_max,
             queue_bytes_max: self.queue_bytes_max,
             topic_subscriber_stall_ms: self.topic_subscriber_stall_ms,

@@ -175,6 +175,8 @@ layer! {
     dead_letter_deliveries_max: u32,
     /// Unacknowledged messages per subscription when the client does not say.
     prefetch_default: u32,
+    /// Bytes of messages in a queue subscription's window (at least one message always fits).
+    prefetch_bytes_default: u64,
     /// Messages a queue holds for consumers before its producers are paused (producer flow
     /// control); SENDs already on their way are taken up to a quarter more, then refused.
     queue_messages_max: u64,

@@ -67,6 +67,11 @@ pub mod defaults {
     pub const DEAD_LETTER_DELIVERIES_MAX: u32 = 7;
     /// ActiveMQ's queue prefetch default, which STOMP clients of ActiveMQ are tuned for.
     pub const PREFETCH_DEFAULT: u32 = 1000;
+    /// 4 MiB of messages in a subscription's window: enough to keep a consumer busy across a
+    /// round trip on a fast link (as many as the default message window holds at 4 KiB
+    /// each), small enough that a backlog of large messages is paced instead of handed out
+    /// at once (1,000 messages of 64 KiB would be 64 MiB). A larger message goes out alone.
+    pub const PREFETCH_BYTES_DEFAULT: u64 = 4 * 1024 * 1024;
     /// A backlog of a million messages (the benchmarks' backlog case) fits before producers
     /// are paused; small messages then take a few hundred MiB.
     pub const QUEUE_MESSAGES_MAX: u64 = 1_000_000;
@@ -128,6 +133,9 @@ pub mod bounds {
     pub const SEGMENT_BYTES_MULTIPLE: u64 = 4096;
     pub const DEAD_LETTER_DELIVERIES: RangeInclusive<u32> = 1..=10_000;
     pub const PREFETCH: RangeInclusive<u32> = 1..=1_000_000;
+    /// 4 KiB (a window of one message, whatever its size, is always allowed) to 1 GiB, the
+    /// default of `queue_bytes_max`.
+    pub const PREFETCH_BYTES: RangeInclusive<u64> = 4096..=1 << 30;
     /// At least one message; at most a billion (messages live in memory as well as in the log).
     pub const QUEUE_MESSAGES: RangeInclusive<u64> = 1..=1_000_000_000;
     /// 64 KiB to 1 TiB: below, one large message would pause its producer at once.
@@ -188,6 +196,8 @@ pub struct Config {
     pub dead_letter_deliveries_max: u32,
     /// Prefetch of a subscription that sets none.
     pub prefetch_default: u32,
+    /// Bytes of messages (estimated frame bytes) in a queue subscription's window.
+    pub prefetch_bytes_default: u64,
     /// Messages a queue holds for consumers before its producers are paused.
     pub queue_messages_max: u64,
     /// Body bytes a queue holds for consumers before its producers are paused.
@@ -225,6 +235,7 @@ impl Config {
             auth_plaintext: Some(false),
             dead_letter_deliveries_max: Some(defaults::DEAD_LETTER_DELIVERIES_MAX),
             prefetch_default: Some(defaults::PREFETCH_DEFAULT),
+            prefetch_bytes_default: Some(defaults::PREFETCH_BYTES_DEFAULT),
             queue_messages_max: Some(defaults::QUEUE_MESSAGES_MAX),
             queue_bytes_max: Some(defaults::QUEUE_BYTES_MAX),
             topic_subscriber_stall_ms: Some(defaults::TOPIC_SUBSCRIBER_STALL_MS),
@@ -262,6 +273,7 @@ impl Config {
             auth_plaintext: Some(auth_plaintext),
             dead_letter_deliveries_max: Some(self.dead_letter_deliveries_max),
             prefetch_default: Some(self.prefetch_default),
+            prefetch_bytes_default: Some(self.prefetch_bytes_default),
             queue_messages_max: Some(self.queue_messages_max),
             queue_bytes_max: Some(self.queue_bytes_max),
             topic_subscriber_stall_ms: Some(self.topic_subscriber_stall_ms),
@@ -805,6 +817,12 @@ fn validate(
         prefetch_default.into(),
         (*bounds::PREFETCH.start()).into()..=(*bounds::PREFETCH.end()).into(),
     );
+    let prefetch_bytes_default = get(layer.prefetch_bytes_default, "prefetch_bytes_default");
+    range(
+        "prefetch_bytes_default",
+        prefetch_bytes_default.into(),
+        (*bounds::PREFETCH_BYTES.start()).into()..=(*bounds::PREFETCH_BYTES.end()).into(),
+    );
 
     for (key, contained) in [
         ("header_line_bytes_max", limits.header_line_bytes_max),
@@ -974,6 +992,7 @@ fn validate(
         auth,
         dead_letter_deliveries_max,
         prefetch_default,
+        prefetch_bytes_default,
         queue_messages_max,
         queue_bytes_max,
         topic_subscriber_stall_ms,

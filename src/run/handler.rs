@@ -357,6 +357,8 @@ impl ShardHandler for BrokerHandler {
         };
         self.conns.remove(&id.local);
         let now = self.now(io);
+        // What was written and never sent does not count as delivered.
+        self.shard.on_output_handed(id, io.handed_bytes(conn));
         self.shard.on_connection_lost(id, now, &mut self.effects);
         self.settle(io);
     }

@@ -98,6 +98,8 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         receipts_wait_for_sync: file
             && crate::log::FsyncPolicy::from(config.fsync).receipt_waits_for_sync(),
         prefetch_default_messages: config.prefetch_default,
+        prefetch_default_bytes: config.prefetch_bytes_default,
+        out_buffer_bytes_max: config.out_buffer_bytes_max as u64,
         queue_messages_max: usize::try_from(config.queue_messages_max).unwrap_or(usize::MAX),
         queue_bytes_max: config.queue_bytes_max,
         topic_subscriber_stall_ms: config.topic_subscriber_stall_ms,
@@ -114,11 +116,6 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         heartbeat_receive_ms: config.heartbeat_receive_ms,
         heartbeat_read_grace_percent: config.heartbeat_read_grace_percent,
         login_offloaded,
-        // Within the server's hard limit per connection (out buffer + one frame), with room
-        // for the deliveries already between cores when the subscriber was reported full.
-        topic_slack_bytes: defaults
-            .topic_slack_bytes
-            .min(config.limits.frame_bytes_max as u64 / 2),
         ..defaults
     }
 }

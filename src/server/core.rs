@@ -114,7 +114,10 @@ pub(super) struct IoCore<M> {
     /// The whole shard stopped decoding client input (a peer queue is full, or draining).
     pub(super) input_paused: bool,
     pub(super) out_buffer_bytes_max: usize,
-    /// Past this the connection is closed: `out_buffer_bytes_max` plus one largest frame.
+    /// Past this the connection is closed: `out_buffer_bytes_max` plus one largest MESSAGE
+    /// (a largest frame plus the head the broker adds). Deliveries never reach it (the
+    /// broker writes a MESSAGE only below `out_buffer_bytes_max`); a flood of other frames
+    /// (RECEIPTs to a client that does not read) can.
     pub(super) out_buffer_bytes_hard_max: usize,
     pub(super) close_linger_ms: u64,
     /// Sum of all out buffers, kept current for the stats.

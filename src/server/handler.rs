@@ -50,9 +50,10 @@ pub enum CloseReason {
     Protocol(DecodeError),
     /// No byte arrived within the read heart-beat timeout set by [`ShardIo::set_heartbeat`].
     HeartbeatTimeout,
-    /// The handler queued more than `out_buffer_bytes_max + frame_bytes_max` for a client that does
-    /// not read: the hard backstop that keeps memory bounded even if the handler ignores
-    /// [`ShardIo::is_out_full`].
+    /// The handler queued more than `out_buffer_bytes_max` plus one largest MESSAGE for a client
+    /// that does not read: the hard backstop that keeps memory bounded even if the handler
+    /// ignores [`ShardIo::is_out_full`]. The broker paces its deliveries below it; frames it
+    /// does not pace (a flood of RECEIPTs to a client that never reads) can still reach it.
     OutBufferOverflow,
     /// A socket error (errno).
     Io(i32),
@@ -179,6 +180,22 @@ impl<M> ShardIo<'_, M> {
         self.core
             .open_conn(conn)
             .map_or(0, |connection| connection.out.bytes())
+    }
+
+    /// Bytes of `conn`'s output handed to the kernel so far (taken by it, or offered in a send
+    /// still in flight); also for a connection that is closing, so [`ShardHandler::on_close`]
+    /// can tell which frames never reached the socket. `u64::MAX` (all of it, as far as
+    /// anyone can tell) for a connection already released.
+    pub fn handed_bytes(&self, conn: ConnId) -> u64 {
+        let Some(slot) = self.core.slots.get(conn.slot as usize) else {
+            return u64::MAX;
+        };
+        match &slot.conn {
+            Some(connection) if slot.generation == conn.generation => {
+                connection.out.handed_bytes(connection.send_in_flight)
+            }
+            _ => u64::MAX,
+        }
     }
 
     /// Whether the out buffer is at or over `out_buffer_bytes_max`: deliver nothing more until

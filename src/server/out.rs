@@ -3,7 +3,9 @@
 //! Invariants: at most one send is in flight; the chunks in `in_flight` (and the iovec array and
 //! `msghdr` that point into them) are not touched until its completion, because the kernel reads
 //! them; new bytes go to `queued` only. Owned chunks hold encoded frame heads and small frames;
-//! shared chunks hold stored message bodies ([`Bytes`]), which are sent where they lie.
+//! shared chunks hold stored message bodies ([`Bytes`]), which are sent where they lie. It
+//! counts what the kernel took over the connection's life, so the broker can tell which frames
+//! of a lost connection never reached the socket.
 
 use std::collections::VecDeque;
 
@@ -46,6 +48,8 @@ pub(super) struct OutQueue {
     msghdr: Box<libc::msghdr>,
     /// Unsent bytes in both lists.
     bytes: usize,
+    /// Bytes the kernel has taken so far, over the connection's life.
+    sent_total: u64,
     spare: Option<Vec<u8>>,
 }
 
@@ -59,12 +63,28 @@ impl OutQueue {
             iovecs: Vec::new(),
             msghdr: Box::new(msghdr),
             bytes: 0,
+            sent_total: 0,
             spare: None,
         }
     }
 
     pub(super) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Bytes handed to the kernel over the connection's life: those it took, plus, while a
+    /// send is in flight (`send_in_flight`), those offered to it. What lies beyond never
+    /// reached the socket.
+    pub(super) fn handed_bytes(&self, send_in_flight: bool) -> u64 {
+        let offered: usize = if send_in_flight {
+            self.in_flight
+                .iter()
+                .map(|chunk| chunk.remaining().len())
+                .sum()
+        } else {
+            0
+        };
+        self.sent_total + offered as u64
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -129,6 +149,7 @@ impl OutQueue {
     pub(super) fn complete(&mut self, mut sent: usize) {
         assert!(sent <= self.bytes, "the kernel sent more than was queued");
         self.bytes -= sent;
+        self.sent_total += sent as u64;
         while sent > 0 {
             let chunk = self
                 .in_flight

@@ -49,6 +49,10 @@ enum Op {
 }
 
 /// Tokens of handler operations fit below the op byte.
+/// Bytes a MESSAGE head adds beyond its `subscription` header (message-id, destination, ack,
+/// redelivered, delivery-count, content-length): far under 1 KiB for any legal destination.
+const MESSAGE_HEAD_EXTRA_BYTES_MAX: usize = 1024;
+
 pub(super) const HANDLER_TOKEN_MAX: u64 = (1 << 56) - 1;
 
 const GENERATION_MASK: u32 = 0x00FF_FFFF;
@@ -202,7 +206,12 @@ where
             peers: params.peer_out,
             input_paused: false,
             out_buffer_bytes_max: config.out_buffer_bytes_max,
-            out_buffer_bytes_hard_max: config.out_buffer_bytes_max + config.limits.frame_bytes_max,
+            // One MESSAGE may exceed the largest frame a client may send by the headers the
+            // broker adds (`subscription`, at most a header line, and a few short ones).
+            out_buffer_bytes_hard_max: config.out_buffer_bytes_max
+                + config.limits.frame_bytes_max
+                + config.limits.header_line_bytes_max
+                + MESSAGE_HEAD_EXTRA_BYTES_MAX,
             close_linger_ms: config.close_linger_ms,
             out_bytes_total: 0,
             frames_in: 0,

@@ -266,10 +266,14 @@ fn a_full_topic_subscriber_pauses_the_producer_at_once() {
         cluster.publish(producer, "/topic/t", &body);
     }
     assert_eq!(throttles_of(&cluster, producer), [true], "paused once");
-    assert_eq!(bodies(&cluster.frames(subscriber)).len(), 11);
+    assert!(
+        cluster.frames(subscriber).is_empty(),
+        "the slack waits in the session"
+    );
     assert_eq!(dropped(&cluster), 0);
     cluster.writable(subscriber, true);
     assert_eq!(throttles_of(&cluster, producer), [true, false]);
+    assert_eq!(bodies(&cluster.frames(subscriber)).len(), 11);
 }
 
 #[test]
@@ -298,6 +302,195 @@ fn a_stalled_topic_subscriber_stops_holding_back_producers_and_misses_messages_i
     // From now on it is slow: past its slack it misses messages, and nobody waits for it.
     cluster.publish(producer, "/topic/t", &body);
     assert_eq!(throttles_of(&cluster, producer), [true, false]);
-    assert_eq!(bodies(&cluster.frames(subscriber)).len(), 1);
     assert_eq!(dropped(&cluster), 1);
+    cluster.writable(subscriber, true);
+    assert_eq!(
+        bodies(&cluster.frames(subscriber)).len(),
+        1,
+        "its slack, once it drains"
+    );
+}
+
+// --- Pacing deliveries to a connection's out buffer ---
+
+/// Queues with a large window, connections whose out buffer holds `out_bytes`, messages
+/// dead-lettered after `deliveries_max` deliveries.
+fn paced(out_bytes: u64, deliveries_max: u32) -> BrokerConfig {
+    BrokerConfig {
+        out_buffer_bytes_max: out_bytes,
+        deliveries_max,
+        ..BrokerConfig::default()
+    }
+}
+
+/// The bytes of everything `conn` was written since the last call.
+fn written(cluster: &mut Cluster, conn: ConnectionId) -> usize {
+    cluster.raw.remove(&conn).map_or(0, |bytes| bytes.len())
+}
+
+/// `count` messages of 1,000 bytes, bodies numbered from 0, on `/queue/q`, from shard 0.
+fn backlog(cluster: &mut Cluster, count: usize) {
+    let producer = cluster.connect(0);
+    for n in 0..count {
+        cluster.publish(producer, "/queue/q", &format!("{n:04}{}", "x".repeat(996)));
+    }
+}
+
+fn numbers(frames: &[Sent]) -> Vec<usize> {
+    bodies(frames)
+        .iter()
+        .map(|body| body[..4].parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn deliveries_wait_in_the_session_while_the_out_buffer_is_full_and_keep_their_order() {
+    let out_bytes = 10_000;
+    let mut cluster = Cluster::new(2, paced(out_bytes, 7));
+    cluster.auto_flush = false;
+    backlog(&mut cluster, 40);
+    let consumer = cluster.connect(1);
+    let _ = written(&mut cluster, consumer);
+    cluster.subscribe(consumer, "s", "/queue/q", "auto");
+    let mut received = Vec::new();
+    for round in 0..10 {
+        let batch = numbers(&cluster.frames(consumer));
+        let bytes = written(&mut cluster, consumer);
+        // Written only while under the limit: at most the limit plus one frame.
+        assert!(
+            bytes < out_bytes as usize + 1200,
+            "round {round}: {bytes} bytes written before a flush"
+        );
+        received.extend(batch);
+        if received.len() == 40 {
+            break;
+        }
+        assert!(
+            !received.is_empty(),
+            "the first round writes up to the limit"
+        );
+        cluster.flush(consumer);
+        while cluster.step_link(0) {}
+    }
+    assert_eq!(received, (0..40).collect::<Vec<_>>(), "each once, in order");
+}
+
+#[test]
+fn a_connection_reported_full_gets_its_waiting_deliveries_once_it_drains() {
+    let mut cluster = Cluster::new(1, paced(10_000, 7));
+    cluster.auto_flush = false;
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/q", "client-individual");
+    cluster.writable(consumer, false);
+    // Deliveries already decided (the queue has not heard of the pause yet, or they were on
+    // their way) wait in the session.
+    backlog(&mut cluster, 3);
+    assert!(cluster.frames(consumer).is_empty());
+    cluster.writable(consumer, true);
+    assert_eq!(numbers(&cluster.frames(consumer)), [0, 1, 2]);
+}
+
+#[test]
+fn deliveries_that_never_reached_the_socket_do_not_count_toward_dead_lettering() {
+    // Dead-lettered at the first return of a delivered message.
+    let mut cluster = Cluster::new(2, paced(10_000, 1));
+    cluster.auto_flush = false;
+    backlog(&mut cluster, 30);
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "s", "/queue/q", "client-individual");
+    let written_first = numbers(&cluster.frames(consumer));
+    assert!(
+        !written_first.is_empty() && written_first.len() < 30,
+        "some written, the rest waiting: {written_first:?}"
+    );
+    // The server handed the kernel nothing before the connection was lost.
+    cluster.shards[1].on_output_handed(consumer, 0);
+    cluster.lose(consumer);
+    let dlq = cluster.connect(0);
+    cluster.subscribe(dlq, "d", "/queue/DLQ.q", "auto");
+    assert!(cluster.frames(dlq).is_empty(), "nothing was dead-lettered");
+    let next = cluster.connect(0);
+    cluster.auto_flush = true;
+    cluster.subscribe(next, "s", "/queue/q", "auto");
+    assert_eq!(numbers(&cluster.frames(next)), (0..30).collect::<Vec<_>>());
+}
+
+#[test]
+fn deliveries_handed_to_the_kernel_count_and_waiting_ones_do_not() {
+    let mut cluster = Cluster::new(2, paced(10_000, 1));
+    cluster.auto_flush = false;
+    backlog(&mut cluster, 30);
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "s", "/queue/q", "client-individual");
+    let written_first = numbers(&cluster.frames(consumer));
+    let sent = written_first.len();
+    assert!(sent > 0 && sent < 30, "{written_first:?}");
+    // Everything written went out (a DISCONNECT would flush it): those count as delivered
+    // and are dead-lettered at their return; the ones still waiting are not.
+    cluster.lose(consumer);
+    let dlq = cluster.connect(0);
+    cluster.auto_flush = true;
+    cluster.subscribe(dlq, "d", "/queue/DLQ.q", "auto");
+    assert_eq!(numbers(&cluster.frames(dlq)), written_first);
+    let next = cluster.connect(0);
+    cluster.subscribe(next, "s", "/queue/q", "auto");
+    assert_eq!(
+        numbers(&cluster.frames(next)),
+        (sent..30).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn auto_ack_deliveries_still_waiting_when_the_subscription_ends_go_back_in_order() {
+    let mut cluster = Cluster::new(2, paced(10_000, 7));
+    cluster.auto_flush = false;
+    backlog(&mut cluster, 30);
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "s", "/queue/q", "auto");
+    let first = numbers(&cluster.frames(consumer));
+    let sent = first.len();
+    assert!(sent > 0 && sent < 30, "{first:?}");
+    cluster.send(consumer, frame(Command::Unsubscribe, &[("id", "s")], b""));
+    while cluster.step_link(0) {}
+    let next = cluster.connect(0);
+    cluster.auto_flush = true;
+    cluster.subscribe(next, "s", "/queue/q", "auto");
+    assert_eq!(
+        numbers(&cluster.frames(next)),
+        (sent..30).collect::<Vec<_>>(),
+        "the ones written are consumed, the waiting ones come back in order"
+    );
+}
+
+#[test]
+fn a_queue_serves_other_consumers_while_one_has_deliveries_waiting_for_its_out_buffer() {
+    let mut cluster = Cluster::new(2, paced(10_000, 7));
+    cluster.auto_flush = false;
+    let stuck = cluster.connect(1);
+    cluster.subscribe(stuck, "s", "/queue/q", "auto");
+    let reader = cluster.connect(1);
+    cluster.subscribe(reader, "s", "/queue/q", "auto");
+    let producer = cluster.connect(0);
+    let mut read = Vec::new();
+    for n in 0..60 {
+        cluster.publish(producer, "/queue/q", &format!("{n:04}{}", "x".repeat(996)));
+        read.extend(numbers(&cluster.frames(reader)));
+        // Only the reader's socket keeps up.
+        cluster.flush(reader);
+        while cluster.step_link(0) {}
+    }
+    read.extend(numbers(&cluster.frames(reader)));
+    let stuck_got = numbers(&cluster.frames(stuck));
+    // The stuck one was written its out buffer's worth (10,000 bytes of ~1,100-byte frames)
+    // and holds one more waiting; its queue stopped handing it messages then.
+    assert!(
+        (8..=10).contains(&stuck_got.len()),
+        "written to the stuck consumer: {stuck_got:?}"
+    );
+    assert_eq!(
+        read.len() + stuck_got.len() + 1,
+        60,
+        "the reader got everything else"
+    );
+    assert!(read.windows(2).all(|pair| pair[0] < pair[1]), "{read:?}");
 }

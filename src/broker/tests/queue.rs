@@ -957,3 +957,125 @@ fn persistent_header_is_read_in_any_case() {
     let error = cluster.expect_error(producer);
     assert!(error.header("message").is_some());
 }
+
+// --- Byte windows (pacing a backlog of large messages) ---
+
+/// A body of `bytes` bytes starting with `tag`, so deliveries can be told apart.
+fn sized(tag: usize, bytes: usize) -> String {
+    let mut body = format!("{tag}:");
+    body.push_str(&"x".repeat(bytes - body.len()));
+    body
+}
+
+/// Bodies' tags, in order.
+fn tags(frames: &[Sent]) -> Vec<usize> {
+    bodies(frames)
+        .iter()
+        .map(|body| body.split(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn byte_window(bytes: u64) -> BrokerConfig {
+    BrokerConfig {
+        prefetch_default_bytes: bytes,
+        ..BrokerConfig::default()
+    }
+}
+
+/// The estimated frame bytes the queue counts for a message of `body_bytes` to `/queue/q`.
+fn estimate(body_bytes: usize) -> u64 {
+    Message {
+        id: MessageId {
+            shard: ShardId(0),
+            seq: 0,
+        },
+        destination: Arc::from(&b"/queue/q"[..]),
+        header_block: Box::new([]),
+        header_block_plain: true,
+        body: vec![b'x'; body_bytes].into_boxed_slice(),
+        expires_ms: 0,
+        persistent: true,
+    }
+    .frame_bytes_estimate()
+}
+
+#[test]
+fn a_byte_window_always_admits_one_message_however_large() {
+    let mut cluster = Cluster::new(1, byte_window(10_000));
+    let producer = cluster.connect(0);
+    for tag in 0..3 {
+        cluster.publish(producer, "/queue/q", &sized(tag, 50_000));
+    }
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/q", "client-individual");
+    for expected in 0..3 {
+        let frames = cluster.frames(consumer);
+        assert_eq!(tags(&frames), [expected], "one at a time, in order");
+        cluster.ack(consumer, &ack_id(&frames[0]));
+    }
+    assert!(cluster.frames(consumer).is_empty());
+    assert!(cluster.shards[0].held_message_ids(b"/queue/q").is_empty());
+}
+
+#[test]
+fn a_byte_window_holds_what_fits_and_acks_release_their_bytes() {
+    // Room for three 1,000-byte messages, not four.
+    let window = 3 * estimate(1000) + estimate(1000) / 2;
+    let mut cluster = Cluster::new(1, byte_window(window));
+    let producer = cluster.connect(0);
+    for tag in 0..8 {
+        cluster.publish(producer, "/queue/q", &sized(tag, 1000));
+    }
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "s", "/queue/q", "client");
+    let frames = cluster.frames(consumer);
+    assert_eq!(tags(&frames), [0, 1, 2]);
+    // A cumulative ACK of two frees two messages' bytes.
+    cluster.ack(consumer, &ack_id(&frames[1]));
+    let more = cluster.frames(consumer);
+    assert_eq!(tags(&more), [3, 4]);
+    // A large message does not fit beside the three held; once they are acked it goes alone.
+    cluster.publish(producer, "/queue/q", &sized(8, 4000));
+    cluster.ack(consumer, &ack_id(&more[1]));
+    let frames = cluster.frames(consumer);
+    assert_eq!(tags(&frames), [5, 6, 7], "three small ones fit again");
+    cluster.ack(consumer, &ack_id(&frames[2]));
+    assert_eq!(tags(&cluster.frames(consumer)), [8], "the large one, alone");
+}
+
+#[test]
+fn an_auto_ack_byte_window_refills_only_as_its_bytes_are_flushed() {
+    let window = 3 * estimate(1000) + estimate(1000) / 2;
+    let mut cluster = Cluster::new(2, byte_window(window));
+    cluster.auto_flush = false;
+    let producer = cluster.connect(0);
+    for tag in 0..7 {
+        cluster.publish(producer, "/queue/q", &sized(tag, 1000));
+    }
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "s", "/queue/q", "auto");
+    assert_eq!(tags(&cluster.frames(consumer)), [0, 1, 2]);
+    assert!(cluster.frames(consumer).is_empty(), "nothing until flushed");
+    flush_and_pump(&mut cluster, consumer);
+    assert_eq!(tags(&cluster.frames(consumer)), [3, 4, 5]);
+    flush_and_pump(&mut cluster, consumer);
+    assert_eq!(tags(&cluster.frames(consumer)), [6]);
+}
+
+#[test]
+fn the_message_window_still_applies_to_small_messages() {
+    let mut cluster = Cluster::new(1, byte_window(1 << 20));
+    let producer = cluster.connect(0);
+    for tag in 0..5 {
+        cluster.publish(producer, "/queue/q", &sized(tag, 10));
+    }
+    let consumer = cluster.connect(0);
+    cluster.subscribe_prefetch(consumer, "/queue/q", "client-individual", 2);
+    assert_eq!(tags(&cluster.frames(consumer)), [0, 1]);
+}
+
+/// The server reports `conn`'s output flushed; the credit travels to the queue's shard.
+fn flush_and_pump(cluster: &mut Cluster, conn: ConnectionId) {
+    cluster.flush(conn);
+    while cluster.step_link(0) {}
+}

@@ -110,12 +110,44 @@ fn auto_ack_topic_subscriber_misses_messages_only_while_its_connection_is_full_p
     for body in ['5', '6', '7'] {
         cluster.publish(producer, "/topic/t", &large(body));
     }
+    assert!(
+        cluster.frames(subscriber).is_empty(),
+        "nothing is written to a full connection"
+    );
+    cluster.writable(subscriber, true);
     assert_eq!(
         bodies(&cluster.frames(subscriber)),
         [large('5'), large('6')],
-        "a full connection takes its slack, then misses messages"
+        "a full connection takes its slack (written once it drains), then misses messages"
     );
-    cluster.writable(subscriber, true);
     cluster.publish(producer, "/topic/t", "8");
     assert_eq!(bodies(&cluster.frames(subscriber)), ["8"]);
+}
+
+#[test]
+fn a_briefly_full_subscriber_still_gets_one_message_larger_than_its_slack() {
+    let config = BrokerConfig {
+        topic_slack_bytes: 5_000,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(1, config);
+    cluster.auto_flush = false;
+    let subscriber = cluster.connect(0);
+    cluster.subscribe(subscriber, "s", "/topic/t", "auto");
+    let producer = cluster.connect(0);
+    cluster.writable(subscriber, false);
+    let large = |n: char| {
+        std::iter::once(n)
+            .chain(std::iter::repeat_n('x', 20_000))
+            .collect::<String>()
+    };
+    for body in ['1', '2'] {
+        cluster.publish(producer, "/topic/t", &large(body));
+    }
+    cluster.writable(subscriber, true);
+    assert_eq!(
+        bodies(&cluster.frames(subscriber)),
+        [large('1')],
+        "one message whatever its size, then the slack is used"
+    );
 }
