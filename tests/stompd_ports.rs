@@ -1,0 +1,98 @@
+//! One broker per port: a second `stompd` on an address another one listens on exits with a
+//! message naming the address (instead of sharing the port through SO_REUSEPORT and splitting
+//! the clients between two brokers), and a broker restarted at once after `kill -9` waits for
+//! the dead one's listeners to go, so no client that connects after it listens is reset.
+
+mod stompd_common;
+
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use stompd_common::{Broker, Client, FRAME_DEADLINE, START_DEADLINE};
+
+/// Runs a second stompd on `listen` and returns its exit status and stderr; panics if it is
+/// still running after the start deadline (it would be serving next to the first one).
+fn second_broker(dir: &std::path::Path, listen: &str) -> (Option<i32>, String) {
+    let stderr_path = dir.join("second.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stompd"))
+        .args(["--listen", listen, "--shards", "2", "--data-dir"])
+        .arg(dir.join("second-data"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (
+                status.code(),
+                std::fs::read_to_string(&stderr_path).unwrap(),
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "a second broker on {listen} kept running: {}",
+                std::fs::read_to_string(&stderr_path).unwrap()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_broker_on_the_same_address_exits_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Broker::start(dir.path(), &["--shards", "2"]);
+    let listen = format!("127.0.0.1:{}", first.port);
+    let (code, stderr) = second_broker(dir.path(), &listen);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("already listens on {listen}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("process {}", first.pid())),
+        "{stderr}"
+    );
+
+    // A wildcard address covers the first broker's loopback address.
+    let (code, stderr) = second_broker(dir.path(), &format!("0.0.0.0:{}", first.port));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("0.0.0.0:{}", first.port)),
+        "{stderr}"
+    );
+
+    // The first broker still serves.
+    let mut client = Client::stomp12(first.port);
+    client.publish("/queue/still-here", "", "x");
+}
+
+#[test]
+fn a_broker_restarted_at_once_after_kill_9_resets_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let mut first = Broker::start(dir.path(), &["--shards", "2"]);
+        let port = first.port;
+        // Live sessions on both shards, so the dead broker leaves work for the kernel.
+        let _clients: Vec<Client> = (0..8).map(|_| Client::stomp12(port)).collect();
+        first.kill9_now();
+        let second = Broker::start_on(dir.path(), port, &["--shards", "2"]);
+        for attempt in 0..100 {
+            let (mut client, reply) = Client::login(port, "accept-version:1.2\n");
+            assert_eq!(
+                reply.command, "CONNECTED",
+                "round {round}, attempt {attempt}: {reply:?}"
+            );
+            client.send("DISCONNECT\nreceipt:bye\n\n\0");
+            let receipt = client
+                .read_frame(FRAME_DEADLINE)
+                .expect("a RECEIPT for DISCONNECT");
+            assert_eq!(receipt.command, "RECEIPT", "{receipt:?}");
+        }
+        drop(second);
+    }
+}
