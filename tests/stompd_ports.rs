@@ -96,3 +96,60 @@ fn a_broker_restarted_at_once_after_kill_9_resets_no_connection() {
         drop(second);
     }
 }
+
+/// What a crashed broker leaves behind, made on purpose: a SO_REUSEPORT listener that no
+/// descriptor holds any more, kept open only by an io_uring's pending accept, until the ring is
+/// dropped `linger` later. Returns the port.
+fn orphan_listener(linger: Duration) -> (u16, thread::JoinHandle<()>) {
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.set_reuse_port(true).unwrap();
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).unwrap();
+        socket.listen(128).unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+        let mut ring = io_uring::IoUring::new(8).unwrap();
+        let accept = io_uring::opcode::AcceptMulti::new(io_uring::types::Fd(socket.as_raw_fd()))
+            .build()
+            .user_data(1);
+        // SAFETY: the accept takes no buffers; the ring holds its own reference to the socket.
+        unsafe { ring.submission().push(&accept).unwrap() };
+        ring.submit().unwrap();
+        // SAFETY: the descriptor is ours; closing it leaves the socket to the ring alone.
+        unsafe { libc::close(socket.into_raw_fd()) };
+        port_tx.send(port).unwrap();
+        thread::sleep(linger);
+        drop(ring);
+    });
+    (port_rx.recv().unwrap(), handle)
+}
+
+#[test]
+fn a_broker_waits_for_listeners_no_process_holds_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, orphan) = orphan_listener(Duration::from_secs(1));
+    // Without the wait the broker would share the port with the orphan, whose ring accepts
+    // some of the connections below and resets them when it goes.
+    let broker = Broker::start_on(dir.path(), port, &["--shards", "2"]);
+    // Sessions spread over about two seconds: any of them that reached the orphan while its
+    // ring lived would get no CONNECTED, and a reset when the ring goes.
+    let sessions: Vec<Client> = (0..50)
+        .map(|attempt| {
+            let (client, reply) = Client::login(port, "accept-version:1.2\n");
+            assert_eq!(reply.command, "CONNECTED", "attempt {attempt}: {reply:?}");
+            thread::sleep(Duration::from_millis(40));
+            client
+        })
+        .collect();
+    orphan.join().unwrap();
+    assert!(
+        broker.stderr().contains("listeners of an exited process"),
+        "{}",
+        broker.stderr()
+    );
+    drop(sessions);
+}
