@@ -33,7 +33,7 @@ wait_port() {
 listening_port() {
     local log=$1 deadline=$((SECONDS + $2)) pid=$3 port
     while ((SECONDS < deadline)); do
-        port=$(grep -o -m1 'listening on [^ ]*' "$log" 2>/dev/null | head -n1 | sed 's/.*://')
+        port=$(grep -o -m1 'listening on [^ ]*' "$log" 2>/dev/null | head -n1 | sed 's/.*://' || true)
         if [[ -n $port ]]; then
             echo "$port"
             return 0

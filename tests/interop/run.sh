@@ -201,7 +201,7 @@ start_broker() {
     BROKER_PIDS+=("$pid")
     BROKER_PORT=""
     for _ in $(seq 200); do
-        BROKER_PORT=$(grep -o -m1 'listening on [^ ]*' "$WORK/$name.log" | head -n1 | sed 's/.*://')
+        BROKER_PORT=$(grep -o -m1 'listening on [^ ]*' "$WORK/$name.log" | head -n1 | sed 's/.*://' || true)
         if [[ -n $BROKER_PORT ]]; then
             echo "interop: broker $name (pid $pid, $FLAVOR) listens on 127.0.0.1:$BROKER_PORT"
             return 0
