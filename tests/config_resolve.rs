@@ -772,7 +772,14 @@ fn the_default_frame_limit_follows_the_body_limit_with_room_for_headers() {
         "capped at the largest frame allowed"
     );
     let limits = ok(
-        &["--frame-bytes-max", "4096", "--body-bytes-max", "4096"],
+        &[
+            "--frame-bytes-max",
+            "4096",
+            "--body-bytes-max",
+            "4096",
+            "--header-line-bytes-max",
+            "1024",
+        ],
         &[],
     )
     .config
