@@ -58,11 +58,13 @@ fn a_second_broker_on_the_same_address_exits_naming_it() {
         "{stderr}"
     );
 
-    // A wildcard address covers the first broker's loopback address.
-    let (code, stderr) = second_broker(dir.path(), &format!("0.0.0.0:{}", first.port));
+    // The same address written as IPv4-mapped IPv6 is the same address. (The wildcard case,
+    // 0.0.0.0, is covered by the unit tests of the overlap rule: tests listen on loopback only.)
+    let mapped = format!("[::ffff:127.0.0.1]:{}", first.port);
+    let (code, stderr) = second_broker(dir.path(), &mapped);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("0.0.0.0:{}", first.port)),
+        stderr.contains(&format!("already listens on {mapped}")),
         "{stderr}"
     );
 
