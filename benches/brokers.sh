@@ -2,7 +2,7 @@
 # (scratch dir) and declares `declare -A PORT PID; STARTED=()`; each start_* function fills
 # PORT[name] and PID[name] and appends the pid to STARTED, for the caller's clean-up.
 
-# free_port, wait_port
+# free_port, wait_port, listening_port
 source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 log() { printf '%s %s: %s\n' "$(date -u +%H:%M:%S)" "$(basename "$0" .sh)" "$*" >&2; }
@@ -55,23 +55,17 @@ start_stompd_as() {
         (cd "$ROOT" && cargo build --release --bin stompd >&2)
         bin=$ROOT/target/release/stompd
     fi
-    # A free port can be taken between free_port and the bind (a client's ephemeral port):
-    # try another, a few times.
-    local attempt
-    for attempt in 1 2 3; do
-        port=$(free_port)
-        # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could
-        # hold an earlier run's messages, which a new broker would recover and deliver.
-        rm -rf "$WORK/$name-data"
-        "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
-        PID[$name]=$!
-        STARTED+=($!)
+    # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could hold an
+    # earlier run's messages, which a new broker would recover and deliver. Port 0: the kernel
+    # picks the port, and the broker says which.
+    rm -rf "$WORK/$name-data"
+    "$bin" --listen "127.0.0.1:0" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
+    PID[$name]=$!
+    STARTED+=($!)
+    if port=$(listening_port "$WORK/$name.log" 30 "${PID[$name]}"); then
         PORT[$name]=$port
-        if wait_port "$port" 30 "${PID[$name]}"; then
-            return 0
-        fi
-        log "$name did not start on port $port (attempt $attempt): $(tail -n 1 "$WORK/$name.log")"
-    done
+        return 0
+    fi
     log "$name did not start (see $WORK/$name.log); its column will read 'not run'"
     unset "PID[$name]" "PORT[$name]"
 }

@@ -25,3 +25,21 @@ wait_port() {
     done
     return 1
 }
+
+# Prints the port of a broker started with `--listen 127.0.0.1:0`, from the "listening on
+# HOST:PORT" line it writes to LOG (stompd writes it whatever the log level): at most SECONDS,
+# and not past the exit of PID. Port 0 leaves the choice to the kernel, so nothing can take the
+# port between choosing and binding it. Usage: listening_port LOG SECONDS PID
+listening_port() {
+    local log=$1 deadline=$((SECONDS + $2)) pid=$3 port
+    while ((SECONDS < deadline)); do
+        port=$(grep -o -m1 'listening on [^ ]*' "$log" 2>/dev/null | head -n1 | sed 's/.*://' || true)
+        if [[ -n $port ]]; then
+            echo "$port"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}

@@ -20,17 +20,17 @@ if [[ ! -x $STOMPD_BIN || ! -x $LOADGEN_BIN ]]; then
 fi
 mkdir -p "$WORK"
 
-# free_port, wait_port
+# listening_port
 source "$ROOT/benches/ports.sh"
 
 for ((repeat = 1; repeat <= REPEATS; repeat++)); do
     for shards in $SHARDS; do
-        port=$(free_port)
         data=$(mktemp -d)
-        "$STOMPD_BIN" --listen "127.0.0.1:$port" --data-dir "$data" --shards "$shards" \
+        "$STOMPD_BIN" --listen "127.0.0.1:0" --data-dir "$data" --shards "$shards" \
             >"$WORK/stompd.log" 2>&1 &
         broker=$!
-        wait_port "$port" 30 "$broker" || { echo "stompd did not start: $WORK/stompd.log" >&2; exit 1; }
+        port=$(listening_port "$WORK/stompd.log" 30 "$broker") ||
+            { echo "stompd did not start: $WORK/stompd.log" >&2; exit 1; }
         pids=()
         for ((q = 0; q < QUEUES; q++)); do
             "$LOADGEN_BIN" --port "$port" --broker-pid "$broker" --json --quiet \

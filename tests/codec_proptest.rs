@@ -34,7 +34,8 @@ fn text(max: usize) -> impl Strategy<Value = Vec<u8>> {
 /// - 1.2 escapes CR, LF, `:` and `\`, so any name but the empty one and any value can;
 /// - 1.1 cannot escape CR, and a CR that ends a value reads as part of a CRLF;
 /// - unescaped frames (1.0, CONNECT/STOMP/CONNECTED) cannot hold CR or LF, nor `:` in a name,
-///   and 1.0 trims blanks around values.
+///   and 1.0 trims blanks around values;
+/// - no header holds a NUL, and escaped ones are UTF-8.
 fn fits(version: Version, escaping: Escaping, name: &[u8], value: &[u8]) -> bool {
     let has = |text: &[u8], bytes: &[u8]| text.iter().any(|byte| bytes.contains(byte));
     let blank = |byte: Option<&u8>| matches!(byte, Some(b' ' | b'\t'));
@@ -47,7 +48,12 @@ fn fits(version: Version, escaping: Escaping, name: &[u8], value: &[u8]) -> bool
         Escaping::None => !has(name, b"\r\n:") && !has(value, b"\r\n"),
     };
     let trim_fits = version != Version::V1_0 || !(blank(value.first()) || blank(value.last()));
-    escaped_fits && trim_fits
+    // No header may hold a NUL; escaped (1.1 and 1.2) headers must be UTF-8.
+    let bytes_fit = !has(name, b"\0")
+        && !has(value, b"\0")
+        && (escaping == Escaping::None
+            || (std::str::from_utf8(name).is_ok() && std::str::from_utf8(value).is_ok()));
+    escaped_fits && trim_fits && bytes_fit
 }
 
 /// A frame that `version` can carry, with a binary body.

@@ -399,6 +399,87 @@ fn value_encoding_1_1_and_1_2_do_not_trim() {
     }
 }
 
+/// "Value Encoding" (1.1, 1.2): "The commands and header names and values MUST be encoded as
+/// UTF-8". A header that is not is a fatal error naming it; 1.0 has no such rule, and CONNECT
+/// (whose version is not agreed yet) is not checked.
+#[test]
+fn value_encoding_headers_must_be_utf8_from_1_1() {
+    for version in [Version::V1_1, Version::V1_2] {
+        assert_eq!(
+            error_of(
+                version,
+                b"SEND\ndestination:/queue/a\nx-latin:caf\xe9\n\n\0"
+            ),
+            DecodeError::InvalidUtf8InHeader {
+                name: "x-latin".into(),
+                offset: 26
+            }
+        );
+        assert_eq!(
+            error_of(version, b"SEND\nx-\xff:1\n\n\0"),
+            DecodeError::InvalidUtf8InHeader {
+                name: "x-\u{fffd}".into(),
+                offset: 5
+            }
+        );
+        // A UTF-8 sequence cut by the end of the line is invalid too.
+        assert!(matches!(
+            error_of(version, b"SEND\nx:\xe2\x82\n\n\0"),
+            DecodeError::InvalidUtf8InHeader { .. }
+        ));
+        assert_eq!(
+            decode(version, "SEND\nx-caf\u{e9}:\u{20ac}5\n\n\0".as_bytes()),
+            [frame(
+                Command::Send,
+                &[("x-caf\u{e9}".as_bytes(), "\u{20ac}5".as_bytes())],
+                b""
+            )]
+        );
+        assert_eq!(
+            decode(version, b"CONNECT\nlogin:caf\xe9\n\n\0"),
+            [frame(Command::Connect, &[(b"login", b"caf\xe9")], b"")]
+        );
+    }
+    assert_eq!(
+        decode(Version::V1_0, b"SEND\nx-latin:caf\xe9\n\n\0"),
+        [frame(Command::Send, &[(b"x-latin", b"caf\xe9")], b"")]
+    );
+}
+
+/// "Augmented BNF": a header value is any OCTET but CR, LF, `:` and NUL ("OCTET* minus NULL"
+/// in the frame's sense: the NUL ends the frame). A NUL inside a header line would end the
+/// frame early for every peer it is relayed to, so it is a fatal error naming the header, in
+/// every version and every command.
+#[test]
+fn augmented_bnf_a_nul_in_a_header_is_an_error() {
+    for version in ALL {
+        assert_eq!(
+            error_of(
+                version,
+                b"SEND\ndestination:/queue/a\nx-trace:ab\0cd\n\nbody\0"
+            ),
+            DecodeError::NulInHeader {
+                name: "x-trace".into(),
+                offset: 26
+            }
+        );
+        assert_eq!(
+            error_of(version, b"SEND\nx\0y:1\n\n\0"),
+            DecodeError::NulInHeader {
+                name: "x\0y".into(),
+                offset: 5
+            }
+        );
+        assert_eq!(
+            error_of(version, b"CONNECT\npasscode:\0\n\n\0"),
+            DecodeError::NulInHeader {
+                name: "passcode".into(),
+                offset: 8
+            }
+        );
+    }
+}
+
 // ---- Augmented BNF: header ------------------------------------------------------------------
 
 /// "Augmented BNF": header = header-name ":" header-value. A line without a colon is an error.

@@ -67,8 +67,8 @@ fn defaults_when_nothing_is_said() {
     assert_eq!(config.limits, Limits::DEFAULT);
     assert_eq!(config.connections_max, defaults::CONNECTIONS_MAX);
     assert_eq!(config.out_buffer_bytes_max, defaults::OUT_BUFFER_BYTES_MAX);
-    assert_eq!(config.heartbeat_send_ms, 10_000);
-    assert_eq!(config.heartbeat_receive_ms, 10_000);
+    assert_eq!(config.heartbeat_send_ms, 1_000);
+    assert_eq!(config.heartbeat_receive_ms, 1_000);
     assert_eq!(config.heartbeat_read_grace_percent, 200);
     assert_eq!(config.fsync, FsyncPolicy::Always);
     assert_eq!(config.segment_bytes, defaults::SEGMENT_BYTES);
@@ -763,4 +763,37 @@ mod properties {
             prop_assert_eq!(again.config, resolved.config);
         }
     }
+}
+
+/// Left at its default, the frame limit is the body limit plus room for the headers, so a body
+/// of exactly `body_bytes_max` fits; set, it is taken as given.
+#[test]
+fn the_default_frame_limit_follows_the_body_limit_with_room_for_headers() {
+    let room = Limits::FRAME_HEADER_ROOM_BYTES;
+    let limits = ok(&[], &[]).config.limits;
+    assert_eq!(limits.frame_bytes_max, limits.body_bytes_max + room);
+    let limits = ok(&[], &[("STOMPD_BODY_BYTES_MAX", "1048576")])
+        .config
+        .limits;
+    assert_eq!(limits.frame_bytes_max, 1048576 + room);
+    let limits = ok(&["--body-bytes-max", "1073741824"], &[]).config.limits;
+    assert_eq!(
+        limits.frame_bytes_max,
+        1 << 30,
+        "capped at the largest frame allowed"
+    );
+    let limits = ok(
+        &[
+            "--frame-bytes-max",
+            "4096",
+            "--body-bytes-max",
+            "4096",
+            "--header-line-bytes-max",
+            "1024",
+        ],
+        &[],
+    )
+    .config
+    .limits;
+    assert_eq!(limits.frame_bytes_max, 4096);
 }

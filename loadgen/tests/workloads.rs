@@ -13,7 +13,7 @@
 //! that can fail.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -38,6 +38,8 @@ struct Broker {
     host: String,
     port: u16,
     process: Option<Child>,
+    /// The data directory of a broker process started for the test, removed with it.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl Drop for Broker {
@@ -45,15 +47,22 @@ impl Drop for Broker {
         if let Some(process) = &mut self.process {
             let _ = process.kill();
             let _ = process.wait();
-            let _ = std::fs::remove_dir_all(broker_data_dir(self.port));
+        }
+        if let Some(data_dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(data_dir);
         }
     }
 }
 
 /// Each started broker's own data directory: tests run in parallel, and two brokers may not
 /// share one (stompd refuses a data directory another process holds).
-fn broker_data_dir(port: u16) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("stompd-loadgen-test-{}-{port}", std::process::id()))
+fn broker_data_dir() -> std::path::PathBuf {
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let number = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "stompd-loadgen-test-{}-{number}",
+        std::process::id()
+    ))
 }
 
 struct Outcome {
@@ -68,37 +77,63 @@ fn relay_with(config: RelayConfig) -> Broker {
         host: relay.address.ip().to_string(),
         port: relay.address.port(),
         process: None,
+        data_dir: None,
     }
 }
 
 fn start_broker_binary(path: &str) -> Broker {
-    // Bind, note the port, release it: the broker binds it a moment later.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let process = Command::new(path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+    let data_dir = broker_data_dir();
+    let mut command = Command::new(path);
+    command
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--data-dir")
-        .arg(broker_data_dir(port))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|error| panic!("starting {path}: {error}"));
-    let broker = Broker {
+        .arg(&data_dir)
+        .stdout(Stdio::null());
+    let (process, port) = spawn_listening(command, BROKER_START_DEADLINE);
+    Broker {
         host: "127.0.0.1".to_string(),
         port,
         process: Some(process),
-    };
-    let deadline = Instant::now() + BROKER_START_DEADLINE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{path} did not listen on {port} within {BROKER_START_DEADLINE:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
+        data_dir: Some(data_dir),
     }
-    broker
+}
+
+/// Starts `command` (a stompd, on `--listen 127.0.0.1:0`) with its stderr piped, and returns the
+/// process and the port from its "listening on ADDR" line, which stompd writes whatever the log
+/// level. Port 0 means no other test can take the port between choosing and binding it. The
+/// rest of its stderr is passed on to ours.
+fn spawn_listening(mut command: Command, deadline: Duration) -> (Child, u16) {
+    use std::io::BufRead;
+    let mut process = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {command:?}: {error}"));
+    let stderr = process.stderr.take().expect("piped stderr");
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let port = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|addr| addr.rsplit_once(':'))
+                    .and_then(|(_, port)| port.parse::<u16>().ok());
+                if let Some(port) = port {
+                    let _ = port_tx.send(port);
+                }
+            }
+        }
+    });
+    match port_rx.recv_timeout(deadline) {
+        Ok(port) => (process, port),
+        Err(_) => {
+            let _ = process.kill();
+            let _ = process.wait();
+            panic!("{command:?} did not say it was listening within {deadline:?}");
+        }
+    }
 }
 
 /// The broker for tests that expect a correct one.
@@ -115,6 +150,7 @@ fn correct_broker() -> Broker {
                 host: host.to_string(),
                 port: port.parse().expect("a port number"),
                 process: None,
+                data_dir: None,
             }
         }
         Err(_) => relay_with(RelayConfig::default()),
@@ -497,6 +533,7 @@ fn refusing_broker(message: &'static str) -> Broker {
         host: "127.0.0.1".to_string(),
         port,
         process: None,
+        data_dir: None,
     }
 }
 

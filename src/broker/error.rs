@@ -38,8 +38,6 @@ pub enum ProtocolError {
         header: &'static str,
         detail: &'static str,
     },
-    #[error("{0} frame must not have a body")]
-    UnexpectedBody(Command),
     #[error("subscription id already in use")]
     DuplicateSubscription,
     #[error("unknown subscription")]

@@ -355,9 +355,9 @@ impl Session {
             // dropped rather than answered on a connection that is going away.
             State::Disconnecting | State::Closed => return Ok(()),
         }
-        if !command.may_have_body() && !frame.body.is_empty() {
-            return Err(ProtocolError::UnexpectedBody(command));
-        }
+        // STOMP 1.2 "Body": only SEND, MESSAGE and ERROR have one. A body on any other frame
+        // (often one stray EOL after the blank line) is ignored, as RabbitMQ and ActiveMQ do,
+        // instead of closing the connection over it.
         let receipt = frame.header(b"receipt");
         match command {
             Command::Connect | Command::Stomp => return self.connect(ctx, frame, authenticator),

@@ -365,6 +365,7 @@ impl Decoder {
                 value_end -= 1;
             }
         }
+        self.check_header_bytes(&input[line_start..line_end], colon - line_start, line_start)?;
         let escaped = self.backslash && self.escaping != Escaping::None;
         if escaped {
             // Reject an undefined escape now, before the body is buffered.
@@ -384,6 +385,35 @@ impl Decoder {
             value_end,
             escaped,
         });
+        Ok(())
+    }
+
+    /// Refuses a header line (`line`, EOL removed, its colon at `colon`, starting at `offset`)
+    /// that holds a NUL octet, or that is not UTF-8 in a frame whose headers are escaped (STOMP
+    /// 1.1 and 1.2, "Value Encoding"; 1.0 has no such rule, and CONNECT and CONNECTED are not
+    /// checked because the version is not agreed yet). One memchr and one UTF-8 check per
+    /// line, both over bytes already in cache; escapes are ASCII, so checking before
+    /// unescaping is the same as after.
+    #[inline]
+    fn check_header_bytes(
+        &self,
+        line: &[u8],
+        colon: usize,
+        offset: usize,
+    ) -> Result<(), DecodeError> {
+        let name = || String::from_utf8_lossy(&line[..colon]).into_owned();
+        if memchr(0, line).is_some() {
+            return Err(DecodeError::NulInHeader {
+                name: name(),
+                offset,
+            });
+        }
+        if self.escaping != Escaping::None && std::str::from_utf8(line).is_err() {
+            return Err(DecodeError::InvalidUtf8InHeader {
+                name: name(),
+                offset,
+            });
+        }
         Ok(())
     }
 

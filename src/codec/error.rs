@@ -48,6 +48,13 @@ pub enum DecodeError {
     InvalidEscape { offset: usize, byte: u8 },
     #[error("invalid content-length {value:?}")]
     InvalidContentLength { value: String },
+    /// A NUL octet inside a header line: it would end the frame early for any peer the header
+    /// is relayed to. `name` is the header's name as far as it is readable.
+    #[error("header {name:?} at offset {offset} contains a NUL octet")]
+    NulInHeader { name: String, offset: usize },
+    /// STOMP 1.1 and 1.2 "Value Encoding": header names and values are UTF-8.
+    #[error("header {name:?} at offset {offset} is not valid UTF-8")]
+    InvalidUtf8InHeader { name: String, offset: usize },
     #[error("frame body of {content_length} bytes is not followed by a NUL octet")]
     MissingNul { content_length: usize },
 }

@@ -46,7 +46,7 @@ A config file (every key is optional):
   data_dir = \"/var/lib/stompd\"
   fsync = \"always\"            # or \"every:5\" or \"never\"
   auth_file = \"/etc/stompd/users\"
-  frame_bytes_max = 16777216
+  body_bytes_max = 16777216
 
 Logs go to stderr. RUST_LOG works as an alias of STOMPD_LOG_LEVEL.
 Exit status: 0 stopped cleanly, 1 failed while running, 2 bad flags or settings.";
@@ -166,7 +166,7 @@ pub struct RunArgs {
     pub data_dir: Option<PathBuf>,
 
     /// Largest frame accepted, bytes (1024..=1073741824).
-    /// [default: 16777216] [env: STOMPD_FRAME_BYTES_MAX] [toml: frame_bytes_max]
+    /// [default: body_bytes_max + 65536] [env: STOMPD_FRAME_BYTES_MAX] [toml: frame_bytes_max]
     #[arg(long, value_name = "BYTES")]
     pub frame_bytes_max: Option<usize>,
 
@@ -196,14 +196,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES")]
     pub out_buffer_bytes_max: Option<usize>,
 
-    /// Heart-beat interval the server offers to send (CONNECTED heart-beat sx), ms; 0 = none,
-    /// else 1000..=3600000. [default: 10000] [env: STOMPD_HEARTBEAT_SEND_MS]
+    /// Fastest heart-beat the server sends (CONNECTED heart-beat sx): a client asking for a
+    /// longer interval gets it, a shorter one gets this. ms; 0 = the 1 s floor,
+    /// else 1000..=3600000. [default: 1000] [env: STOMPD_HEARTBEAT_SEND_MS]
     /// [toml: heartbeat_send_ms]
     #[arg(long, value_name = "MS")]
     pub heartbeat_send_ms: Option<u64>,
 
-    /// Heart-beat interval the server asks clients for (CONNECTED heart-beat sy), ms; 0 = none,
-    /// else 1000..=3600000. [default: 10000] [env: STOMPD_HEARTBEAT_RECEIVE_MS]
+    /// Fastest heart-beat the server expects from a client (CONNECTED heart-beat sy): a
+    /// client offering a longer interval is held to that, a shorter one to this. ms; 0 = never
+    /// expect heart-beats, else 1000..=3600000. [default: 1000] [env: STOMPD_HEARTBEAT_RECEIVE_MS]
     /// [toml: heartbeat_receive_ms]
     #[arg(long, value_name = "MS")]
     pub heartbeat_receive_ms: Option<u64>,

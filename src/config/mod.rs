@@ -54,10 +54,12 @@ pub mod defaults {
     /// 256 KiB (the server's own default): about ten round trips of a fast consumer's
     /// window, while 10,000 stalled consumers hold 2.5 GiB at most before they get no more.
     pub const OUT_BUFFER_BYTES_MAX: usize = 256 * 1024;
-    /// A dead peer is noticed within tens of seconds at one small frame per 10 s.
-    pub const HEARTBEAT_SEND_MS: u64 = 10_000;
-    /// As for sending: 10 s between client heart-beats is cheap and detects dead peers.
-    pub const HEARTBEAT_RECEIVE_MS: u64 = 10_000;
+    /// The floor under what a client asks for (the CONNECTED `sx`; the spec negotiates the
+    /// larger of the two): 1 s, so a client asking for 1 s beats gets them, as from RabbitMQ
+    /// and ActiveMQ, and none can make the server beat faster than the shard timer serves.
+    pub const HEARTBEAT_SEND_MS: u64 = 1_000;
+    /// The floor under what a client offers to send (the CONNECTED `sy`): 1 s, as for sending.
+    pub const HEARTBEAT_RECEIVE_MS: u64 = 1_000;
     /// Two intervals, as Artemis' `heartBeatToConnectionTtlModifier` 2.0 and RabbitMQ's two
     /// missed beats: the spec asks for tolerance and networks stall, while a dead peer found
     /// one interval later costs little. (The server and broker modules use 200 % too.)
@@ -729,11 +731,21 @@ fn validate(
 
     let shards = get(layer.shards, "shards");
     range("shards", shards as u128, wide(bounds::SHARDS));
+    let body_bytes_max = get(layer.body_bytes_max, "body_bytes_max");
+    // Left at its default, the frame limit follows the body limit, with room for the headers:
+    // an operator who raises only body_bytes_max gets bodies of that size, headers included.
+    let frame_bytes_max = if origin("frame_bytes_max") == Origin::Default {
+        body_bytes_max
+            .saturating_add(Limits::FRAME_HEADER_ROOM_BYTES)
+            .min(*bounds::FRAME_BYTES.end())
+    } else {
+        get(layer.frame_bytes_max, "frame_bytes_max")
+    };
     let limits = Limits {
-        frame_bytes_max: get(layer.frame_bytes_max, "frame_bytes_max"),
+        frame_bytes_max,
         headers_count_max: get(layer.headers_count_max, "headers_count_max"),
         header_line_bytes_max: get(layer.header_line_bytes_max, "header_line_bytes_max"),
-        body_bytes_max: get(layer.body_bytes_max, "body_bytes_max"),
+        body_bytes_max,
     };
     range(
         "frame_bytes_max",

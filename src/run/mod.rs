@@ -306,6 +306,15 @@ pub fn run(
         env!("CARGO_PKG_VERSION"),
         server.local_addr()
     );
+    // Scripts and tests start the broker on port 0 and read the port from this line, so it is
+    // printed even when the log level hides it.
+    if !tracing::enabled!(tracing::Level::INFO) {
+        eprintln!(
+            "stompd {} listening on {}",
+            env!("CARGO_PKG_VERSION"),
+            server.local_addr()
+        );
+    }
     let parts: Vec<_> = shards
         .into_iter()
         .zip(clients)

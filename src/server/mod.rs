@@ -23,6 +23,7 @@ mod core;
 mod handler;
 mod mesh;
 mod out;
+mod ports;
 pub mod relay;
 mod setup;
 mod shard;
@@ -82,6 +83,11 @@ pub struct ServerConfig {
     pub shutdown_drain_ms: u64,
     /// Pin shard threads to CPUs.
     pub pin_threads: bool,
+    /// How long [`Server::bind`] waits for listeners on the address that no process holds any
+    /// more (a crashed broker's, which the kernel closes late: io_uring's pending accepts keep
+    /// them alive for a moment) before it gives up. 30 s: the teardown takes milliseconds to a
+    /// few seconds on a loaded machine; past that something else is wrong.
+    pub listen_orphan_wait_ms: u64,
     /// Heart-beat policy, applied by the handler when it negotiates (STOMP 1.2 "Heart-beating").
     pub heartbeat: HeartbeatConfig,
 }
@@ -125,6 +131,7 @@ impl Default for ServerConfig {
             close_linger_ms: 2_000,
             shutdown_drain_ms: 5_000,
             pin_threads: true,
+            listen_orphan_wait_ms: 30_000,
             heartbeat: HeartbeatConfig::default(),
         }
     }
@@ -140,6 +147,19 @@ pub enum ServerError {
         addr: SocketAddr,
         #[source]
         source: io::Error,
+    },
+    #[error("another server already listens on {addr} (its socket on {listening} is {owner}). Fix: stop it, or give this broker another --listen address")]
+    AddressInUse {
+        addr: SocketAddr,
+        listening: SocketAddr,
+        /// Who holds it: a pid, or a user this process cannot see into.
+        owner: String,
+    },
+    #[error("cannot listen on {addr}: listeners of an exited process are still open on {listening} after {waited_ms} ms. Fix: wait and start again, or use another --listen address")]
+    AddressStillClosing {
+        addr: SocketAddr,
+        listening: SocketAddr,
+        waited_ms: u64,
     },
     #[error("{step} failed: {cause} ({source}). Fix: {fix}")]
     IoUring {
@@ -311,7 +331,9 @@ pub struct Server {
 impl Server {
     /// Opens one SO_REUSEPORT listener per shard on `config.listen` (port 0 picks a free port,
     /// shared by all shards) and checks that io_uring can be set up here, so setup errors show
-    /// before anything is announced.
+    /// before anything is announced. Refuses an address another server listens on, and first
+    /// waits (up to `listen_orphan_wait_ms`) for a crashed process's listeners to close: see
+    /// `ports.rs`.
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         if config.shards == 0 || config.shards > usize::from(u16::MAX) {
             return Err(ServerError::Config("shards must be between 1 and 65535"));
@@ -341,6 +363,24 @@ impl Server {
             .join()
             .map_err(|_| ServerError::Config("io_uring probe panicked"))??;
 
+        let wait_max = std::time::Duration::from_millis(config.listen_orphan_wait_ms);
+        match ports::check_before_bind(config.listen, wait_max) {
+            ports::Verdict::Free => {}
+            ports::Verdict::InUse { listening, owner } => {
+                return Err(ServerError::AddressInUse {
+                    addr: config.listen,
+                    listening,
+                    owner: owner.to_string(),
+                })
+            }
+            ports::Verdict::StillClosing { listening } => {
+                return Err(ServerError::AddressStillClosing {
+                    addr: config.listen,
+                    listening,
+                    waited_ms: config.listen_orphan_wait_ms,
+                })
+            }
+        }
         let mut listeners = Vec::with_capacity(config.shards);
         let mut addr = config.listen;
         for _ in 0..config.shards {
@@ -353,6 +393,22 @@ impl Server {
                     .ok_or(ServerError::Config("listener has no inet address"))?;
             }
             listeners.push(listener);
+        }
+        // Another broker may have bound between the check and our binds; whichever of two
+        // re-checks last sees the other (see `ports.rs`).
+        if config.listen.port() != 0 {
+            let ours = listeners
+                .iter()
+                .map(|listener| ports::socket_inode(listener.as_raw_fd()))
+                .collect::<io::Result<_>>()
+                .map_err(|source| ServerError::Listen { addr, source })?;
+            if let Some((listening, owner)) = ports::check_after_bind(addr, &ours) {
+                return Err(ServerError::AddressInUse {
+                    addr,
+                    listening,
+                    owner: owner.to_string(),
+                });
+            }
         }
         let shared: Arc<[mesh::ShardShared]> = (0..config.shards)
             .map(|_| mesh::ShardShared::new())

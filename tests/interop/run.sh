@@ -184,21 +184,14 @@ fi
 FLAVOR=stompd
 [[ "$(basename "$STOMPD_BIN")" == relay_server ]] && FLAVOR=relay
 
-free_port() {
-    "${VENV}/bin/python" - 2>/dev/null <<'EOF' || python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-EOF
-}
-
-# start_broker NAME PORT [extra args...]: starts it in the background, waits (bounded) until
-# the port accepts connections.
+# start_broker NAME [extra args...]: starts it in the background on 127.0.0.1:0 and waits
+# (bounded) for its "listening on ADDR" line, then sets BROKER_PORT. Port 0: the kernel picks a
+# free port, so nothing else can take it between choosing and binding (stompd and relay_server
+# both print that line; stompd even when the log level hides info).
 start_broker() {
-    local name=$1 port=$2
-    shift 2
-    local args=(--listen "127.0.0.1:$port")
+    local name=$1
+    shift
+    local args=(--listen "127.0.0.1:0")
     if [[ $FLAVOR == stompd ]]; then
         mkdir -p "$WORK/$name-data"
         args+=(--data-dir "$WORK/$name-data" --shards 2 "$@")
@@ -206,40 +199,42 @@ start_broker() {
     "$STOMPD_BIN" "${args[@]}" >"$WORK/$name.log" 2>&1 &
     local pid=$!
     BROKER_PIDS+=("$pid")
+    BROKER_PORT=""
     for _ in $(seq 200); do
+        BROKER_PORT=$(grep -o -m1 'listening on [^ ]*' "$WORK/$name.log" | head -n1 | sed 's/.*://' || true)
+        if [[ -n $BROKER_PORT ]]; then
+            echo "interop: broker $name (pid $pid, $FLAVOR) listens on 127.0.0.1:$BROKER_PORT"
+            return 0
+        fi
         if ! kill -0 "$pid" 2>/dev/null; then
             echo "interop: broker $name exited early:"
             tail -n 20 "$WORK/$name.log"
             return 1
         fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "interop: broker $name (pid $pid, $FLAVOR) listens on 127.0.0.1:$port"
-            return 0
-        fi
         sleep 0.05
     done
-    echo "interop: broker $name did not listen on 127.0.0.1:$port within 10 s:"
+    echo "interop: broker $name did not say it was listening within 10 s:"
     tail -n 20 "$WORK/$name.log"
     return 1
 }
 
 step "start the brokers ($STOMPD_BIN)"
 export STOMPD_HOST=127.0.0.1
-STOMPD_PORT=$(free_port)
-export STOMPD_PORT STOMPD_FLAVOR=$FLAVOR
 # Heart-beats at 1 s (the smallest stompd allows), so the heart-beat tests see several soon.
-start_broker open "$STOMPD_PORT" --heartbeat-send-ms 1000 --heartbeat-receive-ms 1000 || {
+start_broker open --heartbeat-send-ms 1000 --heartbeat-receive-ms 1000 || {
     fail_step "the broker did not start"
     exit 1
 }
+STOMPD_PORT=$BROKER_PORT
+export STOMPD_PORT STOMPD_FLAVOR=$FLAVOR
 export STOMPD_USER=interop STOMPD_PASSCODE="interop-secret-1"
 STOMPD_AUTH_PORT=""
 if [[ $FLAVOR == stompd ]]; then
     printf '%s\n' "$STOMPD_PASSCODE" | "$STOMPD_BIN" passwd --file "$WORK/users" "$STOMPD_USER" ||
         fail_step "stompd passwd"
-    STOMPD_AUTH_PORT=$(free_port)
-    start_broker auth "$STOMPD_AUTH_PORT" --auth-file "$WORK/users" ||
+    start_broker auth --auth-file "$WORK/users" ||
         fail_step "the auth broker did not start"
+    STOMPD_AUTH_PORT=$BROKER_PORT
 fi
 export STOMPD_AUTH_PORT
 

@@ -1,11 +1,12 @@
-//! Shared helpers for the tests that run the real `stompd` binary: start it on a free port
-//! with its own data directory, talk raw STOMP to it with a timeout on every read, stop it
+//! Shared helpers for the tests that run the real `stompd` binary: start it on port 0 (the
+//! kernel picks a free port, so tests running at once never race for one; the port is read
+//! from the broker's "listening on ADDR" line) with its own data directory, talk raw STOMP to it with a timeout on every read, stop it
 //! with a signal or SIGKILL. Every wait has a deadline.
 
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -23,19 +24,23 @@ pub struct Broker {
     stderr_path: PathBuf,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
+/// Numbers the brokers' stderr files: the port is not known before the broker has started.
+static BROKERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The port of the first "listening on HOST:PORT" in a broker's stderr.
+pub fn listening_port(stderr: &str) -> Option<u16> {
+    let rest = &stderr[stderr.find("listening on ")? + "listening on ".len()..];
+    let addr = rest.split_whitespace().next()?;
+    addr.rsplit_once(':')?.1.parse().ok()
 }
 
 impl Broker {
     /// Starts stompd with `--data-dir <dir>/data` and `args`, and waits until it accepts.
     pub fn start(dir: &Path, args: &[&str]) -> Broker {
-        Broker::start_on(dir, free_port(), args)
+        Broker::start_with(dir, 0, args, |_| {})
     }
 
+    /// Starts stompd on `port` (e.g. again on the port of a broker that was stopped).
     pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Broker {
         Broker::start_with(dir, port, args, |_| {})
     }
@@ -43,7 +48,7 @@ impl Broker {
     /// Starts stompd with a file-size limit (RLIMIT_FSIZE) of `bytes`, as `ulimit -f` would.
     pub fn start_file_size_limited(dir: &Path, args: &[&str], bytes: u64) -> Broker {
         use std::os::unix::process::CommandExt;
-        Broker::start_with(dir, free_port(), args, |command| {
+        Broker::start_with(dir, 0, args, |command| {
             // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child here.
             unsafe {
                 command.pre_exec(move || {
@@ -68,7 +73,8 @@ impl Broker {
         configure: impl FnOnce(&mut Command),
     ) -> Broker {
         let data_dir = dir.join("data");
-        let stderr_path = dir.join(format!("stompd-{}.log", port));
+        let number = BROKERS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr_path = dir.join(format!("stompd-{number}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stompd"));
         command
@@ -86,8 +92,14 @@ impl Broker {
             child: Some(child),
             stderr_path,
         };
+        // The line is written once every listener is bound, so the broker accepts from then on.
         let deadline = Instant::now() + START_DEADLINE;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if let Some(listening) = listening_port(&broker.stderr()) {
+                assert!(port == 0 || listening == port, "{}", broker.stderr());
+                broker.port = listening;
+                break;
+            }
             if let Some(status) = broker.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("stompd exited with {status}: {}", broker.stderr());
             }
@@ -128,6 +140,15 @@ impl Broker {
             let _ = child.kill();
             let _ = child.wait();
             self.wait_until_port_refuses();
+        }
+    }
+
+    /// SIGKILL and reap, without waiting for the port: what a crash followed by an immediate
+    /// restart looks like.
+    pub fn kill9_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

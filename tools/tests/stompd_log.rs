@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -641,30 +641,51 @@ impl Broker {
     }
 }
 
+/// Starts `command` (a stompd, on `--listen 127.0.0.1:0`) with its stderr piped, and returns the
+/// process and the port from its "listening on ADDR" line, which stompd writes whatever the log
+/// level. Port 0 means no other test can take the port between choosing and binding it. The
+/// rest of its stderr is passed on to ours.
+fn spawn_listening(mut command: Command, deadline: Duration) -> (Child, u16) {
+    use std::io::BufRead;
+    let mut process = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {command:?}: {error}"));
+    let stderr = process.stderr.take().expect("piped stderr");
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let port = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|addr| addr.rsplit_once(':'))
+                    .and_then(|(_, port)| port.parse::<u16>().ok());
+                if let Some(port) = port {
+                    let _ = port_tx.send(port);
+                }
+            }
+        }
+    });
+    match port_rx.recv_timeout(deadline) {
+        Ok(port) => (process, port),
+        Err(_) => {
+            let _ = process.kill();
+            let _ = process.wait();
+            panic!("{command:?} did not say it was listening within {deadline:?}");
+        }
+    }
+}
+
 fn broker() -> Broker {
     if let Ok(binary) = std::env::var("STOMPD_LOG_TEST_BROKER") {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap()
-            .port();
-        let process = Command::new(&binary)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--queue-type",
-                "memory",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        let deadline = Instant::now() + BROKER_START_DEADLINE;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "{binary} did not listen on {port}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        let mut command = Command::new(&binary);
+        command
+            .args(["--listen", "127.0.0.1:0", "--queue-type", "memory"])
+            .stdout(Stdio::null());
+        let (process, port) = spawn_listening(command, BROKER_START_DEADLINE);
         return Broker {
             host: "127.0.0.1".into(),
             port,
