@@ -1,9 +1,11 @@
 //! Connections under pressure, against the real `stompd`: a connection that never completes
-//! CONNECT is closed after `--connect-timeout-ms`, a refused login is answered no sooner than
-//! `--login-failure-delay-ms`, and a thousand clients of one user logging in at once (a
-//! reconnect storm after a restart) all get CONNECTED, the password hashed once per shard
-//! thanks to the login cache. No test asserts how fast anything is; deadlines only bound
-//! waits.
+//! CONNECT is closed after `--connect-timeout-ms`; a refused login is answered no sooner than
+//! `--login-failure-delay-ms`, draws no earlier answer from what it sends next, and still
+//! counts against `--connections-max` while it waits; and a thousand clients of one user
+//! logging in at once (a reconnect storm after a restart) all get CONNECTED, the password
+//! hashed once per shard thanks to the login cache. No test asserts how fast anything is;
+//! deadlines only bound waits. (A full hashing queue, `server busy`, is tested in
+//! `run::auth` and the broker's session tests, where the queue can be filled exactly.)
 
 mod stompd_common;
 
