@@ -1,9 +1,11 @@
 //! Connections under pressure, against the real `stompd`: a connection that never completes
-//! CONNECT is closed after `--connect-timeout-ms`, a refused login is answered no sooner than
-//! `--login-failure-delay-ms`, and a thousand clients of one user logging in at once (a
-//! reconnect storm after a restart) all get CONNECTED, the password hashed once per shard
-//! thanks to the login cache. No test asserts how fast anything is; deadlines only bound
-//! waits.
+//! CONNECT is closed after `--connect-timeout-ms`; a refused login is answered no sooner than
+//! `--login-failure-delay-ms`, draws no earlier answer from what it sends next, and still
+//! counts against `--connections-max` while it waits; and a thousand clients of one user
+//! logging in at once (a reconnect storm after a restart) all get CONNECTED, the password
+//! hashed once per shard thanks to the login cache. No test asserts how fast anything is;
+//! deadlines only bound waits. (A full hashing queue, `server busy`, is tested in
+//! `run::auth` and the broker's session tests, where the queue can be filled exactly.)
 
 mod stompd_common;
 
@@ -91,6 +93,63 @@ fn a_refused_login_is_answered_no_sooner_than_the_delay() {
         "accept-version:1.2\nlogin:alice\npasscode:s3cret\n",
     );
     assert_eq!(reply.command, "CONNECTED", "{reply:?}");
+}
+
+/// A connection waiting for its delayed refusal is still open, so it counts against
+/// `--connections-max`: refusals cannot be used to hold more connections than the limit.
+#[test]
+fn connections_waiting_for_their_refusal_count_against_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = users(dir.path());
+    let broker = Broker::start(
+        dir.path(),
+        &[
+            "--shards",
+            "1",
+            "--connections-max",
+            "2",
+            "--auth-file",
+            &users,
+            "--login-failure-delay-ms",
+            "3000",
+        ],
+    );
+    // Let the start-up probe's connection close first.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut refused: Vec<Client> = (0..2).map(|_| broker.client()).collect();
+    for client in &mut refused {
+        client.send("CONNECT\naccept-version:1.2\nlogin:alice\npasscode:wrong\n\n\0");
+    }
+    for client in &mut refused {
+        assert!(
+            client.read_frame(Duration::from_millis(300)).is_none(),
+            "answered before the delay"
+        );
+    }
+    let mut third = broker.client();
+    let error = third.expect_frame();
+    assert_eq!(error.command, "ERROR", "{error:?}");
+    assert_eq!(error.header("message"), Some("connections_max reached"));
+    for client in &mut refused {
+        assert_eq!(
+            client.expect_frame().header("message"),
+            Some("login failed")
+        );
+        assert!(client.closed_within(FRAME_DEADLINE));
+    }
+    // Their slots are free again (the server may take a moment to see the closes).
+    let deadline = Instant::now() + FRAME_DEADLINE;
+    loop {
+        let (_client, reply) = Client::login(
+            broker.port,
+            "accept-version:1.2\nlogin:alice\npasscode:s3cret\n",
+        );
+        if reply.command == "CONNECTED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came free: {reply:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Frames pipelined after a refused CONNECT (a server frame, then bytes that are no frame)

@@ -137,6 +137,8 @@ pub struct AuthPool {
 pub struct AuthClient {
     shard: usize,
     jobs: SyncSender<Job>,
+    /// The queue's bound, for the log line when it is full.
+    queue_len_max: usize,
     /// `(credential, accepted)` from the workers.
     verdicts: Receiver<(CredentialDigest, bool)>,
     cache: LoginCache,
@@ -192,6 +194,7 @@ impl AuthPool {
             clients.push(AuthClient {
                 shard,
                 jobs: jobs.clone(),
+                queue_len_max,
                 verdicts,
                 cache: LoginCache::new(cache_entries_max),
                 in_flight: HashMap::new(),
@@ -266,8 +269,9 @@ impl AuthClient {
             }
             Err(TrySendError::Full(_)) => {
                 tracing::warn!(
-                    "login refused: server busy, the login queue is full \
-                     ({AUTH_QUEUE_LEN_MAX} logins wait for verification)"
+                    "login refused: server busy, the login queue is full ({} logins wait \
+                     for verification)",
+                    self.queue_len_max
                 );
                 Submitted::QueueFull
             }
