@@ -522,25 +522,36 @@ impl Queue {
     /// in publish order, which a consumer that got later messages meanwhile could otherwise see
     /// broken.
     pub(crate) fn returned(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, deliveries: u32) {
-        self.dequeued = self.dequeued.saturating_sub(1);
-        if Self::logged(ctx, &message) {
-            // Its auto-ack record is already in the log; log it again so a restart keeps it.
-            ctx.append(
-                Record::Message {
-                    message: message.clone(),
-                },
-                None,
-            );
-        }
-        self.hold(
-            Held {
+        self.returned_all(ctx, vec![(message, deliveries)]);
+    }
+
+    /// Auto-acked deliveries, oldest first, that waited in a session for room in its out
+    /// buffer when their subscription ended: back to the front together, in their order, as
+    /// [`Self::returned`] puts one (put back one by one, each could be handed out before the
+    /// ones older than it were back).
+    pub(crate) fn returned_all(&mut self, ctx: &mut Ctx<'_>, messages: Vec<(Arc<Message>, u32)>) {
+        let mut held = Vec::with_capacity(messages.len());
+        for (message, deliveries) in messages {
+            self.dequeued = self.dequeued.saturating_sub(1);
+            if Self::logged(ctx, &message) {
+                // Its auto-ack record is already in the log; log it again so a restart keeps it.
+                ctx.append(
+                    Record::Message {
+                        message: message.clone(),
+                    },
+                    None,
+                );
+            }
+            held.push(Held {
                 message,
                 deliveries,
                 unsent: 0,
                 origin: None,
-            },
-            true,
-        );
+            });
+        }
+        for held in held.into_iter().rev() {
+            self.hold(held, true);
+        }
         self.dispatch(ctx);
     }
 

@@ -213,6 +213,13 @@ pub enum ShardMessage {
         message: Arc<Message>,
         deliveries: u32,
     },
+    /// Auto-acked deliveries, oldest first, that were still waiting in the session for room in
+    /// the out buffer when their subscription ended: never written, so the queue takes them
+    /// back to its front together, in order (each keeps its delivery count, as `Returned`).
+    ReturnedAll {
+        destination: Arc<[u8]>,
+        messages: Vec<(Arc<Message>, u32)>,
+    },
     // Destination -> destination.
     /// A message of queue `from` used up its deliveries: keep it in this dead-letter queue
     /// (its `destination`). When logged, `Moved` goes back once its record is durable.

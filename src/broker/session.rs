@@ -757,18 +757,23 @@ impl Session {
                 to,
                 ShardMessage::Unsubscribe {
                     consumer,
-                    destination: subscription.destination,
+                    destination: subscription.destination.clone(),
                 },
             );
             // Auto-ack deliveries still waiting were forgotten by their queue: they go back,
-            // after the Unsubscribe (so the queue does not hand them to this consumer again),
-            // last first, so that they end up at its front in their order.
-            for deferred in waiting.into_iter().rev().filter(|d| d.settled) {
+            // together and in order, after the Unsubscribe (so the queue does not hand them to
+            // this consumer again).
+            let messages: Vec<(Arc<Message>, u32)> = waiting
+                .into_iter()
+                .filter(|deferred| deferred.settled)
+                .map(|deferred| (deferred.message, deferred.deliveries))
+                .collect();
+            if !messages.is_empty() {
                 ctx.route(
                     to,
-                    ShardMessage::Returned {
-                        message: deferred.message,
-                        deliveries: deferred.deliveries,
+                    ShardMessage::ReturnedAll {
+                        destination: subscription.destination.clone(),
+                        messages,
                     },
                 );
             }

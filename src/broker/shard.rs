@@ -970,6 +970,20 @@ impl Shard {
                     self.track_expiry(&name);
                 }
             }
+            ShardMessage::ReturnedAll {
+                destination,
+                messages,
+            } => {
+                if DestinationKind::of(&destination) == DestinationKind::Queue {
+                    self.destination(&destination);
+                    let mut ctx = ctx!(self, now_ms, out);
+                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination)
+                    {
+                        queue.returned_all(&mut ctx, messages);
+                    }
+                    self.track_expiry(&destination);
+                }
+            }
             ShardMessage::Deliver {
                 consumer,
                 message,

@@ -340,6 +340,12 @@ impl ShardHandler for BrokerHandler {
         let Some(&id) = self.by_server.get(&conn) else {
             return;
         };
+        if io.out_bytes(conn) > 0 {
+            // Written to since the send that emptied it (a handler call came in between): the
+            // broker would take those bytes for gone and write up to a whole buffer more. Those
+            // writes armed the notice again, so the next empty buffer reports them all.
+            return;
+        }
         let now = self.now(io);
         self.shard.on_flushed(id, now, &mut self.effects);
         self.settle(io);

@@ -263,6 +263,28 @@ mod tests {
         assert!(queue.is_empty());
     }
 
+    #[test]
+    fn handed_bytes_count_what_the_kernel_took_and_what_it_was_offered() {
+        let mut queue = OutQueue::new();
+        queue.append_with(|out| out.extend_from_slice(&[b'a'; 100]));
+        assert_eq!(queue.handed_bytes(false), 0, "nothing offered yet");
+        queue.prepare_send().expect("bytes are queued");
+        assert_eq!(
+            queue.handed_bytes(true),
+            100,
+            "offered in the send in flight"
+        );
+        queue.complete(40);
+        // Written meanwhile: not offered until the next send.
+        queue.append_shared(Bytes::from(vec![b'b'; 1000]));
+        assert_eq!(queue.handed_bytes(false), 40);
+        queue.prepare_send().expect("the rest and the new bytes");
+        assert_eq!(queue.handed_bytes(true), 1100);
+        queue.complete(1060);
+        assert_eq!(queue.handed_bytes(false), 1100);
+        assert!(queue.is_empty());
+    }
+
     /// What the kernel would send: the bytes the prepared msghdr points at.
     #[allow(clippy::unnecessary_cast)]
     fn prepared_bytes(header: *const libc::msghdr) -> Vec<u8> {

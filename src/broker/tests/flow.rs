@@ -494,3 +494,35 @@ fn a_queue_serves_other_consumers_while_one_has_deliveries_waiting_for_its_out_b
     );
     assert!(read.windows(2).all(|pair| pair[0] < pair[1]), "{read:?}");
 }
+
+#[test]
+fn waiting_auto_ack_deliveries_go_back_in_order_to_a_queue_with_other_consumers() {
+    let mut cluster = Cluster::new(2, paced(10_000, 7));
+    cluster.auto_flush = false;
+    let queue_shard = shard_of(b"/queue/q", 2).0;
+    let first = cluster.connect(1 - queue_shard);
+    cluster.subscribe(first, "s", "/queue/q", "auto");
+    // The queue hands the backlog to the first consumer (its window holds all of it); the
+    // deliveries are on their way when its connection fills, so they wait in its session.
+    cluster.auto_pump = false;
+    let producer = cluster.connect(queue_shard);
+    for n in 0..10 {
+        cluster.publish(producer, "/queue/q", &format!("{n:04}{}", "x".repeat(996)));
+    }
+    cluster.writable(first, false);
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    assert!(cluster.frames(first).is_empty());
+    let second = cluster.connect(queue_shard);
+    cluster.subscribe(second, "s", "/queue/q", "auto");
+    assert!(cluster.frames(second).is_empty(), "all ten are the first's");
+    // The first leaves with all of them waiting: they go back together, so the second gets
+    // them in order, not the last one first.
+    cluster.send(first, frame(Command::Unsubscribe, &[("id", "s")], b""));
+    while cluster.step_link(0) {}
+    let mut got = numbers(&cluster.frames(second));
+    cluster.flush(second);
+    while cluster.step_link(0) {}
+    got.extend(numbers(&cluster.frames(second)));
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
