@@ -147,6 +147,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("prefetch_default", "10", "10"),
         ("queue_messages_max", "500", "500"),
         ("queue_bytes_max", "1000000", "1000000"),
+        ("memory_bytes_max", "100000000", "100000000"),
         ("topic_subscriber_stall_ms", "60000", "60000"),
         ("log_level", "\"debug\"", "debug"),
     ];
@@ -192,6 +193,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         assert_eq!(config.prefetch_default, 10, "{source}");
         assert_eq!(config.queue_messages_max, 500, "{source}");
         assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
+        assert_eq!(config.memory_bytes_max, 100_000_000, "{source}");
         assert_eq!(config.topic_subscriber_stall_ms, 60_000, "{source}");
         assert_eq!(config.log_level, "debug", "{source}");
         for key in Layer::KEYS {
@@ -473,6 +475,7 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("prefetch_default", "1000001", "1..=1000000"),
         ("queue_messages_max", "0", "1..=1000000000"),
         ("queue_bytes_max", "4096", "65536..=1099511627776"),
+        ("memory_bytes_max", "1048576", "16777216..=17592186044416"),
         ("topic_subscriber_stall_ms", "99", "100..=3600000"),
     ];
     for (key, value, allowed) in cases {

@@ -159,6 +159,9 @@ pub struct Shard {
     /// Topics that hold producers throttled: ticks check them, since a subscriber that stalls
     /// (stays full past `topic_subscriber_stall_ms`) releases its producers without an event.
     throttling_topics: BTreeSet<Arc<[u8]>>,
+    /// Sessions that published past the memory budget's pause level: ticks release them once
+    /// the budget is back under its resume level. Entries of closed sessions are skipped.
+    memory_paused: BTreeSet<u64>,
     counters: Counters,
 }
 
@@ -190,6 +193,7 @@ impl Shard {
             next_monitor_ms: None,
             expiry_timer: BinaryHeap::new(),
             throttling_topics: BTreeSet::new(),
+            memory_paused: BTreeSet::new(),
             counters: Counters::default(),
         }
     }
@@ -240,6 +244,9 @@ impl Shard {
                 if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
                 {
                     self.beating.insert(conn.local);
+                }
+                if session.is_memory_paused() {
+                    self.memory_paused.insert(conn.local);
                 }
                 self.close_if_done(conn, now_ms, out);
             }
@@ -416,6 +423,7 @@ impl Shard {
         }
         self.sweep_due_queues(now_ms, out);
         self.check_throttling_topics(now_ms, out);
+        self.release_memory_paused(now_ms, out);
         for (local, error) in failed {
             let conn = ConnectionId {
                 shard: self.id,
@@ -483,6 +491,11 @@ impl Shard {
                 .destinations
                 .entry(name.clone())
                 .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
+            // Recovered messages are held in memory as any other: charged the same.
+            let mut message = message;
+            if let Some(held) = Arc::get_mut(&mut message) {
+                held.charge_to(self.config.memory);
+            }
             if let Destination::Queue(queue) = destination {
                 queue.restore(message, deliveries);
             }
@@ -580,6 +593,7 @@ impl Shard {
 
     fn remove_session(&mut self, conn: ConnectionId) -> Option<Session> {
         self.beating.remove(&conn.local);
+        self.memory_paused.remove(&conn.local);
         self.sessions.remove(&conn.local)
     }
 
@@ -640,6 +654,24 @@ impl Shard {
         };
         if idle {
             self.destinations.remove(name);
+        }
+    }
+
+    /// Lets the producers paused for memory read again once the budget (all cores) is back
+    /// under its resume level. Checked on the tick: memory is freed on any core, by any drop,
+    /// so there is no one event to wait for; a tick (at most `tick_interval_ms`) is soon enough
+    /// for a producer that has been paused.
+    fn release_memory_paused(&mut self, now_ms: u64, out: &mut Effects) {
+        if self.memory_paused.is_empty()
+            || self.config.memory.charged() > self.config.memory.resume_bytes()
+        {
+            return;
+        }
+        let mut ctx = ctx!(self, now_ms, out);
+        for local in std::mem::take(&mut self.memory_paused) {
+            if let Some(session) = self.sessions.get_mut(&local) {
+                session.memory_release(&mut ctx);
+            }
         }
     }
 

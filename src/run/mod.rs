@@ -100,6 +100,8 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         prefetch_default_messages: config.prefetch_default,
         queue_messages_max: usize::try_from(config.queue_messages_max).unwrap_or(usize::MAX),
         queue_bytes_max: config.queue_bytes_max,
+        // One budget per broker run, shared by every core.
+        memory: crate::broker::MemoryBudget::leak(config.memory_bytes_max),
         topic_subscriber_stall_ms: config.topic_subscriber_stall_ms,
         deliveries_max: config.dead_letter_deliveries_max,
         // `sx`: the fastest the server promises to beat. The broker logic has no "never"
