@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod durability;
 pub mod handler;
+pub mod trim;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
