@@ -6,7 +6,7 @@ mod stompd_common;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,17 @@ const MIB: usize = 1024 * 1024;
 /// What docs/CONFIGURATION.md states as the fixed overhead on top of the budget, for the
 /// two shards these tests run: receive rings, per-connection buffers, the heap's own slack.
 const OVERHEAD_KIB: u64 = 128 * 1024;
+
+/// These tests each push hundreds of MiB through a broker and read its memory: one at a time,
+/// so they neither measure each other nor starve each other of CPU (and ephemeral ports: 30
+/// clients of one test can take the port another test's broker was about to listen on).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// A SEND frame of a `bytes` body that starts with its sequence number.
 fn send_frame(destination: &str, extra: &str, n: usize, bytes: usize) -> Vec<u8> {
@@ -57,6 +68,7 @@ fn transactions_past_the_budget_are_refused_and_their_memory_comes_back() {
     const CONNECTIONS: usize = 30;
     const SENDS: usize = 60;
     const BUDGET: u64 = 512 * MIB as u64;
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(
         dir.path(),
@@ -161,6 +173,7 @@ fn transactions_past_the_budget_are_refused_and_their_memory_comes_back() {
 fn a_consumer_that_does_not_read_slows_its_producer_and_then_gets_everything() {
     const MESSAGES: usize = 500;
     const BUDGET: u64 = 128 * MIB as u64;
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(
         dir.path(),
@@ -224,9 +237,14 @@ fn a_consumer_that_does_not_read_slows_its_producer_and_then_gets_everything() {
     );
 
     for n in 0..MESSAGES {
-        let frame = consumer
-            .read_frame(TEST_DEADLINE)
-            .unwrap_or_else(|| panic!("message {n} did not arrive"));
+        let frame = match consumer.read_frame_or_eof(TEST_DEADLINE) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => panic!("message {n} did not arrive"),
+            Err(()) => panic!(
+                "the consumer's connection closed before message {n}: {}",
+                broker.stderr()
+            ),
+        };
         assert_eq!(frame.command, "MESSAGE", "{:?}", frame.header("message"));
         assert_eq!(
             &frame.body[..9],

@@ -292,7 +292,11 @@ pub fn run(
     let boot_ms = epoch_ms();
     let shards = open_shards(config, &broker, &authenticator, boot_ms << 22)?;
 
-    let server = Server::bind(server_config(config))?;
+    let server = Server::bind(ServerConfig {
+        // The broker's own budget: frames being reassembled count against it too.
+        memory: broker.memory,
+        ..server_config(config)
+    })?;
     let (pool, clients) = match (&passwords, slow_auth) {
         (Some(passwords), true) => {
             let (pool, clients) =

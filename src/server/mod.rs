@@ -84,6 +84,9 @@ pub struct ServerConfig {
     pub pin_threads: bool,
     /// Heart-beat policy, applied by the handler when it negotiates (STOMP 1.2 "Heart-beating").
     pub heartbeat: HeartbeatConfig,
+    /// The broker's memory budget: the reassembly buffers of frames that span receives are
+    /// charged to it (the broker charges the messages). The default counts and never limits.
+    pub memory: &'static crate::broker::MemoryBudget,
 }
 
 /// Heart-beat policy: what the server offers in CONNECTED and how much slack it grants.
@@ -126,6 +129,7 @@ impl Default for ServerConfig {
             shutdown_drain_ms: 5_000,
             pin_threads: true,
             heartbeat: HeartbeatConfig::default(),
+            memory: &crate::broker::UNLIMITED,
         }
     }
 }
