@@ -149,6 +149,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("prefetch_bytes_default", "65536", "65536"),
         ("queue_messages_max", "500", "500"),
         ("queue_bytes_max", "1000000", "1000000"),
+        ("memory_bytes_max", "100000000", "100000000"),
         ("topic_subscriber_stall_ms", "60000", "60000"),
         ("connect_timeout_ms", "500", "500"),
         ("login_failure_delay_ms", "0", "0"),
@@ -197,6 +198,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         assert_eq!(config.prefetch_bytes_default, 65536, "{source}");
         assert_eq!(config.queue_messages_max, 500, "{source}");
         assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
+        assert_eq!(config.memory_bytes_max, 100_000_000, "{source}");
         assert_eq!(config.topic_subscriber_stall_ms, 60_000, "{source}");
         assert_eq!(config.connect_timeout_ms, 500, "{source}");
         assert_eq!(config.login_failure_delay_ms, 0, "{source}");
@@ -482,6 +484,7 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("prefetch_bytes_default", "1073741825", "4096..=1073741824"),
         ("queue_messages_max", "0", "1..=1000000000"),
         ("queue_bytes_max", "4096", "65536..=1099511627776"),
+        ("memory_bytes_max", "1048576", "16777216..=17592186044416"),
         ("topic_subscriber_stall_ms", "99", "100..=3600000"),
         ("connect_timeout_ms", "99", "100..=3600000"),
         ("login_failure_delay_ms", "60001", "0..=60000"),

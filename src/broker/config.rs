@@ -1,6 +1,8 @@
 //! Settings and limits of the broker logic. Every bound is named with its unit last and says
 //! why it has the value it has; the server fills this from flags and the TOML config.
 
+use super::memory::{MemoryBudget, UNLIMITED};
+
 /// How the broker logic behaves and how far any one client can push it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -125,6 +127,10 @@ pub struct BrokerConfig {
     pub login_failure_delay_ms: u64,
     /// The `server` header of CONNECTED.
     pub server_name: String,
+    /// The memory budget every core of this broker shares (`memory_bytes_max`): stored
+    /// messages are charged to it, and producers are paused as it fills
+    /// ([`crate::broker::MemoryBudget`]). The default counts and never limits.
+    pub memory: &'static MemoryBudget,
 }
 
 impl Default for BrokerConfig {
@@ -158,6 +164,7 @@ impl Default for BrokerConfig {
             connect_timeout_ms: 10_000,
             login_failure_delay_ms: 1000,
             server_name: concat!("stompd/", env!("CARGO_PKG_VERSION")).to_string(),
+            memory: &UNLIMITED,
         }
     }
 }

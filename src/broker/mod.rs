@@ -39,6 +39,7 @@ mod config;
 mod destination;
 mod effects;
 mod error;
+mod memory;
 mod session;
 mod shard;
 mod types;
@@ -49,6 +50,7 @@ mod tests;
 pub use config::{AllowAll, Authenticator, BrokerConfig};
 pub use effects::{DurableToken, Effect, Effects, HeartbeatPlan, Record, Rejection, ShardMessage};
 pub use error::{write_error_frame, ProtocolError, SUPPORTED_VERSIONS};
+pub use memory::{MemoryBudget, MemoryCharge, MESSAGE_OVERHEAD_BYTES, UNLIMITED};
 pub use shard::{Counters, RestoreError, Shard, ShardMetrics};
 pub use types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message,

@@ -181,6 +181,9 @@ pub(crate) struct Session {
     /// How much of the output the server handed to the kernel, when it says (the connection
     /// was lost: the rest was dropped); `u64::MAX` otherwise, as everything written goes out.
     handed_bytes: u64,
+    /// This connection published past the memory budget's pause level and waits for the
+    /// budget to drain ([`Session::memory_release`], called by the shard's tick).
+    memory_paused: bool,
 }
 
 impl Session {
@@ -208,6 +211,7 @@ impl Session {
             deferred: VecDeque::new(),
             written_bytes: 0,
             handed_bytes: u64::MAX,
+            memory_paused: false,
         }
     }
 
@@ -270,13 +274,30 @@ impl Session {
         self.update_input(ctx);
     }
 
+    /// Whether this connection waits for the memory budget to drain.
+    pub(crate) fn is_memory_paused(&self) -> bool {
+        self.memory_paused
+    }
+
+    /// The memory budget is back under its resume level: reading may go on (unless a
+    /// destination still throttles this connection).
+    pub(crate) fn memory_release(&mut self, ctx: &mut Ctx<'_>) {
+        if self.memory_paused {
+            self.memory_paused = false;
+            self.update_input(ctx);
+        }
+    }
+
     /// Pauses or resumes reading the connection as the throttles say, except for a connection
     /// that consumes with client acks: the ACKs it sends may be what drains the destination
     /// that throttles it (its own queue, say), so pausing it could stop both for good (the
     /// deadlock ActiveMQ documents for producer flow control). It stays bounded by the queue's
-    /// hard limit instead.
+    /// hard limit instead. For the memory budget the same holds of a connection with an open
+    /// transaction: its COMMIT or ABORT is what frees the memory it holds, so it is never paused
+    /// for memory (its transactional SENDs are refused at the pause level instead).
     fn update_input(&mut self, ctx: &mut Ctx<'_>) {
-        let pause = self.throttles > 0
+        let held = self.throttles > 0 || (self.memory_paused && self.transactions.is_empty());
+        let pause = held
             && self.state == State::Connected
             && self.subscriptions.values().all(|s| s.ack == AckMode::Auto);
         if pause == self.input_paused {
@@ -536,14 +557,40 @@ impl Session {
             .iter()
             .map(|h| (h.name.as_ref(), h.value.as_ref()));
         let destination_name = self.intern_destination(destination);
-        let message = Arc::new(Message::from_send(
+        let mut message = Message::from_send(
             id,
             destination_name,
             headers,
             frame.body,
             expires_ms,
             persistent,
-        ));
+        );
+        let memory = ctx.config.memory;
+        message.charge_to(memory);
+        let charged = memory.charged();
+        if memory.is_limited() {
+            // What cannot wait is refused: a transactional SEND at the pause level (pausing
+            // it would hold its transaction's memory until the budget drains, which it may
+            // be what prevents), anything past the budget itself. Dropping the message gives
+            // its charge back.
+            let refuse_at = if transaction.is_some() {
+                memory.pause_bytes()
+            } else {
+                memory.max()
+            };
+            if charged > refuse_at {
+                return Err(ProtocolError::LimitExceeded {
+                    limit: "memory_bytes_max",
+                    max: memory.max(),
+                });
+            }
+            if transaction.is_none() && charged > memory.pause_bytes() {
+                // Taken, and the connection is read no further until the budget drains.
+                self.memory_paused = true;
+                self.update_input(ctx);
+            }
+        }
+        let message = Arc::new(message);
         let receipt = frame.header(b"receipt");
         if let Some(name) = transaction {
             let tx = self

@@ -167,6 +167,9 @@ pub struct Shard {
     /// `receipt` header. One per session in `Refusing`, removed with it; each such connection
     /// still counts against the server's connection limit while it waits.
     refusals: BTreeMap<(u64, u64), Option<Box<[u8]>>>,
+    /// Sessions that published past the memory budget's pause level: ticks release them once
+    /// the budget is back under its resume level. Entries of closed sessions are skipped.
+    memory_paused: BTreeSet<u64>,
     counters: Counters,
 }
 
@@ -200,6 +203,7 @@ impl Shard {
             throttling_topics: BTreeSet::new(),
             connect_deadlines: BTreeSet::new(),
             refusals: BTreeMap::new(),
+            memory_paused: BTreeSet::new(),
             counters: Counters::default(),
         }
     }
@@ -265,6 +269,9 @@ impl Shard {
                 if session.heartbeat().send_every_ms > 0 || session.heartbeat().expect_every_ms > 0
                 {
                     self.beating.insert(conn.local);
+                }
+                if session.is_memory_paused() {
+                    self.memory_paused.insert(conn.local);
                 }
                 self.close_if_done(conn, now_ms, out);
             }
@@ -535,6 +542,7 @@ impl Shard {
         self.expire_logins(now_ms, out);
         self.sweep_due_queues(now_ms, out);
         self.check_throttling_topics(now_ms, out);
+        self.release_memory_paused(now_ms, out);
         for (local, error) in failed {
             let conn = ConnectionId {
                 shard: self.id,
@@ -602,6 +610,11 @@ impl Shard {
                 .destinations
                 .entry(name.clone())
                 .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
+            // Recovered messages are held in memory as any other: charged the same.
+            let mut message = message;
+            if let Some(held) = Arc::get_mut(&mut message) {
+                held.charge_to(self.config.memory);
+            }
             if let Destination::Queue(queue) = destination {
                 queue.restore(message, deliveries);
             }
@@ -706,6 +719,7 @@ impl Shard {
 
     fn remove_session(&mut self, conn: ConnectionId) -> Option<Session> {
         self.beating.remove(&conn.local);
+        self.memory_paused.remove(&conn.local);
         let session = self.sessions.remove(&conn.local)?;
         if session.awaits_connect() {
             let deadline = session
@@ -776,6 +790,24 @@ impl Shard {
         };
         if idle {
             self.destinations.remove(name);
+        }
+    }
+
+    /// Lets the producers paused for memory read again once the budget (all cores) is back
+    /// under its resume level. Checked on the tick: memory is freed on any core, by any drop,
+    /// so there is no one event to wait for; a tick (at most `tick_interval_ms`) is soon enough
+    /// for a producer that has been paused.
+    fn release_memory_paused(&mut self, now_ms: u64, out: &mut Effects) {
+        if self.memory_paused.is_empty()
+            || self.config.memory.charged() > self.config.memory.resume_bytes()
+        {
+            return;
+        }
+        let mut ctx = ctx!(self, now_ms, out);
+        for local in std::mem::take(&mut self.memory_paused) {
+            if let Some(session) = self.sessions.get_mut(&local) {
+                session.memory_release(&mut ctx);
+            }
         }
     }
 

@@ -5,6 +5,7 @@ use std::fmt;
 use std::hash::Hasher;
 use std::sync::Arc;
 
+use super::memory::{MemoryBudget, MemoryCharge, MESSAGE_OVERHEAD_BYTES};
 use crate::codec::escape::{escape_into, unescape};
 use crate::codec::{Escaping, Version};
 
@@ -171,6 +172,9 @@ pub struct Message {
     pub expires_ms: u64,
     /// Whether a queue keeps this message in the log (when the log is on).
     pub persistent: bool,
+    /// What this message counts against the broker's memory budget, given back when the last
+    /// reference to it is dropped, on whatever core that is.
+    pub charge: MemoryCharge,
 }
 
 /// Headers of a SEND that the broker sets itself on MESSAGE, or that only mean something on
@@ -231,7 +235,19 @@ impl Message {
             body: body.into(),
             expires_ms,
             persistent,
+            charge: MemoryCharge::none(),
         }
+    }
+
+    /// Counts this message against `budget` until it is dropped (replacing any earlier charge).
+    pub fn charge_to(&mut self, budget: &'static MemoryBudget) {
+        let bytes = Message::charge_bytes(self.body.len(), self.header_block.len());
+        self.charge = MemoryCharge::new(budget, bytes);
+    }
+
+    /// Bytes [`Message::charge_to`] would charge for a message of `body_bytes` and `header_bytes`.
+    pub fn charge_bytes(body_bytes: usize, header_bytes: usize) -> u64 {
+        body_bytes as u64 + header_bytes as u64 + MESSAGE_OVERHEAD_BYTES
     }
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -257,6 +273,12 @@ impl Message {
             body: self.body.clone(),
             expires_ms: self.expires_ms,
             persistent: self.persistent,
+            // The copy holds its own bytes, so it is charged as the original is.
+            charge: if self.charge.bytes() > 0 {
+                MemoryCharge::new(self.charge.budget(), self.charge.bytes())
+            } else {
+                MemoryCharge::none()
+            },
         }
     }
 

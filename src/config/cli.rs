@@ -289,6 +289,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES")]
     pub queue_bytes_max: Option<u64>,
 
+    /// Bytes the broker may hold for clients, all cores together: stored messages, open
+    /// transactions, out buffers, frames being reassembled. Past seven eighths producers are
+    /// paused (released under three quarters); a transactional SEND there, or any SEND past
+    /// the budget, gets ERROR (16777216..=17592186044416). [default: 40 % of the cgroup's
+    /// memory.max, else of MemTotal] [env: STOMPD_MEMORY_BYTES_MAX] [toml: memory_bytes_max]
+    #[arg(long, value_name = "BYTES")]
+    pub memory_bytes_max: Option<u64>,
+
     /// How long a topic subscriber whose connection is full holds the topic's producers back
     /// before it counts as slow and misses messages past its slack instead, so one client that
     /// never reads cannot stall a topic (100..=3600000). [default: 5000]
@@ -360,6 +368,7 @@ impl RunArgs {
             prefetch_bytes_default: self.prefetch_bytes_default,
             queue_messages_max: self.queue_messages_max,
             queue_bytes_max: self.queue_bytes_max,
+            memory_bytes_max: self.memory_bytes_max,
             topic_subscriber_stall_ms: self.topic_subscriber_stall_ms,
             connect_timeout_ms: self.connect_timeout_ms,
             login_failure_delay_ms: self.login_failure_delay_ms,

@@ -182,6 +182,9 @@ layer! {
     queue_messages_max: u64,
     /// Body bytes a queue holds for consumers before its producers are paused, as above.
     queue_bytes_max: u64,
+    /// Bytes the broker may hold for clients, all cores: stored messages, open transactions,
+    /// out buffers, frames being reassembled. Producers are paused as it fills.
+    memory_bytes_max: u64,
     /// How long a topic subscriber whose connection is full holds the topic's producers back
     /// before it counts as slow (and misses messages past its slack instead), ms.
     topic_subscriber_stall_ms: u64,

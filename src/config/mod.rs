@@ -94,6 +94,32 @@ pub mod defaults {
     pub const LOG_LEVEL: &str = "info";
 
     /// One shard per CPU this process may run on (thread-per-core), within the allowed range.
+    /// 40 % of the memory this process may use: the cgroup's `memory.max` when one is set
+    /// (a container), else the machine's `MemTotal`. The rest is left for the fixed overhead
+    /// (receive rings, per-connection buffers), the page cache the log's mapped segments live
+    /// in, and whatever else runs beside the broker. 1 GiB when neither can be read.
+    pub fn memory_bytes_max() -> u64 {
+        let limit = cgroup_memory_max().or_else(mem_total).unwrap_or(2560 << 20);
+        (limit / 5 * 2).clamp(
+            *super::bounds::MEMORY_BYTES.start(),
+            *super::bounds::MEMORY_BYTES.end(),
+        )
+    }
+
+    /// cgroup v2's limit for this process (`max` means none).
+    fn cgroup_memory_max() -> Option<u64> {
+        let text = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// `MemTotal` of `/proc/meminfo`, in bytes.
+    fn mem_total() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn shards() -> usize {
         std::thread::available_parallelism()
             .map_or(1, |count| count.get())
@@ -142,6 +168,8 @@ pub mod bounds {
     pub const QUEUE_MESSAGES: RangeInclusive<u64> = 1..=1_000_000_000;
     /// 64 KiB to 1 TiB: below, one large message would pause its producer at once.
     pub const QUEUE_BYTES: RangeInclusive<u64> = 65_536..=1 << 40;
+    /// 16 MiB (a default-sized frame, with room to pause before it) to 16 TiB.
+    pub const MEMORY_BYTES: RangeInclusive<u64> = 16 << 20..=1 << 44;
     /// 100 ms to an hour: shorter turns every burst into losses, longer lets one stuck client
     /// hold a topic's producers for longer than anyone waits.
     pub const TOPIC_SUBSCRIBER_STALL_MS: RangeInclusive<u64> = 100..=3_600_000;
@@ -204,6 +232,8 @@ pub struct Config {
     pub queue_messages_max: u64,
     /// Body bytes a queue holds for consumers before its producers are paused.
     pub queue_bytes_max: u64,
+    /// Bytes the broker may hold for clients, all cores (the memory budget).
+    pub memory_bytes_max: u64,
     /// How long a full topic subscriber holds its producers back before it counts as slow.
     pub topic_subscriber_stall_ms: u64,
     /// How long a connection may take to send a complete CONNECT before it is closed.
@@ -240,6 +270,7 @@ impl Config {
             prefetch_bytes_default: Some(defaults::PREFETCH_BYTES_DEFAULT),
             queue_messages_max: Some(defaults::QUEUE_MESSAGES_MAX),
             queue_bytes_max: Some(defaults::QUEUE_BYTES_MAX),
+            memory_bytes_max: Some(defaults::memory_bytes_max()),
             topic_subscriber_stall_ms: Some(defaults::TOPIC_SUBSCRIBER_STALL_MS),
             connect_timeout_ms: Some(defaults::CONNECT_TIMEOUT_MS),
             login_failure_delay_ms: Some(defaults::LOGIN_FAILURE_DELAY_MS),
@@ -278,6 +309,7 @@ impl Config {
             prefetch_bytes_default: Some(self.prefetch_bytes_default),
             queue_messages_max: Some(self.queue_messages_max),
             queue_bytes_max: Some(self.queue_bytes_max),
+            memory_bytes_max: Some(self.memory_bytes_max),
             topic_subscriber_stall_ms: Some(self.topic_subscriber_stall_ms),
             connect_timeout_ms: Some(self.connect_timeout_ms),
             login_failure_delay_ms: Some(self.login_failure_delay_ms),
@@ -802,6 +834,12 @@ fn validate(
         queue_bytes_max.into(),
         (*bounds::QUEUE_BYTES.start()).into()..=(*bounds::QUEUE_BYTES.end()).into(),
     );
+    let memory_bytes_max = get(layer.memory_bytes_max, "memory_bytes_max");
+    range(
+        "memory_bytes_max",
+        memory_bytes_max.into(),
+        (*bounds::MEMORY_BYTES.start()).into()..=(*bounds::MEMORY_BYTES.end()).into(),
+    );
     let topic_subscriber_stall_ms =
         get(layer.topic_subscriber_stall_ms, "topic_subscriber_stall_ms");
     range(
@@ -1007,6 +1045,7 @@ fn validate(
         prefetch_bytes_default,
         queue_messages_max,
         queue_bytes_max,
+        memory_bytes_max,
         topic_subscriber_stall_ms,
         connect_timeout_ms,
         login_failure_delay_ms,

@@ -15,12 +15,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fnv::FnvHasher;
 
-use crate::broker::{ConnectionId, Effect, Effects, Message, Shard, ShardMessage};
+use crate::broker::{ConnectionId, Effect, Effects, Message, Shard, ShardId, ShardMessage};
 use crate::codec::Frame;
 use crate::server::{CloseReason, ConnId, ShardHandler, ShardIo};
 
 use super::auth::{AuthClient, Submitted};
 use super::durability::{Durability, NotStored, Settled, SYNC_TOKEN};
+use super::trim::Trimmer;
 
 type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<FnvHasher>>;
 
@@ -63,6 +64,8 @@ pub struct BrokerHandler {
     epoch_base_ms: u64,
     /// Lowest tick at which the log may next want housekeeping or a timed sync.
     shutting_down: bool,
+    /// Gives freed memory back to the kernel; shard 0's handler only (one per broker).
+    trimmer: Option<Trimmer>,
 }
 
 impl BrokerHandler {
@@ -73,7 +76,6 @@ impl BrokerHandler {
         epoch_base_ms: u64,
     ) -> BrokerHandler {
         BrokerHandler {
-            shard,
             durability,
             auth,
             effects: Effects::new(),
@@ -82,6 +84,8 @@ impl BrokerHandler {
             touched: Vec::new(),
             epoch_base_ms,
             shutting_down: false,
+            trimmer: (shard.id() == ShardId(0)).then(|| Trimmer::new(shard.config().memory)),
+            shard,
         }
     }
 
@@ -384,6 +388,9 @@ impl ShardHandler for BrokerHandler {
             }
         }
         self.settle(io);
+        if let Some(trimmer) = self.trimmer.as_mut() {
+            trimmer.tick(io.now_ms());
+        }
     }
 
     fn on_turn_end(&mut self, io: &mut ShardIo<'_, ShardMessage>) {

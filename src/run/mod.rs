@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod durability;
 pub mod handler;
+pub mod trim;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -102,6 +103,8 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
         out_buffer_bytes_max: config.out_buffer_bytes_max as u64,
         queue_messages_max: usize::try_from(config.queue_messages_max).unwrap_or(usize::MAX),
         queue_bytes_max: config.queue_bytes_max,
+        // One budget per broker run, shared by every core.
+        memory: crate::broker::MemoryBudget::leak(config.memory_bytes_max),
         topic_subscriber_stall_ms: config.topic_subscriber_stall_ms,
         connect_timeout_ms: config.connect_timeout_ms,
         login_failure_delay_ms: config.login_failure_delay_ms,
@@ -288,7 +291,11 @@ pub fn run(
     let boot_ms = epoch_ms();
     let shards = open_shards(config, &broker, &authenticator, boot_ms << 22)?;
 
-    let server = Server::bind(server_config(config))?;
+    let server = Server::bind(ServerConfig {
+        // The broker's own budget: frames being reassembled count against it too.
+        memory: broker.memory,
+        ..server_config(config)
+    })?;
     let (pool, clients) = match (&passwords, slow_auth) {
         (Some(passwords), true) => {
             let (pool, clients) =

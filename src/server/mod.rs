@@ -90,6 +90,9 @@ pub struct ServerConfig {
     pub listen_orphan_wait_ms: u64,
     /// Heart-beat policy, applied by the handler when it negotiates (STOMP 1.2 "Heart-beating").
     pub heartbeat: HeartbeatConfig,
+    /// The broker's memory budget: the reassembly buffers of frames that span receives are
+    /// charged to it (the broker charges the messages). The default counts and never limits.
+    pub memory: &'static crate::broker::MemoryBudget,
 }
 
 /// Heart-beat policy: what the server offers in CONNECTED and how much slack it grants.
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             pin_threads: true,
             listen_orphan_wait_ms: 30_000,
             heartbeat: HeartbeatConfig::default(),
+            memory: &crate::broker::UNLIMITED,
         }
     }
 }

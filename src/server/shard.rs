@@ -109,6 +109,8 @@ pub(super) struct ShardParams<'a, M> {
 struct Reader {
     decoder: Decoder,
     reassembly: Vec<u8>,
+    /// The reassembly buffer's capacity as last charged to the memory budget.
+    charged: u64,
 }
 
 struct Shard<H: ShardHandler> {
@@ -129,6 +131,8 @@ struct Shard<H: ShardHandler> {
     /// Where the eventfd read lands; boxed so the address stays put while the read is armed.
     waker_buffer: Box<u64>,
     limits: Limits,
+    /// Charged with the reassembly buffers' capacity.
+    memory: &'static crate::broker::MemoryBudget,
     connections_max: usize,
     tick_ms: u64,
     next_tick_ms: u64,
@@ -228,6 +232,7 @@ where
         waker: params.waker,
         waker_buffer: Box::new(0),
         limits: config.limits,
+        memory: config.memory,
         connections_max,
         tick_ms: config.tick_ms,
         next_tick_ms: config.tick_ms,
@@ -730,6 +735,19 @@ impl<H: ShardHandler> Shard<H> {
         if reader.reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             reader.reassembly = Vec::new();
         }
+        self.recharge_reassembly(slot);
+    }
+
+    /// Brings the memory budget's charge for `slot`'s reassembly buffer to its capacity.
+    fn recharge_reassembly(&mut self, slot: u32) {
+        let reader = &mut self.readers[slot as usize];
+        let now = reader.reassembly.capacity() as u64;
+        if now > reader.charged {
+            self.memory.charge(now - reader.charged);
+        } else if now < reader.charged {
+            self.memory.release(reader.charged - now);
+        }
+        reader.charged = now;
     }
 
     fn ring_doorbells(&mut self) {
@@ -941,6 +959,7 @@ impl<H: ShardHandler> Shard<H> {
                 self.readers.push(Reader {
                     decoder: Decoder::new(self.limits),
                     reassembly: Vec::new(),
+                    charged: 0,
                 });
                 (self.core.slots.len() - 1) as u32
             }
@@ -979,6 +998,7 @@ impl<H: ShardHandler> Shard<H> {
         self.readers[slot as usize] = Reader {
             decoder: Decoder::new(self.limits),
             reassembly: std::mem::take(&mut self.readers[slot as usize].reassembly),
+            charged: self.readers[slot as usize].charged,
         };
         self.core.open_count += 1;
         self.shared[self.core.shard]
@@ -1066,6 +1086,7 @@ impl<H: ShardHandler> Shard<H> {
         self.readers[slot as usize]
             .reassembly
             .extend_from_slice(bytes);
+        self.recharge_reassembly(slot);
         let Some(conn) = self.core.conn_mut(slot) else {
             return;
         };
@@ -1101,6 +1122,7 @@ impl<H: ShardHandler> Shard<H> {
         if consumed < bytes.len() && self.core.conn(slot).is_some_and(Conn::is_open) {
             // A frame continues in the next receive (or input was paused): keep its start.
             reader.reassembly.extend_from_slice(&bytes[consumed..]);
+            self.recharge_reassembly(slot);
             self.park_if_stopped(slot);
         }
     }
@@ -1122,6 +1144,7 @@ impl<H: ShardHandler> Shard<H> {
         let Reader {
             decoder,
             reassembly,
+            ..
         } = &mut self.readers[slot as usize];
         if reassembly.is_empty() {
             return;
@@ -1136,7 +1159,9 @@ impl<H: ShardHandler> Shard<H> {
         if reassembly.is_empty() && reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             *reassembly = Vec::new();
         }
-        if !reassembly.is_empty() {
+        let waiting = !reassembly.is_empty();
+        self.recharge_reassembly(slot);
+        if waiting {
             self.park_if_stopped(slot);
         }
     }

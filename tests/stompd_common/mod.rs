@@ -131,6 +131,17 @@ impl Broker {
             .expect("VmRSS")
     }
 
+    /// Anonymous resident memory of the broker process, KiB (`RssAnon`: the heap and stacks,
+    /// not the log's mapped segment pages, which the kernel can drop and write back).
+    pub fn rss_anon_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("RssAnon:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("RssAnon")
+    }
+
     /// SIGKILL, then wait until nothing listens on the port any more: the kernel tears a dead
     /// process's io_uring down asynchronously, and until then its listeners (held by the
     /// ring's pending accepts) stay in the SO_REUSEPORT group and can take, then drop, a

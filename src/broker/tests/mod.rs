@@ -11,6 +11,7 @@ use crate::codec::{Command, Decoded, Decoder, Frame, Header, Limits, Version};
 
 mod flow;
 mod hostile;
+mod memory;
 mod metrics;
 mod monitor;
 mod property;

@@ -995,6 +995,7 @@ fn estimate(body_bytes: usize) -> u64 {
         body: vec![b'x'; body_bytes].into_boxed_slice(),
         expires_ms: 0,
         persistent: true,
+        charge: crate::broker::MemoryCharge::none(),
     }
     .frame_bytes_estimate()
 }

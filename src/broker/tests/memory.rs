@@ -1,0 +1,162 @@
+//! The memory budget in the broker logic: stored messages are charged and given back, a
+//! producer past the pause level is paused and released by a tick once memory is freed, what
+//! cannot wait is refused naming the limit, and drained destinations are freed.
+
+use super::*;
+use crate::broker::MemoryBudget;
+
+/// A broker whose budget is `max` bytes (its own, so tests running at once do not share it).
+fn budgeted(max: u64) -> (Cluster, &'static MemoryBudget) {
+    let memory = MemoryBudget::leak(max);
+    let cluster = Cluster::new(
+        2,
+        BrokerConfig {
+            memory,
+            ..BrokerConfig::default()
+        },
+    );
+    (cluster, memory)
+}
+
+fn throttles_of(cluster: &Cluster, conn: ConnectionId) -> Vec<bool> {
+    cluster
+        .throttles
+        .iter()
+        .filter(|(c, _)| *c == conn)
+        .map(|(_, paused)| *paused)
+        .collect()
+}
+
+#[test]
+fn a_producer_past_the_pause_level_is_paused_then_released_when_memory_is_freed() {
+    // 1 MiB budget: paused past 896 KiB, released under 768 KiB, refused past 1 MiB.
+    let (mut cluster, memory) = budgeted(1 << 20);
+    let producer = cluster.connect(0);
+    let body = "x".repeat(100 * 1024);
+    for _ in 0..8 {
+        cluster.publish(producer, "/queue/m", &body);
+    }
+    assert!(
+        memory.charged() <= memory.pause_bytes(),
+        "{}",
+        memory.charged()
+    );
+    assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
+    cluster.publish(producer, "/queue/m", &body);
+    assert!(memory.charged() > memory.pause_bytes());
+    assert_eq!(throttles_of(&cluster, producer), vec![true], "paused");
+    // Still held: a tick releases nothing.
+    cluster.tick();
+    assert_eq!(throttles_of(&cluster, producer), vec![true]);
+
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "c", "/queue/m", "auto");
+    assert_eq!(
+        cluster.frames(consumer).len(),
+        9,
+        "everything taken is delivered"
+    );
+    // Delivered and flushed: nothing holds the messages any more.
+    cluster.flush(consumer);
+    assert_eq!(memory.charged(), 0);
+    cluster.tick();
+    assert_eq!(
+        throttles_of(&cluster, producer),
+        vec![true, false],
+        "released once"
+    );
+}
+
+#[test]
+fn what_cannot_wait_is_refused_naming_the_limit_and_its_memory_given_back() {
+    let (mut cluster, memory) = budgeted(1 << 20);
+    let producer = cluster.connect(0);
+    cluster.send(
+        producer,
+        frame(Command::Begin, &[("transaction", "t")], b""),
+    );
+    let body = vec![b'x'; 100 * 1024];
+    for _ in 0..8 {
+        cluster.send(
+            producer,
+            frame(
+                Command::Send,
+                &[("destination", "/queue/t"), ("transaction", "t")],
+                &body,
+            ),
+        );
+    }
+    assert!(cluster.take(producer).is_empty());
+    // A transaction past the pause level is refused rather than paused: its own COMMIT or
+    // ABORT is what would free the memory.
+    cluster.send(
+        producer,
+        frame(
+            Command::Send,
+            &[("destination", "/queue/t"), ("transaction", "t")],
+            &body,
+        ),
+    );
+    let error = cluster.expect_error(producer);
+    assert!(
+        error
+            .header("message")
+            .unwrap()
+            .contains("memory_bytes_max exceeded"),
+        "{error:?}"
+    );
+    assert_eq!(
+        memory.charged(),
+        0,
+        "the closed connection's transaction is freed"
+    );
+    assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
+}
+
+#[test]
+fn a_client_ack_consumer_is_not_paused_for_memory() {
+    let (mut cluster, memory) = budgeted(1 << 20);
+    let conn = cluster.connect(0);
+    cluster.subscribe(conn, "s", "/queue/own", "client");
+    let body = "x".repeat(100 * 1024);
+    for _ in 0..9 {
+        cluster.publish(conn, "/queue/elsewhere", &body);
+    }
+    assert!(memory.charged() > memory.pause_bytes());
+    assert_eq!(throttles_of(&cluster, conn), Vec::<bool>::new());
+}
+
+#[test]
+fn drained_queues_are_freed_round_after_round() {
+    let mut cluster = Cluster::new(2, BrokerConfig::default());
+    let producer = cluster.connect(0);
+    let consumer = cluster.connect(1);
+    for round in 0..3 {
+        for batch in 0..20 {
+            for i in 0..1000 {
+                cluster.publish(producer, &format!("/queue/r{round}-{batch}-{i}"), "x");
+            }
+            for i in 0..1000 {
+                cluster.subscribe(
+                    consumer,
+                    &i.to_string(),
+                    &format!("/queue/r{round}-{batch}-{i}"),
+                    "client-individual",
+                );
+            }
+            let frames = cluster.frames(consumer);
+            assert_eq!(frames.len(), 1000);
+            for message in &frames {
+                cluster.ack(consumer, message.header("ack").unwrap());
+            }
+            for i in 0..1000 {
+                cluster.send(
+                    consumer,
+                    frame(Command::Unsubscribe, &[("id", &i.to_string())], b""),
+                );
+            }
+        }
+        let queues: u64 = cluster.shards.iter().map(|s| s.metrics().queues).sum();
+        assert_eq!(queues, 0, "round {round}: drained queues are still held");
+    }
+}
