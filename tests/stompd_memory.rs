@@ -187,11 +187,9 @@ fn a_consumer_that_does_not_read_slows_its_producer_and_then_gets_everything() {
         ],
     );
     let mut consumer = Client::stomp12(broker.port);
-    // A small window: what a window of 1 MiB messages puts between the queue and a socket
-    // that is not read must fit the connection's hard limit on its out buffer (counting the
-    // window in bytes, so that any window fits, is another branch's work).
-    consumer
-        .send("SUBSCRIBE\nid:c\ndestination:/queue/slow\nack:auto\nactivemq.prefetchSize:4\n\n\0");
+    // The default window (1,000 messages, 4 MiB): pacing keeps what a window of 1 MiB
+    // messages puts between the queue and a socket that is not read within the out buffer.
+    consumer.send("SUBSCRIBE\nid:c\ndestination:/queue/slow\nack:auto\n\n\0");
     let port = broker.port;
     let written = Arc::new(AtomicUsize::new(0));
     let producer = {
