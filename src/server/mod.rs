@@ -363,6 +363,20 @@ impl Server {
             .join()
             .map_err(|_| ServerError::Config("io_uring probe panicked"))??;
 
+        match setup::raise_open_files_limit() {
+            // A few descriptors per shard besides the connections: rings, listeners, eventfds,
+            // the log's files.
+            Ok(open_files) if (open_files as usize) < config.connections_max + 64 => {
+                tracing::warn!(
+                    open_files,
+                    connections_max = config.connections_max,
+                    "the open-files limit is below connections_max: connections past it are \
+                     refused by the kernel; raise the hard limit (`ulimit -Hn`, LimitNOFILE=)"
+                );
+            }
+            Ok(open_files) => tracing::debug!(open_files, "open-files limit"),
+            Err(error) => tracing::warn!(%error, "could not read or raise the open-files limit"),
+        }
         let wait_max = std::time::Duration::from_millis(config.listen_orphan_wait_ms);
         match ports::check_before_bind(config.listen, wait_max) {
             ports::Verdict::Free => {}
