@@ -6,6 +6,7 @@
 mod stompd_common;
 
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -101,9 +102,9 @@ fn a_broker_restarted_at_once_after_kill_9_resets_no_connection() {
 
 /// What a crashed broker leaves behind, made on purpose: a SO_REUSEPORT listener that no
 /// descriptor holds any more, kept open only by an io_uring's pending accept, until the ring is
-/// dropped `linger` later. Returns the port.
-fn orphan_listener(linger: Duration) -> (u16, thread::JoinHandle<()>) {
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
+/// dropped when `release` says so (or after a minute, so the test cannot hang). Returns the port.
+fn orphan_listener(release: mpsc::Receiver<()>) -> (u16, thread::JoinHandle<()>) {
+    let (port_tx, port_rx) = mpsc::channel();
     let handle = thread::spawn(move || {
         use std::os::fd::{AsRawFd, IntoRawFd};
         let socket =
@@ -124,34 +125,67 @@ fn orphan_listener(linger: Duration) -> (u16, thread::JoinHandle<()>) {
         // SAFETY: the descriptor is ours; closing it leaves the socket to the ring alone.
         unsafe { libc::close(socket.into_raw_fd()) };
         port_tx.send(port).unwrap();
-        thread::sleep(linger);
+        let _ = release.recv_timeout(Duration::from_secs(60));
         drop(ring);
     });
     (port_rx.recv().unwrap(), handle)
 }
 
+/// Everything the brokers started in `dir` wrote to stderr (the harness names their files
+/// `stompd-N.log`).
+fn brokers_stderr(dir: &std::path::Path) -> String {
+    let mut all = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("stompd-") && name.ends_with(".log") {
+            all += &std::fs::read_to_string(entry.path()).unwrap_or_default();
+        }
+    }
+    all
+}
+
 #[test]
 fn a_broker_waits_for_listeners_no_process_holds_before_it_listens() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, orphan) = orphan_listener(Duration::from_secs(1));
-    // Without the wait the broker would share the port with the orphan, whose ring accepts
-    // some of the connections below and resets them when it goes.
-    let broker = Broker::start_on(dir.path(), port, &["--shards", "2"]);
-    // Sessions spread over about two seconds: any of them that reached the orphan while its
-    // ring lived would get no CONNECTED, and a reset when the ring goes.
+    let (release, released) = mpsc::channel();
+    let (port, orphan) = orphan_listener(released);
+    // Started on another thread: `start_on` returns once the broker listens, which it must not
+    // do while the orphan is there.
+    let starting = {
+        let dir = dir.path().to_owned();
+        thread::spawn(move || Broker::start_on(&dir, port, &["--shards", "2"]))
+    };
+    // The orphan stays until the broker says it waits for it, however late the broker gets to
+    // its port check on a busy machine.
+    let deadline = Instant::now() + START_DEADLINE;
+    while !brokers_stderr(dir.path()).contains("listeners of an exited process") {
+        if starting.is_finished() || Instant::now() > deadline {
+            let _ = release.send(());
+            let _ = orphan.join();
+            let stderr = brokers_stderr(dir.path());
+            match starting.join() {
+                Ok(_) => panic!("the broker listened without waiting for the orphan: {stderr}"),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    release.send(()).unwrap();
+    orphan.join().unwrap();
+    let broker = match starting.join() {
+        Ok(broker) => broker,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    // The ring goes asynchronously after the drop: a broker that did not wait for the orphan's
+    // listener to be gone would share the port with it, and the first of these sessions would
+    // land on it and get no CONNECTED.
     let sessions: Vec<Client> = (0..50)
         .map(|attempt| {
             let (client, reply) = Client::login(port, "accept-version:1.2\n");
             assert_eq!(reply.command, "CONNECTED", "attempt {attempt}: {reply:?}");
-            thread::sleep(Duration::from_millis(40));
             client
         })
         .collect();
-    orphan.join().unwrap();
-    assert!(
-        broker.stderr().contains("listeners of an exited process"),
-        "{}",
-        broker.stderr()
-    );
     drop(sessions);
+    drop(broker);
 }

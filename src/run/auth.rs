@@ -142,9 +142,13 @@ pub struct AuthClient {
     /// `(credential, accepted)` from the workers.
     verdicts: Receiver<(CredentialDigest, bool)>,
     cache: LoginCache,
-    /// Checks queued by this shard and the connections waiting on each; at most one entry per
-    /// connection of the shard waiting for a login.
+    /// Checks queued by this shard and the connections waiting on each; one entry per open
+    /// connection of the shard waiting for a login (a connection that closes first leaves by
+    /// [`AuthClient::forget`]), so the lists are bounded by the shard's open connections
+    /// however often a client reconnects while a check waits.
     in_flight: HashMap<CredentialDigest, Vec<ConnectionId>>,
+    /// The check each connection in `in_flight` waits on, to find it again in `forget`.
+    waiting_on: HashMap<ConnectionId, CredentialDigest>,
     /// Verdicts already known, for connections not yet told.
     ready: VecDeque<(ConnectionId, bool)>,
 }
@@ -198,6 +202,7 @@ impl AuthPool {
                 verdicts,
                 cache: LoginCache::new(cache_entries_max),
                 in_flight: HashMap::new(),
+                waiting_on: HashMap::new(),
                 ready: VecDeque::new(),
             });
         }
@@ -255,6 +260,7 @@ impl AuthClient {
         }
         if let Some(waiting) = self.in_flight.get_mut(&digest) {
             waiting.push(conn);
+            self.waiting_on.insert(conn, digest);
             return Submitted::Queued;
         }
         match self.jobs.try_send(Job {
@@ -265,6 +271,7 @@ impl AuthClient {
         }) {
             Ok(()) => {
                 self.in_flight.insert(digest, vec![conn]);
+                self.waiting_on.insert(conn, digest);
                 Submitted::Queued
             }
             Err(TrySendError::Full(_)) => {
@@ -290,9 +297,38 @@ impl AuthClient {
                 self.cache.insert(digest);
             }
             for conn in self.in_flight.remove(&digest).unwrap_or_default() {
+                self.waiting_on.remove(&conn);
                 self.ready.push_back((conn, accepted));
             }
         }
+    }
+
+    /// The connection closed: it no longer waits for a verdict. The check itself stays queued
+    /// (other connections of the credential may still come to wait on it, and an accepted
+    /// credential is remembered all the same). Unknown connections are ignored, so this may be
+    /// called for every connection that closes.
+    pub fn forget(&mut self, conn: ConnectionId) {
+        if let Some(digest) = self.waiting_on.remove(&conn) {
+            if let Some(waiting) = self.in_flight.get_mut(&digest) {
+                // Linear, but a list holds only open connections of this shard; the order of
+                // a list does not matter (every entry gets the same verdict).
+                if let Some(index) = waiting.iter().position(|waiter| *waiter == conn) {
+                    waiting.swap_remove(index);
+                }
+            }
+        }
+        if !self.ready.is_empty() {
+            self.ready.retain(|(waiter, _)| *waiter != conn);
+        }
+    }
+
+    /// Connections waiting for a verdict.
+    pub fn waiting(&self) -> usize {
+        debug_assert_eq!(
+            self.waiting_on.len(),
+            self.in_flight.values().map(Vec::len).sum::<usize>()
+        );
+        self.waiting_on.len()
     }
 
     /// Accepted credentials remembered.
@@ -399,6 +435,58 @@ mod tests {
             assert_eq!(verdicts(client, 1), [(conn(local), false)]);
         }
         assert_eq!(client.cached(), 1);
+        drop(clients);
+        pool.stop();
+    }
+
+    #[test]
+    fn connections_that_close_while_waiting_leave_the_waiting_list() {
+        // No workers: the check never ends, as with a long queue ahead of it.
+        let (pool, mut clients) = AuthPool::start_with(passwords(), 1, 2, 0, 16).unwrap();
+        let client = &mut clients[0];
+        // A client reconnecting again and again with one credential while it is checked.
+        for local in 0..10_000 {
+            assert_eq!(
+                client.submit(conn(local), boxed("alice"), boxed("secret")),
+                Submitted::Queued
+            );
+            client.forget(conn(local));
+            assert_eq!(client.waiting(), 0, "after connection {local}");
+        }
+        // One job for the credential, however many connections came and went.
+        assert_eq!(
+            client.submit(conn(10_000), boxed("bob"), boxed("1")),
+            Submitted::Queued
+        );
+        assert_eq!(client.waiting(), 1);
+        // Forgetting a connection that waits on nothing (or twice) changes nothing.
+        client.forget(conn(20_000));
+        client.forget(conn(9_999));
+        assert_eq!(client.waiting(), 1);
+        assert_eq!(client.poll(), None);
+        drop(clients);
+        pool.stop();
+    }
+
+    #[test]
+    fn a_closed_connection_gets_no_verdict_and_the_others_do() {
+        let (pool, mut clients) = AuthPool::start_with(passwords(), 1, 8, 1, 16).unwrap();
+        let client = &mut clients[0];
+        for local in [1, 2, 3] {
+            assert_eq!(
+                client.submit(conn(local), boxed("alice"), boxed("secret")),
+                Submitted::Queued
+            );
+        }
+        // Whether or not the worker has answered yet, nothing is read before `poll`.
+        client.forget(conn(2));
+        assert_eq!(client.waiting(), 2);
+        let mut got = verdicts(client, 2);
+        got.sort_by_key(|(conn, _)| conn.local);
+        assert_eq!(got, [(conn(1), true), (conn(3), true)]);
+        assert_eq!(client.poll(), None);
+        assert_eq!(client.waiting(), 0);
+        assert_eq!(client.cached(), 1, "the verdict is remembered all the same");
         drop(clients);
         pool.stop();
     }

@@ -236,6 +236,9 @@ impl BrokerHandler {
                     }
                 }
                 Effect::Close { conn } => {
+                    if let Some(auth) = self.auth.as_mut() {
+                        auth.forget(conn);
+                    }
                     if let Some(entry) = self.conns.remove(&conn.local) {
                         self.by_server.remove(&entry.server);
                         io.close(entry.server);
@@ -366,6 +369,9 @@ impl ShardHandler for BrokerHandler {
             return;
         };
         self.conns.remove(&id.local);
+        if let Some(auth) = self.auth.as_mut() {
+            auth.forget(id);
+        }
         let now = self.now(io);
         // What was written and never sent does not count as delivered.
         self.shard.on_output_handed(id, io.handed_bytes(conn));

@@ -367,6 +367,20 @@ impl Server {
             .join()
             .map_err(|_| ServerError::Config("io_uring probe panicked"))??;
 
+        match setup::raise_open_files_limit() {
+            // A few descriptors per shard besides the connections: rings, listeners, eventfds,
+            // the log's files.
+            Ok(open_files) if (open_files as usize) < config.connections_max + 64 => {
+                tracing::warn!(
+                    open_files,
+                    connections_max = config.connections_max,
+                    "the open-files limit is below connections_max: connections past it are \
+                     refused by the kernel; raise the hard limit (`ulimit -Hn`, LimitNOFILE=)"
+                );
+            }
+            Ok(open_files) => tracing::debug!(open_files, "open-files limit"),
+            Err(error) => tracing::warn!(%error, "could not read or raise the open-files limit"),
+        }
         let wait_max = std::time::Duration::from_millis(config.listen_orphan_wait_ms);
         match ports::check_before_bind(config.listen, wait_max) {
             ports::Verdict::Free => {}
@@ -385,10 +399,13 @@ impl Server {
                 })
             }
         }
+        // Bound first and listening only after the re-check: a bound socket that does not
+        // listen joins no accept group, so a broker that loses a race here exits without ever
+        // taking (and then resetting) a connection meant for the other (see `ports.rs`).
         let mut listeners = Vec::with_capacity(config.shards);
         let mut addr = config.listen;
         for _ in 0..config.shards {
-            let listener = listen(addr).map_err(|source| ServerError::Listen { addr, source })?;
+            let listener = bind(addr).map_err(|source| ServerError::Listen { addr, source })?;
             if addr.port() == 0 {
                 addr = listener
                     .local_addr()
@@ -398,22 +415,16 @@ impl Server {
             }
             listeners.push(listener);
         }
-        // Another broker may have bound between the check and our binds; whichever of two
-        // re-checks last sees the other (see `ports.rs`).
-        if config.listen.port() != 0 {
-            let ours = listeners
-                .iter()
-                .map(|listener| ports::socket_inode(listener.as_raw_fd()))
-                .collect::<io::Result<_>>()
+        refuse_another_listener(&config, addr, &listeners)?;
+        for listener in &listeners {
+            // The kernel caps the backlog at net.core.somaxconn (4096 on current kernels).
+            listener
+                .listen(4096)
                 .map_err(|source| ServerError::Listen { addr, source })?;
-            if let Some((listening, owner)) = ports::check_after_bind(addr, &ours) {
-                return Err(ServerError::AddressInUse {
-                    addr,
-                    listening,
-                    owner: owner.to_string(),
-                });
-            }
         }
+        // Bound sockets are not in the kernel's table, so two brokers that both re-checked
+        // before either listened saw nothing; once listening they see each other here.
+        refuse_another_listener(&config, addr, &listeners)?;
         let shared: Arc<[mesh::ShardShared]> = (0..config.shards)
             .map(|_| mesh::ShardShared::new())
             .collect();
@@ -525,14 +536,39 @@ impl Drop for StopOnDrop {
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<Socket> {
+/// A shard's socket, bound to the address in the shards' `SO_REUSEPORT` group but not yet
+/// listening.
+fn bind(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
-    // The kernel caps the backlog at net.core.somaxconn (4096 on current kernels).
-    socket.listen(4096)?;
     Ok(socket)
+}
+
+/// Another broker may have bound between the check and our binds; whichever of two re-checks
+/// last sees the other (see `ports.rs`).
+fn refuse_another_listener(
+    config: &ServerConfig,
+    addr: SocketAddr,
+    listeners: &[Socket],
+) -> Result<(), ServerError> {
+    if config.listen.port() == 0 {
+        return Ok(());
+    }
+    let ours = listeners
+        .iter()
+        .map(|listener| ports::socket_inode(listener.as_raw_fd()))
+        .collect::<io::Result<_>>()
+        .map_err(|source| ServerError::Listen { addr, source })?;
+    match ports::check_after_bind(addr, &ours) {
+        Some((listening, owner)) => Err(ServerError::AddressInUse {
+            addr,
+            listening,
+            owner: owner.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Binds and runs the [`relay`] handler: the simplest server, for tests and as a benchmark

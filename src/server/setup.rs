@@ -97,6 +97,34 @@ pub(super) fn setup_error(step: &'static str, error: io::Error) -> ServerError {
     }
 }
 
+/// Raises the soft open-files limit (RLIMIT_NOFILE) to the hard one and returns the soft
+/// limit now in force. Every connection is a descriptor, and the usual soft default (1,024,
+/// kept low for programs that still use select(2), which this one does not) is below what a
+/// broker serves, while the hard limit is what the administrator allows. Go's runtime does the
+/// same at every start; message brokers' packages set LimitNOFILE for the same reason.
+pub(super) fn raise_open_files_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// Pins the calling thread to one CPU of those it may run on: shard `shard` gets the
 /// `shard mod n`-th allowed CPU, so more shards than cores share cores evenly.
 pub(super) fn pin_to_cpu(shard: usize) -> io::Result<usize> {

@@ -34,6 +34,28 @@ pub fn listening_port(stderr: &str) -> Option<u16> {
     addr.rsplit_once(':')?.1.parse().ok()
 }
 
+/// Raises this test process's soft open-files limit to the hard one (as the broker does for
+/// itself) and returns it: a test that opens a thousand sockets needs more than the usual soft
+/// default of 1,024.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or fill the struct they are given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+    limit.rlim_cur
+}
+
 impl Broker {
     /// Starts stompd with `--data-dir <dir>/data` and `args`, and waits until it accepts.
     pub fn start(dir: &Path, args: &[&str]) -> Broker {
@@ -57,6 +79,33 @@ impl Broker {
                         rlim_max: bytes,
                     };
                     if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        })
+    }
+
+    /// Starts stompd with its soft open-files limit lowered to `soft` (at most the hard one),
+    /// as a shell's usual `ulimit -Sn 1024` would leave it.
+    pub fn start_open_files_limited(dir: &Path, args: &[&str], soft: u64) -> Broker {
+        use std::os::unix::process::CommandExt;
+        Broker::start_with(dir, 0, args, |command| {
+            // SAFETY: getrlimit and setrlimit are async-signal-safe; nothing else runs in the
+            // child here.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
                         Ok(())
                     } else {
                         Err(std::io::Error::last_os_error())
@@ -119,6 +168,20 @@ impl Broker {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// The broker process's soft open-files limit (`Max open files` in /proc/PID/limits).
+    pub fn open_files_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).unwrap();
+        let line = limits
+            .lines()
+            .find(|line| line.starts_with("Max open files"))
+            .expect("Max open files");
+        let soft = line["Max open files".len()..].split_whitespace().next();
+        match soft {
+            Some("unlimited") => u64::MAX,
+            soft => soft.and_then(|soft| soft.parse().ok()).expect(line),
+        }
     }
 
     /// Resident memory of the broker process, KiB.
