@@ -429,6 +429,18 @@ impl Shard {
         }
     }
 
+    /// The connection's output buffer holds `bytes`, every write of earlier effects applied.
+    /// Call it with no effects pending (they would be missing from `bytes`) after each batch
+    /// of writes to the connection, and before [`Self::on_writable`] with `true`: the broker
+    /// paces deliveries by it, and may write waiting ones at once.
+    pub fn on_out_bytes(&mut self, conn: ConnectionId, bytes: u64, now_ms: u64, out: &mut Effects) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.set_out_bytes(&mut ctx, bytes);
+            self.drain_local(now_ms, out);
+        }
+    }
+
     /// Everything written to the connection so far has been handed to the kernel (its output
     /// buffer is empty). Call it when a send completion leaves the buffer empty: auto-ack
     /// subscriptions get their window back only through this.

@@ -526,3 +526,113 @@ fn waiting_auto_ack_deliveries_go_back_in_order_to_a_queue_with_other_consumers(
     got.extend(numbers(&cluster.frames(second)));
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
+
+/// Out buffers of 10,000 bytes, topic slack of 20,000 bytes: a topic with one auto-ack
+/// subscriber (shard 1) whose socket never reports a flush, and a producer (shard 0).
+fn paced_topic() -> (Cluster, ConnectionId, ConnectionId) {
+    let config = BrokerConfig {
+        out_buffer_bytes_max: 10_000,
+        topic_slack_bytes: 20_000,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(2, config);
+    cluster.auto_flush = false;
+    let subscriber = cluster.connect(1);
+    cluster.subscribe(subscriber, "s", "/topic/t", "auto");
+    let producer = cluster.connect(0);
+    let _ = written(&mut cluster, subscriber);
+    (cluster, subscriber, producer)
+}
+
+/// Reports `conn` drained to empty and full again until nothing more is written to it: the
+/// bytes of every MESSAGE that was waiting for it.
+fn drain_all(cluster: &mut Cluster, conn: ConnectionId) -> usize {
+    let mut total = 0;
+    for _ in 0..1000 {
+        cluster.writable(conn, true);
+        let bytes = written(cluster, conn);
+        cluster.writable(conn, false);
+        if bytes == 0 {
+            return total;
+        }
+        total += bytes;
+    }
+    panic!("still writing after 1,000 rounds");
+}
+
+#[test]
+fn a_topic_subscriber_that_stops_reading_after_a_partial_drain_costs_at_most_its_slack() {
+    let (mut cluster, subscriber, producer) = paced_topic();
+    let body = "x".repeat(1000);
+    // A burst: the first ~10,000 bytes are written, the rest waits in the session.
+    for _ in 0..20 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    let first = written(&mut cluster, subscriber);
+    assert!((10_000..11_200).contains(&first), "{first} bytes written");
+    // The server reports the buffer full; the kernel then takes most of it, and the server
+    // reports it drained with 2,000 bytes left (a fifth of the limit).
+    cluster.writable(subscriber, false);
+    cluster.drained_to(subscriber, 2_000);
+    let second = written(&mut cluster, subscriber);
+    // Written up to the limit from what the buffer really holds: the buffer is full again,
+    // so the server says so. (Lowering the estimate to half the limit wrote ~5,000 bytes,
+    // leaving the buffer at 70 %: never reported full, so the topic was never paused.)
+    assert!(2_000 + second >= 10_000, "{second} bytes written");
+    cluster.writable(subscriber, false);
+    // The client stops reading; the topic keeps publishing.
+    for _ in 0..200 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    assert_eq!(
+        throttles_of(&cluster, producer),
+        [true],
+        "producers held back"
+    );
+    assert!(
+        dropped(&cluster) > 0,
+        "the subscriber misses what its slack cannot hold"
+    );
+    // Slow, not bursty: it stops holding producers back and keeps missing messages.
+    let stall = cluster.shards[0].config().topic_subscriber_stall_ms;
+    cluster.advance(stall);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+    let before = dropped(&cluster);
+    for _ in 0..200 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    assert_eq!(dropped(&cluster), before + 200);
+    // What the session held all along: at most the slack plus one message.
+    let held = drain_all(&mut cluster, subscriber);
+    assert!(
+        held <= 20_000 + 1_200,
+        "{held} bytes held for one subscriber"
+    );
+}
+
+#[test]
+fn topic_deliveries_on_their_way_when_the_subscriber_filled_wait_only_within_its_slack() {
+    let (mut cluster, subscriber, producer) = paced_topic();
+    let topic_shard = shard_of(b"/topic/t", 2).0;
+    let producer = if topic_shard == 0 {
+        producer
+    } else {
+        cluster.connect(topic_shard)
+    };
+    assert_ne!(topic_shard, 1, "the topic lives away from the subscriber");
+    // The subscriber fills, but the topic hears of it only after handing out a burst.
+    cluster.writable(subscriber, false);
+    cluster.auto_pump = false;
+    let body = "x".repeat(1000);
+    for _ in 0..100 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    assert!(dropped(&cluster) > 70, "{} dropped", dropped(&cluster));
+    let held = drain_all(&mut cluster, subscriber);
+    assert!(
+        (12_000..=20_000 + 1_200).contains(&held),
+        "{held} bytes held for one subscriber"
+    );
+}
