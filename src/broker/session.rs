@@ -84,6 +84,8 @@ struct Deferred {
     message: Arc<Message>,
     deliveries: u32,
     settled: bool,
+    /// The queue's arrival number for it (`ShardMessage::Deliver::order`).
+    order: u64,
 }
 
 #[derive(Debug)]
@@ -770,10 +772,10 @@ impl Session {
             // Auto-ack deliveries still waiting were forgotten by their queue: they go back,
             // together and in order, after the Unsubscribe (so the queue does not hand them to
             // this consumer again).
-            let messages: Vec<(Arc<Message>, u32)> = waiting
+            let messages: Vec<(Arc<Message>, u32, u64)> = waiting
                 .into_iter()
                 .filter(|deferred| deferred.settled)
-                .map(|deferred| (deferred.message, deferred.deliveries))
+                .map(|deferred| (deferred.message, deferred.deliveries, deferred.order))
                 .collect();
             if !messages.is_empty() {
                 ctx.route(
@@ -1074,6 +1076,7 @@ impl Session {
         message: Arc<Message>,
         deliveries: u32,
         settled: bool,
+        order: u64,
     ) {
         let live = self.state == State::Connected && self.subscriptions.contains_key(&number);
         if !live {
@@ -1088,6 +1091,7 @@ impl Session {
                     ShardMessage::Returned {
                         message,
                         deliveries,
+                        order,
                     },
                 );
             }
@@ -1126,6 +1130,7 @@ impl Session {
                 message,
                 deliveries,
                 settled,
+                order,
             });
             if was_empty {
                 // Only the first one changes what `update_flow` decides.

@@ -971,13 +971,14 @@ impl Shard {
             ShardMessage::Returned {
                 message,
                 deliveries,
+                order,
             } => {
                 let name = message.destination.clone();
                 if DestinationKind::of(&name) == DestinationKind::Queue {
                     self.destination(&name);
                     let mut ctx = ctx!(self, now_ms, out);
                     if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                        queue.returned(&mut ctx, message, deliveries);
+                        queue.returned(&mut ctx, message, deliveries, order);
                     }
                     self.track_expiry(&name);
                 }
@@ -1001,6 +1002,7 @@ impl Shard {
                 message,
                 deliveries,
                 settled,
+                order,
             } => {
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.sessions.get_mut(&consumer.conn.local) {
@@ -1010,6 +1012,7 @@ impl Shard {
                         message,
                         deliveries,
                         settled,
+                        order,
                     ),
                     None if settled => {
                         let to = shard_of(&message.destination, ctx.shard_count);
@@ -1018,6 +1021,7 @@ impl Shard {
                             ShardMessage::Returned {
                                 message,
                                 deliveries,
+                                order,
                             },
                         );
                     }

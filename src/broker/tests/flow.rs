@@ -636,3 +636,61 @@ fn topic_deliveries_on_their_way_when_the_subscriber_filled_wait_only_within_its
         "{held} bytes held for one subscriber"
     );
 }
+
+/// Delivers the next peer message from shard `from` to shard `to`; false when none waits.
+fn step_from(cluster: &mut Cluster, from: u16, to: u16) -> bool {
+    let busy: Vec<(u16, u16)> = cluster
+        .links
+        .iter()
+        .filter(|(_, queue)| !queue.is_empty())
+        .map(|(key, _)| *key)
+        .collect();
+    match busy.iter().position(|key| *key == (from, to)) {
+        Some(index) => cluster.step_link(index),
+        None => false,
+    }
+}
+
+/// Eleven messages (bodies numbered 0 to 10) handed by `/queue/q` to an auto-ack consumer on
+/// the other shard whose connection is full: the first ten wait in its session, the last is
+/// still on its way when it unsubscribes, so it comes back on its own, after the other ten.
+/// Returns the cluster with everything pumped, and the queue's shard.
+fn returned_apart(deliveries_max: u32) -> (Cluster, u16) {
+    let mut cluster = Cluster::new(2, paced(10_000, deliveries_max));
+    cluster.auto_flush = false;
+    let queue_shard = shard_of(b"/queue/q", 2).0;
+    let consumer_shard = 1 - queue_shard;
+    let first = cluster.connect(consumer_shard);
+    cluster.subscribe(first, "s", "/queue/q", "auto");
+    cluster.auto_pump = false;
+    let producer = cluster.connect(queue_shard);
+    for n in 0..11 {
+        cluster.publish(producer, "/queue/q", &format!("{n:04}{}", "x".repeat(996)));
+    }
+    cluster.writable(first, false);
+    for _ in 0..10 {
+        assert!(step_from(&mut cluster, queue_shard, consumer_shard));
+    }
+    cluster.send(first, frame(Command::Unsubscribe, &[("id", "s")], b""));
+    assert!(step_from(&mut cluster, queue_shard, consumer_shard));
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    assert!(cluster.frames(first).is_empty());
+    (cluster, queue_shard)
+}
+
+#[test]
+fn a_delivery_returned_on_its_own_after_the_waiting_ones_goes_back_in_publish_order() {
+    let (mut cluster, queue_shard) = returned_apart(7);
+    cluster.auto_flush = true;
+    let second = cluster.connect(queue_shard);
+    cluster.subscribe(second, "s", "/queue/q", "auto");
+    let frames = cluster.frames(second);
+    assert_eq!(numbers(&frames), (0..11).collect::<Vec<_>>());
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.header("redelivered") == Some("true")),
+        "conservatively marked, as documented"
+    );
+}
