@@ -567,6 +567,10 @@ impl Queue {
     /// before the ones older than it were back). By order, not to the front: one that was on
     /// its way when the subscription ended comes back on its own, after the others, and must
     /// not jump ahead of them.
+    ///
+    /// None of them was handed to the socket, so this delivery is `unsent`: it does not count
+    /// toward dead-lettering. (Earlier unsent deliveries of it, as a client-acked message, are
+    /// not known here: counted, conservatively, as sent.)
     pub(crate) fn returned_all(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -587,7 +591,7 @@ impl Queue {
             held.push(Held {
                 message,
                 deliveries,
-                unsent: 0,
+                unsent: 1.min(deliveries),
                 origin: None,
                 order,
             });

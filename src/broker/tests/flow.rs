@@ -694,3 +694,21 @@ fn a_delivery_returned_on_its_own_after_the_waiting_ones_goes_back_in_publish_or
         "conservatively marked, as documented"
     );
 }
+
+#[test]
+fn auto_ack_deliveries_returned_unwritten_do_not_count_toward_dead_lettering() {
+    // Dead-lettered at the second return of a message delivered twice.
+    let (mut cluster, queue_shard) = returned_apart(2);
+    cluster.auto_flush = true;
+    let second = cluster.connect(queue_shard);
+    cluster.subscribe_prefetch(second, "/queue/q", "client-individual", 1);
+    let frames = cluster.frames(second);
+    assert_eq!(numbers(&frames), [0]);
+    assert_eq!(frames[0].header("delivery-count"), Some("2"));
+    // Written once: the NACK puts it back rather than dead-lettering it.
+    let ack = frames[0].header("ack").unwrap().to_string();
+    cluster.send(second, frame(Command::Nack, &[("id", &ack)], b""));
+    let again = cluster.frames(second);
+    assert_eq!(numbers(&again), [0], "redelivered, not dead-lettered");
+    assert_eq!(again[0].header("delivery-count"), Some("3"));
+}
