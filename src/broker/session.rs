@@ -21,8 +21,9 @@
 //!   (`flushed`, `set_writable`); while any wait, queues are told to hand this connection
 //!   nothing more (`update_flow`). So deliveries never take a connection's out buffer past
 //!   the limit plus one frame, whatever arrives from other shards: what waits here is bounded
-//!   by the subscriptions' windows (queues) or slack (topics, enforced here too), not by the
-//!   buffer. The server resets the estimate to what the buffer holds after every batch of
+//!   by `queue_waiting_bytes_max` for queues, all subscriptions together (past it a delivery
+//!   goes back unwritten), and each subscription's slack for topics (enforced here too), not
+//!   by the buffer. The server resets the estimate to what the buffer holds after every batch of
 //!   writes (`set_out_bytes`), so deliveries wait here only while the estimate is at the
 //!   limit, and then the server reports the buffer full (`set_writable(false)`) and every
 //!   subscription, topics included, is paused;
@@ -45,6 +46,15 @@ use super::types::{
     MONITOR_DESTINATION,
 };
 use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
+
+/// Most estimated frame bytes of queue deliveries a connection holds waiting for its out buffer,
+/// all its subscriptions together: the out buffer's worth plus one default byte window, so
+/// one subscription's whole window fits while the buffer drains. Past it (an empty list still
+/// takes one message, however large) deliveries go back to their queues unwritten; without it
+/// a connection could hold one window per subscription (1,024 × 4 MiB).
+fn queue_waiting_bytes_max(ctx: &Ctx<'_>) -> u64 {
+    ctx.config.out_buffer_bytes_max + ctx.config.prefetch_default_bytes
+}
 
 /// Written after the NUL of every frame the broker sends. STOMP allows EOLs there (1.2
 /// "Augmented BNF": `NULL *( EOL )`), ActiveMQ and stompserver always write one, and stream
@@ -184,6 +194,9 @@ pub(crate) struct Session {
     out_bytes_estimate: u64,
     /// Deliveries waiting for room in the out buffer, in arrival order.
     deferred: VecDeque<Deferred>,
+    /// Estimated frame bytes of the queue deliveries in `deferred`, all subscriptions
+    /// together: capped at [`queue_waiting_bytes_max`].
+    queue_waiting_bytes: u64,
     /// Every byte written to the connection so far: where the next frame starts.
     written_bytes: u64,
     /// How much of the output the server handed to the kernel, when it says (the connection
@@ -214,6 +227,7 @@ impl Session {
             input_paused: false,
             out_bytes_estimate: 0,
             deferred: VecDeque::new(),
+            queue_waiting_bytes: 0,
             written_bytes: 0,
             handed_bytes: u64::MAX,
         }
@@ -725,6 +739,9 @@ impl Session {
         let Some(subscription) = self.subscriptions.remove(&number) else {
             return;
         };
+        if subscription.queue {
+            self.queue_waiting_bytes -= subscription.waiting_bytes;
+        }
         let (waiting, others): (VecDeque<Deferred>, VecDeque<Deferred>) =
             std::mem::take(&mut self.deferred)
                 .into_iter()
@@ -1123,6 +1140,20 @@ impl Session {
                 self.release_unwritten(ctx, number, message, settled);
                 return;
             }
+            if subscription.queue
+                && self.queue_waiting_bytes > 0
+                && self.queue_waiting_bytes + frame_bytes > queue_waiting_bytes_max(ctx)
+            {
+                // Queue subscriptions pause while deliveries wait, but each may have had its
+                // whole window on the way when the first began to wait (a client that sends
+                // many SUBSCRIBEs to queues with backlogs at once): what does not fit goes back
+                // to its queue unwritten instead of waiting here.
+                self.give_back(ctx, number, message, deliveries, settled, order);
+                return;
+            }
+            if subscription.queue {
+                self.queue_waiting_bytes += frame_bytes;
+            }
             subscription.waiting_bytes += frame_bytes;
             let was_empty = self.deferred.is_empty();
             self.deferred.push_back(Deferred {
@@ -1141,6 +1172,12 @@ impl Session {
         self.write_delivery(ctx, number, message, deliveries);
     }
 
+    /// Estimated frame bytes of every delivery waiting in `deferred`.
+    #[cfg(test)]
+    pub(crate) fn waiting_bytes(&self) -> u64 {
+        self.subscriptions.values().map(|s| s.waiting_bytes).sum()
+    }
+
     /// The out buffer may take another MESSAGE: the server has not reported it full, and what
     /// it held when it last said, plus what was written since, is under its limit.
     fn has_room(&self, ctx: &Ctx<'_>) -> bool {
@@ -1154,7 +1191,11 @@ impl Session {
                 return;
             };
             if let Some(subscription) = self.subscriptions.get_mut(&deferred.number) {
-                subscription.waiting_bytes -= deferred.message.frame_bytes_estimate();
+                let frame_bytes = deferred.message.frame_bytes_estimate();
+                subscription.waiting_bytes -= frame_bytes;
+                if subscription.queue {
+                    self.queue_waiting_bytes -= frame_bytes;
+                }
             }
             if deferred.message.is_expired(ctx.now_ms) {
                 self.drop_expired(ctx, deferred.number, deferred.message, deferred.settled);
@@ -1208,6 +1249,64 @@ impl Session {
     ) {
         ctx.counters.messages_expired_total += 1;
         self.release_unwritten(ctx, number, message, settled);
+    }
+
+    /// Hands a queue delivery back unwritten: it does not count toward dead-lettering
+    /// (`Unsent`, `Returned`), an auto-acked one gives its window room back (`Credit`), and the
+    /// queue puts it back in its place (by `order`) or, client-acked, at the front (`Nack`).
+    fn give_back(
+        &self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        deliveries: u32,
+        settled: bool,
+        order: u64,
+    ) {
+        let consumer = ConsumerKey {
+            conn: self.conn,
+            subscription: number,
+        };
+        let destination = message.destination.clone();
+        let to = shard_of(&destination, ctx.shard_count);
+        if settled {
+            ctx.route(
+                to,
+                ShardMessage::Credit {
+                    consumer,
+                    destination,
+                    count: 1,
+                    bytes: message.frame_bytes_estimate(),
+                },
+            );
+            ctx.route(
+                to,
+                ShardMessage::Returned {
+                    message,
+                    deliveries,
+                    order,
+                },
+            );
+        } else {
+            let ids: SmallVec<[MessageId; 4]> = std::iter::once(message.id).collect();
+            ctx.route(
+                to,
+                ShardMessage::Unsent {
+                    consumer,
+                    destination: destination.clone(),
+                    ids: ids.clone(),
+                },
+            );
+            ctx.route(
+                to,
+                ShardMessage::Nack {
+                    consumer,
+                    destination,
+                    ids,
+                    requeue: true,
+                },
+            );
+        }
     }
 
     /// Settles a delivery that will never be written (expired, or past a topic subscriber's

@@ -429,6 +429,14 @@ impl Shard {
         }
     }
 
+    /// Estimated frame bytes of the deliveries waiting in the connection's session.
+    #[cfg(test)]
+    pub(crate) fn waiting_bytes(&self, conn: ConnectionId) -> u64 {
+        self.sessions
+            .get(&conn.local)
+            .map_or(0, Session::waiting_bytes)
+    }
+
     /// The connection's output buffer holds `bytes`, every write of earlier effects applied.
     /// Call it with no effects pending (they would be missing from `bytes`) after each batch
     /// of writes to the connection, and before [`Self::on_writable`] with `true`: the broker

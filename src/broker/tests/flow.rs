@@ -712,3 +712,77 @@ fn auto_ack_deliveries_returned_unwritten_do_not_count_toward_dead_lettering() {
     assert_eq!(numbers(&again), [0], "redelivered, not dead-lettered");
     assert_eq!(again[0].header("delivery-count"), Some("3"));
 }
+
+#[test]
+fn many_queue_subscriptions_at_once_hold_one_window_and_a_buffer_not_one_window_each() {
+    many_queue_subscriptions_at_once("auto");
+}
+
+#[test]
+fn many_client_ack_queue_subscriptions_at_once_hold_one_window_and_a_buffer() {
+    many_queue_subscriptions_at_once("client-individual");
+}
+
+/// Six queues with backlogs subscribed to at once by one connection: what waits in its
+/// session stays within one byte window plus the out buffer, and every message is delivered
+/// once (those given back unwritten are not dead-lettered: two deliveries here would be).
+fn many_queue_subscriptions_at_once(ack: &str) {
+    let config = BrokerConfig {
+        deliveries_max: 2,
+        out_buffer_bytes_max: 10_000,
+        prefetch_default_bytes: 20_000,
+        ..BrokerConfig::default()
+    };
+    let held_max = 10_000 + 20_000 + 1_400;
+    let mut cluster = Cluster::new(2, config);
+    cluster.auto_flush = false;
+    let producer = cluster.connect(0);
+    for queue in 0..6 {
+        for n in 0..30 {
+            let body = format!("{n:04}{}", "x".repeat(996));
+            cluster.publish(producer, &format!("/queue/q{queue}"), &body);
+        }
+    }
+    // Six SUBSCRIBEs in one read: each queue hands its whole window before any delivery
+    // arrives and makes the session wait.
+    let consumer = cluster.connect(1);
+    cluster.auto_pump = false;
+    for queue in 0..6 {
+        let destination = format!("/queue/q{queue}");
+        let id = queue.to_string();
+        let subscribe = [
+            ("id", id.as_str()),
+            ("destination", &destination),
+            ("ack", ack),
+        ];
+        cluster.send(consumer, frame(Command::Subscribe, &subscribe, b""));
+    }
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    let mut got = std::collections::BTreeSet::new();
+    for round in 0..1000 {
+        let waiting = cluster.shards[1].waiting_bytes(consumer);
+        assert!(
+            waiting <= held_max,
+            "round {round}: {waiting} bytes waiting"
+        );
+        for sent in cluster.frames(consumer) {
+            let key = (
+                sent.header("destination").unwrap().to_string(),
+                sent.body[..4].to_vec(),
+            );
+            assert!(got.insert(key), "each message once");
+            if let Some(ack_id) = sent.header("ack") {
+                let ack_id = ack_id.to_string();
+                cluster.ack(consumer, &ack_id);
+            }
+        }
+        if got.len() == 180 {
+            break;
+        }
+        // The socket takes everything written: the windows come back.
+        cluster.flush(consumer);
+        while cluster.step_link(0) {}
+    }
+    assert_eq!(got.len(), 180, "every message delivered, none lost");
+}
