@@ -20,7 +20,9 @@
 //!   toward `deliveries_max`;
 //! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
 //!   original order with their delivery count, so the next delivery is marked redelivered, or
-//!   move to the dead-letter queue once they were delivered `deliveries_max` times.
+//!   move to the dead-letter queue once they were delivered `deliveries_max` times; auto-acked
+//!   deliveries returned unwritten (`Returned`, `ReturnedAll`) go back to their place by
+//!   arrival order (`order`), however many batches they come back in.
 //!
 //! Producer flow control (queues): once `ready` passes `queue_messages_max` or
 //! `queue_bytes_max`, each connection whose SEND arrives is throttled (told to stop reading
@@ -59,6 +61,9 @@ struct Held {
     /// is dropped, and its sender hears of it even without a receipt. `None` for messages
     /// recovered, dead-lettered or handed back.
     origin: Option<ConnectionId>,
+    /// When it arrived at this queue (set by [`Queue::hold`]): auto-acked deliveries that come
+    /// back unwritten go back to their place in this order, however they return.
+    order: u64,
 }
 
 impl Held {
@@ -123,6 +128,8 @@ pub(crate) struct Queue {
     /// Producers told to stop sending because this queue was over its limits, each to be
     /// released once. Ordered, so releases go out in the same order on every run.
     throttled: BTreeSet<ConnectionId>,
+    /// The `order` of the next message to arrive.
+    next_order: u64,
 }
 
 /// The hard limit beyond the flow-control one: a quarter more plus `extra`
@@ -164,20 +171,40 @@ impl Queue {
             next_expiry_ms: u64::MAX,
             timer_ms: u64::MAX,
             throttled: BTreeSet::new(),
+            next_order: 0,
         }
     }
 
-    /// Puts a message into `ready` at the back (new) or the front (came back).
-    fn hold(&mut self, held: Held, front: bool) {
+    /// Adds a message to `ready`: at the back, as it arrives (which numbers its `order`), or
+    /// at the front, coming back.
+    fn hold(&mut self, mut held: Held, front: bool) {
+        self.note_held(&held);
+        if front {
+            self.ready.push_front(held);
+        } else {
+            held.order = self.next_order;
+            self.next_order += 1;
+            self.ready.push_back(held);
+        }
+    }
+
+    /// Puts a message that came back unwritten before the first waiting one that arrived
+    /// after it, so what goes out next is in the order the queue received it.
+    fn hold_in_order(&mut self, held: Held) {
+        self.note_held(&held);
+        let position = self
+            .ready
+            .iter()
+            .position(|waiting| waiting.order > held.order)
+            .unwrap_or(self.ready.len());
+        self.ready.insert(position, held);
+    }
+
+    fn note_held(&mut self, held: &Held) {
         if held.message.expires_ms != 0 {
             self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
         }
         self.ready_bytes += held.message.body.len() as u64;
-        if front {
-            self.ready.push_front(held);
-        } else {
-            self.ready.push_back(held);
-        }
     }
 
     fn logged(ctx: &Ctx<'_>, message: &Message) -> bool {
@@ -279,6 +306,7 @@ impl Queue {
                 deliveries: 0,
                 unsent: 0,
                 origin: Some(origin),
+                order: 0,
             },
             false,
         );
@@ -339,6 +367,7 @@ impl Queue {
                 deliveries: 0,
                 unsent: 0,
                 origin: None,
+                order: 0,
             },
             false,
         );
@@ -365,6 +394,7 @@ impl Queue {
                 deliveries,
                 unsent: 0,
                 origin: None,
+                order: 0,
             },
             false,
         );
@@ -516,22 +546,38 @@ impl Queue {
         self.dispatch(ctx);
     }
 
-    /// An auto-acked delivery that no subscription was left to write. It goes back to the front
-    /// keeping its delivery count, so its next delivery is marked redelivered: conservative (it
-    /// was never written), but it keeps the rule that unmarked deliveries to a subscription are
-    /// in publish order, which a consumer that got later messages meanwhile could otherwise see
-    /// broken.
-    pub(crate) fn returned(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, deliveries: u32) {
-        self.returned_all(ctx, vec![(message, deliveries)]);
+    /// An auto-acked delivery that no subscription was left to write. It goes back to its place
+    /// among the waiting messages (by `order`, the queue's arrival order), keeping its delivery
+    /// count, so its next delivery is marked redelivered: conservative (it was never written),
+    /// but it keeps the rule that unmarked deliveries to a subscription are in publish order,
+    /// which a consumer that got later messages meanwhile could otherwise see broken.
+    pub(crate) fn returned(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        deliveries: u32,
+        order: u64,
+    ) {
+        self.returned_all(ctx, vec![(message, deliveries, order)]);
     }
 
     /// Auto-acked deliveries, oldest first, that waited in a session for room in its out
-    /// buffer when their subscription ended: back to the front together, in their order, as
-    /// [`Self::returned`] puts one (put back one by one, each could be handed out before the
-    /// ones older than it were back).
-    pub(crate) fn returned_all(&mut self, ctx: &mut Ctx<'_>, messages: Vec<(Arc<Message>, u32)>) {
+    /// buffer when their subscription ended: back together, each to its place in arrival
+    /// order, as [`Self::returned`] puts one (put back one by one, each could be handed out
+    /// before the ones older than it were back). By order, not to the front: one that was on
+    /// its way when the subscription ended comes back on its own, after the others, and must
+    /// not jump ahead of them.
+    ///
+    /// None of them was handed to the socket, so this delivery is `unsent`: it does not count
+    /// toward dead-lettering. (Earlier unsent deliveries of it, as a client-acked message, are
+    /// not known here: counted, conservatively, as sent.)
+    pub(crate) fn returned_all(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        messages: Vec<(Arc<Message>, u32, u64)>,
+    ) {
         let mut held = Vec::with_capacity(messages.len());
-        for (message, deliveries) in messages {
+        for (message, deliveries, order) in messages {
             self.dequeued = self.dequeued.saturating_sub(1);
             if Self::logged(ctx, &message) {
                 // Its auto-ack record is already in the log; log it again so a restart keeps it.
@@ -545,12 +591,13 @@ impl Queue {
             held.push(Held {
                 message,
                 deliveries,
-                unsent: 0,
+                unsent: 1.min(deliveries),
                 origin: None,
+                order,
             });
         }
-        for held in held.into_iter().rev() {
-            self.hold(held, true);
+        for held in held {
+            self.hold_in_order(held);
         }
         self.dispatch(ctx);
     }
@@ -630,6 +677,7 @@ impl Queue {
                     message: held.message.clone(),
                     deliveries: held.deliveries,
                     settled,
+                    order: held.order,
                 },
             );
             if settled {
@@ -869,6 +917,7 @@ impl Topic {
                     message: message.clone(),
                     deliveries: 1,
                     settled,
+                    order: 0,
                 },
             );
         }

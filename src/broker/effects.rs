@@ -212,13 +212,16 @@ pub enum ShardMessage {
     Returned {
         message: Arc<Message>,
         deliveries: u32,
+        /// The queue's arrival number for it (`Deliver::order`): where it goes back.
+        order: u64,
     },
     /// Auto-acked deliveries, oldest first, that were still waiting in the session for room in
     /// the out buffer when their subscription ended: never written, so the queue takes them
     /// back to its front together, in order (each keeps its delivery count, as `Returned`).
     ReturnedAll {
         destination: Arc<[u8]>,
-        messages: Vec<(Arc<Message>, u32)>,
+        /// Each with its delivery count and `Deliver::order`.
+        messages: Vec<(Arc<Message>, u32, u64)>,
     },
     // Destination -> destination.
     /// A message of queue `from` used up its deliveries: keep it in this dead-letter queue
@@ -240,6 +243,9 @@ pub enum ShardMessage {
         message: Arc<Message>,
         deliveries: u32,
         settled: bool,
+        /// A queue's arrival number for the message, sent back with it if it returns
+        /// unwritten (`Returned`, `ReturnedAll`); 0 from a topic.
+        order: u64,
     },
     /// The Publish with this ticket is accepted (and durable if required).
     Confirmed { conn: ConnectionId, ticket: u64 },

@@ -21,7 +21,12 @@
 //!   (`flushed`, `set_writable`); while any wait, queues are told to hand this connection
 //!   nothing more (`update_flow`). So deliveries never take a connection's out buffer past
 //!   the limit plus one frame, whatever arrives from other shards: what waits here is bounded
-//!   by the subscriptions' windows (queues) or slack (topics), not by the buffer;
+//!   by `queue_waiting_bytes_max` for queues, all subscriptions together (past it a delivery
+//!   goes back unwritten), and each subscription's slack for topics (enforced here too), not
+//!   by the buffer. The server resets the estimate to what the buffer holds after every batch of
+//!   writes (`set_out_bytes`), so deliveries wait here only while the estimate is at the
+//!   limit, and then the server reports the buffer full (`set_writable(false)`) and every
+//!   subscription, topics included, is paused;
 //! - a client-ack delivery is in `unacked` only once written; one that was never written (it
 //!   waited in `deferred`, or lay past what the server had handed to the kernel when the
 //!   connection was lost) is reported [`ShardMessage::Unsent`] when its subscription ends, so
@@ -41,6 +46,15 @@ use super::types::{
     MONITOR_DESTINATION,
 };
 use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
+
+/// Most estimated frame bytes of queue deliveries a connection holds waiting for its out buffer,
+/// all its subscriptions together: the out buffer's worth plus one default byte window, so
+/// one subscription's whole window fits while the buffer drains. Past it (an empty list still
+/// takes one message, however large) deliveries go back to their queues unwritten; without it
+/// a connection could hold one window per subscription (1,024 × 4 MiB).
+fn queue_waiting_bytes_max(ctx: &Ctx<'_>) -> u64 {
+    ctx.config.out_buffer_bytes_max + ctx.config.prefetch_default_bytes
+}
 
 /// Written after the NUL of every frame the broker sends. STOMP allows EOLs there (1.2
 /// "Augmented BNF": `NULL *( EOL )`), ActiveMQ and stompserver always write one, and stream
@@ -80,6 +94,8 @@ struct Deferred {
     message: Arc<Message>,
     deliveries: u32,
     settled: bool,
+    /// The queue's arrival number for it (`ShardMessage::Deliver::order`).
+    order: u64,
 }
 
 #[derive(Debug)]
@@ -98,6 +114,9 @@ struct Subscription {
     uncredited_bytes: u64,
     /// The destination is a queue (not a topic): see `Session::update_flow`.
     queue: bool,
+    /// Estimated frame bytes of this subscription's deliveries waiting in `deferred`. A
+    /// topic subscription's are capped at `topic_slack_bytes` (see `Session::deliver`).
+    waiting_bytes: u64,
     /// What the destination was last told: hand this subscription nothing for now.
     flow_paused: bool,
 }
@@ -169,13 +188,15 @@ pub(crate) struct Session {
     throttles: u32,
     /// An [`Effect::Throttle`] pause is in force.
     input_paused: bool,
-    /// Bytes written since the server last reported the out buffer empty (`flushed`), or at
-    /// most half full (`set_writable`, which lowers this to half the limit): never less than
-    /// what the buffer holds. MESSAGEs are written only while this is under
-    /// `out_buffer_bytes_max`.
+    /// What the out buffer held when the server last said (`flushed`, `set_out_bytes`) plus
+    /// what was written since: never less than what the buffer holds. MESSAGEs are written
+    /// only while this is under `out_buffer_bytes_max`.
     out_bytes_estimate: u64,
     /// Deliveries waiting for room in the out buffer, in arrival order.
     deferred: VecDeque<Deferred>,
+    /// Estimated frame bytes of the queue deliveries in `deferred`, all subscriptions
+    /// together: capped at [`queue_waiting_bytes_max`].
+    queue_waiting_bytes: u64,
     /// Every byte written to the connection so far: where the next frame starts.
     written_bytes: u64,
     /// How much of the output the server handed to the kernel, when it says (the connection
@@ -209,6 +230,7 @@ impl Session {
             input_paused: false,
             out_bytes_estimate: 0,
             deferred: VecDeque::new(),
+            queue_waiting_bytes: 0,
             written_bytes: 0,
             handed_bytes: u64::MAX,
             memory_paused: false,
@@ -724,6 +746,7 @@ impl Session {
                 uncredited: 0,
                 uncredited_bytes: 0,
                 queue,
+                waiting_bytes: 0,
                 flow_paused,
             },
         );
@@ -763,6 +786,9 @@ impl Session {
         let Some(subscription) = self.subscriptions.remove(&number) else {
             return;
         };
+        if subscription.queue {
+            self.queue_waiting_bytes -= subscription.waiting_bytes;
+        }
         let (waiting, others): (VecDeque<Deferred>, VecDeque<Deferred>) =
             std::mem::take(&mut self.deferred)
                 .into_iter()
@@ -810,10 +836,10 @@ impl Session {
             // Auto-ack deliveries still waiting were forgotten by their queue: they go back,
             // together and in order, after the Unsubscribe (so the queue does not hand them to
             // this consumer again).
-            let messages: Vec<(Arc<Message>, u32)> = waiting
+            let messages: Vec<(Arc<Message>, u32, u64)> = waiting
                 .into_iter()
                 .filter(|deferred| deferred.settled)
-                .map(|deferred| (deferred.message, deferred.deliveries))
+                .map(|deferred| (deferred.message, deferred.deliveries, deferred.order))
                 .collect();
             if !messages.is_empty() {
                 ctx.route(
@@ -1114,6 +1140,7 @@ impl Session {
         message: Arc<Message>,
         deliveries: u32,
         settled: bool,
+        order: u64,
     ) {
         let live = self.state == State::Connected && self.subscriptions.contains_key(&number);
         if !live {
@@ -1128,6 +1155,7 @@ impl Session {
                     ShardMessage::Returned {
                         message,
                         deliveries,
+                        order,
                     },
                 );
             }
@@ -1141,20 +1169,64 @@ impl Session {
         if !self.deferred.is_empty() || !self.has_room(ctx) {
             // Behind a full out buffer (or behind deliveries already waiting for it, to keep
             // their order): written once it drains.
+            let frame_bytes = message.frame_bytes_estimate();
+            let slack = ctx.config.topic_slack_bytes;
+            let Some(subscription) = self.subscriptions.get_mut(&number) else {
+                return;
+            };
+            if !subscription.queue
+                && subscription.waiting_bytes > 0
+                && subscription.waiting_bytes + frame_bytes > slack
+            {
+                // A topic subscriber that is behind misses what does not fit its slack, here
+                // as at the topic: the topic only counts what it sent after it heard of the
+                // pause, and what was already on its way (up to a peer queue's worth) must
+                // not grow this session without bound. As at the topic, an empty slack takes
+                // one message however large.
+                ctx.counters.topic_deliveries_dropped_total += 1;
+                self.release_unwritten(ctx, number, message, settled);
+                return;
+            }
+            if subscription.queue
+                && self.queue_waiting_bytes > 0
+                && self.queue_waiting_bytes + frame_bytes > queue_waiting_bytes_max(ctx)
+            {
+                // Queue subscriptions pause while deliveries wait, but each may have had its
+                // whole window on the way when the first began to wait (a client that sends
+                // many SUBSCRIBEs to queues with backlogs at once): what does not fit goes back
+                // to its queue unwritten instead of waiting here.
+                self.give_back(ctx, number, message, deliveries, settled, order);
+                return;
+            }
+            if subscription.queue {
+                self.queue_waiting_bytes += frame_bytes;
+            }
+            subscription.waiting_bytes += frame_bytes;
+            let was_empty = self.deferred.is_empty();
             self.deferred.push_back(Deferred {
                 number,
                 message,
                 deliveries,
                 settled,
+                order,
             });
-            self.update_flow(ctx);
+            if was_empty {
+                // Only the first one changes what `update_flow` decides.
+                self.update_flow(ctx);
+            }
             return;
         }
         self.write_delivery(ctx, number, message, deliveries);
     }
 
+    /// Estimated frame bytes of every delivery waiting in `deferred`.
+    #[cfg(test)]
+    pub(crate) fn waiting_bytes(&self) -> u64 {
+        self.subscriptions.values().map(|s| s.waiting_bytes).sum()
+    }
+
     /// The out buffer may take another MESSAGE: the server has not reported it full, and what
-    /// was written since it was last empty (or below half) is under its limit.
+    /// it held when it last said, plus what was written since, is under its limit.
     fn has_room(&self, ctx: &Ctx<'_>) -> bool {
         self.writable && self.out_bytes_estimate < ctx.config.out_buffer_bytes_max
     }
@@ -1165,6 +1237,13 @@ impl Session {
             let Some(deferred) = self.deferred.pop_front() else {
                 return;
             };
+            if let Some(subscription) = self.subscriptions.get_mut(&deferred.number) {
+                let frame_bytes = deferred.message.frame_bytes_estimate();
+                subscription.waiting_bytes -= frame_bytes;
+                if subscription.queue {
+                    self.queue_waiting_bytes -= frame_bytes;
+                }
+            }
             if deferred.message.is_expired(ctx.now_ms) {
                 self.drop_expired(ctx, deferred.number, deferred.message, deferred.settled);
                 continue;
@@ -1216,6 +1295,77 @@ impl Session {
         settled: bool,
     ) {
         ctx.counters.messages_expired_total += 1;
+        self.release_unwritten(ctx, number, message, settled);
+    }
+
+    /// Hands a queue delivery back unwritten: it does not count toward dead-lettering
+    /// (`Unsent`, `Returned`), an auto-acked one gives its window room back (`Credit`), and the
+    /// queue puts it back in its place (by `order`) or, client-acked, at the front (`Nack`).
+    fn give_back(
+        &self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        deliveries: u32,
+        settled: bool,
+        order: u64,
+    ) {
+        let consumer = ConsumerKey {
+            conn: self.conn,
+            subscription: number,
+        };
+        let destination = message.destination.clone();
+        let to = shard_of(&destination, ctx.shard_count);
+        if settled {
+            ctx.route(
+                to,
+                ShardMessage::Credit {
+                    consumer,
+                    destination,
+                    count: 1,
+                    bytes: message.frame_bytes_estimate(),
+                },
+            );
+            ctx.route(
+                to,
+                ShardMessage::Returned {
+                    message,
+                    deliveries,
+                    order,
+                },
+            );
+        } else {
+            let ids: SmallVec<[MessageId; 4]> = std::iter::once(message.id).collect();
+            ctx.route(
+                to,
+                ShardMessage::Unsent {
+                    consumer,
+                    destination: destination.clone(),
+                    ids: ids.clone(),
+                },
+            );
+            ctx.route(
+                to,
+                ShardMessage::Nack {
+                    consumer,
+                    destination,
+                    ids,
+                    requeue: true,
+                },
+            );
+        }
+    }
+
+    /// Settles a delivery that will never be written (expired, or past a topic subscriber's
+    /// slack): the destination forgets a client-acked one as if acknowledged, and an
+    /// auto-acked one gives its window room back.
+    fn release_unwritten(
+        &self,
+        ctx: &mut Ctx<'_>,
+        number: u64,
+        message: Arc<Message>,
+        settled: bool,
+    ) {
         let consumer = ConsumerKey {
             conn: self.conn,
             subscription: number,
@@ -1339,16 +1489,29 @@ impl Session {
             return;
         }
         self.writable = writable;
-        if writable {
-            // The server says the buffer drained to half its limit or less.
-            self.out_bytes_estimate = self
-                .out_bytes_estimate
-                .min(ctx.config.out_buffer_bytes_max / 2);
-        }
+        // On `true` the server drained the buffer to half its limit or less; what it holds
+        // comes with `set_out_bytes`, which the server calls first. Lowering the estimate to
+        // half the limit instead, whatever the buffer held, let it reach the limit while the
+        // buffer stayed short of it: the server then never reported it full, so topics were
+        // never paused while their deliveries piled up here.
         if writable {
             self.write_deferred(ctx);
         }
         self.update_flow(ctx);
+    }
+
+    /// The server reports what the connection's out buffer holds, every write the broker
+    /// made so far included: the estimate becomes exactly that. The server calls this after
+    /// each batch of writes to the connection (and before `set_writable(true)`), so after
+    /// every batch either the estimate is under the limit or the server reports the buffer
+    /// full (`set_writable(false)`, which pauses topics too): deliveries cannot wait here
+    /// while nothing will ever say the buffer drained.
+    pub(crate) fn set_out_bytes(&mut self, ctx: &mut Ctx<'_>, bytes: u64) {
+        self.out_bytes_estimate = bytes;
+        if self.state == State::Connected && !self.deferred.is_empty() && self.has_room(ctx) {
+            self.write_deferred(ctx);
+            self.update_flow(ctx);
+        }
     }
 
     /// Tells each destination whether to hand this connection more: not while the server

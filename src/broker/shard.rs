@@ -436,6 +436,26 @@ impl Shard {
         }
     }
 
+    /// Estimated frame bytes of the deliveries waiting in the connection's session.
+    #[cfg(test)]
+    pub(crate) fn waiting_bytes(&self, conn: ConnectionId) -> u64 {
+        self.sessions
+            .get(&conn.local)
+            .map_or(0, Session::waiting_bytes)
+    }
+
+    /// The connection's output buffer holds `bytes`, every write of earlier effects applied.
+    /// Call it with no effects pending (they would be missing from `bytes`) after each batch
+    /// of writes to the connection, and before [`Self::on_writable`] with `true`: the broker
+    /// paces deliveries by it, and may write waiting ones at once.
+    pub fn on_out_bytes(&mut self, conn: ConnectionId, bytes: u64, now_ms: u64, out: &mut Effects) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.set_out_bytes(&mut ctx, bytes);
+            self.drain_local(now_ms, out);
+        }
+    }
+
     /// Everything written to the connection so far has been handed to the kernel (its output
     /// buffer is empty). Call it when a send completion leaves the buffer empty: auto-ack
     /// subscriptions get their window back only through this.
@@ -991,13 +1011,14 @@ impl Shard {
             ShardMessage::Returned {
                 message,
                 deliveries,
+                order,
             } => {
                 let name = message.destination.clone();
                 if DestinationKind::of(&name) == DestinationKind::Queue {
                     self.destination(&name);
                     let mut ctx = ctx!(self, now_ms, out);
                     if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                        queue.returned(&mut ctx, message, deliveries);
+                        queue.returned(&mut ctx, message, deliveries, order);
                     }
                     self.track_expiry(&name);
                 }
@@ -1021,6 +1042,7 @@ impl Shard {
                 message,
                 deliveries,
                 settled,
+                order,
             } => {
                 let mut ctx = ctx!(self, now_ms, out);
                 match self.sessions.get_mut(&consumer.conn.local) {
@@ -1030,6 +1052,7 @@ impl Shard {
                         message,
                         deliveries,
                         settled,
+                        order,
                     ),
                     None if settled => {
                         let to = shard_of(&message.destination, ctx.shard_count);
@@ -1038,6 +1061,7 @@ impl Shard {
                             ShardMessage::Returned {
                                 message,
                                 deliveries,
+                                order,
                             },
                         );
                     }

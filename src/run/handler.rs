@@ -59,6 +59,10 @@ pub struct BrokerHandler {
     /// Connections written to during this call: checked for a full out buffer and armed for
     /// `on_flushed` once the effects are done.
     touched: Vec<ConnectionId>,
+    /// Connections written to during this call whose out-buffer size the broker has not been
+    /// told since: it paces deliveries by it (`Shard::on_out_bytes`, once all effects are
+    /// applied).
+    written: Vec<ConnectionId>,
     /// Wall-clock milliseconds at the loop's time zero: `io.now_ms()` counts from the server's
     /// start, the broker wants the Unix epoch (message expiry is epoch-based).
     epoch_base_ms: u64,
@@ -82,6 +86,7 @@ impl BrokerHandler {
             conns: FnvMap::default(),
             by_server: FnvMap::default(),
             touched: Vec::new(),
+            written: Vec::new(),
             epoch_base_ms,
             shutting_down: false,
             trimmer: (shard.id() == ShardId(0)).then(|| Trimmer::new(shard.config().memory)),
@@ -110,6 +115,7 @@ impl BrokerHandler {
                     continue;
                 };
                 io.notify_flushed(entry.server);
+                self.written.push(conn);
                 if !entry.out_paused && io.is_out_full(entry.server) {
                     tracing::trace!(conn = %entry.server, "output full: deliveries paused");
                     entry.out_paused = true;
@@ -158,7 +164,23 @@ impl BrokerHandler {
                 }
             }
             if !more && self.effects.list.is_empty() {
-                break;
+                // Every write is applied: the broker learns what each written connection's
+                // buffer holds, one connection at a time, going back to apply whatever that
+                // writes (waiting deliveries) before the next, so each figure is exact.
+                self.written.sort_unstable();
+                self.written.dedup();
+                while let Some(conn) = self.written.pop() {
+                    if let Some(entry) = self.conns.get(&conn.local) {
+                        let bytes = io.out_bytes(entry.server) as u64;
+                        self.shard.on_out_bytes(conn, bytes, now, &mut self.effects);
+                    }
+                    if !self.effects.list.is_empty() {
+                        break;
+                    }
+                }
+                if self.effects.list.is_empty() {
+                    break;
+                }
             }
         }
         self.start_sync(io);
@@ -339,6 +361,9 @@ impl ShardHandler for BrokerHandler {
             tracing::trace!(conn = %conn, "output drained: deliveries resume");
         }
         let now = self.now(io);
+        // What it still holds first: the broker writes waiting deliveries up to the limit.
+        let bytes = io.out_bytes(conn) as u64;
+        self.shard.on_out_bytes(id, bytes, now, &mut self.effects);
         self.shard.on_writable(id, true, now, &mut self.effects);
         self.settle(io);
     }

@@ -526,3 +526,263 @@ fn waiting_auto_ack_deliveries_go_back_in_order_to_a_queue_with_other_consumers(
     got.extend(numbers(&cluster.frames(second)));
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
+
+/// Out buffers of 10,000 bytes, topic slack of 20,000 bytes: a topic with one auto-ack
+/// subscriber (shard 1) whose socket never reports a flush, and a producer (shard 0).
+fn paced_topic() -> (Cluster, ConnectionId, ConnectionId) {
+    let config = BrokerConfig {
+        out_buffer_bytes_max: 10_000,
+        topic_slack_bytes: 20_000,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(2, config);
+    cluster.auto_flush = false;
+    let subscriber = cluster.connect(1);
+    cluster.subscribe(subscriber, "s", "/topic/t", "auto");
+    let producer = cluster.connect(0);
+    let _ = written(&mut cluster, subscriber);
+    (cluster, subscriber, producer)
+}
+
+/// Reports `conn` drained to empty and full again until nothing more is written to it: the
+/// bytes of every MESSAGE that was waiting for it.
+fn drain_all(cluster: &mut Cluster, conn: ConnectionId) -> usize {
+    let mut total = 0;
+    for _ in 0..1000 {
+        cluster.writable(conn, true);
+        let bytes = written(cluster, conn);
+        cluster.writable(conn, false);
+        if bytes == 0 {
+            return total;
+        }
+        total += bytes;
+    }
+    panic!("still writing after 1,000 rounds");
+}
+
+#[test]
+fn a_topic_subscriber_that_stops_reading_after_a_partial_drain_costs_at_most_its_slack() {
+    let (mut cluster, subscriber, producer) = paced_topic();
+    let body = "x".repeat(1000);
+    // A burst: the first ~10,000 bytes are written, the rest waits in the session.
+    for _ in 0..20 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    let first = written(&mut cluster, subscriber);
+    assert!((10_000..11_200).contains(&first), "{first} bytes written");
+    // The server reports the buffer full; the kernel then takes most of it, and the server
+    // reports it drained with 2,000 bytes left (a fifth of the limit).
+    cluster.writable(subscriber, false);
+    cluster.drained_to(subscriber, 2_000);
+    let second = written(&mut cluster, subscriber);
+    // Written up to the limit from what the buffer really holds: the buffer is full again,
+    // so the server says so. (Lowering the estimate to half the limit wrote ~5,000 bytes,
+    // leaving the buffer at 70 %: never reported full, so the topic was never paused.)
+    assert!(2_000 + second >= 10_000, "{second} bytes written");
+    cluster.writable(subscriber, false);
+    // The client stops reading; the topic keeps publishing.
+    for _ in 0..200 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    assert_eq!(
+        throttles_of(&cluster, producer),
+        [true],
+        "producers held back"
+    );
+    assert!(
+        dropped(&cluster) > 0,
+        "the subscriber misses what its slack cannot hold"
+    );
+    // Slow, not bursty: it stops holding producers back and keeps missing messages.
+    let stall = cluster.shards[0].config().topic_subscriber_stall_ms;
+    cluster.advance(stall);
+    assert_eq!(throttles_of(&cluster, producer), [true, false]);
+    let before = dropped(&cluster);
+    for _ in 0..200 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    assert_eq!(dropped(&cluster), before + 200);
+    // What the session held all along: at most the slack plus one message.
+    let held = drain_all(&mut cluster, subscriber);
+    assert!(
+        held <= 20_000 + 1_200,
+        "{held} bytes held for one subscriber"
+    );
+}
+
+#[test]
+fn topic_deliveries_on_their_way_when_the_subscriber_filled_wait_only_within_its_slack() {
+    let (mut cluster, subscriber, producer) = paced_topic();
+    let topic_shard = shard_of(b"/topic/t", 2).0;
+    let producer = if topic_shard == 0 {
+        producer
+    } else {
+        cluster.connect(topic_shard)
+    };
+    assert_ne!(topic_shard, 1, "the topic lives away from the subscriber");
+    // The subscriber fills, but the topic hears of it only after handing out a burst.
+    cluster.writable(subscriber, false);
+    cluster.auto_pump = false;
+    let body = "x".repeat(1000);
+    for _ in 0..100 {
+        cluster.publish(producer, "/topic/t", &body);
+    }
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    assert!(dropped(&cluster) > 70, "{} dropped", dropped(&cluster));
+    let held = drain_all(&mut cluster, subscriber);
+    assert!(
+        (12_000..=20_000 + 1_200).contains(&held),
+        "{held} bytes held for one subscriber"
+    );
+}
+
+/// Delivers the next peer message from shard `from` to shard `to`; false when none waits.
+fn step_from(cluster: &mut Cluster, from: u16, to: u16) -> bool {
+    let busy: Vec<(u16, u16)> = cluster
+        .links
+        .iter()
+        .filter(|(_, queue)| !queue.is_empty())
+        .map(|(key, _)| *key)
+        .collect();
+    match busy.iter().position(|key| *key == (from, to)) {
+        Some(index) => cluster.step_link(index),
+        None => false,
+    }
+}
+
+/// Eleven messages (bodies numbered 0 to 10) handed by `/queue/q` to an auto-ack consumer on
+/// the other shard whose connection is full: the first ten wait in its session, the last is
+/// still on its way when it unsubscribes, so it comes back on its own, after the other ten.
+/// Returns the cluster with everything pumped, and the queue's shard.
+fn returned_apart(deliveries_max: u32) -> (Cluster, u16) {
+    let mut cluster = Cluster::new(2, paced(10_000, deliveries_max));
+    cluster.auto_flush = false;
+    let queue_shard = shard_of(b"/queue/q", 2).0;
+    let consumer_shard = 1 - queue_shard;
+    let first = cluster.connect(consumer_shard);
+    cluster.subscribe(first, "s", "/queue/q", "auto");
+    cluster.auto_pump = false;
+    let producer = cluster.connect(queue_shard);
+    for n in 0..11 {
+        cluster.publish(producer, "/queue/q", &format!("{n:04}{}", "x".repeat(996)));
+    }
+    cluster.writable(first, false);
+    for _ in 0..10 {
+        assert!(step_from(&mut cluster, queue_shard, consumer_shard));
+    }
+    cluster.send(first, frame(Command::Unsubscribe, &[("id", "s")], b""));
+    assert!(step_from(&mut cluster, queue_shard, consumer_shard));
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    assert!(cluster.frames(first).is_empty());
+    (cluster, queue_shard)
+}
+
+#[test]
+fn a_delivery_returned_on_its_own_after_the_waiting_ones_goes_back_in_publish_order() {
+    let (mut cluster, queue_shard) = returned_apart(7);
+    cluster.auto_flush = true;
+    let second = cluster.connect(queue_shard);
+    cluster.subscribe(second, "s", "/queue/q", "auto");
+    let frames = cluster.frames(second);
+    assert_eq!(numbers(&frames), (0..11).collect::<Vec<_>>());
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.header("redelivered") == Some("true")),
+        "conservatively marked, as documented"
+    );
+}
+
+#[test]
+fn auto_ack_deliveries_returned_unwritten_do_not_count_toward_dead_lettering() {
+    // Dead-lettered at the second return of a message delivered twice.
+    let (mut cluster, queue_shard) = returned_apart(2);
+    cluster.auto_flush = true;
+    let second = cluster.connect(queue_shard);
+    cluster.subscribe_prefetch(second, "/queue/q", "client-individual", 1);
+    let frames = cluster.frames(second);
+    assert_eq!(numbers(&frames), [0]);
+    assert_eq!(frames[0].header("delivery-count"), Some("2"));
+    // Written once: the NACK puts it back rather than dead-lettering it.
+    let ack = frames[0].header("ack").unwrap().to_string();
+    cluster.send(second, frame(Command::Nack, &[("id", &ack)], b""));
+    let again = cluster.frames(second);
+    assert_eq!(numbers(&again), [0], "redelivered, not dead-lettered");
+    assert_eq!(again[0].header("delivery-count"), Some("3"));
+}
+
+#[test]
+fn many_queue_subscriptions_at_once_hold_one_window_and_a_buffer_not_one_window_each() {
+    many_queue_subscriptions_at_once("auto");
+}
+
+#[test]
+fn many_client_ack_queue_subscriptions_at_once_hold_one_window_and_a_buffer() {
+    many_queue_subscriptions_at_once("client-individual");
+}
+
+/// Six queues with backlogs subscribed to at once by one connection: what waits in its
+/// session stays within one byte window plus the out buffer, and every message is delivered
+/// once (those given back unwritten are not dead-lettered: two deliveries here would be).
+fn many_queue_subscriptions_at_once(ack: &str) {
+    let config = BrokerConfig {
+        deliveries_max: 2,
+        out_buffer_bytes_max: 10_000,
+        prefetch_default_bytes: 20_000,
+        ..BrokerConfig::default()
+    };
+    let held_max = 10_000 + 20_000 + 1_400;
+    let mut cluster = Cluster::new(2, config);
+    cluster.auto_flush = false;
+    let producer = cluster.connect(0);
+    for queue in 0..6 {
+        for n in 0..30 {
+            let body = format!("{n:04}{}", "x".repeat(996));
+            cluster.publish(producer, &format!("/queue/q{queue}"), &body);
+        }
+    }
+    // Six SUBSCRIBEs in one read: each queue hands its whole window before any delivery
+    // arrives and makes the session wait.
+    let consumer = cluster.connect(1);
+    cluster.auto_pump = false;
+    for queue in 0..6 {
+        let destination = format!("/queue/q{queue}");
+        let id = queue.to_string();
+        let subscribe = [
+            ("id", id.as_str()),
+            ("destination", &destination),
+            ("ack", ack),
+        ];
+        cluster.send(consumer, frame(Command::Subscribe, &subscribe, b""));
+    }
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    let mut got = std::collections::BTreeSet::new();
+    for round in 0..1000 {
+        let waiting = cluster.shards[1].waiting_bytes(consumer);
+        assert!(
+            waiting <= held_max,
+            "round {round}: {waiting} bytes waiting"
+        );
+        for sent in cluster.frames(consumer) {
+            let key = (
+                sent.header("destination").unwrap().to_string(),
+                sent.body[..4].to_vec(),
+            );
+            assert!(got.insert(key), "each message once");
+            if let Some(ack_id) = sent.header("ack") {
+                let ack_id = ack_id.to_string();
+                cluster.ack(consumer, &ack_id);
+            }
+        }
+        if got.len() == 180 {
+            break;
+        }
+        // The socket takes everything written: the windows come back.
+        cluster.flush(consumer);
+        while cluster.step_link(0) {}
+    }
+    assert_eq!(got.len(), 180, "every message delivered, none lost");
+}

@@ -169,10 +169,34 @@ impl Cluster {
         self.pump_if_auto();
     }
 
+    /// The server reports the out buffer full (`false`) or drained to empty (`true`).
     pub fn writable(&mut self, conn: ConnectionId, writable: bool) {
+        if writable {
+            self.drained_to(conn, 0);
+            return;
+        }
         let mut out = Effects::new();
         let now = self.now;
-        self.shards[conn.shard.0 as usize].on_writable(conn, writable, now, &mut out);
+        self.shards[conn.shard.0 as usize].on_writable(conn, false, now, &mut out);
+        self.absorb(conn.shard, out);
+        self.pump_if_auto();
+    }
+
+    /// The server reports the out buffer, reported full before, drained to `bytes`.
+    pub fn drained_to(&mut self, conn: ConnectionId, bytes: u64) {
+        self.out_bytes(conn, bytes);
+        let mut out = Effects::new();
+        let now = self.now;
+        self.shards[conn.shard.0 as usize].on_writable(conn, true, now, &mut out);
+        self.absorb(conn.shard, out);
+        self.pump_if_auto();
+    }
+
+    /// The server reports what the out buffer holds (after a batch of writes).
+    pub fn out_bytes(&mut self, conn: ConnectionId, bytes: u64) {
+        let mut out = Effects::new();
+        let now = self.now;
+        self.shards[conn.shard.0 as usize].on_out_bytes(conn, bytes, now, &mut out);
         self.absorb(conn.shard, out);
         self.pump_if_auto();
     }
