@@ -746,3 +746,32 @@ fn a_stale_record_of_the_same_sequence_never_comes_back_after_two_crashes() {
     );
     assert_ne!(n1.segment, x.segment, "appends went to a new segment");
 }
+
+/// A reader that opened a segment just before the broker renamed it away to reuse it, and read
+/// the header only after the reuse rewrote it, sees a header naming another sequence. That is
+/// reuse, not a misplaced segment, once the name no longer holds the file; at rest (the name
+/// still holds it) it is damage. (`stompd-log verify` beside a live broker once reported such a
+/// segment as misplaced.)
+#[test]
+fn a_reader_whose_segment_was_renamed_away_with_another_header_sees_reuse_not_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(tmp.path());
+    append(&mut log, 1);
+    log.sync_now().unwrap();
+    drop(log);
+    // Segment 0's file under the name of segment 60: its header says 0, its name 60.
+    let dir = shard_dir(tmp.path());
+    let misnamed = dir.join(segment_file_name(60));
+    fs::copy(dir.join(segment_file_name(0)), &misnamed).unwrap();
+
+    let reader = stompd::log::SegmentReader::open(60, &misnamed).unwrap();
+    assert!(
+        !reader.reused_since_open(),
+        "at rest, a header naming another sequence is damage"
+    );
+    fs::rename(&misnamed, dir.join(free_file_name(60))).unwrap();
+    assert!(
+        reader.reused_since_open(),
+        "renamed away with another header: reused while being read"
+    );
+}

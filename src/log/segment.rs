@@ -477,6 +477,8 @@ pub struct SegmentReader {
     map: Option<Mmap>,
     /// Kept open to ask the file system where data lies (`last_nonzero_from`).
     file: File,
+    /// The name it was opened under, to tell whether that name still holds this file.
+    path: PathBuf,
 }
 
 impl SegmentReader {
@@ -499,6 +501,7 @@ impl SegmentReader {
             header,
             map,
             file,
+            path: path.to_owned(),
         })
     }
 
@@ -548,10 +551,25 @@ impl SegmentReader {
     /// contents, so a scan may have seen a mix. Only a reclaimed segment, which held nothing
     /// needed, is reused, so readers treat it as deleted. Check after scanning: the header
     /// changes before any other byte does.
+    ///
+    /// The reuse can also come between opening and reading the header: the header then names
+    /// another sequence than the file name, which at rest would be damage (a misplaced
+    /// segment), but here the name no longer holds this file (it was renamed away to be
+    /// reused).
     pub fn reused_since_open(&self) -> bool {
         match &self.header {
+            Ok(header) if header.sequence != self.sequence && !self.still_named_by_path() => true,
             Ok(header) => SegmentHeader::decode(self.bytes()).as_ref() != Ok(header),
             Err(_) => false,
+        }
+    }
+
+    /// Whether the name it was opened under still names this file (same device and inode).
+    fn still_named_by_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+            _ => false,
         }
     }
 

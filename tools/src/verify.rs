@@ -198,7 +198,11 @@ fn rescan(
     shard: Option<u32>,
 ) -> anyhow::Result<Option<SegmentSummary>> {
     match SegmentReader::open(sequence, path) {
-        Ok(reader) => Ok(Some(SegmentSummary::scan(&reader, path, shard))),
+        Ok(reader) => {
+            let summary = SegmentSummary::scan(&reader, path, shard);
+            // Reused for a new segment meanwhile: gone, like a deleted one.
+            Ok((!reader.reused_since_open()).then_some(summary))
+        }
         Err(LogError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             Ok(None)
         }
