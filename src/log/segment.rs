@@ -14,7 +14,7 @@
 //! ([`free_file_name`], `<sequence>.seg.free`) and reused by [`Segment::recycle`] for a later
 //! sequence. Its pages are still in the page cache, so appends into it fault in existing pages
 //! instead of having the kernel allocate and zero fresh ones (15-19% of the queue shard's CPU
-//! in the profile of notes/perf.md).
+//! in the profile in docs/PERFORMANCE.md).
 //!
 //! Why `fallocate` and not `set_len`: a sparse file would let the disk fill up underneath the
 //! map, and a write fault on a page with no block behind it kills the process with SIGBUS.

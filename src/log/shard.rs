@@ -68,9 +68,10 @@ pub struct LogConfig {
     pub fsync: FsyncPolicy,
     /// Prefault a new segment's pages when mapping it (MAP_POPULATE). Off by default: the
     /// research spike measured 4-5x faster appends with it, but on the project machine
-    /// (Linux 6.18, ext4) a later measurement (notes/log.md) found writing a fresh 64 MiB segment
-    /// without it as fast or faster in total, while populating stalls the caller for 8-17 ms
-    /// per segment. Kept as a switch so other hosts can be measured.
+    /// (Linux 6.18, ext4) a later measurement (BENCHMARKS.md, "Log append"; docs/PERFORMANCE.md)
+    /// found writing a fresh 64 MiB segment without it as fast or faster in total, while
+    /// populating stalls the caller for 8-17 ms per segment. Kept as a switch so other hosts can
+    /// be measured.
     pub populate: bool,
 }
 
@@ -303,7 +304,8 @@ pub struct Recovery {
 /// with no hashing, and acks in send order walk the bitmap sequentially (cache friendly however
 /// large the backlog). It takes 1/64 of the segment's size in memory (1 MiB for 64 MiB),
 /// allocated zeroed, so untouched parts cost no resident memory. It replaced a SipHash
-/// `HashSet<u64>` whose lookups were ~20% of a shard's time under a backlog (see notes/perf.md).
+/// `HashSet<u64>` whose lookups were ~20% of a shard's time under a backlog (see
+/// docs/PERFORMANCE.md).
 #[derive(Debug)]
 struct LiveSet {
     words: Vec<u64>,

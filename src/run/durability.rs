@@ -512,7 +512,7 @@ impl Durability {
 /// one from its origin, and a FIFO consumer's acks come back in the same order. Those go into a
 /// run per origin: a deque sorted by `seq`, where an ack finds the front (or binary-searches)
 /// and touches memory next to the previous ack's. A hash map of a large backlog missed the cache
-/// on every insert and remove instead (~15% of the queue shard's time, see notes/perf.md).
+/// on every insert and remove instead (~15% of the queue shard's time, see docs/PERFORMANCE.md).
 /// Everything else (recovered ids, an id logged again, a second queue with the same id) goes to
 /// `scattered`.
 #[derive(Default)]
