@@ -6,7 +6,8 @@
 //! follows the message wherever it is held: a queue's ready list or a consumer's unacked list,
 //! an open transaction, a peer queue between cores, and a connection's out buffer (large bodies
 //! are written from the stored bytes). The server charges the reassembly buffers of frames that
-//! span receives ([`MemoryBudget::charge`] / [`MemoryBudget::release`] around their capacity).
+//! span receives and the chunks its out buffers own (encoded heads, small bodies copied in)
+//! ([`MemoryBudget::charge`] / [`MemoryBudget::release`] around their capacity).
 //!
 //! Why one shared atomic and not per-core shares: a message is made on its producer's core and
 //! freed wherever its last reference drops (the queue's core, a consumer's core, an out buffer),

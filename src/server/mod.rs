@@ -90,8 +90,9 @@ pub struct ServerConfig {
     pub listen_orphan_wait_ms: u64,
     /// Heart-beat policy, applied by the handler when it negotiates (STOMP 1.2 "Heart-beating").
     pub heartbeat: HeartbeatConfig,
-    /// The broker's memory budget: the reassembly buffers of frames that span receives are
-    /// charged to it (the broker charges the messages). The default counts and never limits.
+    /// The broker's memory budget: the reassembly buffers of frames that span receives and the
+    /// out buffers' own chunks are charged to it (the broker charges the messages). The
+    /// default counts and never limits.
     pub memory: &'static crate::broker::MemoryBudget,
 }
 

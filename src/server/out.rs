@@ -6,6 +6,11 @@
 //! shared chunks hold stored message bodies ([`Bytes`]), which are sent where they lie. It
 //! counts what the kernel took over the connection's life, so the broker can tell which frames
 //! of a lost connection never reached the socket.
+//!
+//! Memory: the owned chunks' capacity (the kept spare included) is counted as it changes, a
+//! plain add on the queue itself; the shard brings the memory budget's charge to it with
+//! [`OutQueue::sync_charge`] where it already handles the connection's sends, so a frame costs
+//! no atomic operation. Shared chunks are charged through their stored message.
 
 use std::collections::VecDeque;
 
@@ -50,7 +55,13 @@ pub(super) struct OutQueue {
     bytes: usize,
     /// Bytes the kernel has taken so far, over the connection's life.
     sent_total: u64,
+    /// An emptied owned chunk kept for the next one, so a busy connection does not allocate
+    /// per send.
     spare: Option<Vec<u8>>,
+    /// Capacity of the owned chunks in both lists and of `spare`.
+    owned_capacity: usize,
+    /// `owned_capacity` as last charged to the memory budget.
+    charged: u64,
 }
 
 impl OutQueue {
@@ -65,7 +76,29 @@ impl OutQueue {
             bytes: 0,
             sent_total: 0,
             spare: None,
+            owned_capacity: 0,
+            charged: 0,
         }
+    }
+
+    /// Brings `budget`'s charge for this queue to its owned capacity: no atomic operation when
+    /// it has not changed since the last call, which is the steady state of a busy connection
+    /// (its chunks are reused).
+    pub(super) fn sync_charge(&mut self, budget: &crate::broker::MemoryBudget) {
+        let now = self.owned_capacity as u64;
+        if now > self.charged {
+            budget.charge(now - self.charged);
+        } else if now < self.charged {
+            budget.release(self.charged - now);
+        }
+        self.charged = now;
+    }
+
+    /// Gives back this queue's whole charge, when its connection is released (the queue goes
+    /// with it).
+    pub(super) fn release_charge(&mut self, budget: &crate::broker::MemoryBudget) {
+        budget.release(self.charged);
+        self.charged = 0;
     }
 
     pub(super) fn bytes(&self) -> usize {
@@ -102,8 +135,10 @@ impl OutQueue {
             unreachable!("an owned chunk was just ensured at the back");
         };
         let before = bytes.len();
+        let capacity_before = bytes.capacity();
         encode(bytes);
         let added = bytes.len() - before;
+        self.owned_capacity += bytes.capacity() - capacity_before;
         self.bytes += added;
         added
     }
@@ -164,17 +199,44 @@ impl OutQueue {
                 break;
             }
             sent -= remaining;
-            if let Some(Chunk::Owned { mut bytes, .. }) = self.in_flight.pop_front() {
-                if bytes.capacity() <= OWNED_CHUNK_BYTES_MAX && self.spare.is_none() {
-                    bytes.clear();
-                    self.spare = Some(bytes);
-                }
-            }
+            let chunk = self
+                .in_flight
+                .pop_front()
+                .expect("the front chunk was just seen");
+            self.retire(chunk);
         }
         // Drop chunks the kernel consumed exactly (the loop above stops at zero).
         while matches!(self.in_flight.front(), Some(chunk) if chunk.remaining().is_empty()) {
-            self.in_flight.pop_front();
+            let chunk = self
+                .in_flight
+                .pop_front()
+                .expect("the front chunk was just seen");
+            self.retire(chunk);
         }
+    }
+
+    /// A chunk leaves the lists: an owned one becomes the spare if there is none and it is
+    /// small, else its capacity is no longer held.
+    fn retire(&mut self, chunk: Chunk) {
+        let Chunk::Owned { mut bytes, .. } = chunk else {
+            return;
+        };
+        if bytes.capacity() <= OWNED_CHUNK_BYTES_MAX && self.spare.is_none() {
+            bytes.clear();
+            self.spare = Some(bytes);
+        } else {
+            self.owned_capacity -= bytes.capacity();
+        }
+    }
+
+    /// Capacity of the owned chunks among `chunks`.
+    fn owned_capacity_of<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> usize {
+        chunks
+            .map(|chunk| match chunk {
+                Chunk::Owned { bytes, .. } => bytes.capacity(),
+                Chunk::Shared(_) => 0,
+            })
+            .sum()
     }
 
     /// Drops what was not handed to the kernel yet (the in-flight part is the kernel's).
@@ -184,6 +246,7 @@ impl OutQueue {
             .iter()
             .map(|chunk| chunk.remaining().len())
             .sum();
+        self.owned_capacity -= Self::owned_capacity_of(self.queued.iter());
         self.queued.clear();
         self.bytes -= dropped;
         dropped
@@ -192,6 +255,8 @@ impl OutQueue {
     /// Drops everything; only when no send is in flight.
     pub(super) fn clear(&mut self) -> usize {
         let dropped = self.bytes;
+        self.owned_capacity -=
+            Self::owned_capacity_of(self.queued.iter().chain(self.in_flight.iter()));
         self.queued.clear();
         self.in_flight.clear();
         self.bytes = 0;
@@ -202,6 +267,71 @@ impl OutQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The owned capacity counted afresh from the chunks, to check the running count.
+    fn owned_capacity_counted(queue: &OutQueue) -> usize {
+        OutQueue::owned_capacity_of(queue.queued.iter().chain(queue.in_flight.iter()))
+            + queue.spare.as_ref().map_or(0, Vec::capacity)
+    }
+
+    /// Sends everything queued, the kernel taking all it is offered.
+    fn send_all(queue: &mut OutQueue) {
+        while let Some(header) = queue.prepare_send() {
+            let offered = prepared_bytes(header).len();
+            queue.complete(offered);
+        }
+    }
+
+    #[test]
+    fn the_budget_is_charged_the_owned_capacity_and_gets_it_all_back() {
+        let budget = crate::broker::MemoryBudget::new(u64::MAX);
+        let mut queue = OutQueue::new();
+        // Heads and small bodies are copied into owned chunks; a large body is shared and not
+        // counted here (its message carries its charge).
+        for _ in 0..100 {
+            queue.append_with(|out| out.extend_from_slice(&[b'h'; 200]));
+            queue.append_shared(Bytes::from(vec![b's'; 100]));
+            queue.append_shared(Bytes::from(vec![b'l'; 4000]));
+        }
+        assert!(queue.owned_capacity >= 100 * 300);
+        assert_eq!(queue.owned_capacity, owned_capacity_counted(&queue));
+        queue.sync_charge(&budget);
+        assert_eq!(budget.charged(), queue.owned_capacity as u64);
+
+        // Sent: the small chunk is kept as the spare and stays charged.
+        send_all(&mut queue);
+        assert!(queue.is_empty());
+        let spare = queue.spare.as_ref().map_or(0, Vec::capacity);
+        assert!(spare > 0, "a small emptied chunk is kept");
+        assert_eq!(queue.owned_capacity, spare);
+        queue.sync_charge(&budget);
+        assert_eq!(budget.charged(), spare as u64);
+
+        // More than one chunk's worth: the chunks past the spare are freed once sent, and the
+        // charge follows down.
+        for _ in 0..3 {
+            queue.append_with(|out| out.extend_from_slice(&vec![b'x'; OWNED_CHUNK_BYTES_MAX]));
+        }
+        queue.sync_charge(&budget);
+        assert!(budget.charged() >= 3 * OWNED_CHUNK_BYTES_MAX as u64);
+        send_all(&mut queue);
+        queue.sync_charge(&budget);
+        assert_eq!(queue.owned_capacity, owned_capacity_counted(&queue));
+        assert_eq!(budget.charged(), queue.owned_capacity as u64);
+        assert!(budget.charged() <= OWNED_CHUNK_BYTES_MAX as u64);
+
+        // Dropped unsent, then the connection goes: nothing stays charged.
+        queue.append_with(|out| out.extend_from_slice(&[b'y'; 5000]));
+        queue.prepare_send().expect("bytes are queued");
+        queue.append_with(|out| out.extend_from_slice(&[b'z'; 5000]));
+        queue.drop_queued();
+        queue.clear();
+        queue.sync_charge(&budget);
+        assert_eq!(queue.owned_capacity, owned_capacity_counted(&queue));
+        assert_eq!(budget.charged(), queue.owned_capacity as u64);
+        queue.release_charge(&budget);
+        assert_eq!(budget.charged(), 0);
+    }
 
     fn gather(queue: &OutQueue) -> Vec<u8> {
         let mut all = Vec::new();
@@ -323,6 +453,7 @@ mod tests {
         /// exactly the bytes appended, in order, and the byte count stays exact.
         #[test]
         fn the_kernel_sees_every_byte_once_in_order(steps in proptest::collection::vec(step(), 1..60)) {
+            let budget = crate::broker::MemoryBudget::new(u64::MAX);
             let mut queue = OutQueue::new();
             let mut appended = Vec::new();
             let mut sent = Vec::new();
@@ -346,6 +477,9 @@ mod tests {
                     }
                 }
                 proptest::prop_assert_eq!(queue.bytes(), appended.len() - sent.len());
+                proptest::prop_assert_eq!(queue.owned_capacity, owned_capacity_counted(&queue));
+                queue.sync_charge(&budget);
+                proptest::prop_assert_eq!(budget.charged(), queue.owned_capacity as u64);
             }
             while let Some(header) = queue.prepare_send() {
                 let offered = prepared_bytes(header);
@@ -354,6 +488,8 @@ mod tests {
             }
             proptest::prop_assert_eq!(sent, appended);
             proptest::prop_assert!(queue.is_empty());
+            queue.release_charge(&budget);
+            proptest::prop_assert_eq!(budget.charged(), 0);
         }
     }
 }

@@ -615,11 +615,15 @@ impl<H: ShardHandler> Shard<H> {
     fn submit_sends(&mut self) {
         let dirty = std::mem::take(&mut self.core.dirty);
         let now = self.core.now_ms;
+        let memory = self.memory;
         for &slot in &dirty {
             let Some(conn) = self.core.conn_mut(slot) else {
                 continue;
             };
             conn.dirty = false;
+            // Every write marks its connection dirty, so the handler's writes since the last
+            // turn are all charged here, whether or not a send can start now.
+            conn.out.sync_charge(memory);
             // `is_empty`, not `has_queued`: after a short send the unsent rest stays in the
             // in-flight list with nothing queued behind it, and must go out all the same.
             if conn.send_in_flight || conn.out.is_empty() {
@@ -672,6 +676,7 @@ impl<H: ShardHandler> Shard<H> {
             let mut arm_recv = false;
             if *forced {
                 let dropped = conn.out.drop_queued();
+                conn.out.sync_charge(self.memory);
                 self.core.out_bytes_total -= dropped;
                 if conn.recv_armed && !conn.recv_cancel_sent {
                     conn.recv_cancel_sent = true;
@@ -717,8 +722,9 @@ impl<H: ShardHandler> Shard<H> {
 
     fn release(&mut self, slot: u32) {
         let entry = &mut self.core.slots[slot as usize];
-        let conn = entry.conn.take().expect("released slots hold a connection");
+        let mut conn = entry.conn.take().expect("released slots hold a connection");
         debug_assert!(!conn.recv_armed && !conn.send_in_flight);
+        conn.out.release_charge(self.memory);
         if conn.parked {
             // Keeps the parked list to live connections (the relay pauses every client
             // that sends DISCONNECT, and a shard that is never congested never empties it).
@@ -1168,6 +1174,7 @@ impl<H: ShardHandler> Shard<H> {
 
     fn on_send(&mut self, slot: u32, result: i32) {
         let low_water = self.core.out_buffer_bytes_max / 2;
+        let memory = self.memory;
         let Some(conn) = self.core.conn_mut(slot) else {
             debug_assert!(false, "a send completed on a released slot");
             return;
@@ -1176,6 +1183,7 @@ impl<H: ShardHandler> Shard<H> {
         conn.send_cancel_sent = false;
         if result >= 0 {
             conn.out.complete(result as usize);
+            conn.out.sync_charge(memory);
             self.core.out_bytes_total -= result as usize;
             let conn = self.core.conn_mut(slot).expect("still there");
             let more = !conn.out.is_empty();
@@ -1200,6 +1208,7 @@ impl<H: ShardHandler> Shard<H> {
             }
         } else {
             let dropped = conn.out.clear();
+            conn.out.sync_charge(memory);
             self.core.out_bytes_total -= dropped;
             let errno = -result;
             if errno != libc::ECANCELED {
@@ -1238,16 +1247,29 @@ impl<H: ShardHandler> Shard<H> {
     /// Closes what is left. If the kernel may still write into receive buffers (the drain
     /// deadline cut connections whose operations had not finished), those buffers are leaked
     /// rather than unmapped.
-    fn finish(self) {
+    fn finish(mut self) {
         let busy = self
             .core
             .slots
             .iter()
             .filter_map(|slot| slot.conn.as_ref())
             .any(|conn| conn.recv_armed || conn.send_in_flight);
-        for conn in self.core.slots.iter().filter_map(|slot| slot.conn.as_ref()) {
+        let memory = self.memory;
+        for conn in self
+            .core
+            .slots
+            .iter_mut()
+            .filter_map(|slot| slot.conn.as_mut())
+        {
             // SAFETY: our fds; the ring is about to go, cancelling what remains.
             unsafe { libc::close(conn.fd) };
+            conn.out.release_charge(memory);
+        }
+        // The budget outlives the server (an embedder may run another on it): give back what
+        // this shard's buffers were charged.
+        for reader in &mut self.readers {
+            memory.release(reader.charged);
+            reader.charged = 0;
         }
         let Shard { ring, buf_ring, .. } = self;
         drop(ring);
