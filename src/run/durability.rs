@@ -1123,6 +1123,45 @@ mod tests {
         assert_eq!(positions.remove(id(1), b"/queue/a"), None);
     }
 
+    /// Many queues, one message each, drained in another order than they were filled (and
+    /// some ids out of order, so the scattered map is used too): nothing is held afterwards,
+    /// not a slot and not a reference to any queue's name.
+    #[test]
+    fn drained_queues_leave_no_entry_and_no_name_behind() {
+        let queues: Vec<Arc<[u8]>> = (0..10_000u64)
+            .map(|n| Arc::from(format!("/queue/q{n}").into_bytes()))
+            .collect();
+        let mut positions = Positions::default();
+        // Every 100th id arrives late, after the run has moved past it.
+        let late = |n: u64| n % 100 == 7;
+        for (n, queue) in (0u64..).zip(&queues) {
+            if !late(n) {
+                positions.insert(id(n + 1), queue, at((n + 1) * 8));
+            }
+        }
+        for (n, queue) in (0u64..).zip(&queues) {
+            if late(n) {
+                positions.insert(id(n + 1), queue, at((n + 1) * 8));
+            }
+        }
+        assert!(!positions.scattered.is_empty(), "late ids are scattered");
+        // Drained by a stride that visits every queue once, far from publish order.
+        for step in 0..10_000u64 {
+            let n = (step * 7_919) % 10_000;
+            let name = &queues[n as usize];
+            assert_eq!(positions.remove(id(n + 1), name), Some(at((n + 1) * 8)));
+        }
+        assert!(positions.runs.iter().all(|run| run.slots.is_empty()));
+        assert!(positions.scattered.is_empty() && positions.scattered.more.is_empty());
+        for queue in &queues {
+            assert_eq!(
+                Arc::strong_count(queue),
+                1,
+                "a drained queue's name is held"
+            );
+        }
+    }
+
     #[test]
     fn a_message_never_acked_at_the_front_does_not_make_the_run_grow_without_bound() {
         let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
