@@ -5,7 +5,7 @@ SETTLE seconds after it (default 1.5; 11 lets the 10 s malloc_trim run, which ma
 comparable). Each round uses new names; pass `same` to reuse the names of the first.
 
     target/release/stompd --listen 127.0.0.1:61613 --shards 2 -s /tmp/data &
-    SETTLE=11 scripts/rss-queue-rounds.py $! 61613 10 100000
+    SETTLE=11 benches/rss_queue_rounds.py $! 61613 10 100000
 """
 import os
 import socket
