@@ -7,8 +7,9 @@ broker's memory sampled over time.
 Cases (sizes from the environment, defaults as in issue 13's tests):
   slow-consumer  a consumer subscribes to a queue and reads nothing while a producer sends
                  SLOW_MB messages of 1 MiB (persistent, a receipt every 8, so a broker that
-                 slows its producers shows it); then the consumer reads everything and checks
-                 the order.
+                 slows its producers holds it back); once the producer is done or has made no
+                 progress for STALL_S seconds, the consumer reads everything and checks the
+                 order.
   transactions   TX_CONNECTIONS connections each open a transaction and send TX_MB messages of
                  1 MiB in it; they hold it for HOLD_S seconds, then disconnect (an implicit
                  abort); sampling goes on for AFTER_S seconds.
@@ -31,6 +32,7 @@ SLOW_MB = int(os.environ.get("SLOW_MB", "500"))
 TX_CONNECTIONS = int(os.environ.get("TX_CONNECTIONS", "30"))
 TX_MB = int(os.environ.get("TX_MB", "60"))
 HOLD_S = float(os.environ.get("HOLD_S", "5"))
+STALL_S = float(os.environ.get("STALL_S", "5"))
 AFTER_S = float(os.environ.get("AFTER_S", "15"))
 CASE_DEADLINE_S = float(os.environ.get("CASE_DEADLINE_S", "300"))
 SAMPLE_EVERY_S = 0.25
@@ -118,15 +120,11 @@ class Connection:
             pass
 
 
-def slow_consumer(port, sampler):
-    queue = f"/queue/rss-slow-{os.getpid()}"
-    consumer = Connection(port)
-    consumer.send("SUBSCRIBE", {"id": "0", "destination": queue, "ack": "auto"})
-    # The consumer's socket is not read until the producer is done: its receive buffer fills,
-    # then the broker's out buffer, then whatever the broker keeps for it.
+def produce(port, queue, done):
+    """Sends SLOW_MB messages of 1 MiB, a receipt every 8 and at most two receipt windows
+    outstanding, so a broker that slows its producers holds this loop back; counts in `done`."""
     producer = Connection(port)
     body = b"x" * MIB
-    sampler.phase = "fill"
     receipts_due = 0
     for sequence in range(SLOW_MB):
         headers = {"destination": queue, "persistent": "true", "seq": str(sequence)}
@@ -134,14 +132,40 @@ def slow_consumer(port, sampler):
             headers["receipt"] = str(sequence)
             receipts_due += 1
         producer.send("SEND", headers, body)
-        # At most two receipt windows outstanding: a broker that slows its producers holds
-        # this loop back, as it would hold back a real producer.
+        done["sent"] = sequence + 1
         while receipts_due > 2 or (sequence == SLOW_MB - 1 and receipts_due):
             command, headers, _ = producer.read_frame()
             if command != "RECEIPT":
                 raise RuntimeError(f"producer got {command}: {headers.get('message')}")
             receipts_due -= 1
     producer.close()
+
+
+def slow_consumer(port, sampler):
+    queue = f"/queue/rss-slow-{os.getpid()}"
+    consumer = Connection(port)
+    consumer.send("SUBSCRIBE", {"id": "0", "destination": queue, "ack": "auto"})
+    # The consumer's socket is not read while the producer makes progress: its receive buffer
+    # fills, then the broker's out buffer, then whatever the broker keeps for it. A broker
+    # that bounds its memory holds the producer back; once it has made no progress for
+    # STALL_S (or is done), the consumer starts reading.
+    done, failure = {"sent": 0}, {}
+
+    def run_producer():
+        try:
+            produce(port, queue, done)
+        except (RuntimeError, OSError) as error:
+            failure["error"] = str(error)
+
+    producer = threading.Thread(target=run_producer, daemon=True)
+    sampler.phase = "fill"
+    producer.start()
+    last, last_change = -1, time.monotonic()
+    while producer.is_alive() and time.monotonic() - last_change < STALL_S:
+        if done["sent"] != last:
+            last, last_change = done["sent"], time.monotonic()
+        time.sleep(0.1)
+    held = producer.is_alive()
     sampler.phase = "drain"
     for expected in range(SLOW_MB):
         command, headers, body = consumer.read_frame()
@@ -149,10 +173,14 @@ def slow_consumer(port, sampler):
             raise RuntimeError(f"consumer got {command}: {headers.get('message')}")
         if int(headers["seq"]) != expected or len(body) != MIB:
             raise RuntimeError(f"out of order: expected {expected}, got {headers['seq']}")
+    producer.join(CASE_DEADLINE_S)
+    if "error" in failure:
+        raise RuntimeError(f"producer: {failure['error']}")
     consumer.close()
     sampler.phase = "after"
     time.sleep(AFTER_S)
-    return f"{SLOW_MB} messages of 1 MiB delivered in order"
+    how = f"held back after {last} sent" if held else "never held back"
+    return f"{SLOW_MB} messages of 1 MiB delivered in order (producer {how})"
 
 
 def transactions(port, sampler):
