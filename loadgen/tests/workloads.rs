@@ -98,42 +98,10 @@ fn start_broker_binary(path: &str) -> Broker {
     }
 }
 
-/// Starts `command` (a stompd, on `--listen 127.0.0.1:0`) with its stderr piped, and returns the
-/// process and the port from its "listening on ADDR" line, which stompd writes whatever the log
-/// level. Port 0 means no other test can take the port between choosing and binding it. The
-/// rest of its stderr is passed on to ours.
-fn spawn_listening(mut command: Command, deadline: Duration) -> (Child, u16) {
-    use std::io::BufRead;
-    let mut process = command
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|error| panic!("starting {command:?}: {error}"));
-    let stderr = process.stderr.take().expect("piped stderr");
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("{line}");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let port = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|addr| addr.rsplit_once(':'))
-                    .and_then(|(_, port)| port.parse::<u16>().ok());
-                if let Some(port) = port {
-                    let _ = port_tx.send(port);
-                }
-            }
-        }
-    });
-    match port_rx.recv_timeout(deadline) {
-        Ok(port) => (process, port),
-        Err(_) => {
-            let _ = process.kill();
-            let _ = process.wait();
-            panic!("{command:?} did not say it was listening within {deadline:?}");
-        }
-    }
+/// Starts `command` (a stompd on port 0) and returns it with the port it says it listens on.
+fn spawn_listening(command: Command, deadline: Duration) -> (Child, u16) {
+    stompd::run::listening::spawn_listening(command, deadline)
+        .unwrap_or_else(|error| panic!("starting stompd: {error}"))
 }
 
 /// The broker for tests that expect a correct one.

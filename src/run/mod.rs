@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod durability;
 pub mod handler;
+pub mod listening;
 pub mod trim;
 
 use std::fs::File;
@@ -309,16 +310,18 @@ pub fn run(
         shards = config.shards,
         queue_type = %config.queue_type,
         fsync = %config.fsync,
-        "stompd {} listening on {}",
+        "stompd {} {}{}",
         env!("CARGO_PKG_VERSION"),
+        listening::LISTENING_ON,
         server.local_addr()
     );
     // Scripts and tests start the broker on port 0 and read the port from this line, so it is
     // printed even when the log level hides it.
     if !tracing::enabled!(tracing::Level::INFO) {
         eprintln!(
-            "stompd {} listening on {}",
+            "stompd {} {}{}",
             env!("CARGO_PKG_VERSION"),
+            listening::LISTENING_ON,
             server.local_addr()
         );
     }

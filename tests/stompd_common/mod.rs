@@ -29,9 +29,7 @@ static BROKERS_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 
 /// The port of the first "listening on HOST:PORT" in a broker's stderr.
 pub fn listening_port(stderr: &str) -> Option<u16> {
-    let rest = &stderr[stderr.find("listening on ")? + "listening on ".len()..];
-    let addr = rest.split_whitespace().next()?;
-    addr.rsplit_once(':')?.1.parse().ok()
+    stompd::run::listening::port_in(stderr)
 }
 
 /// Raises this test process's soft open-files limit to the hard one (as the broker does for
