@@ -84,7 +84,8 @@ pub struct BrokerConfig {
     /// holds that for 1 KiB messages; a subscriber that stalls costs no more than this (or one
     /// message, when a message is larger: an empty slack takes one). What the slack holds
     /// waits in the session until the connection drains (see `out_buffer_bytes_max`), so it
-    /// need not fit the server's out buffer.
+    /// need not fit the server's out buffer; the session keeps at most twice this for one
+    /// subscription (what the topic sent after the pause, and what was on its way before).
     pub topic_slack_bytes: u64,
     /// A topic subscriber whose connection is full pauses the producers of the topic until it
     /// drains. One that stays full this long is slow,

