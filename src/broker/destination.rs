@@ -46,30 +46,109 @@ use std::sync::Arc;
 use super::effects::{Record, Rejection, ShardMessage};
 use super::shard::Ctx;
 use super::types::{
-    dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, QueueStats,
+    dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, Paged,
+    QueueStats, StoreRef,
 };
+
+/// Where a held message's body is.
+#[derive(Debug)]
+enum Body {
+    /// In memory, shared with the deliveries in flight.
+    Resident {
+        message: Arc<Message>,
+        /// The connection that sent it, while that matters: a message the log then fails to
+        /// store is dropped, and its sender hears of it even without a receipt. `None` for
+        /// messages recovered, dead-lettered or handed back.
+        origin: Option<ConnectionId>,
+    },
+    /// Only in the store: a backlog's message, read back when its turn comes
+    /// ([`Queue::page_out`], [`Queue::page_in`]).
+    Paged(Paged),
+}
 
 /// A message held by a queue, with how many times it has been delivered so far.
 #[derive(Debug)]
 struct Held {
-    message: Arc<Message>,
+    body: Body,
     deliveries: u32,
     /// Of `deliveries`, those that never reached the consumer's socket: they do not count
     /// toward `deliveries_max`.
     unsent: u32,
-    /// The connection that sent it, while that matters: a message the log then fails to store
-    /// is dropped, and its sender hears of it even without a receipt. `None` for messages
-    /// recovered, dead-lettered or handed back.
-    origin: Option<ConnectionId>,
     /// When it arrived at this queue (set by [`Queue::hold`]): auto-acked deliveries that come
     /// back unwritten go back to their place in this order, however they return.
     order: u64,
 }
 
 impl Held {
+    fn resident(message: Arc<Message>, deliveries: u32, origin: Option<ConnectionId>) -> Held {
+        Held {
+            body: Body::Resident { message, origin },
+            deliveries,
+            unsent: 0,
+            order: 0,
+        }
+    }
+
     /// Deliveries that may have reached a client: what dead-lettering counts.
     fn deliveries_sent(&self) -> u32 {
         self.deliveries.saturating_sub(self.unsent)
+    }
+
+    fn id(&self) -> MessageId {
+        match &self.body {
+            Body::Resident { message, .. } => message.id,
+            Body::Paged(paged) => paged.id(),
+        }
+    }
+
+    fn body_bytes(&self) -> u64 {
+        match &self.body {
+            Body::Resident { message, .. } => message.body.len() as u64,
+            Body::Paged(paged) => u64::from(paged.body_bytes),
+        }
+    }
+
+    fn expires_ms(&self) -> u64 {
+        match &self.body {
+            Body::Resident { message, .. } => message.expires_ms,
+            Body::Paged(paged) => paged.expires_ms,
+        }
+    }
+
+    fn is_expired(&self, now_ms: u64) -> bool {
+        let expires_ms = self.expires_ms();
+        expires_ms != 0 && expires_ms <= now_ms
+    }
+
+    fn frame_bytes_estimate(&self) -> u64 {
+        match &self.body {
+            Body::Resident { message, .. } => message.frame_bytes_estimate(),
+            Body::Paged(paged) => paged.frame_bytes_estimate(),
+        }
+    }
+
+    /// Kept in the log: persistent with the log on (a paged message always is).
+    fn is_logged(&self, ctx: &Ctx<'_>) -> bool {
+        match &self.body {
+            Body::Resident { message, .. } => Queue::logged(ctx, message),
+            Body::Paged(_) => true,
+        }
+    }
+
+    /// Its record in the store, once written.
+    fn stored_at(&self) -> Option<StoreRef> {
+        match &self.body {
+            Body::Resident { message, .. } => message.stored_at.get(),
+            Body::Paged(paged) => Some(paged.at),
+        }
+    }
+
+    /// The message in memory: a delivered or dead-lettered message always is.
+    fn message(&self) -> &Arc<Message> {
+        match &self.body {
+            Body::Resident { message, .. } => message,
+            Body::Paged(_) => unreachable!("paged in before it is handed out"),
+        }
     }
 }
 
@@ -201,25 +280,74 @@ impl Queue {
     }
 
     fn note_held(&mut self, held: &Held) {
-        if held.message.expires_ms != 0 {
-            self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
+        if held.expires_ms() != 0 {
+            self.next_expiry_ms = self.next_expiry_ms.min(held.expires_ms());
         }
-        self.ready_bytes += held.message.body.len() as u64;
+        self.ready_bytes += held.body_bytes();
     }
 
     fn logged(ctx: &Ctx<'_>, message: &Message) -> bool {
         ctx.config.log_enabled && message.persistent
     }
 
-    fn log_done(&self, ctx: &mut Ctx<'_>, message: &Message) {
-        if Self::logged(ctx, message) {
+    /// The message left the queue for good: its record is acknowledged.
+    fn log_done(&self, ctx: &mut Ctx<'_>, held: &Held) {
+        if held.is_logged(ctx) {
             ctx.append(
                 Record::Ack {
                     destination: self.name.clone(),
-                    id: message.id,
+                    id: held.id(),
+                    at: held.stored_at(),
                 },
                 None,
             );
+        }
+    }
+
+    /// Keeps the newest waiting messages' bodies only in the store while the broker's memory
+    /// is past the paging level ([`crate::broker::MemoryBudget::page_out_bytes`]): a backlog
+    /// then costs memory per message, not per byte. From the back, where the messages wait
+    /// longest; it stops at the first one already paged (those before it were paged by an
+    /// earlier call). A message whose record is not written yet (held back until the end of
+    /// the call) stays for a later call; a non-persistent one stays in memory.
+    fn page_out(&mut self, ctx: &Ctx<'_>) {
+        let budget = ctx.config.memory;
+        if !ctx.config.log_enabled || budget.charged() <= budget.page_out_bytes() {
+            return;
+        }
+        for held in self.ready.iter_mut().rev() {
+            let Body::Resident { message, .. } = &held.body else {
+                break;
+            };
+            if !message.persistent {
+                continue;
+            }
+            if let Some(at) = message.stored_at.get() {
+                held.body = Body::Paged(Paged::of(message, at));
+            }
+        }
+    }
+
+    /// Reads a paged message's body back from the store for its delivery. `false` when the
+    /// store could not read it (it said why): the message is lost, and its record acked so
+    /// that a restart does not try again.
+    fn page_in(&self, ctx: &mut Ctx<'_>, held: &mut Held) -> bool {
+        let Body::Paged(paged) = held.body else {
+            return true;
+        };
+        match ctx.store.load(&self.name, &paged) {
+            Some(message) => {
+                held.body = Body::Resident {
+                    message: Arc::new(message),
+                    origin: None,
+                };
+                true
+            }
+            None => {
+                ctx.counters.messages_unreadable_total += 1;
+                self.log_done(ctx, held);
+                false
+            }
         }
     }
 
@@ -300,17 +428,9 @@ impl Queue {
                 );
             }
         }
-        self.hold(
-            Held {
-                message,
-                deliveries: 0,
-                unsent: 0,
-                origin: Some(origin),
-                order: 0,
-            },
-            false,
-        );
+        self.hold(Held::resident(message, 0, Some(origin)), false);
         self.dispatch(ctx);
+        self.page_out(ctx);
         if self.is_over_limits(ctx) && self.throttled.insert(origin) {
             ctx.route(
                 origin.shard,
@@ -346,12 +466,14 @@ impl Queue {
         ctx: &mut Ctx<'_>,
         message: Arc<Message>,
         from: Arc<[u8]>,
+        from_at: Option<StoreRef>,
     ) {
         self.enqueued += 1;
         if Self::logged(ctx, &message) {
             let moved = ShardMessage::Moved {
                 destination: from.clone(),
                 id: message.id,
+                at: from_at,
             };
             let token = ctx.wait_durable(shard_of(&from, ctx.shard_count), moved);
             ctx.append(
@@ -361,43 +483,36 @@ impl Queue {
                 Some(token),
             );
         }
-        self.hold(
-            Held {
-                message,
-                deliveries: 0,
-                unsent: 0,
-                origin: None,
-                order: 0,
-            },
-            false,
-        );
+        self.hold(Held::resident(message, 0, None), false);
         self.dispatch(ctx);
+        self.page_out(ctx);
     }
 
     /// Drops a message still waiting in `ready` (its log record could not be written, so it
     /// must not be delivered as if stored). One handed out already stays with its consumer.
     /// Returns the sender of the message dropped, when known.
     pub(crate) fn forget_ready(&mut self, id: MessageId) -> Option<ConnectionId> {
-        let index = self.ready.iter().position(|held| held.message.id == id)?;
+        let index = self.ready.iter().position(|held| held.id() == id)?;
         let held = self.ready.remove(index)?;
-        self.ready_bytes -= held.message.body.len() as u64;
+        self.ready_bytes -= held.body_bytes();
         self.enqueued = self.enqueued.saturating_sub(1);
-        held.origin
+        match held.body {
+            Body::Resident { origin, .. } => origin,
+            Body::Paged(_) => None,
+        }
     }
 
-    /// Puts recovered messages back at startup, in log order.
-    pub(crate) fn restore(&mut self, message: Arc<Message>, deliveries: u32) {
+    /// Puts recovered messages back at startup, in log order: their index entries only, the
+    /// bodies stay in the store until their turn.
+    pub(crate) fn restore(&mut self, entry: Paged, deliveries: u32) {
         self.enqueued += 1;
-        self.hold(
-            Held {
-                message,
-                deliveries,
-                unsent: 0,
-                origin: None,
-                order: 0,
-            },
-            false,
-        );
+        let held = Held {
+            body: Body::Paged(entry),
+            deliveries,
+            unsent: 0,
+            order: 0,
+        };
+        self.hold(held, false);
     }
 
     pub(crate) fn subscribe(
@@ -455,7 +570,7 @@ impl Queue {
             return;
         };
         for held in consumer.unacked.iter_mut() {
-            if ids.contains(&held.message.id) && held.unsent < held.deliveries {
+            if ids.contains(&held.id()) && held.unsent < held.deliveries {
                 held.unsent += 1;
             }
         }
@@ -476,10 +591,7 @@ impl Queue {
     fn remove_unacked(&mut self, key: ConsumerKey, ids: &[MessageId]) -> Vec<Held> {
         let removed = self.take_unacked(key, ids);
         if let Some(consumer) = self.consumers.get_mut(&key) {
-            let bytes: u64 = removed
-                .iter()
-                .map(|held| held.message.frame_bytes_estimate())
-                .sum();
+            let bytes: u64 = removed.iter().map(Held::frame_bytes_estimate).sum();
             debug_assert!(bytes <= consumer.window_bytes, "window bytes are exact");
             consumer.window_bytes = consumer.window_bytes.saturating_sub(bytes);
         }
@@ -496,7 +608,7 @@ impl Queue {
             let mut removed = Vec::with_capacity(ids.len());
             let mut kept = VecDeque::with_capacity(consumer.unacked.len());
             for held in consumer.unacked.drain(..) {
-                if wanted.contains(&held.message.id) {
+                if wanted.contains(&held.id()) {
                     removed.push(held);
                 } else {
                     kept.push_back(held);
@@ -508,12 +620,7 @@ impl Queue {
         // Acks usually name the oldest deliveries, so search from the front.
         let mut positions: Vec<usize> = ids
             .iter()
-            .filter_map(|id| {
-                consumer
-                    .unacked
-                    .iter()
-                    .position(|held| held.message.id == *id)
-            })
+            .filter_map(|id| consumer.unacked.iter().position(|held| held.id() == *id))
             .collect();
         positions.sort_unstable();
         positions.dedup();
@@ -529,7 +636,7 @@ impl Queue {
     pub(crate) fn ack(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, ids: &[MessageId]) {
         for held in self.remove_unacked(key, ids) {
             self.dequeued += 1;
-            self.log_done(ctx, &held.message);
+            self.log_done(ctx, &held);
         }
         self.dispatch(ctx);
     }
@@ -580,7 +687,10 @@ impl Queue {
         for (message, deliveries, order) in messages {
             self.dequeued = self.dequeued.saturating_sub(1);
             if Self::logged(ctx, &message) {
-                // Its auto-ack record is already in the log; log it again so a restart keeps it.
+                // Its auto-ack record is already in the log; log it again so a restart keeps
+                // it. The old record is acked: until the new one is written, acks of it
+                // cancel the new one instead.
+                message.stored_at.clear();
                 ctx.append(
                     Record::Message {
                         message: message.clone(),
@@ -588,13 +698,10 @@ impl Queue {
                     None,
                 );
             }
-            held.push(Held {
-                message,
-                deliveries,
-                unsent: 1.min(deliveries),
-                origin: None,
-                order,
-            });
+            let mut returned = Held::resident(message, deliveries, None);
+            returned.unsent = 1.min(deliveries);
+            returned.order = order;
+            held.push(returned);
         }
         for held in held {
             self.hold_in_order(held);
@@ -619,13 +726,19 @@ impl Queue {
                     self.dequeued += 1;
                     ctx.counters.messages_dead_lettered_total += 1;
                     let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
-                    let moved = Arc::new(held.message.moved_to(dlq.clone()));
+                    let moved = Arc::new(held.message().moved_to(dlq.clone()));
                     let to = shard_of(&dlq, ctx.shard_count);
+                    let from_at = if held.is_logged(ctx) {
+                        held.stored_at()
+                    } else {
+                        None
+                    };
                     ctx.route(
                         to,
                         ShardMessage::DeadLetter {
                             message: moved,
                             from: self.name.clone(),
+                            from_at,
                         },
                     );
                 }
@@ -647,18 +760,22 @@ impl Queue {
 
     fn hand_out(&mut self, ctx: &mut Ctx<'_>) {
         while let Some(front) = self.ready.front() {
-            let frame_bytes = front.message.frame_bytes_estimate();
+            let frame_bytes = front.frame_bytes_estimate();
             let Some(key) = self.next_with_credit(frame_bytes) else {
                 return;
             };
             let Some(mut held) = self.ready.pop_front() else {
                 return;
             };
-            self.ready_bytes -= held.message.body.len() as u64;
-            if held.message.is_expired(ctx.now_ms) {
+            self.ready_bytes -= held.body_bytes();
+            if held.is_expired(ctx.now_ms) {
                 self.dequeued += 1;
                 ctx.counters.messages_expired_total += 1;
-                self.log_done(ctx, &held.message);
+                self.log_done(ctx, &held);
+                continue;
+            }
+            if !self.page_in(ctx, &mut held) {
+                self.dequeued += 1;
                 continue;
             }
             // Saturating: a dead-letter queue redelivers without limit.
@@ -669,12 +786,13 @@ impl Queue {
                 return;
             };
             let settled = consumer.ack == AckMode::Auto;
-            consumer.window_bytes += frame_bytes;
+            // Of the message as read back: what the session and acks will count.
+            consumer.window_bytes += held.frame_bytes_estimate();
             ctx.route(
                 key.conn.shard,
                 ShardMessage::Deliver {
                     consumer: key,
-                    message: held.message.clone(),
+                    message: held.message().clone(),
                     deliveries: held.deliveries,
                     settled,
                     order: held.order,
@@ -683,13 +801,14 @@ impl Queue {
             if settled {
                 consumer.in_flight += 1;
                 self.dequeued += 1;
-                self.log_done(ctx, &held.message);
+                self.log_done(ctx, &held);
             } else {
-                if Self::logged(ctx, &held.message) {
+                if held.is_logged(ctx) {
                     ctx.append(
                         Record::Delivered {
                             destination: self.name.clone(),
-                            id: held.message.id,
+                            id: held.id(),
+                            at: held.stored_at(),
                         },
                         None,
                     );
@@ -725,22 +844,14 @@ impl Queue {
         self.next_expiry_ms = u64::MAX;
         let mut kept = VecDeque::with_capacity(self.ready.len());
         for held in std::mem::take(&mut self.ready) {
-            if held.message.is_expired(now) {
-                self.ready_bytes -= held.message.body.len() as u64;
+            if held.is_expired(now) {
+                self.ready_bytes -= held.body_bytes();
                 self.dequeued += 1;
                 ctx.counters.messages_expired_total += 1;
-                if ctx.config.log_enabled && held.message.persistent {
-                    ctx.append(
-                        Record::Ack {
-                            destination: self.name.clone(),
-                            id: held.message.id,
-                        },
-                        None,
-                    );
-                }
+                self.log_done(ctx, &held);
             } else {
-                if held.message.expires_ms != 0 {
-                    self.next_expiry_ms = self.next_expiry_ms.min(held.message.expires_ms);
+                if held.expires_ms() != 0 {
+                    self.next_expiry_ms = self.next_expiry_ms.min(held.expires_ms());
                 }
                 kept.push_back(held);
             }
@@ -773,18 +884,22 @@ impl Queue {
     /// Bodies of the messages held, for invariant checks in tests.
     #[cfg(test)]
     pub(crate) fn held_bodies(&self) -> Vec<Vec<u8>> {
-        let mut bodies: Vec<Vec<u8>> = self.ready.iter().map(|h| h.message.body.to_vec()).collect();
+        let body = |held: &Held| match &held.body {
+            Body::Resident { message, .. } => message.body.to_vec(),
+            Body::Paged(_) => panic!("held_bodies reads resident messages only"),
+        };
+        let mut bodies: Vec<Vec<u8>> = self.ready.iter().map(body).collect();
         for consumer in self.consumers.values() {
-            bodies.extend(consumer.unacked.iter().map(|h| h.message.body.to_vec()));
+            bodies.extend(consumer.unacked.iter().map(body));
         }
         bodies
     }
 
     /// Messages held (waiting or unacknowledged), for tests and invariant checks.
     pub(crate) fn held_ids(&self) -> Vec<MessageId> {
-        let mut ids: Vec<MessageId> = self.ready.iter().map(|h| h.message.id).collect();
+        let mut ids: Vec<MessageId> = self.ready.iter().map(Held::id).collect();
         for consumer in self.consumers.values() {
-            ids.extend(consumer.unacked.iter().map(|h| h.message.id));
+            ids.extend(consumer.unacked.iter().map(Held::id));
         }
         ids
     }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use super::types::{AckMode, ConnectionId, ConsumerKey, Message, MessageId, QueueStats, ShardId};
+use super::types::{
+    AckMode, ConnectionId, ConsumerKey, Message, MessageId, QueueStats, ShardId, StoreRef,
+};
 use crate::codec::Version;
 
 /// Identifies one log append whose durability a RECEIPT waits for. Increasing per shard.
@@ -25,6 +27,9 @@ pub enum Record {
     Ack {
         destination: Arc<[u8]>,
         id: MessageId,
+        /// Its record, when written ([`Message::stored_at`]); `None` while the store still
+        /// holds it back, which the ack then cancels.
+        at: Option<StoreRef>,
     },
     /// A logged message was handed to a client-ack consumer (auto-ack deliveries are logged
     /// done instead). After a crash it comes back marked redelivered, with its deliveries
@@ -32,6 +37,8 @@ pub enum Record {
     Delivered {
         destination: Arc<[u8]>,
         id: MessageId,
+        /// As for `Ack`; `None` makes the store write the held-back record first.
+        at: Option<StoreRef>,
     },
 }
 
@@ -229,11 +236,14 @@ pub enum ShardMessage {
     DeadLetter {
         message: Arc<Message>,
         from: Arc<[u8]>,
+        /// The record of the message on `from`, handed back in `Moved`.
+        from_at: Option<StoreRef>,
     },
     /// The dead-letter copy of message `id` is durable: queue `destination` may log it done.
     Moved {
         destination: Arc<[u8]>,
         id: MessageId,
+        at: Option<StoreRef>,
     },
     // Destination -> session (addressed by the connection's shard).
     /// Write this message to the subscription. `deliveries` counts this one (1 = first).

@@ -84,6 +84,14 @@ impl MemoryBudget {
         self.max - self.max / 4
     }
 
+    /// Past this, queues keep the bodies of their newest logged messages only in the log
+    /// (paging): half, so the cache of bodies in memory never crowds out what cannot be
+    /// paged (non-persistent messages, out buffers, frames being read) before producers are
+    /// paused at seven eighths.
+    pub fn page_out_bytes(&self) -> u64 {
+        self.max / 2
+    }
+
     pub fn is_limited(&self) -> bool {
         self.max != u64::MAX
     }

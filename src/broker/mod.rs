@@ -42,6 +42,7 @@ mod error;
 mod memory;
 mod session;
 mod shard;
+mod store;
 mod types;
 
 #[cfg(test)]
@@ -52,7 +53,9 @@ pub use effects::{DurableToken, Effect, Effects, HeartbeatPlan, Record, Rejectio
 pub use error::{write_error_frame, ProtocolError, SUPPORTED_VERSIONS};
 pub use memory::{MemoryBudget, MemoryCharge, MESSAGE_OVERHEAD_BYTES, UNLIMITED};
 pub use shard::{Counters, RestoreError, Shard, ShardMetrics};
+pub use store::{NoStore, Store};
 pub use types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message,
-    MessageId, QueueStats, Recovered, ShardId, DEAD_LETTER_PREFIX, MONITOR_DESTINATION,
+    MessageId, Paged, QueueStats, Recovered, ShardId, StoreRef, StoredAt, DEAD_LETTER_PREFIX,
+    MONITOR_DESTINATION,
 };

@@ -12,6 +12,7 @@ use super::destination::{Destination, Queue, Topic};
 use super::effects::{DurableToken, Effect, Effects, Record, Rejection, ShardMessage};
 use super::error::{write_error_frame, ProtocolError};
 use super::session::Session;
+use super::store::{NoStore, Store};
 use super::types::{
     shard_of, ConnectionId, DestinationKind, Message, MessageId, QueueStats, Recovered, ShardId,
     MONITOR_DESTINATION,
@@ -44,6 +45,8 @@ pub struct Counters {
     pub messages_expired_total: u64,
     /// Messages moved to a dead-letter queue.
     pub messages_dead_lettered_total: u64,
+    /// Paged-out messages the store could not read back (damage; each is also logged).
+    pub messages_unreadable_total: u64,
     /// Connections closed with an ERROR frame.
     pub errors_total: u64,
 }
@@ -77,6 +80,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) effects: &'a mut Effects,
     local: &'a mut VecDeque<ShardMessage>,
     durable: &'a mut DurableWaits,
+    pub(crate) store: &'a mut dyn Store,
     next_message_seq: &'a mut u64,
     pub(crate) counters: &'a mut Counters,
 }
@@ -124,6 +128,7 @@ macro_rules! ctx {
             effects: $out,
             local: &mut $shard.local,
             durable: &mut $shard.durable,
+            store: &mut $shard.store,
             next_message_seq: &mut $shard.next_message_seq,
             counters: &mut $shard.counters,
         }
@@ -132,7 +137,7 @@ macro_rules! ctx {
 
 /// The broker logic of one core. See the module docs of [`crate::broker`] for the calls the
 /// server makes and in which order.
-pub struct Shard {
+pub struct Shard<S: Store = NoStore> {
     id: ShardId,
     shard_count: u16,
     config: BrokerConfig,
@@ -171,12 +176,12 @@ pub struct Shard {
     /// the budget is back under its resume level. Entries of closed sessions are skipped.
     memory_paused: BTreeSet<u64>,
     counters: Counters,
+    /// Where paged-out bodies are read back from ([`Store`]).
+    store: S,
 }
 
 impl Shard {
-    /// `first_message_seq` starts this shard's message-id counter. Ids must not repeat across
-    /// restarts: pass the start time in milliseconds shifted left by 22 (room for four million
-    /// messages per millisecond of uptime before two boots could meet).
+    /// A shard without a store (see [`Shard::with_store`]).
     pub fn new(
         id: ShardId,
         shard_count: u16,
@@ -184,8 +189,33 @@ impl Shard {
         authenticator: Arc<dyn Authenticator>,
         first_message_seq: u64,
     ) -> Shard {
+        Shard::with_store(
+            id,
+            shard_count,
+            config,
+            authenticator,
+            first_message_seq,
+            NoStore,
+        )
+    }
+}
+
+impl<S: Store> Shard<S> {
+    /// `first_message_seq` starts this shard's message-id counter. Ids must not repeat across
+    /// restarts: pass the start time in milliseconds shifted left by 22 (room for four million
+    /// messages per millisecond of uptime before two boots could meet). `store` is the
+    /// shard's log, which queues read paged-out bodies back from.
+    pub fn with_store(
+        id: ShardId,
+        shard_count: u16,
+        config: BrokerConfig,
+        authenticator: Arc<dyn Authenticator>,
+        first_message_seq: u64,
+        store: S,
+    ) -> Shard<S> {
         assert!(id.0 < shard_count, "shard {} of {shard_count}", id.0);
         Shard {
+            store,
             id,
             shard_count,
             config,
@@ -605,42 +635,49 @@ impl Shard {
         recovered: impl IntoIterator<Item = Recovered>,
     ) -> Result<(), RestoreError> {
         for Recovered {
-            message,
+            destination: name,
+            entry,
             deliveries,
         } in recovered
         {
-            let owner = shard_of(&message.destination, self.shard_count);
+            let owner = shard_of(&name, self.shard_count);
             if owner != self.id {
                 return Err(RestoreError::WrongShard {
-                    destination: String::from_utf8_lossy(&message.destination).into_owned(),
+                    destination: String::from_utf8_lossy(&name).into_owned(),
                     owner,
                     shard: self.id,
                 });
             }
-            if DestinationKind::of(&message.destination) != DestinationKind::Queue {
+            if DestinationKind::of(&name) != DestinationKind::Queue {
                 return Err(RestoreError::NotAQueue {
-                    destination: String::from_utf8_lossy(&message.destination).into_owned(),
+                    destination: String::from_utf8_lossy(&name).into_owned(),
                 });
             }
-            if message.id.shard == self.id {
-                self.next_message_seq = self.next_message_seq.max(message.id.seq + 1);
+            let id = entry.id();
+            if id.shard == self.id {
+                self.next_message_seq = self.next_message_seq.max(id.seq + 1);
             }
-            let name = message.destination.clone();
             let destination = self
                 .destinations
                 .entry(name.clone())
                 .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
-            // Recovered messages are held in memory as any other: charged the same.
-            let mut message = message;
-            if let Some(held) = Arc::get_mut(&mut message) {
-                held.charge_to(self.config.memory);
-            }
+            // Only the index entry: the body is read back when the message's turn comes, so
+            // memory after a restart does not grow with the backlog's bytes.
             if let Destination::Queue(queue) = destination {
-                queue.restore(message, deliveries);
+                queue.restore(entry, deliveries);
             }
             self.track_expiry(&name);
         }
         Ok(())
+    }
+
+    /// The shard's store (the server drives its writes and syncs).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     /// This shard's queues, sorted by name.
@@ -1093,19 +1130,31 @@ impl Shard {
                 };
                 self.fail(conn, &error, None, now_ms, out);
             }
-            ShardMessage::DeadLetter { message, from } => {
+            ShardMessage::DeadLetter {
+                message,
+                from,
+                from_at,
+            } => {
                 let name = message.destination.clone();
                 self.destination(&name);
                 let mut ctx = ctx!(self, now_ms, out);
                 if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                    queue.accept_dead_letter(&mut ctx, message, from);
+                    queue.accept_dead_letter(&mut ctx, message, from, from_at);
                 }
                 self.track_expiry(&name);
             }
-            ShardMessage::Moved { destination, id } => {
+            ShardMessage::Moved {
+                destination,
+                id,
+                at,
+            } => {
                 if self.config.log_enabled {
                     out.list.push(Effect::Append {
-                        record: Record::Ack { destination, id },
+                        record: Record::Ack {
+                            destination,
+                            id,
+                            at,
+                        },
                         token: None,
                     });
                 }

@@ -175,6 +175,110 @@ pub struct Message {
     /// What this message counts against the broker's memory budget, given back when the last
     /// reference to it is dropped, on whatever core that is.
     pub charge: MemoryCharge,
+    /// Where the owning shard's store wrote it, once written (see [`StoredAt`]).
+    pub stored_at: StoredAt,
+}
+
+/// An opaque handle to a record in a shard's store (the log packs a segment and an offset
+/// into it). The broker keeps it to page the message back in and to acknowledge it; only the
+/// store that gave it knows what it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoreRef(pub u64);
+
+/// Set by the owning shard's store when it writes a message's record, read by the queue
+/// holding the message on that same shard: once set, the queue may drop the body from memory
+/// and keep a [`Paged`] entry instead, and an ack names the record directly. An atomic only
+/// because a `Message` is shared with other cores (which never read it); `Relaxed` suffices,
+/// writer and reader being one thread.
+#[derive(Debug, Default)]
+pub struct StoredAt(std::sync::atomic::AtomicU64);
+
+impl StoredAt {
+    const NOT_STORED: u64 = u64::MAX;
+
+    pub fn new() -> StoredAt {
+        StoredAt(std::sync::atomic::AtomicU64::new(Self::NOT_STORED))
+    }
+
+    pub fn at(at: StoreRef) -> StoredAt {
+        StoredAt(std::sync::atomic::AtomicU64::new(at.0))
+    }
+
+    pub fn get(&self) -> Option<StoreRef> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::NOT_STORED => None,
+            at => Some(StoreRef(at)),
+        }
+    }
+
+    /// Not written (again): the message is about to be logged anew.
+    pub fn clear(&self) {
+        self.0
+            .store(Self::NOT_STORED, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn set(&self, at: StoreRef) {
+        debug_assert_ne!(
+            at.0,
+            Self::NOT_STORED,
+            "a store ref is never the not-stored mark"
+        );
+        self.0.store(at.0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl PartialEq for StoredAt {
+    fn eq(&self, other: &StoredAt) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for StoredAt {}
+
+/// A queued message whose body is not in memory but in the shard's store: what a queue keeps
+/// per message of a backlog, 32 bytes. Only logged (persistent) messages are paged out, and
+/// only once their record is written, so `at` always names a live record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paged {
+    pub at: StoreRef,
+    pub id_seq: u64,
+    /// `expires` (0: never), as [`Message::expires_ms`].
+    pub expires_ms: u64,
+    pub body_bytes: u32,
+    /// Bytes of the stored header block and destination, for the frame estimate (saturated).
+    pub head_bytes: u16,
+    pub id_shard: u16,
+}
+
+impl Paged {
+    /// The entry for `message`, written at `at`.
+    pub fn of(message: &Message, at: StoreRef) -> Paged {
+        let head = message.header_block.len() + message.destination.len();
+        Paged {
+            at,
+            id_seq: message.id.seq,
+            expires_ms: message.expires_ms,
+            body_bytes: u32::try_from(message.body.len()).unwrap_or(u32::MAX),
+            head_bytes: u16::try_from(head).unwrap_or(u16::MAX),
+            id_shard: message.id.shard.0,
+        }
+    }
+
+    pub fn id(&self) -> MessageId {
+        MessageId {
+            shard: ShardId(self.id_shard),
+            seq: self.id_seq,
+        }
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
+
+    /// As [`Message::frame_bytes_estimate`] (which it equals unless the head saturated).
+    pub fn frame_bytes_estimate(&self) -> u64 {
+        u64::from(self.body_bytes) + u64::from(self.head_bytes) + 256
+    }
 }
 
 /// Headers of a SEND that the broker sets itself on MESSAGE, or that only mean something on
@@ -236,6 +340,7 @@ impl Message {
             expires_ms,
             persistent,
             charge: MemoryCharge::none(),
+            stored_at: StoredAt::new(),
         }
     }
 
@@ -279,6 +384,8 @@ impl Message {
             } else {
                 MemoryCharge::none()
             },
+            // A new record, on the dead-letter queue's shard.
+            stored_at: StoredAt::new(),
         }
     }
 
@@ -320,10 +427,12 @@ impl Message {
     }
 }
 
-/// A message the log recovered at startup, for [`crate::broker::Shard::restore`].
+/// A message the log recovered at startup, for [`crate::broker::Shard::restore`]: its queue
+/// and its index entry; the body stays in the store until a consumer needs it.
 #[derive(Clone, Debug)]
 pub struct Recovered {
-    pub message: Arc<Message>,
+    pub destination: Arc<[u8]>,
+    pub entry: Paged,
     /// How many times it had been handed to a consumer before the restart (0 if never, or if
     /// the log does not know). Non-zero makes the next delivery carry `redelivered:true`.
     pub deliveries: u32,

@@ -38,6 +38,10 @@ pub enum LogError {
     /// The configuration cannot work.
     #[error("invalid log configuration: {0}")]
     Config(&'static str),
+    /// A live message's record did not decode where the log said it is (damage after it was
+    /// written: a disk error, or someone else writing the file).
+    #[error("the record of live message {0} cannot be read back: {1}")]
+    Unreadable(Position, String),
     /// Any other I/O error, with the file it concerned.
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },

@@ -412,6 +412,21 @@ impl<'a> MessageView<'a> {
         }
     }
 
+    /// The `expires` header as Unix milliseconds; 0 when absent or not a number (never).
+    pub fn expires_ms(&self) -> u64 {
+        self.headers()
+            .find(|(name, _)| *name == b"expires")
+            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Bytes of the destination and the headers as `name:value` lines, unescaped: close to
+    /// what a MESSAGE frame carries besides the body.
+    pub fn head_bytes(&self) -> usize {
+        let lines: usize = self.headers().map(|(n, v)| n.len() + v.len() + 2).sum();
+        self.destination.len() + lines
+    }
+
     /// Number of stored headers.
     pub fn header_count(&self) -> usize {
         self.header_count as usize

@@ -98,6 +98,10 @@ pub struct Segment {
     file: File,
     /// The whole file mapped shared; `None` once the segment is sealed and no longer written.
     map: Option<MmapMut>,
+    /// A sealed segment mapped again, read-only, when a paged-out message is read back from
+    /// it ([`Segment::record_bytes`]). Page cache, which the kernel may drop: not the broker's
+    /// anonymous memory.
+    read_map: Option<Mmap>,
     /// Length of the file.
     segment_bytes: u64,
     /// Where the next record goes; the bytes here are an end marker (or the segment's end), and
@@ -150,6 +154,7 @@ impl Segment {
             path,
             file,
             map: Some(map),
+            read_map: None,
             segment_bytes: header.segment_bytes,
             write_offset: SEGMENT_HEADER_BYTES as u64,
             pending: Vec::new(),
@@ -196,6 +201,7 @@ impl Segment {
             path: path.to_owned(),
             file,
             map: Some(map),
+            read_map: None,
             segment_bytes,
             write_offset: SEGMENT_HEADER_BYTES as u64,
             pending: Vec::new(),
@@ -340,6 +346,29 @@ impl Segment {
 
     pub(crate) fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         self.map.as_deref_mut()
+    }
+
+    /// The bytes from `offset` to the end of the segment as a reader sees them: records
+    /// appended since the last [`Segment::write_pending`] from that batch, the rest from the
+    /// file through the map (a sealed segment is mapped again, read-only, the first time).
+    pub fn record_bytes(&mut self, offset: u64) -> Result<&[u8], LogError> {
+        if !self.pending.is_empty() && offset >= self.pending_at {
+            let start = (offset - self.pending_at) as usize;
+            return Ok(self.pending.get(start..).unwrap_or_default());
+        }
+        if self.map.is_none() && self.read_map.is_none() {
+            // SAFETY: as for the writable map: only this shard writes the file, and never
+            // where a live record is; a reader checks each record's CRC.
+            let map = unsafe { MmapOptions::new().map(&self.file) }
+                .map_err(|e| LogError::io(&self.path, e))?;
+            self.read_map = Some(map);
+        }
+        let bytes = match (&self.map, &self.read_map) {
+            (Some(map), _) => &map[..],
+            (None, Some(map)) => &map[..],
+            (None, None) => unreachable!("mapped above"),
+        };
+        Ok(bytes.get(offset as usize..).unwrap_or_default())
     }
 
     /// Appends `record` at the write offset and returns the offset it was written at. The caller

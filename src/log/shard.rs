@@ -42,9 +42,9 @@ use smallvec::SmallVec;
 
 use super::error::LogError;
 use super::format::{
-    ends_data_at, FormatError, MessageRecord, Position, RecordRef, RecordView, ScanItem,
-    SegmentHeader, SegmentScan, FORMAT_VERSION, FRAME_BYTES, REFS_FIXED_BYTES, REF_BYTES,
-    SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
+    decode_record, ends_data_at, Decoded, FormatError, MessageRecord, MessageView, Position,
+    RecordRef, RecordView, ScanItem, SegmentHeader, SegmentScan, FORMAT_VERSION, FRAME_BYTES,
+    REFS_FIXED_BYTES, REF_BYTES, SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
 };
 use super::policy::FsyncPolicy;
 use super::segment::{free_file_name, list_free_files, list_segments, Segment};
@@ -157,6 +157,13 @@ pub struct RecoveredMessage {
     pub timestamp_ms: u64,
     pub headers: Vec<Header<'static>>,
     pub body: Vec<u8>,
+    /// Its `expires` header as a number (0: none, or not a number).
+    pub expires_ms: u64,
+    /// Length of the body.
+    pub body_bytes: u32,
+    /// Bytes of its destination and stored headers (as `name:value` lines), saturated: what
+    /// a queue's estimate of the frame needs besides the body.
+    pub head_bytes: u16,
     /// A delivered record names it: a consumer may have seen it before the restart.
     pub redelivered: bool,
     /// How many deliveries were logged for it (one delivered reference per delivery), for the
@@ -643,6 +650,9 @@ impl ShardLog {
                     timestamp_ms: m.timestamp_ms,
                     headers: m.headers_owned(),
                     body: m.body.to_vec(),
+                    expires_ms: m.expires_ms(),
+                    body_bytes: u32::try_from(m.body.len()).unwrap_or(u32::MAX),
+                    head_bytes: u16::try_from(m.head_bytes()).unwrap_or(u16::MAX),
                     deliveries: deliveries.get(&position).copied().unwrap_or(0),
                     redelivered: deliveries.contains_key(&position),
                 });
@@ -733,6 +743,31 @@ impl ShardLog {
             segment: sequence,
             offset,
         })
+    }
+
+    /// The message record at `position`, read back from the log (where it is live). A
+    /// paged-out queue message's headers and body come from here.
+    pub fn read_message(&mut self, position: Position) -> Result<MessageView<'_>, LogError> {
+        let state = self
+            .segments
+            .get_mut(&position.segment)
+            .ok_or(LogError::NotLive(position))?;
+        let sequence = state.segment.sequence();
+        let bytes = state.segment.record_bytes(position.offset)?;
+        match decode_record(bytes, sequence) {
+            Decoded::Record {
+                record: RecordView::Message(view),
+                ..
+            } => Ok(view),
+            Decoded::Record { .. } => Err(LogError::Unreadable(
+                position,
+                "an ack or delivered record is there".into(),
+            )),
+            Decoded::End => Err(LogError::Unreadable(position, "no record there".into())),
+            Decoded::Unframed(error) | Decoded::Corrupt { error, .. } => {
+                Err(LogError::Unreadable(position, error.to_string()))
+            }
+        }
     }
 
     /// Records that these messages are done. The in-memory state changes first, so even if the

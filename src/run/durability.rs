@@ -16,14 +16,14 @@
 //! it completes; a failed sync stops the log (fsyncgate: retrying could report lost pages as
 //! stored).
 
-use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
-use crate::broker::{DurableToken, Message, MessageId, Record, Recovered, ShardId};
+use crate::broker::{
+    DurableToken, Message, MessageId, Paged, Record, Recovered, ShardId, Store, StoreRef, StoredAt,
+};
 use crate::codec::escape::unescape;
 use crate::codec::{Escaping, Header};
 use crate::log::{LogError, MessageRecord, Position, RecoveredQueue, ShardLog, SyncRequest};
@@ -91,15 +91,16 @@ pub enum Settled {
 /// The log of one shard, with the bookkeeping between broker ids and log positions.
 pub struct Durability {
     log: ShardLog,
-    /// Where each live logged message is, by id. Almost always one queue per id; a
-    /// dead-letter copy on the same shard shares its id, hence the queue in the value.
-    positions: Positions,
     /// Tokens not yet reported, in order, each with the position whose durability it needs.
     waiting: VecDeque<Waiting>,
     /// Entries ever popped from the front of `waiting`.
     waiting_popped: u64,
     /// Message records of this handler pass not written yet, in the order they came.
     deferred: VecDeque<Deferred>,
+    /// Message records of this pass written before its end (the bound, or a delivered mark
+    /// wanted the position): an ack the broker emitted while one was still held back names
+    /// no position, and finds it here. Emptied by `flush`.
+    written_early: Vec<Arc<Message>>,
     /// Records without a token that could not be written, to report before any token.
     not_stored: VecDeque<NotStored>,
     /// A sync failed: nothing becomes durable any more, and waiting tokens fail.
@@ -117,10 +118,10 @@ impl Durability {
         let receipts_wait_for_sync = log.config().fsync.receipt_waits_for_sync();
         Durability {
             log,
-            positions: Positions::default(),
             waiting: VecDeque::new(),
             waiting_popped: 0,
             deferred: VecDeque::with_capacity(DEFERRED_MESSAGES_MAX),
+            written_early: Vec::new(),
             not_stored: VecDeque::new(),
             failed: false,
             receipts_wait_for_sync,
@@ -128,9 +129,10 @@ impl Durability {
         }
     }
 
-    /// Turns what recovery found into messages for `Shard::restore`, remembering positions.
-    /// `fallback_seq` numbers messages whose stored id is not one of ours (written by another
-    /// tool): counting down from it keeps them apart from the ids this boot hands out.
+    /// Turns what recovery found into index entries for `Shard::restore`: no body or header
+    /// is kept in memory. `fallback_seq` numbers messages whose stored id is not one of ours
+    /// (written by another tool): counting down from it keeps them apart from the ids this
+    /// boot hands out.
     pub fn restore_queues(
         &mut self,
         queues: Vec<RecoveredQueue>,
@@ -148,31 +150,21 @@ impl Durability {
                         seq: fallback_seq,
                     }
                 });
-                let expires_ms = recovered
-                    .headers
-                    .iter()
-                    .find(|h| h.name.as_ref() == b"expires")
-                    .and_then(|h| std::str::from_utf8(&h.value).ok()?.trim().parse().ok())
-                    .unwrap_or(0);
-                let message = Message::from_send(
-                    id,
-                    destination.clone(),
-                    recovered
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.as_ref(), h.value.as_ref())),
-                    &recovered.body,
-                    expires_ms,
-                    true,
-                );
-                self.positions.insert(id, &destination, recovered.position);
                 let deliveries = if recovered.redelivered {
                     recovered.deliveries.max(1)
                 } else {
                     recovered.deliveries
                 };
                 out.push(Recovered {
-                    message: Arc::new(message),
+                    destination: destination.clone(),
+                    entry: Paged {
+                        at: pack(recovered.position),
+                        id_seq: id.seq,
+                        expires_ms: recovered.expires_ms,
+                        body_bytes: recovered.body_bytes,
+                        head_bytes: recovered.head_bytes,
+                        id_shard: id.shard.0,
+                    },
                     deliveries,
                 });
             }
@@ -213,8 +205,24 @@ impl Durability {
                 });
                 self.deferred.push_back(Deferred { message, waiting });
             }
-            Record::Ack { destination, id } => {
-                if let Some(index) = self.find_deferred(id, &destination) {
+            Record::Ack {
+                destination,
+                id,
+                at,
+            } => {
+                if let Some(at) = at {
+                    match self.log.ack(&[unpack(at)], now_ms) {
+                        // Acked already (a race the broker resolves itself): nothing to do.
+                        Ok(()) | Err(LogError::NotLive(_)) => {}
+                        // The ack is applied in memory; only a restart could bring it back.
+                        Err(error) => {
+                            tracing::warn!(
+                                shard = self.log.config().shard,
+                                "ack not logged: {error}"
+                            )
+                        }
+                    }
+                } else if let Some(index) = self.find_deferred(id, &destination) {
                     let cancelled = self.deferred.remove(index).expect("found above");
                     if let Some(at) = cancelled.waiting {
                         let end = self.log.appended_upto();
@@ -222,11 +230,16 @@ impl Durability {
                         waiting.end = end;
                         waiting.deferred = false;
                     }
-                } else if let Some(position) = self.positions.remove(id, &destination) {
-                    if let Err(error) = self.log.ack(&[position], now_ms) {
-                        // The ack is applied in memory; only a restart could bring it back.
-                        tracing::warn!(shard = self.log.config().shard, "ack not logged: {error}");
-                    }
+                } else if let Some(at) = self.written_early_at(id, &destination) {
+                    self.append(
+                        Record::Ack {
+                            destination,
+                            id,
+                            at: Some(at),
+                        },
+                        None,
+                        now_ms,
+                    );
                 }
                 if let Some(token) = token {
                     self.waiting.push_back(Waiting {
@@ -238,14 +251,23 @@ impl Durability {
                     });
                 }
             }
-            Record::Delivered { destination, id } => {
+            Record::Delivered {
+                destination,
+                id,
+                at,
+            } => {
                 // The mark needs the record's position: write it (and, to keep log order, the
                 // ones deferred before it) now.
-                if let Some(index) = self.find_deferred(id, &destination) {
+                let at = at.or_else(|| {
+                    let Some(index) = self.find_deferred(id, &destination) else {
+                        return self.written_early_at(id, &destination);
+                    };
+                    let message = self.deferred[index].message.clone();
                     self.write_deferred(index + 1, now_ms);
-                }
-                if let Some(position) = self.positions.get(id, &destination) {
-                    if let Err(error) = self.log.delivered(&[position], now_ms) {
+                    message.stored_at.get()
+                });
+                if let Some(at) = at {
+                    if let Err(error) = self.log.delivered(&[unpack(at)], now_ms) {
                         tracing::warn!(
                             shard = self.log.config().shard,
                             "delivered mark not logged: {error}"
@@ -261,6 +283,16 @@ impl Durability {
     /// call.
     pub fn flush(&mut self, now_ms: u64) {
         self.write_deferred(self.deferred.len(), now_ms);
+        self.written_early.clear();
+    }
+
+    /// Where a record of this pass written before its end went (see `written_early`).
+    fn written_early_at(&self, id: MessageId, destination: &Arc<[u8]>) -> Option<StoreRef> {
+        let message =
+            self.written_early.iter().rev().find(|message| {
+                message.id == id && same_queue(&message.destination, destination)
+            })?;
+        message.stored_at.get()
     }
 
     /// The newest deferred record of `id` on queue `destination`.
@@ -286,8 +318,8 @@ impl Durability {
             };
             let failed = match self.append_message(&message, now_ms) {
                 Ok(position) => {
-                    self.positions
-                        .insert(message.id, &message.destination, position);
+                    message.stored_at.set(pack(position));
+                    self.written_early.push(message.clone());
                     None
                 }
                 Err(error) => {
@@ -505,207 +537,58 @@ impl Durability {
     }
 }
 
-/// Live message positions by id, with the queue each belongs to.
-///
-/// A queue shard receives each origin shard's publishes in order (one FIFO channel per pair, ids
-/// numbered upwards by the origin), so almost every insert carries a larger `seq` than the last
-/// one from its origin, and a FIFO consumer's acks come back in the same order. Those go into a
-/// run per origin: a deque sorted by `seq`, where an ack finds the front (or binary-searches)
-/// and touches memory next to the previous ack's. A hash map of a large backlog missed the cache
-/// on every insert and remove instead (~15% of the queue shard's time, see docs/PERFORMANCE.md).
-/// Everything else (recovered ids, an id logged again, a second queue with the same id) goes to
-/// `scattered`.
-#[derive(Default)]
-struct Positions {
-    /// Indexed by the origin shard's number, for shards below `ORIGIN_RUNS_MAX`.
-    runs: Vec<Run>,
-    scattered: Scattered,
-}
-
-/// Origins with a run of their own: at least the broker's shard count (one per core); ids of
-/// higher shard numbers (only from logs written by another tool) go to the hash map.
-const ORIGIN_RUNS_MAX: usize = 1024;
-
-/// When removed slots in the middle of a run (out-of-order acks) outnumber the live ones, the run
-/// is compacted, so a message never acked at the front cannot make it grow without bound.
-const RUN_COMPACT_LEN_MIN: usize = 64;
-
-#[derive(Default)]
-struct Run {
-    /// Sorted by `seq`, strictly increasing; the front slot is always live.
-    slots: VecDeque<Slot>,
-    /// Slots whose entry was taken.
-    removed: usize,
-}
-
-struct Slot {
-    seq: u64,
-    /// `None` once removed (a tombstone until it reaches the front or the run is compacted).
-    entry: Option<(Arc<[u8]>, Position)>,
-}
-
-impl Run {
-    fn find(&self, seq: u64) -> Option<usize> {
-        let front = self.slots.front()?;
-        if seq == front.seq {
-            return Some(0);
-        }
-        if seq < front.seq {
-            return None;
-        }
-        self.slots.binary_search_by_key(&seq, |slot| slot.seq).ok()
-    }
-
-    /// The live entry for `seq` in `queue`, if this run holds it.
-    fn entry_mut(&mut self, seq: u64, queue: &[u8]) -> Option<(usize, &mut Position)> {
-        let index = self.find(seq)?;
-        match &mut self.slots[index].entry {
-            Some((held, at)) if same_queue(held, queue) => Some((index, at)),
-            _ => None,
-        }
-    }
-
-    fn take(&mut self, index: usize) -> Position {
-        let (_, at) = self.slots[index].entry.take().expect("a live slot");
-        self.removed += 1;
-        while self.slots.front().is_some_and(|slot| slot.entry.is_none()) {
-            self.slots.pop_front();
-            self.removed -= 1;
-        }
-        if self.removed >= RUN_COMPACT_LEN_MIN && self.removed * 2 > self.slots.len() {
-            self.slots.retain(|slot| slot.entry.is_some());
-            self.removed = 0;
-        }
-        at
-    }
-}
-
-impl Positions {
-    fn run_mut(&mut self, id: MessageId) -> Option<&mut Run> {
-        let origin = usize::from(id.shard.0);
-        if origin >= ORIGIN_RUNS_MAX {
-            return None;
-        }
-        if origin >= self.runs.len() {
-            self.runs.resize_with(origin + 1, Run::default);
-        }
-        Some(&mut self.runs[origin])
-    }
-
-    fn run(&self, id: MessageId) -> Option<&Run> {
-        self.runs.get(usize::from(id.shard.0))
-    }
-
-    fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
-        if !self.scattered.is_empty() {
-            self.scattered.remove(id, queue);
-        }
-        if let Some(run) = self.run_mut(id) {
-            // The common case first: a new id at the back, no search.
-            if run.slots.back().map_or(true, |last| last.seq < id.seq) {
-                run.slots.push_back(Slot {
-                    seq: id.seq,
-                    entry: Some((queue.clone(), position)),
-                });
-                return;
-            }
-            if let Some((_, at)) = run.entry_mut(id.seq, queue) {
-                *at = position;
-                return;
-            }
-        }
-        self.scattered.insert(id, queue, position);
-    }
-
-    fn get(&self, id: MessageId, queue: &[u8]) -> Option<Position> {
-        if let Some(run) = self.run(id) {
-            if let Some(index) = run.find(id.seq) {
-                if let Some((held, at)) = &run.slots[index].entry {
-                    if same_queue(held, queue) {
-                        return Some(*at);
-                    }
-                }
-            }
-        }
-        self.scattered.get(id, queue)
-    }
-
-    fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
-        if let Some(run) = self.runs.get_mut(usize::from(id.shard.0)) {
-            if let Some((index, _)) = run.entry_mut(id.seq, queue) {
-                return Some(run.take(index));
-            }
-        }
-        self.scattered.remove(id, queue)
-    }
-}
-
-/// Positions of ids that did not arrive in order, by id.
-#[derive(Default)]
-struct Scattered {
-    /// FxHash: ids are the broker's own (not client-chosen).
-    by_id: FxHashMap<MessageId, (Arc<[u8]>, Position)>,
-    /// The rare second queue holding the same id on this shard (a dead-letter copy).
-    more: Vec<(MessageId, Arc<[u8]>, Position)>,
-}
-
+/// Same queue name; pointer equality first, since a queue passes the same `Arc` each time.
 fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
     std::ptr::eq(a.as_ptr(), b.as_ptr()) || **a == *b
 }
 
-impl Scattered {
-    fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
-    fn insert(&mut self, id: MessageId, queue: &Arc<[u8]>, position: Position) {
-        match self.by_id.entry(id) {
-            Entry::Occupied(mut entry) => {
-                let (held, at) = entry.get_mut();
-                if same_queue(held, queue) {
-                    *at = position;
-                } else {
-                    self.more
-                        .retain(|(i, q, _)| !(*i == id && same_queue(q, queue)));
-                    self.more.push((id, queue.clone(), position));
-                }
+impl Store for Durability {
+    fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message> {
+        let shard = self.log.config().shard;
+        let view = match self.log.read_message(unpack(entry.at)) {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::error!(
+                    shard,
+                    destination = %String::from_utf8_lossy(destination),
+                    "a queued message is lost: {error}"
+                );
+                return None;
             }
-            Entry::Vacant(entry) => {
-                entry.insert((queue.clone(), position));
-            }
-        }
+        };
+        let mut message = Message::from_send(
+            entry.id(),
+            destination.clone(),
+            view.headers(),
+            view.body,
+            entry.expires_ms,
+            true,
+        );
+        message.stored_at = StoredAt::at(entry.at);
+        Some(message)
     }
+}
 
-    fn get(&self, id: MessageId, queue: &[u8]) -> Option<Position> {
-        match self.by_id.get(&id) {
-            Some((held, at)) if same_queue(held, queue) => Some(*at),
-            _ => self
-                .more
-                .iter()
-                .find(|(i, q, _)| *i == id && same_queue(q, queue))
-                .map(|(_, _, at)| *at),
-        }
-    }
+/// Bits of a [`StoreRef`] for the offset, in 8-byte units: segments are at most 4 GiB
+/// (`LogConfig` checks), so offsets divided by 8 fit in 29 bits, leaving 35 for the segment's
+/// sequence number (34 billion segments).
+const OFFSET_BITS: u32 = 29;
 
-    fn remove(&mut self, id: MessageId, queue: &[u8]) -> Option<Position> {
-        if let Entry::Occupied(entry) = self.by_id.entry(id) {
-            if same_queue(&entry.get().0, queue) {
-                let (_, at) = entry.remove();
-                // Promote a same-id entry of another queue, if any.
-                if !self.more.is_empty() {
-                    if let Some(index) = self.more.iter().position(|(i, _, _)| *i == id) {
-                        let (i, q, p) = self.more.swap_remove(index);
-                        self.by_id.insert(i, (q, p));
-                    }
-                }
-                return Some(at);
-            }
-        }
-        let index = self
-            .more
-            .iter()
-            .position(|(i, q, _)| *i == id && same_queue(q, queue))?;
-        Some(self.more.swap_remove(index).2)
+/// A log position as the broker keeps it: one word instead of two.
+pub fn pack(position: Position) -> StoreRef {
+    debug_assert_eq!(position.offset % 8, 0, "records start at multiples of 8");
+    debug_assert!(
+        position.offset >> 3 < 1 << OFFSET_BITS,
+        "segments are at most 4 GiB"
+    );
+    debug_assert!(position.segment < 1 << (64 - OFFSET_BITS));
+    StoreRef(position.segment << OFFSET_BITS | position.offset >> 3)
+}
+
+pub fn unpack(at: StoreRef) -> Position {
+    Position {
+        segment: at.0 >> OFFSET_BITS,
+        offset: (at.0 & ((1 << OFFSET_BITS) - 1)) << 3,
     }
 }
 
@@ -721,27 +604,45 @@ mod tests {
         }
     }
 
-    fn at(offset: u64) -> Position {
-        Position { segment: 0, offset }
-    }
-
     fn open(dir: &std::path::Path) -> Durability {
         let config = crate::log::LogConfig::new(dir, 0);
         let (log, _) = ShardLog::open(config).unwrap();
         Durability::new(log)
     }
 
+    /// The stored message `seq` of queue `/queue/a`: one `Arc` per id for the whole test (a
+    /// thread-local table), so acks find the position its record was written at.
+    fn stored(seq: u64) -> Arc<Message> {
+        thread_local! {
+            static MESSAGES: std::cell::RefCell<std::collections::HashMap<u64, Arc<Message>>> =
+                Default::default();
+        }
+        MESSAGES.with(|messages| {
+            messages
+                .borrow_mut()
+                .entry(seq)
+                .or_insert_with(|| {
+                    Arc::new(Message::from_send(
+                        id(seq),
+                        Arc::from(&b"/queue/a"[..]),
+                        [(&b"expires"[..], &b"0"[..]), (&b"x\\y"[..], &b"a:b"[..])],
+                        b"body",
+                        0,
+                        true,
+                    ))
+                })
+                .clone()
+        })
+    }
+
     fn message(seq: u64) -> Record {
         Record::Message {
-            message: Arc::new(Message::from_send(
-                id(seq),
-                Arc::from(&b"/queue/a"[..]),
-                [(&b"expires"[..], &b"0"[..]), (&b"x\\y"[..], &b"a:b"[..])],
-                b"body",
-                0,
-                true,
-            )),
+            message: stored(seq),
         }
+    }
+
+    fn is_written(seq: u64) -> bool {
+        stored(seq).stored_at.get().is_some()
     }
 
     #[test]
@@ -810,6 +711,7 @@ mod tests {
                 Record::Delivered {
                     destination: queue.clone(),
                     id: id(2),
+                    at: None,
                 },
                 None,
                 1,
@@ -818,6 +720,7 @@ mod tests {
                 Record::Ack {
                     destination: queue,
                     id: id(1),
+                    at: None,
                 },
                 None,
                 1,
@@ -829,19 +732,21 @@ mod tests {
         let mut durability = Durability::new(log);
         let recovered = durability.restore_queues(recovery.queues, ShardId(0), 1 << 40);
         assert_eq!(recovered.len(), 1, "the acked message stays gone");
-        let Record::Message { message: original } = message(2) else {
-            unreachable!()
-        };
-        assert_eq!(*recovered[0].message, *original, "same id, headers, body");
+        let original = stored(2);
+        assert_eq!(recovered[0].entry.id(), id(2));
         assert_eq!(recovered[0].deliveries, 1, "delivered before the restart");
-        // Its position is known again: acking it after the restart reaches the log.
-        assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+        // Only the index entry came back; the body and headers are read from the log.
+        let loaded = durability
+            .load(&recovered[0].destination, &recovered[0].entry)
+            .expect("readable");
+        assert_eq!(loaded, *original, "same id, headers, body, record");
     }
 
     fn ack(seq: u64) -> Record {
         Record::Ack {
             destination: Arc::from(&b"/queue/a"[..]),
             id: id(seq),
+            at: stored(seq).stored_at.get(),
         }
     }
 
@@ -849,6 +754,7 @@ mod tests {
         Record::Delivered {
             destination: Arc::from(&b"/queue/a"[..]),
             id: id(seq),
+            at: stored(seq).stored_at.get(),
         }
     }
 
@@ -868,7 +774,7 @@ mod tests {
         let recovered = Durability::new(log).restore_queues(recovery.queues, ShardId(0), 1 << 40);
         let ids = recovered
             .iter()
-            .map(|r| (r.message.id, r.deliveries))
+            .map(|r| (r.entry.id(), r.deliveries))
             .collect();
         (ids, records)
     }
@@ -888,7 +794,7 @@ mod tests {
                 "neither record written"
             );
             assert_eq!(durability.live_messages(), 0);
-            assert_eq!(durability.positions.get(id(1), b"/queue/a"), None);
+            assert!(!is_written(1));
             assert!(!durability.has_waiting());
             // An ack after the flush of a message written by it is logged as before.
             durability.append(message(2), None, 2);
@@ -950,8 +856,8 @@ mod tests {
             Some(Settled::Durable(DurableToken(3)))
         );
         assert!(!durability.has_waiting());
-        assert_eq!(durability.positions.get(id(3), b"/queue/a"), None);
-        assert!(durability.positions.get(id(4), b"/queue/a").is_some());
+        assert!(!is_written(3));
+        assert!(is_written(4));
     }
 
     #[test]
@@ -963,13 +869,9 @@ mod tests {
             durability.append(message(2), None, 1);
             durability.append(message(3), None, 1);
             durability.append(delivered(2), None, 1);
-            assert!(durability.positions.get(id(1), b"/queue/a").is_some());
-            assert!(durability.positions.get(id(2), b"/queue/a").is_some());
-            assert_eq!(
-                durability.positions.get(id(3), b"/queue/a"),
-                None,
-                "M3 stays deferred"
-            );
+            assert!(is_written(1));
+            assert!(is_written(2));
+            assert!(!is_written(3), "M3 stays deferred");
             durability.flush(1);
             durability.sync_now(2);
         }
@@ -993,10 +895,10 @@ mod tests {
             durability.flush(1);
             assert!(durability.log.appended_upto() > start);
             assert!(!durability.has_waiting());
-            assert!(durability.positions.get(id(1), b"/queue/a").is_some());
+            assert!(is_written(1));
             durability.append(message(2), None, 2);
             sync(&mut durability, 2);
-            assert!(durability.positions.get(id(2), b"/queue/a").is_some());
+            assert!(is_written(2));
             durability.append(message(3), None, 3);
             durability.sync_now(3);
             assert_eq!(durability.live_messages(), 3);
@@ -1021,7 +923,7 @@ mod tests {
         durability.append(ack(count + 1), None, 1);
         durability.flush(1);
         assert_eq!(durability.live_messages(), count - 1);
-        assert_eq!(durability.positions.get(id(count + 1), b"/queue/a"), None);
+        assert!(!is_written(count + 1));
     }
 
     #[test]
@@ -1089,98 +991,6 @@ mod tests {
     }
 
     #[test]
-    fn one_id_in_two_queues_keeps_both_positions() {
-        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
-        let dlq: Arc<[u8]> = Arc::from(&b"/queue/DLQ.a"[..]);
-        let mut positions = Positions::default();
-        positions.insert(id(1), &queue, at(10));
-        positions.insert(id(1), &dlq, at(20));
-        positions.insert(id(2), &queue, at(30));
-        assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(10)));
-        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
-        assert_eq!(positions.remove(id(1), b"/queue/a"), Some(at(10)));
-        assert_eq!(positions.get(id(1), b"/queue/a"), None);
-        assert_eq!(positions.get(id(1), b"/queue/DLQ.a"), Some(at(20)));
-        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), Some(at(20)));
-        assert_eq!(positions.remove(id(1), b"/queue/DLQ.a"), None);
-        // Logged again after an ack (a returned auto-ack delivery): the new position wins.
-        positions.insert(id(2), &queue, at(40));
-        assert_eq!(positions.remove(id(2), b"/queue/a"), Some(at(40)));
-    }
-
-    #[test]
-    fn in_order_ids_acked_in_order_keep_the_run_short() {
-        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
-        let mut positions = Positions::default();
-        for seq in 1..=1000 {
-            positions.insert(id(seq), &queue, at(seq * 8));
-        }
-        assert!(positions.scattered.is_empty(), "in order: all in the run");
-        for seq in 1..=1000 {
-            assert_eq!(positions.remove(id(seq), b"/queue/a"), Some(at(seq * 8)));
-            assert_eq!(positions.runs[0].slots.len() as u64, 1000 - seq);
-        }
-        assert_eq!(positions.remove(id(1), b"/queue/a"), None);
-    }
-
-    /// Many queues, one message each, drained in another order than they were filled (and
-    /// some ids out of order, so the scattered map is used too): nothing is held afterwards,
-    /// not a slot and not a reference to any queue's name.
-    #[test]
-    fn drained_queues_leave_no_entry_and_no_name_behind() {
-        let queues: Vec<Arc<[u8]>> = (0..10_000u64)
-            .map(|n| Arc::from(format!("/queue/q{n}").into_bytes()))
-            .collect();
-        let mut positions = Positions::default();
-        // Every 100th id arrives late, after the run has moved past it.
-        let late = |n: u64| n % 100 == 7;
-        for (n, queue) in (0u64..).zip(&queues) {
-            if !late(n) {
-                positions.insert(id(n + 1), queue, at((n + 1) * 8));
-            }
-        }
-        for (n, queue) in (0u64..).zip(&queues) {
-            if late(n) {
-                positions.insert(id(n + 1), queue, at((n + 1) * 8));
-            }
-        }
-        assert!(!positions.scattered.is_empty(), "late ids are scattered");
-        // Drained by a stride that visits every queue once, far from publish order.
-        for step in 0..10_000u64 {
-            let n = (step * 7_919) % 10_000;
-            let name = &queues[n as usize];
-            assert_eq!(positions.remove(id(n + 1), name), Some(at((n + 1) * 8)));
-        }
-        assert!(positions.runs.iter().all(|run| run.slots.is_empty()));
-        assert!(positions.scattered.is_empty() && positions.scattered.more.is_empty());
-        for queue in &queues {
-            assert_eq!(
-                Arc::strong_count(queue),
-                1,
-                "a drained queue's name is held"
-            );
-        }
-    }
-
-    #[test]
-    fn a_message_never_acked_at_the_front_does_not_make_the_run_grow_without_bound() {
-        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
-        let mut positions = Positions::default();
-        positions.insert(id(1), &queue, at(8));
-        for seq in 2..=100_000 {
-            positions.insert(id(seq), &queue, at(seq * 8));
-            assert_eq!(positions.remove(id(seq), b"/queue/a"), Some(at(seq * 8)));
-        }
-        let run = &positions.runs[0];
-        assert!(
-            run.slots.len() <= 2 * RUN_COMPACT_LEN_MIN,
-            "{}",
-            run.slots.len()
-        );
-        assert_eq!(positions.get(id(1), b"/queue/a"), Some(at(8)));
-    }
-
-    #[test]
     fn housekeeping_reclaims_acked_segments_while_a_sync_is_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::log::LogConfig::new(dir.path(), 0);
@@ -1203,6 +1013,7 @@ mod tests {
                 Record::Ack {
                     destination,
                     id: id(seq),
+                    at: stored(seq).stored_at.get(),
                 },
                 None,
                 2,
@@ -1223,64 +1034,5 @@ mod tests {
             durability.sync_completed(0);
         }
         assert_eq!(durability.live_messages(), 0);
-    }
-
-    #[test]
-    fn ids_out_of_order_or_from_unknown_origins_are_still_found() {
-        let queue: Arc<[u8]> = Arc::from(&b"/queue/a"[..]);
-        let mut positions = Positions::default();
-        let far = MessageId {
-            shard: ShardId(u16::MAX),
-            seq: 5,
-        };
-        positions.insert(id(10), &queue, at(10));
-        positions.insert(id(3), &queue, at(3));
-        positions.insert(far, &queue, at(99));
-        assert_eq!(positions.get(id(3), b"/queue/a"), Some(at(3)));
-        assert_eq!(positions.get(far, b"/queue/a"), Some(at(99)));
-        assert_eq!(positions.get(far, b"/queue/b"), None);
-        assert_eq!(positions.remove(id(3), b"/queue/a"), Some(at(3)));
-        assert_eq!(positions.remove(id(3), b"/queue/a"), None);
-        assert_eq!(positions.remove(far, b"/queue/a"), Some(at(99)));
-        assert_eq!(positions.remove(id(10), b"/queue/a"), Some(at(10)));
-        assert!(positions.scattered.is_empty());
-    }
-
-    proptest::proptest! {
-        /// Whatever the order of inserts and removes, the positions behave as one map keyed by
-        /// (id, queue): the last insert wins, a remove returns it once.
-        #[test]
-        fn positions_behave_as_a_map_keyed_by_id_and_queue(
-            ops in proptest::collection::vec(
-                (0u8..3, 0u16..3, 0u64..12, proptest::bool::ANY, 0u64..1000),
-                1..300,
-            )
-        ) {
-            let queues: [Arc<[u8]>; 2] = [Arc::from(&b"/queue/a"[..]), Arc::from(&b"/queue/b"[..])];
-            let mut positions = Positions::default();
-            let mut model: std::collections::HashMap<(MessageId, bool), Position> =
-                std::collections::HashMap::new();
-            for (op, shard, seq, second, offset) in ops {
-                let id = MessageId { shard: ShardId(shard * 600), seq };
-                let queue = &queues[usize::from(second)];
-                match op {
-                    0 => {
-                        positions.insert(id, queue, at(offset));
-                        model.insert((id, second), at(offset));
-                    }
-                    1 => proptest::prop_assert_eq!(
-                        positions.remove(id, queue),
-                        model.remove(&(id, second))
-                    ),
-                    _ => proptest::prop_assert_eq!(
-                        positions.get(id, queue),
-                        model.get(&(id, second)).copied()
-                    ),
-                }
-            }
-            for ((id, second), at) in model {
-                proptest::prop_assert_eq!(positions.remove(id, &queues[usize::from(second)]), Some(at));
-            }
-        }
     }
 }

@@ -48,8 +48,9 @@ struct Conn {
 }
 
 pub struct BrokerHandler {
-    shard: Shard,
-    durability: Option<Durability>,
+    /// The broker logic of this core, holding its log (the store it reads paged-out bodies
+    /// back from) when queues are durable.
+    shard: Shard<Option<Durability>>,
     auth: Option<AuthClient>,
     effects: Effects,
     /// Broker connection (by its shard-local number) to the loop's connection.
@@ -74,13 +75,11 @@ pub struct BrokerHandler {
 
 impl BrokerHandler {
     pub fn new(
-        shard: Shard,
-        durability: Option<Durability>,
+        shard: Shard<Option<Durability>>,
         auth: Option<AuthClient>,
         epoch_base_ms: u64,
     ) -> BrokerHandler {
         BrokerHandler {
-            durability,
             auth,
             effects: Effects::new(),
             conns: FnvMap::default(),
@@ -92,6 +91,10 @@ impl BrokerHandler {
             trimmer: (shard.id() == ShardId(0)).then(|| Trimmer::new(shard.config().memory)),
             shard,
         }
+    }
+
+    fn durability(&mut self) -> Option<&mut Durability> {
+        self.shard.store_mut().as_mut()
     }
 
     fn now(&self, io: &ShardIo<'_, ShardMessage>) -> u64 {
@@ -106,7 +109,7 @@ impl BrokerHandler {
             let now = self.now(io);
             // Message records held back during `apply` (an auto-ack delivery in the same batch
             // cancels its pair) go to the log before anything reads its state.
-            if let Some(durability) = self.durability.as_mut() {
+            if let Some(durability) = self.durability() {
                 durability.flush(now);
             }
             let mut more = false;
@@ -123,8 +126,8 @@ impl BrokerHandler {
                     more = true;
                 }
             }
-            if let Some(durability) = self.durability.as_mut() {
-                while let Some(settled) = durability.next_settled() {
+            {
+                while let Some(settled) = self.durability().and_then(Durability::next_settled) {
                     match settled {
                         Settled::Durable(token) => {
                             self.shard.on_durable(token, now, &mut self.effects);
@@ -268,7 +271,7 @@ impl BrokerHandler {
                 }
                 // A record that cannot be stored comes back through `next_settled` once the
                 // batch is flushed (`settle`).
-                Effect::Append { record, token } => match self.durability.as_mut() {
+                Effect::Append { record, token } => match self.durability() {
                     Some(durability) => durability.append(record, token, now),
                     // Memory queues: the broker is configured without the log and emits no
                     // appends; a stray token is released at once rather than never.
@@ -299,7 +302,7 @@ impl BrokerHandler {
 
     fn start_sync(&mut self, io: &mut ShardIo<'_, ShardMessage>) {
         let now = self.now(io);
-        let Some(durability) = self.durability.as_mut() else {
+        let Some(durability) = self.durability() else {
             return;
         };
         let Some(request) = durability.start_sync(now) else {
@@ -413,8 +416,8 @@ impl ShardHandler for BrokerHandler {
     fn on_tick(&mut self, io: &mut ShardIo<'_, ShardMessage>) {
         let now = self.now(io);
         self.shard.on_tick(now, &mut self.effects);
-        if let Some(durability) = self.durability.as_mut() {
-            if !self.shutting_down {
+        if !self.shutting_down {
+            if let Some(durability) = self.durability() {
                 durability.housekeeping(now);
             }
         }
@@ -425,7 +428,7 @@ impl ShardHandler for BrokerHandler {
     }
 
     fn on_turn_end(&mut self, io: &mut ShardIo<'_, ShardMessage>) {
-        if let Some(durability) = self.durability.as_mut() {
+        if let Some(durability) = self.durability() {
             if !durability.write_pending() {
                 self.settle(io);
             }
@@ -440,7 +443,8 @@ impl ShardHandler for BrokerHandler {
     }
 
     fn is_drained(&self) -> bool {
-        self.durability
+        self.shard
+            .store()
             .as_ref()
             .map_or(true, |d| !d.is_sync_in_flight() && !d.has_waiting())
     }
@@ -455,7 +459,7 @@ impl ShardHandler for BrokerHandler {
         if token != SYNC_TOKEN {
             return;
         }
-        if let Some(durability) = self.durability.as_mut() {
+        if let Some(durability) = self.durability() {
             durability.sync_completed(result);
         }
         self.settle(io);
@@ -464,7 +468,7 @@ impl ShardHandler for BrokerHandler {
 
 impl Drop for BrokerHandler {
     fn drop(&mut self) {
-        if let Some(durability) = self.durability.as_mut() {
+        if let Some(durability) = self.durability() {
             // Nothing is deferred after a handler call (`settle` flushes); the clock only
             // stamps records that a missed flush would otherwise lose.
             let now_ms = std::time::SystemTime::now()

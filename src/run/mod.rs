@@ -208,18 +208,19 @@ fn open_shards(
     broker: &BrokerConfig,
     authenticator: &Arc<dyn Authenticator>,
     first_message_seq: u64,
-) -> Result<Vec<(Shard, Option<Durability>)>, RunError> {
+) -> Result<Vec<Shard<Option<Durability>>>, RunError> {
     let shards = config.shards;
-    let open_one = |index: usize| -> Result<(Shard, Option<Durability>), RunError> {
-        let mut shard = Shard::new(
+    let open_one = |index: usize| -> Result<Shard<Option<Durability>>, RunError> {
+        let mut shard = Shard::with_store(
             ShardId(index as u16),
             shards as u16,
             broker.clone(),
             authenticator.clone(),
             first_message_seq,
+            None,
         );
         if config.queue_type == QueueType::Memory {
-            return Ok((shard, None));
+            return Ok(shard);
         }
         let (log, recovery) =
             ShardLog::open(log_config(config, index)).map_err(|source| RunError::Log {
@@ -244,7 +245,8 @@ fn open_shards(
                 shard: index,
                 source,
             })?;
-        Ok((shard, Some(durability)))
+        *shard.store_mut() = Some(durability);
+        Ok(shard)
     };
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..shards)
@@ -328,18 +330,18 @@ pub fn run(
     let parts: Vec<_> = shards
         .into_iter()
         .zip(clients)
-        .map(|((shard, durability), auth)| Mutex::new(Some((shard, durability, auth))))
+        .map(|(shard, auth)| Mutex::new(Some((shard, auth))))
         .collect();
     // The loop's clock starts about now; the handlers add this to get epoch milliseconds.
     let epoch_base_ms = epoch_ms();
     let result = server.run(
         |index, _shards| {
-            let (shard, durability, auth) = parts[index]
+            let (shard, auth) = parts[index]
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take()
                 .expect("one handler per shard");
-            BrokerHandler::new(shard, durability, auth, epoch_base_ms)
+            BrokerHandler::new(shard, auth, epoch_base_ms)
         },
         shutdown,
     );

@@ -160,3 +160,49 @@ fn drained_queues_are_freed_round_after_round() {
         assert_eq!(queues, 0, "round {round}: drained queues are still held");
     }
 }
+
+/// Past half the budget a queue keeps its logged messages' bodies only in the store: a
+/// backlog of many times the budget is taken without pausing the producer, and drains in
+/// order, each body read back when its turn comes.
+#[test]
+fn a_logged_backlog_past_half_the_budget_is_paged_out_and_drains_in_order() {
+    let memory = MemoryBudget::leak(256 * 1024);
+    let mut cluster = Cluster::new(
+        2,
+        BrokerConfig {
+            memory,
+            log_enabled: true,
+            ..BrokerConfig::default()
+        },
+    );
+    let producer = cluster.connect(0);
+    let bodies: Vec<String> = (0..400)
+        .map(|n| format!("{n:04}{}", "x".repeat(2044)))
+        .collect();
+    for body in &bodies {
+        cluster.publish(producer, "/queue/backlog", body);
+        // The harness's record of appends would keep every message (and its charge) alive.
+        cluster.appended.clear();
+    }
+    // 800 KiB published into a 256 KiB budget: no pause, no refusal, memory held near half.
+    assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
+    assert!(
+        memory.charged() <= memory.page_out_bytes() + 16 * 1024,
+        "{} bytes charged",
+        memory.charged()
+    );
+    let consumer = cluster.connect(1);
+    cluster.subscribe(consumer, "c", "/queue/backlog", "client-individual");
+    let mut received = Vec::new();
+    while received.len() < bodies.len() {
+        let frames = cluster.frames(consumer);
+        assert!(!frames.is_empty(), "stalled after {}", received.len());
+        for frame in &frames {
+            received.push(String::from_utf8(frame.body.clone()).unwrap());
+            cluster.ack(consumer, &ack_id(frame));
+        }
+    }
+    assert_eq!(received, bodies, "every body, in order");
+    let store = cluster.shards[usize::from(shard_of(b"/queue/backlog", 2).0)].store_mut();
+    assert!(store.live.is_empty(), "every record acknowledged once");
+}

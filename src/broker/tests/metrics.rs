@@ -56,6 +56,7 @@ fn metrics_count_what_happened() {
             topic_deliveries_dropped_total: 1,
             messages_expired_total: 1,
             messages_dead_lettered_total: 0,
+            messages_unreadable_total: 0,
             errors_total: 1,
         }
     );

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::codec::{Command, Decoded, Decoder, Frame, Header, Limits, Version};
+use store::TestStore;
 
 mod flow;
 mod hostile;
@@ -19,6 +20,7 @@ mod queue;
 mod receipts;
 mod session;
 mod simulation;
+mod store;
 mod topic;
 mod transactions;
 
@@ -63,8 +65,16 @@ pub(crate) fn frame<'b>(command: Command, headers: &[(&str, &str)], body: &'b [u
     frame
 }
 
+/// The `ack` header of a client-ack MESSAGE, to ACK it by.
+pub(crate) fn ack_id(frame: &Sent) -> String {
+    frame
+        .header("ack")
+        .expect("client-ack MESSAGE has an ack header")
+        .to_string()
+}
+
 pub(crate) struct Cluster {
-    pub shards: Vec<Shard>,
+    pub shards: Vec<Shard<TestStore>>,
     /// Peer messages in flight, FIFO per (from, to).
     pub links: BTreeMap<(u16, u16), VecDeque<ShardMessage>>,
     pub now: u64,
@@ -104,7 +114,17 @@ impl Cluster {
         auth: Arc<dyn Authenticator>,
     ) -> Cluster {
         let shards = (0..shard_count)
-            .map(|id| Shard::new(ShardId(id), shard_count, config.clone(), auth.clone(), 1))
+            .map(|id| {
+                let (id, auth) = (ShardId(id), auth.clone());
+                Shard::with_store(
+                    id,
+                    shard_count,
+                    config.clone(),
+                    auth,
+                    1,
+                    TestStore::default(),
+                )
+            })
             .collect();
         Cluster {
             shards,
@@ -324,6 +344,7 @@ impl Cluster {
                     passcode,
                 } => self.logins.push((*conn, login.to_vec(), passcode.to_vec())),
                 Effect::Append { record, token } => {
+                    self.shards[usize::from(from.0)].store_mut().apply(record);
                     self.appended.push((from, record.clone(), *token))
                 }
                 Effect::Peer { to, message } => {

@@ -3,13 +3,6 @@
 
 use super::*;
 
-fn ack_id(frame: &Sent) -> String {
-    frame
-        .header("ack")
-        .expect("client-ack MESSAGE has an ack header")
-        .to_string()
-}
-
 #[test]
 fn messages_sent_before_anyone_subscribes_are_kept_in_order() {
     let mut cluster = Cluster::single();
@@ -526,7 +519,7 @@ fn persistent_queue_messages_are_logged_and_their_acks_too() {
     );
     cluster.publish(producer, "/topic/t", "never logged");
     assert_eq!(cluster.appended.len(), 1);
-    let Record::Message { message } = &cluster.appended[0].1 else {
+    let Record::Message { message } = cluster.appended[0].1.clone() else {
         panic!()
     };
     assert_eq!(&*message.body, b"kept");
@@ -543,7 +536,8 @@ fn persistent_queue_messages_are_logged_and_their_acks_too() {
         cluster.appended[1].1,
         Record::Delivered {
             destination: Arc::from(&b"/queue/a"[..]),
-            id
+            id,
+            at: message.stored_at.get(),
         }
     );
     cluster.ack(consumer, &ack_id(&frames[0]));
@@ -557,7 +551,8 @@ fn persistent_queue_messages_are_logged_and_their_acks_too() {
         cluster.appended[2].1,
         Record::Ack {
             destination: Arc::from(&b"/queue/a"[..]),
-            id
+            id,
+            at: message.stored_at.get(),
         }
     );
 }
@@ -581,17 +576,22 @@ fn restored_messages_are_delivered_with_their_redelivery_mark() {
             true,
         ))
     };
+    // In the store, as the log keeps them; the shard gets their index entries only.
+    let mut recovered = |message: Arc<Message>, deliveries: u32| {
+        let record = Record::Message {
+            message: message.clone(),
+        };
+        cluster.shards[0].store_mut().apply(&record);
+        Recovered {
+            destination: destination.clone(),
+            entry: Paged::of(&message, message.stored_at.get().expect("stored")),
+            deliveries,
+        }
+    };
+    let old = recovered(make(500, b"old"), 1);
+    let new = recovered(make(501, b"new"), 0);
     cluster.shards[0]
-        .restore([
-            Recovered {
-                message: make(500, b"old"),
-                deliveries: 1,
-            },
-            Recovered {
-                message: make(501, b"new"),
-                deliveries: 0,
-            },
-        ])
+        .restore([old, new])
         .expect("one shard owns every queue");
     let consumer = cluster.connect(0);
     cluster.subscribe(consumer, "s", "/queue/a", "auto");
@@ -657,7 +657,8 @@ fn restore_refuses_messages_of_another_shard() {
     ));
     let error = cluster.shards[0]
         .restore([Recovered {
-            message,
+            destination: message.destination.clone(),
+            entry: Paged::of(&message, crate::broker::StoreRef(8)),
             deliveries: 0,
         }])
         .unwrap_err();
@@ -996,6 +997,7 @@ fn estimate(body_bytes: usize) -> u64 {
         expires_ms: 0,
         persistent: true,
         charge: crate::broker::MemoryCharge::none(),
+        stored_at: crate::broker::StoredAt::new(),
     }
     .frame_bytes_estimate()
 }

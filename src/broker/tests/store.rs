@@ -1,0 +1,76 @@
+//! A store for the broker tests: the log's bookkeeping without files. It numbers records as
+//! the server's log would position them, hands paged-out messages back, and checks that every
+//! logged message is acknowledged at most once, and only while live.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::broker::{MemoryCharge, Message, Paged, Record, Store, StoreRef, StoredAt};
+
+#[derive(Debug, Default)]
+pub(crate) struct TestStore {
+    /// Live records by position, in log order.
+    pub live: BTreeMap<u64, Arc<Message>>,
+    next: u64,
+}
+
+impl TestStore {
+    /// Carries out one `Effect::Append`, as the server's store would.
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::Message { message } => {
+                self.next += 8;
+                message.stored_at.set(StoreRef(self.next));
+                // A copy, as the log's bytes are: keeping the message itself would keep its
+                // memory charged.
+                let copy = Message {
+                    id: message.id,
+                    destination: message.destination.clone(),
+                    header_block: message.header_block.clone(),
+                    header_block_plain: message.header_block_plain,
+                    body: message.body.clone(),
+                    expires_ms: message.expires_ms,
+                    persistent: message.persistent,
+                    charge: MemoryCharge::none(),
+                    stored_at: StoredAt::new(),
+                };
+                self.live.insert(self.next, Arc::new(copy));
+            }
+            Record::Ack {
+                destination,
+                id,
+                at,
+            } => {
+                let at = at.map(|at| at.0).or_else(|| self.find(destination, *id));
+                if let Some(at) = at {
+                    let removed = self.live.remove(&at);
+                    let removed = removed.expect("an ack names a live record");
+                    assert_eq!(removed.id, *id, "an ack names its own message's record");
+                }
+            }
+            Record::Delivered { at, .. } => {
+                if let Some(at) = at {
+                    assert!(self.live.contains_key(&at.0), "a mark names a live record");
+                }
+            }
+        }
+    }
+
+    fn find(&self, destination: &[u8], id: crate::broker::MessageId) -> Option<u64> {
+        self.live
+            .iter()
+            .rev()
+            .find(|(_, m)| m.id == id && *m.destination == *destination)
+            .map(|(at, _)| *at)
+    }
+}
+
+impl Store for TestStore {
+    fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message> {
+        let stored = self.live.get(&entry.at.0)?;
+        assert_eq!(stored.id, entry.id(), "a paged entry names its own record");
+        let message = stored.moved_to(destination.clone());
+        message.stored_at.set(entry.at);
+        Some(message)
+    }
+}
