@@ -14,8 +14,8 @@ use super::effects::{DurableToken, Effect, Effects, Record, Rejection, ShardMess
 use super::error::{write_error_frame, ProtocolError};
 use super::session::Session;
 use super::types::{
-    shard_of, ConnectionId, DestinationKind, Message, MessageId, QueueStats, Recovered, ShardId,
-    MONITOR_DESTINATION,
+    shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message, MessageId, QueueStats,
+    Recovered, ShardId, MONITOR_DESTINATION,
 };
 use crate::codec::{DecodeError, Frame};
 
@@ -771,6 +771,8 @@ impl Shard {
             })
     }
 
+    /// Dispatches one message to the method for its kind; each method keeps the order of
+    /// operations of its kind (make the destination, build the context, act, tidy up).
     fn handle(&mut self, message: ShardMessage, now_ms: u64, out: &mut Effects) {
         match message {
             ShardMessage::Subscribe {
@@ -781,251 +783,400 @@ impl Shard {
                 prefetch_bytes,
                 paused,
                 ticket,
-            } => {
-                self.destination(&destination);
-                let mut ctx = ctx!(self, now_ms, out);
-                if let Some(ticket) = ticket {
-                    // Before any delivery is routed: the RECEIPT may then precede the first
-                    // MESSAGE, as a client reading the spec would expect.
-                    ctx.route(
-                        consumer.conn.shard,
-                        ShardMessage::Confirmed {
-                            conn: consumer.conn,
-                            ticket,
-                        },
-                    );
-                }
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.subscribe(&mut ctx, consumer, ack, prefetch, prefetch_bytes, paused)
-                    }
-                    Some(Destination::Topic(topic)) => {
-                        topic.subscribe(&ctx, consumer, ack, prefetch, paused)
-                    }
-                    None => {}
-                }
-            }
+            } => self.handle_subscribe(
+                consumer,
+                destination,
+                ack,
+                prefetch,
+                prefetch_bytes,
+                paused,
+                ticket,
+                now_ms,
+                out,
+            ),
             ShardMessage::Unsubscribe {
                 consumer,
                 destination,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
-                    Some(Destination::Topic(topic)) => topic.unsubscribe(&mut ctx, consumer),
-                    None => {}
-                }
-                self.forget_if_idle(&destination);
-                self.track_expiry(&destination);
-            }
+            } => self.handle_unsubscribe(consumer, &destination, now_ms, out),
             ShardMessage::Publish {
                 message,
                 origin,
                 ticket,
-            } => {
-                let name = message.destination.clone();
-                let kind = DestinationKind::of(&name);
-                if kind == DestinationKind::Topic && !self.destinations.contains_key(&name) {
-                    // Nobody listens: the message is gone, and no topic is made for it.
-                    if let Some(ticket) = ticket {
-                        let mut ctx = ctx!(self, now_ms, out);
-                        ctx.route(
-                            origin.shard,
-                            ShardMessage::Confirmed {
-                                conn: origin,
-                                ticket,
-                            },
-                        );
-                    }
-                    return;
-                }
-                self.destination(&name);
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&name) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.publish(&mut ctx, message, origin, ticket)
-                    }
-                    Some(Destination::Topic(topic)) => {
-                        topic.publish(&mut ctx, message, origin, ticket);
-                        if topic.is_throttling() {
-                            self.throttling_topics.insert(name.clone());
-                        }
-                    }
-                    None => {}
-                }
-                // An expired or refused message may leave a new queue empty.
-                self.forget_if_idle(&name);
-                self.track_expiry(&name);
-            }
+            } => self.handle_publish(message, origin, ticket, now_ms, out),
             ShardMessage::Ack {
                 consumer,
                 destination,
                 ids,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.ack(&mut ctx, consumer, &ids),
-                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
-                    None => {}
-                }
-            }
+            } => self.handle_ack(consumer, &destination, &ids, now_ms, out),
             ShardMessage::Nack {
                 consumer,
                 destination,
                 ids,
                 requeue,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.nack(&mut ctx, consumer, &ids, requeue)
-                    }
-                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
-                    None => {}
-                }
-                self.track_expiry(&destination);
-            }
+            } => self.handle_nack(consumer, &destination, &ids, requeue, now_ms, out),
             ShardMessage::Unsent {
                 consumer,
                 destination,
                 ids,
-            } => {
-                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination) {
-                    queue.unsent(consumer, &ids);
-                }
-            }
+            } => self.handle_unsent(consumer, &destination, &ids),
             ShardMessage::Credit {
                 consumer,
                 destination,
                 count,
                 bytes,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.credit(&mut ctx, consumer, count, bytes)
-                    }
-                    Some(Destination::Topic(topic)) => topic.credit(consumer, count),
-                    None => {}
-                }
-            }
+            } => self.handle_credit(consumer, &destination, count, bytes, now_ms, out),
             ShardMessage::Flow {
                 consumer,
                 destination,
                 paused,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
-                    Some(Destination::Topic(topic)) => topic.flow(&mut ctx, consumer, paused),
-                    None => {}
-                }
-            }
+            } => self.handle_flow(consumer, &destination, paused, now_ms, out),
             ShardMessage::Returned {
                 message,
                 deliveries,
                 order,
-            } => {
-                let name = message.destination.clone();
-                if DestinationKind::of(&name) == DestinationKind::Queue {
-                    self.destination(&name);
-                    let mut ctx = ctx!(self, now_ms, out);
-                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                        queue.returned(&mut ctx, message, deliveries, order);
-                    }
-                    self.track_expiry(&name);
-                }
-            }
+            } => self.handle_returned(message, deliveries, order, now_ms, out),
             ShardMessage::ReturnedAll {
                 destination,
                 messages,
-            } => {
-                if DestinationKind::of(&destination) == DestinationKind::Queue {
-                    self.destination(&destination);
-                    let mut ctx = ctx!(self, now_ms, out);
-                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination)
-                    {
-                        queue.returned_all(&mut ctx, messages);
-                    }
-                    self.track_expiry(&destination);
-                }
-            }
+            } => self.handle_returned_all(destination, messages, now_ms, out),
             ShardMessage::Deliver {
                 consumer,
                 message,
                 deliveries,
                 settled,
                 order,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.sessions.get_mut(&consumer.conn.local) {
-                    Some(session) => session.deliver(
-                        &mut ctx,
-                        consumer.subscription,
-                        message,
-                        deliveries,
-                        settled,
-                        order,
-                    ),
-                    None if settled => {
-                        let to = shard_of(&message.destination, ctx.shard_count);
-                        ctx.route(
-                            to,
-                            ShardMessage::Returned {
-                                message,
-                                deliveries,
-                                order,
-                            },
-                        );
-                    }
-                    None => {}
-                }
-            }
+            } => self.handle_deliver(consumer, message, deliveries, settled, order, now_ms, out),
             ShardMessage::Confirmed { conn, ticket } => {
-                if let Some(session) = self.sessions.get_mut(&conn.local) {
-                    let mut ctx = ctx!(self, now_ms, out);
-                    session.confirmed(&mut ctx, ticket);
-                    self.close_if_done(conn, now_ms, out);
-                }
+                self.handle_confirmed(conn, ticket, now_ms, out)
             }
             ShardMessage::Throttle { conn, paused } => {
-                if let Some(session) = self.sessions.get_mut(&conn.local) {
-                    let mut ctx = ctx!(self, now_ms, out);
-                    session.throttle(&mut ctx, paused);
-                }
+                self.handle_throttle(conn, paused, now_ms, out)
             }
             ShardMessage::Rejected { conn, reason } => {
-                let error = match reason {
-                    Rejection::QueueMessagesFull => ProtocolError::QueueFull {
-                        limit: "queue_messages_max and its overshoot",
-                    },
-                    Rejection::QueueBytesFull => ProtocolError::QueueFull {
-                        limit: "queue_bytes_max and its overshoot",
-                    },
-                    Rejection::NotStored { reason } => ProtocolError::NotStored { reason },
-                };
-                self.fail(conn, &error, None, now_ms, out);
+                self.handle_rejected(conn, reason, now_ms, out)
             }
             ShardMessage::DeadLetter { message, from } => {
-                let name = message.destination.clone();
-                self.destination(&name);
-                let mut ctx = ctx!(self, now_ms, out);
-                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                    queue.accept_dead_letter(&mut ctx, message, from);
-                }
-                self.track_expiry(&name);
+                self.handle_dead_letter(message, from, now_ms, out)
             }
-            ShardMessage::Moved { destination, id } => {
-                if self.config.log_enabled {
-                    out.list.push(Effect::Append {
-                        record: Record::Ack { destination, id },
-                        token: None,
-                    });
-                }
-            }
+            ShardMessage::Moved { destination, id } => self.handle_moved(destination, id, out),
             ShardMessage::Stats { from, queues } => {
                 self.peer_stats.insert(from, queues);
             }
+        }
+    }
+
+    /// A subscription for a destination here, made on first use. Takes the message's fields
+    /// one by one, as every `handle_*` does, hence the allow.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_subscribe(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: Arc<[u8]>,
+        ack: AckMode,
+        prefetch: u32,
+        prefetch_bytes: u64,
+        paused: bool,
+        ticket: Option<u64>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        self.destination(&destination);
+        let mut ctx = ctx!(self, now_ms, out);
+        if let Some(ticket) = ticket {
+            // Before any delivery is routed: the RECEIPT may then precede the first
+            // MESSAGE, as a client reading the spec would expect.
+            ctx.route(
+                consumer.conn.shard,
+                ShardMessage::Confirmed {
+                    conn: consumer.conn,
+                    ticket,
+                },
+            );
+        }
+        match self.destinations.get_mut(&destination) {
+            Some(Destination::Queue(queue)) => {
+                queue.subscribe(&mut ctx, consumer, ack, prefetch, prefetch_bytes, paused)
+            }
+            Some(Destination::Topic(topic)) => {
+                topic.subscribe(&ctx, consumer, ack, prefetch, paused)
+            }
+            None => {}
+        }
+    }
+
+    fn handle_unsubscribe(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
+            Some(Destination::Topic(topic)) => topic.unsubscribe(&mut ctx, consumer),
+            None => {}
+        }
+        self.forget_if_idle(destination);
+        self.track_expiry(destination);
+    }
+
+    fn handle_publish(
+        &mut self,
+        message: Arc<Message>,
+        origin: ConnectionId,
+        ticket: Option<u64>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let name = message.destination.clone();
+        let kind = DestinationKind::of(&name);
+        if kind == DestinationKind::Topic && !self.destinations.contains_key(&name) {
+            // Nobody listens: the message is gone, and no topic is made for it.
+            if let Some(ticket) = ticket {
+                let mut ctx = ctx!(self, now_ms, out);
+                ctx.route(
+                    origin.shard,
+                    ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    },
+                );
+            }
+            return;
+        }
+        self.destination(&name);
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(&name) {
+            Some(Destination::Queue(queue)) => queue.publish(&mut ctx, message, origin, ticket),
+            Some(Destination::Topic(topic)) => {
+                topic.publish(&mut ctx, message, origin, ticket);
+                if topic.is_throttling() {
+                    self.throttling_topics.insert(name.clone());
+                }
+            }
+            None => {}
+        }
+        // An expired or refused message may leave a new queue empty.
+        self.forget_if_idle(&name);
+        self.track_expiry(&name);
+    }
+
+    fn handle_ack(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        ids: &[MessageId],
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.ack(&mut ctx, consumer, ids),
+            Some(Destination::Topic(topic)) => topic.settle(consumer, ids),
+            None => {}
+        }
+    }
+
+    fn handle_nack(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        ids: &[MessageId],
+        requeue: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.nack(&mut ctx, consumer, ids, requeue),
+            Some(Destination::Topic(topic)) => topic.settle(consumer, ids),
+            None => {}
+        }
+        self.track_expiry(destination);
+    }
+
+    fn handle_unsent(&mut self, consumer: ConsumerKey, destination: &Arc<[u8]>, ids: &[MessageId]) {
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(destination) {
+            queue.unsent(consumer, ids);
+        }
+    }
+
+    fn handle_credit(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        count: u32,
+        bytes: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.credit(&mut ctx, consumer, count, bytes),
+            Some(Destination::Topic(topic)) => topic.credit(consumer, count),
+            None => {}
+        }
+    }
+
+    fn handle_flow(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        paused: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
+            Some(Destination::Topic(topic)) => topic.flow(&mut ctx, consumer, paused),
+            None => {}
+        }
+    }
+
+    fn handle_returned(
+        &mut self,
+        message: Arc<Message>,
+        deliveries: u32,
+        order: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let name = message.destination.clone();
+        if DestinationKind::of(&name) == DestinationKind::Queue {
+            self.destination(&name);
+            let mut ctx = ctx!(self, now_ms, out);
+            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                queue.returned(&mut ctx, message, deliveries, order);
+            }
+            self.track_expiry(&name);
+        }
+    }
+
+    fn handle_returned_all(
+        &mut self,
+        destination: Arc<[u8]>,
+        messages: Vec<(Arc<Message>, u32, u64)>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if DestinationKind::of(&destination) == DestinationKind::Queue {
+            self.destination(&destination);
+            let mut ctx = ctx!(self, now_ms, out);
+            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination) {
+                queue.returned_all(&mut ctx, messages);
+            }
+            self.track_expiry(&destination);
+        }
+    }
+
+    /// A delivery for a session here. Without the session, a settled message goes back to
+    /// its queue.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_deliver(
+        &mut self,
+        consumer: ConsumerKey,
+        message: Arc<Message>,
+        deliveries: u32,
+        settled: bool,
+        order: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.sessions.get_mut(&consumer.conn.local) {
+            Some(session) => session.deliver(
+                &mut ctx,
+                consumer.subscription,
+                message,
+                deliveries,
+                settled,
+                order,
+            ),
+            None if settled => {
+                let to = shard_of(&message.destination, ctx.shard_count);
+                ctx.route(
+                    to,
+                    ShardMessage::Returned {
+                        message,
+                        deliveries,
+                        order,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn handle_confirmed(
+        &mut self,
+        conn: ConnectionId,
+        ticket: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.confirmed(&mut ctx, ticket);
+            self.close_if_done(conn, now_ms, out);
+        }
+    }
+
+    fn handle_throttle(
+        &mut self,
+        conn: ConnectionId,
+        paused: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.throttle(&mut ctx, paused);
+        }
+    }
+
+    fn handle_rejected(
+        &mut self,
+        conn: ConnectionId,
+        reason: Rejection,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let error = match reason {
+            Rejection::QueueMessagesFull => ProtocolError::QueueFull {
+                limit: "queue_messages_max and its overshoot",
+            },
+            Rejection::QueueBytesFull => ProtocolError::QueueFull {
+                limit: "queue_bytes_max and its overshoot",
+            },
+            Rejection::NotStored { reason } => ProtocolError::NotStored { reason },
+        };
+        self.fail(conn, &error, None, now_ms, out);
+    }
+
+    fn handle_dead_letter(
+        &mut self,
+        message: Arc<Message>,
+        from: Arc<[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let name = message.destination.clone();
+        self.destination(&name);
+        let mut ctx = ctx!(self, now_ms, out);
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+            queue.accept_dead_letter(&mut ctx, message, from);
+        }
+        self.track_expiry(&name);
+    }
+
+    fn handle_moved(&mut self, destination: Arc<[u8]>, id: MessageId, out: &mut Effects) {
+        if self.config.log_enabled {
+            out.list.push(Effect::Append {
+                record: Record::Ack { destination, id },
+                token: None,
+            });
         }
     }
 
