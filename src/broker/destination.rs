@@ -43,8 +43,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 
+use super::ctx::Ctx;
 use super::effects::{Record, Rejection, ShardMessage};
-use super::shard::Ctx;
 use super::types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, Paged,
     QueueStats, StoreRef,

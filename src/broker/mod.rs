@@ -36,6 +36,7 @@
 //! shards are at most one interval old.
 
 mod config;
+mod ctx;
 mod destination;
 mod effects;
 mod error;
@@ -49,10 +50,11 @@ mod types;
 mod tests;
 
 pub use config::{AllowAll, Authenticator, BrokerConfig};
+pub use ctx::Counters;
 pub use effects::{DurableToken, Effect, Effects, HeartbeatPlan, Record, Rejection, ShardMessage};
 pub use error::{write_error_frame, ProtocolError, SUPPORTED_VERSIONS};
 pub use memory::{MemoryBudget, MemoryCharge, MESSAGE_OVERHEAD_BYTES, UNLIMITED};
-pub use shard::{Counters, RestoreError, Shard, ShardMetrics};
+pub use shard::{RestoreError, Shard, ShardMetrics};
 pub use store::{NoStore, Store};
 pub use types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message,

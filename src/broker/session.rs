@@ -38,9 +38,9 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::config::Authenticator;
+use super::ctx::Ctx;
 use super::effects::{Effect, HeartbeatPlan, ShardMessage};
 use super::error::ProtocolError;
-use super::shard::Ctx;
 use super::types::{
     shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message, MessageId,
     MONITOR_DESTINATION,

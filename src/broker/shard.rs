@@ -8,14 +8,15 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use super::config::{Authenticator, BrokerConfig};
+use super::ctx::{ctx, Counters, Ctx, DurableWaits};
 use super::destination::{Destination, Queue, Topic};
 use super::effects::{DurableToken, Effect, Effects, Record, Rejection, ShardMessage};
 use super::error::{write_error_frame, ProtocolError};
 use super::session::Session;
 use super::store::{NoStore, Store};
 use super::types::{
-    shard_of, ConnectionId, DestinationKind, Message, MessageId, QueueStats, Recovered, ShardId,
-    MONITOR_DESTINATION,
+    shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message, MessageId, QueueStats,
+    Recovered, ShardId, StoreRef, MONITOR_DESTINATION,
 };
 use crate::codec::{DecodeError, Frame};
 
@@ -32,25 +33,6 @@ pub enum RestoreError {
     NotAQueue { destination: String },
 }
 
-/// Running totals since the shard started, for the server's metrics endpoint.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Messages accepted by a destination of this shard (queue or topic).
-    pub messages_accepted_total: u64,
-    /// MESSAGE frames handed out by destinations of this shard (redeliveries included).
-    pub deliveries_total: u64,
-    /// Topic deliveries skipped because the subscriber was paused or out of credit.
-    pub topic_deliveries_dropped_total: u64,
-    /// Messages dropped because their `expires` time passed.
-    pub messages_expired_total: u64,
-    /// Messages moved to a dead-letter queue.
-    pub messages_dead_lettered_total: u64,
-    /// Paged-out messages the store could not read back (damage; each is also logged).
-    pub messages_unreadable_total: u64,
-    /// Connections closed with an ERROR frame.
-    pub errors_total: u64,
-}
-
 /// A snapshot of one shard for metrics: what it holds now, and its totals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardMetrics {
@@ -60,79 +42,6 @@ pub struct ShardMetrics {
     /// Messages held by this shard's queues, waiting or unacknowledged.
     pub messages_held: u64,
     pub counters: Counters,
-}
-
-/// Messages to send once a log append is durable (a RECEIPT's confirmation, a dead-lettered
-/// message's release from its old queue), in append order.
-#[derive(Debug, Default)]
-pub(crate) struct DurableWaits {
-    next: u64,
-    waiting: VecDeque<(DurableToken, ShardId, ShardMessage)>,
-}
-
-/// What sessions and destinations may touch while handling one input: the clock, the
-/// configuration, and the ways out (effects, the local message queue, the log, new ids).
-pub(crate) struct Ctx<'a> {
-    pub(crate) now_ms: u64,
-    pub(crate) config: &'a BrokerConfig,
-    pub(crate) shard: ShardId,
-    pub(crate) shard_count: u16,
-    pub(crate) effects: &'a mut Effects,
-    local: &'a mut VecDeque<ShardMessage>,
-    durable: &'a mut DurableWaits,
-    pub(crate) store: &'a mut dyn Store,
-    next_message_seq: &'a mut u64,
-    pub(crate) counters: &'a mut Counters,
-}
-
-impl Ctx<'_> {
-    /// Sends a typed message to shard `to`: queued locally when that is this shard (handled
-    /// before the entry point returns), else handed to the server.
-    pub(crate) fn route(&mut self, to: ShardId, message: ShardMessage) {
-        if to == self.shard {
-            self.local.push_back(message);
-        } else {
-            self.effects.list.push(Effect::Peer { to, message });
-        }
-    }
-
-    pub(crate) fn append(&mut self, record: Record, token: Option<DurableToken>) {
-        self.effects.list.push(Effect::Append { record, token });
-    }
-
-    /// A token for an append; once the server reports it durable, `then` goes to shard `to`.
-    pub(crate) fn wait_durable(&mut self, to: ShardId, then: ShardMessage) -> DurableToken {
-        let token = DurableToken(self.durable.next);
-        self.durable.next += 1;
-        self.durable.waiting.push_back((token, to, then));
-        token
-    }
-
-    pub(crate) fn next_message_id(&mut self) -> MessageId {
-        let seq = *self.next_message_seq;
-        *self.next_message_seq += 1;
-        MessageId {
-            shard: self.shard,
-            seq,
-        }
-    }
-}
-
-macro_rules! ctx {
-    ($shard:expr, $now:expr, $out:expr) => {
-        Ctx {
-            now_ms: $now,
-            config: &$shard.config,
-            shard: $shard.id,
-            shard_count: $shard.shard_count,
-            effects: $out,
-            local: &mut $shard.local,
-            durable: &mut $shard.durable,
-            store: &mut $shard.store,
-            next_message_seq: &mut $shard.next_message_seq,
-            counters: &mut $shard.counters,
-        }
-    };
 }
 
 /// The broker logic of one core. See the module docs of [`crate::broker`] for the calls the
@@ -895,6 +804,8 @@ impl<S: Store> Shard<S> {
             })
     }
 
+    /// Dispatches one message to the method for its kind; each method keeps the order of
+    /// operations of its kind (make the destination, build the context, act, tidy up).
     fn handle(&mut self, message: ShardMessage, now_ms: u64, out: &mut Effects) {
         match message {
             ShardMessage::Subscribe {
@@ -905,263 +816,417 @@ impl<S: Store> Shard<S> {
                 prefetch_bytes,
                 paused,
                 ticket,
-            } => {
-                self.destination(&destination);
-                let mut ctx = ctx!(self, now_ms, out);
-                if let Some(ticket) = ticket {
-                    // Before any delivery is routed: the RECEIPT may then precede the first
-                    // MESSAGE, as a client reading the spec would expect.
-                    ctx.route(
-                        consumer.conn.shard,
-                        ShardMessage::Confirmed {
-                            conn: consumer.conn,
-                            ticket,
-                        },
-                    );
-                }
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.subscribe(&mut ctx, consumer, ack, prefetch, prefetch_bytes, paused)
-                    }
-                    Some(Destination::Topic(topic)) => {
-                        topic.subscribe(&ctx, consumer, ack, prefetch, paused)
-                    }
-                    None => {}
-                }
-            }
+            } => self.handle_subscribe(
+                consumer,
+                destination,
+                ack,
+                prefetch,
+                prefetch_bytes,
+                paused,
+                ticket,
+                now_ms,
+                out,
+            ),
             ShardMessage::Unsubscribe {
                 consumer,
                 destination,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
-                    Some(Destination::Topic(topic)) => topic.unsubscribe(&mut ctx, consumer),
-                    None => {}
-                }
-                self.forget_if_idle(&destination);
-                self.track_expiry(&destination);
-            }
+            } => self.handle_unsubscribe(consumer, &destination, now_ms, out),
             ShardMessage::Publish {
                 message,
                 origin,
                 ticket,
-            } => {
-                let name = message.destination.clone();
-                let kind = DestinationKind::of(&name);
-                if kind == DestinationKind::Topic && !self.destinations.contains_key(&name) {
-                    // Nobody listens: the message is gone, and no topic is made for it.
-                    if let Some(ticket) = ticket {
-                        let mut ctx = ctx!(self, now_ms, out);
-                        ctx.route(
-                            origin.shard,
-                            ShardMessage::Confirmed {
-                                conn: origin,
-                                ticket,
-                            },
-                        );
-                    }
-                    return;
-                }
-                self.destination(&name);
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&name) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.publish(&mut ctx, message, origin, ticket)
-                    }
-                    Some(Destination::Topic(topic)) => {
-                        topic.publish(&mut ctx, message, origin, ticket);
-                        if topic.is_throttling() {
-                            self.throttling_topics.insert(name.clone());
-                        }
-                    }
-                    None => {}
-                }
-                // An expired or refused message may leave a new queue empty.
-                self.forget_if_idle(&name);
-                self.track_expiry(&name);
-            }
+            } => self.handle_publish(message, origin, ticket, now_ms, out),
             ShardMessage::Ack {
                 consumer,
                 destination,
                 ids,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.ack(&mut ctx, consumer, &ids),
-                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
-                    None => {}
-                }
-            }
+            } => self.handle_ack(consumer, &destination, &ids, now_ms, out),
             ShardMessage::Nack {
                 consumer,
                 destination,
                 ids,
                 requeue,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.nack(&mut ctx, consumer, &ids, requeue)
-                    }
-                    Some(Destination::Topic(topic)) => topic.settle(consumer, &ids),
-                    None => {}
-                }
-                self.track_expiry(&destination);
-            }
+            } => self.handle_nack(consumer, &destination, &ids, requeue, now_ms, out),
             ShardMessage::Unsent {
                 consumer,
                 destination,
                 ids,
-            } => {
-                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination) {
-                    queue.unsent(consumer, &ids);
-                }
-            }
+            } => self.handle_unsent(consumer, &destination, &ids),
             ShardMessage::Credit {
                 consumer,
                 destination,
                 count,
                 bytes,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => {
-                        queue.credit(&mut ctx, consumer, count, bytes)
-                    }
-                    Some(Destination::Topic(topic)) => topic.credit(consumer, count),
-                    None => {}
-                }
-            }
+            } => self.handle_credit(consumer, &destination, count, bytes, now_ms, out),
             ShardMessage::Flow {
                 consumer,
                 destination,
                 paused,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.destinations.get_mut(&destination) {
-                    Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
-                    Some(Destination::Topic(topic)) => topic.flow(&mut ctx, consumer, paused),
-                    None => {}
-                }
-            }
+            } => self.handle_flow(consumer, &destination, paused, now_ms, out),
             ShardMessage::Returned {
                 message,
                 deliveries,
                 order,
-            } => {
-                let name = message.destination.clone();
-                if DestinationKind::of(&name) == DestinationKind::Queue {
-                    self.destination(&name);
-                    let mut ctx = ctx!(self, now_ms, out);
-                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                        queue.returned(&mut ctx, message, deliveries, order);
-                    }
-                    self.track_expiry(&name);
-                }
-            }
+            } => self.handle_returned(message, deliveries, order, now_ms, out),
             ShardMessage::ReturnedAll {
                 destination,
                 messages,
-            } => {
-                if DestinationKind::of(&destination) == DestinationKind::Queue {
-                    self.destination(&destination);
-                    let mut ctx = ctx!(self, now_ms, out);
-                    if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination)
-                    {
-                        queue.returned_all(&mut ctx, messages);
-                    }
-                    self.track_expiry(&destination);
-                }
-            }
+            } => self.handle_returned_all(destination, messages, now_ms, out),
             ShardMessage::Deliver {
                 consumer,
                 message,
                 deliveries,
                 settled,
                 order,
-            } => {
-                let mut ctx = ctx!(self, now_ms, out);
-                match self.sessions.get_mut(&consumer.conn.local) {
-                    Some(session) => session.deliver(
-                        &mut ctx,
-                        consumer.subscription,
-                        message,
-                        deliveries,
-                        settled,
-                        order,
-                    ),
-                    None if settled => {
-                        let to = shard_of(&message.destination, ctx.shard_count);
-                        ctx.route(
-                            to,
-                            ShardMessage::Returned {
-                                message,
-                                deliveries,
-                                order,
-                            },
-                        );
-                    }
-                    None => {}
-                }
-            }
+            } => self.handle_deliver(consumer, message, deliveries, settled, order, now_ms, out),
             ShardMessage::Confirmed { conn, ticket } => {
-                if let Some(session) = self.sessions.get_mut(&conn.local) {
-                    let mut ctx = ctx!(self, now_ms, out);
-                    session.confirmed(&mut ctx, ticket);
-                    self.close_if_done(conn, now_ms, out);
-                }
+                self.handle_confirmed(conn, ticket, now_ms, out)
             }
             ShardMessage::Throttle { conn, paused } => {
-                if let Some(session) = self.sessions.get_mut(&conn.local) {
-                    let mut ctx = ctx!(self, now_ms, out);
-                    session.throttle(&mut ctx, paused);
-                }
+                self.handle_throttle(conn, paused, now_ms, out)
             }
             ShardMessage::Rejected { conn, reason } => {
-                let error = match reason {
-                    Rejection::QueueMessagesFull => ProtocolError::QueueFull {
-                        limit: "queue_messages_max and its overshoot",
-                    },
-                    Rejection::QueueBytesFull => ProtocolError::QueueFull {
-                        limit: "queue_bytes_max and its overshoot",
-                    },
-                    Rejection::NotStored { reason } => ProtocolError::NotStored { reason },
-                };
-                self.fail(conn, &error, None, now_ms, out);
+                self.handle_rejected(conn, reason, now_ms, out)
             }
             ShardMessage::DeadLetter {
                 message,
                 from,
                 from_at,
-            } => {
-                let name = message.destination.clone();
-                self.destination(&name);
-                let mut ctx = ctx!(self, now_ms, out);
-                if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                    queue.accept_dead_letter(&mut ctx, message, from, from_at);
-                }
-                self.track_expiry(&name);
-            }
+            } => self.handle_dead_letter(message, from, from_at, now_ms, out),
             ShardMessage::Moved {
                 destination,
                 id,
                 at,
-            } => {
-                if self.config.log_enabled {
-                    out.list.push(Effect::Append {
-                        record: Record::Ack {
-                            destination,
-                            id,
-                            at,
-                        },
-                        token: None,
-                    });
-                }
-            }
+            } => self.handle_moved(destination, id, at, out),
             ShardMessage::Stats { from, queues } => {
                 self.peer_stats.insert(from, queues);
             }
+        }
+    }
+
+    /// A subscription for a destination here, made on first use. Takes the message's fields
+    /// one by one, as every `handle_*` does, hence the allow.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_subscribe(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: Arc<[u8]>,
+        ack: AckMode,
+        prefetch: u32,
+        prefetch_bytes: u64,
+        paused: bool,
+        ticket: Option<u64>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        self.destination(&destination);
+        let mut ctx = ctx!(self, now_ms, out);
+        if let Some(ticket) = ticket {
+            // Before any delivery is routed: the RECEIPT may then precede the first
+            // MESSAGE, as a client reading the spec would expect.
+            ctx.route(
+                consumer.conn.shard,
+                ShardMessage::Confirmed {
+                    conn: consumer.conn,
+                    ticket,
+                },
+            );
+        }
+        match self.destinations.get_mut(&destination) {
+            Some(Destination::Queue(queue)) => {
+                queue.subscribe(&mut ctx, consumer, ack, prefetch, prefetch_bytes, paused)
+            }
+            Some(Destination::Topic(topic)) => {
+                topic.subscribe(&ctx, consumer, ack, prefetch, paused)
+            }
+            None => {}
+        }
+    }
+
+    fn handle_unsubscribe(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
+            Some(Destination::Topic(topic)) => topic.unsubscribe(&mut ctx, consumer),
+            None => {}
+        }
+        self.forget_if_idle(destination);
+        self.track_expiry(destination);
+    }
+
+    fn handle_publish(
+        &mut self,
+        message: Arc<Message>,
+        origin: ConnectionId,
+        ticket: Option<u64>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let name = message.destination.clone();
+        let kind = DestinationKind::of(&name);
+        if kind == DestinationKind::Topic && !self.destinations.contains_key(&name) {
+            // Nobody listens: the message is gone, and no topic is made for it.
+            if let Some(ticket) = ticket {
+                let mut ctx = ctx!(self, now_ms, out);
+                ctx.route(
+                    origin.shard,
+                    ShardMessage::Confirmed {
+                        conn: origin,
+                        ticket,
+                    },
+                );
+            }
+            return;
+        }
+        self.destination(&name);
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(&name) {
+            Some(Destination::Queue(queue)) => queue.publish(&mut ctx, message, origin, ticket),
+            Some(Destination::Topic(topic)) => {
+                topic.publish(&mut ctx, message, origin, ticket);
+                if topic.is_throttling() {
+                    self.throttling_topics.insert(name.clone());
+                }
+            }
+            None => {}
+        }
+        // An expired or refused message may leave a new queue empty.
+        self.forget_if_idle(&name);
+        self.track_expiry(&name);
+    }
+
+    fn handle_ack(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        ids: &[MessageId],
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.ack(&mut ctx, consumer, ids),
+            Some(Destination::Topic(topic)) => topic.settle(consumer, ids),
+            None => {}
+        }
+    }
+
+    fn handle_nack(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        ids: &[MessageId],
+        requeue: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.nack(&mut ctx, consumer, ids, requeue),
+            Some(Destination::Topic(topic)) => topic.settle(consumer, ids),
+            None => {}
+        }
+        self.track_expiry(destination);
+    }
+
+    fn handle_unsent(&mut self, consumer: ConsumerKey, destination: &Arc<[u8]>, ids: &[MessageId]) {
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(destination) {
+            queue.unsent(consumer, ids);
+        }
+    }
+
+    fn handle_credit(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        count: u32,
+        bytes: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.credit(&mut ctx, consumer, count, bytes),
+            Some(Destination::Topic(topic)) => topic.credit(consumer, count),
+            None => {}
+        }
+    }
+
+    fn handle_flow(
+        &mut self,
+        consumer: ConsumerKey,
+        destination: &Arc<[u8]>,
+        paused: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.destinations.get_mut(destination) {
+            Some(Destination::Queue(queue)) => queue.flow(&mut ctx, consumer, paused),
+            Some(Destination::Topic(topic)) => topic.flow(&mut ctx, consumer, paused),
+            None => {}
+        }
+    }
+
+    fn handle_returned(
+        &mut self,
+        message: Arc<Message>,
+        deliveries: u32,
+        order: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let name = message.destination.clone();
+        if DestinationKind::of(&name) == DestinationKind::Queue {
+            self.destination(&name);
+            let mut ctx = ctx!(self, now_ms, out);
+            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+                queue.returned(&mut ctx, message, deliveries, order);
+            }
+            self.track_expiry(&name);
+        }
+    }
+
+    fn handle_returned_all(
+        &mut self,
+        destination: Arc<[u8]>,
+        messages: Vec<(Arc<Message>, u32, u64)>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if DestinationKind::of(&destination) == DestinationKind::Queue {
+            self.destination(&destination);
+            let mut ctx = ctx!(self, now_ms, out);
+            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination) {
+                queue.returned_all(&mut ctx, messages);
+            }
+            self.track_expiry(&destination);
+        }
+    }
+
+    /// A delivery for a session here. Without the session, a settled message goes back to
+    /// its queue.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_deliver(
+        &mut self,
+        consumer: ConsumerKey,
+        message: Arc<Message>,
+        deliveries: u32,
+        settled: bool,
+        order: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let mut ctx = ctx!(self, now_ms, out);
+        match self.sessions.get_mut(&consumer.conn.local) {
+            Some(session) => session.deliver(
+                &mut ctx,
+                consumer.subscription,
+                message,
+                deliveries,
+                settled,
+                order,
+            ),
+            None if settled => {
+                let to = shard_of(&message.destination, ctx.shard_count);
+                ctx.route(
+                    to,
+                    ShardMessage::Returned {
+                        message,
+                        deliveries,
+                        order,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn handle_confirmed(
+        &mut self,
+        conn: ConnectionId,
+        ticket: u64,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.confirmed(&mut ctx, ticket);
+            self.close_if_done(conn, now_ms, out);
+        }
+    }
+
+    fn handle_throttle(
+        &mut self,
+        conn: ConnectionId,
+        paused: bool,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        if let Some(session) = self.sessions.get_mut(&conn.local) {
+            let mut ctx = ctx!(self, now_ms, out);
+            session.throttle(&mut ctx, paused);
+        }
+    }
+
+    fn handle_rejected(
+        &mut self,
+        conn: ConnectionId,
+        reason: Rejection,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let error = match reason {
+            Rejection::QueueMessagesFull => ProtocolError::QueueFull {
+                limit: "queue_messages_max and its overshoot",
+            },
+            Rejection::QueueBytesFull => ProtocolError::QueueFull {
+                limit: "queue_bytes_max and its overshoot",
+            },
+            Rejection::NotStored { reason } => ProtocolError::NotStored { reason },
+        };
+        self.fail(conn, &error, None, now_ms, out);
+    }
+
+    fn handle_dead_letter(
+        &mut self,
+        message: Arc<Message>,
+        from: Arc<[u8]>,
+        from_at: Option<StoreRef>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let name = message.destination.clone();
+        self.destination(&name);
+        let mut ctx = ctx!(self, now_ms, out);
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
+            queue.accept_dead_letter(&mut ctx, message, from, from_at);
+        }
+        self.track_expiry(&name);
+    }
+
+    fn handle_moved(
+        &mut self,
+        destination: Arc<[u8]>,
+        id: MessageId,
+        at: Option<StoreRef>,
+        out: &mut Effects,
+    ) {
+        if self.config.log_enabled {
+            out.list.push(Effect::Append {
+                record: Record::Ack {
+                    destination,
+                    id,
+                    at,
+                },
+                token: None,
+            });
         }
     }
 

@@ -572,7 +572,7 @@ impl SegmentReader {
         if from >= bytes.len() as u64 {
             return None;
         }
-        super::shard::last_nonzero_from(self.file.as_raw_fd(), bytes, from)
+        last_nonzero_from(self.file.as_raw_fd(), bytes, from)
     }
 
     /// Whether the broker reused the file for another segment since it was opened (recycling
@@ -610,4 +610,51 @@ impl SegmentReader {
         };
         SegmentScan::new(bytes, self.sequence)
     }
+}
+
+/// The offset of the last non-zero byte at or after `from` in a segment's bytes, if any.
+///
+/// Only regions the file system reports as data (SEEK_DATA/SEEK_HOLE) are read: the unwritten
+/// rest of a preallocated segment is a hole to it, so recovery does not fault in (and fill the
+/// page cache with) up to a whole segment of zeros. Pages written through the map but not yet on
+/// disk are in the page cache, which SEEK_DATA counts as data. Where lseek cannot tell, the whole
+/// range is read.
+pub(crate) fn last_nonzero_from(fd: RawFd, bytes: &[u8], from: u64) -> Option<u64> {
+    let end = bytes.len() as u64;
+    let mut last = None;
+    let mut at = from;
+    while at < end {
+        // SAFETY: lseek on a descriptor the caller keeps open; no pointers involved.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data from `at` to the end of the file
+            }
+            return scan_last_nonzero(bytes, at, end).or(last);
+        }
+        let data = (data as u64).max(at);
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        if data >= end {
+            break;
+        }
+        if let Some(found) = scan_last_nonzero(bytes, data, hole) {
+            last = Some(found);
+        }
+        at = hole.max(data + 1);
+    }
+    last
+}
+
+/// The offset of the last non-zero byte of `bytes[from..to]`, if any, by reading it all.
+pub(crate) fn scan_last_nonzero(bytes: &[u8], from: u64, to: u64) -> Option<u64> {
+    bytes[from as usize..to as usize]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map(|i| from + i as u64)
 }

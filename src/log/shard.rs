@@ -47,7 +47,9 @@ use super::format::{
     REFS_FIXED_BYTES, REF_BYTES, SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
 };
 use super::policy::FsyncPolicy;
-use super::segment::{free_file_name, list_free_files, list_segments, Segment};
+use super::segment::{
+    free_file_name, last_nonzero_from, list_free_files, list_segments, scan_last_nonzero, Segment,
+};
 use crate::codec::Header;
 
 /// The directory of shard `shard`'s log under the broker's data directory.
@@ -419,247 +421,44 @@ impl ShardLog {
     /// is scanned and every record's CRC checked; a torn tail of the last segment is zeroed; a
     /// damaged record in the middle is skipped; queues are rebuilt with their unacknowledged
     /// messages in order. Blocking; call before the shard serves.
+    ///
+    /// The steps, in order: scan (`remove_free_files`, `open_segments`, then `scan_segments`,
+    /// which reads each segment's records and cuts its torn tail, `cut_torn_tail`), rebuild
+    /// (`rebuild_queues`, `from_recovered`), then reclaim what is fully acknowledged.
     pub fn open(config: LogConfig) -> Result<(ShardLog, Recovery), LogError> {
         config.validate()?;
         fs::create_dir_all(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let dir = File::open(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let mut report = RecoveryReport::default();
-        // A file kept for reuse by the last run holds nothing needed. It is deleted rather than
-        // reused: its old sequence is only known to be lower than the next one while the
-        // segments that followed it are still here, and a file reused under its own old
-        // sequence would bring its stale records back as valid.
-        for path in list_free_files(&config.dir)? {
-            fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
-            report.removed_free.push(path);
-        }
-        let mut next_sequence = 0;
-        let mut opened: Vec<(Segment, bool)> = Vec::new();
-        let mut last_recycled = false;
-        for (sequence, path) in list_segments(&config.dir)? {
-            next_sequence = sequence + 1;
-            if let Some(opened_segment) = open_checked(&config, sequence, &path, &mut report)? {
-                opened.push(opened_segment);
-            }
-        }
+        remove_free_files(&config.dir, &mut report)?;
+        let (opened, next_sequence) = open_segments(&config, &mut report)?;
         report.segments = opened.len();
-
-        // Pass 1: acks, delivered marks, damage, and where each segment's good data ends.
-        // FxHash: one lookup or insert per record scanned, keyed by positions the log wrote.
-        let mut acked: FxHashSet<Position> = FxHashSet::default();
-        let mut deliveries: FxHashMap<Position, u32> = FxHashMap::default();
-        let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
-        let last_index = opened.len().wrapping_sub(1);
-        for (index, (mut segment, recycled)) in opened.into_iter().enumerate() {
-            let sequence = segment.sequence();
-            if index == last_index {
-                last_recycled = recycled;
-            }
-            let mut refs = BTreeSet::new();
-            let mut last_good_end = SEGMENT_HEADER_BYTES as u64;
-            let mut damaged: Vec<SkippedRecord> = Vec::new();
-            let mut stop: Option<(u64, FormatError)> = None;
-            let bytes = segment.bytes().expect("recovered segments are mapped");
-            let mut scan = SegmentScan::new(bytes, sequence);
-            for item in &mut scan {
-                match item {
-                    ScanItem::Record {
-                        offset,
-                        len,
-                        record,
-                    } => {
-                        report.records += 1;
-                        last_good_end = offset + len;
-                        match record {
-                            RecordView::Ack(list) => {
-                                for p in list.iter() {
-                                    acked.insert(p);
-                                    if p.segment != sequence {
-                                        refs.insert(p.segment);
-                                    }
-                                }
-                            }
-                            RecordView::Delivered(list) => {
-                                for p in list.iter() {
-                                    let count = deliveries.entry(p).or_insert(0u32);
-                                    *count = count.saturating_add(1);
-                                    if p.segment != sequence {
-                                        refs.insert(p.segment);
-                                    }
-                                }
-                            }
-                            RecordView::Message(_) => {}
-                        }
-                    }
-                    ScanItem::Corrupt { offset, len, error } => damaged.push(SkippedRecord {
-                        position: Position {
-                            segment: sequence,
-                            offset,
-                        },
-                        bytes: len,
-                        error,
-                    }),
-                    ScanItem::Unframed { offset, error } => stop = Some((offset, error)),
-                }
-            }
-            let scan_end = scan.offset();
-            let (in_middle, in_tail): (Vec<_>, Vec<_>) = damaged
-                .into_iter()
-                .partition(|s| s.position.offset < last_good_end);
-            report.skipped.extend(in_middle);
-            let tail_error = in_tail
-                .into_iter()
-                .next()
-                .map(|s| s.error)
-                .or(stop.map(|(_, e)| e));
-            if recycled {
-                // The data ends at an end marker right after the last good record; what lies
-                // behind it is leftovers and is not looked at. Without one, the tail is torn.
-                if !ends_data_at(bytes, last_good_end) {
-                    let segment_end = bytes.len() as u64;
-                    if index == last_index {
-                        // Copy a bounded prefix aside (see RECYCLED_CUT_COPY_BYTES_MAX), then
-                        // end the data where the good records end; appends go on from there.
-                        let window_end =
-                            (last_good_end + RECYCLED_CUT_COPY_BYTES_MAX).min(segment_end);
-                        let copy_end = scan_last_nonzero(bytes, last_good_end, window_end)
-                            .map_or(last_good_end, |last| last + 1);
-                        let cut_bytes = copy_end - last_good_end;
-                        let marker_end = (last_good_end + FRAME_BYTES as u64).min(segment_end);
-                        let saved_to = cut_tail(&mut segment, last_good_end, copy_end, marker_end)?;
-                        report.cuts.push(TailCut {
-                            position: Position {
-                                segment: sequence,
-                                offset: last_good_end,
-                            },
-                            bytes: cut_bytes,
-                            zeroed: true,
-                            saved_to,
-                            error: tail_error,
-                            recycled: true,
-                        });
-                    } else {
-                        let examined = scan_end
-                            .max(last_good_end + FRAME_BYTES as u64)
-                            .min(segment_end)
-                            - last_good_end;
-                        report.cuts.push(TailCut {
-                            position: Position {
-                                segment: sequence,
-                                offset: last_good_end,
-                            },
-                            bytes: examined,
-                            zeroed: false,
-                            saved_to: None,
-                            error: tail_error,
-                            recycled: true,
-                        });
-                    }
-                }
-            } else if index == last_index {
-                let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
-                if let Some(last_nonzero) = last_nonzero {
-                    let cut_bytes = last_nonzero - last_good_end + 1;
-                    let end = last_good_end + cut_bytes;
-                    let saved_to = cut_tail(&mut segment, last_good_end, end, end)?;
-                    report.cuts.push(TailCut {
-                        position: Position {
-                            segment: sequence,
-                            offset: last_good_end,
-                        },
-                        bytes: cut_bytes,
-                        zeroed: true,
-                        saved_to,
-                        error: tail_error,
-                        recycled: false,
-                    });
-                }
-            } else {
-                // A zeroed length reads as the end of the data and hides the records after it;
-                // only non-zero bytes past the end tell. An earlier segment's rest is small
-                // (it rolled because a record did not fit), so looking costs little.
-                let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
-                if tail_error.is_some() || last_nonzero.is_some() {
-                    let bytes = match last_nonzero {
-                        Some(last_nonzero) => last_nonzero - last_good_end + 1,
-                        None => scan_end.max(last_good_end) - last_good_end,
-                    };
-                    report.cuts.push(TailCut {
-                        position: Position {
-                            segment: sequence,
-                            offset: last_good_end,
-                        },
-                        bytes,
-                        zeroed: false,
-                        saved_to: None,
-                        error: tail_error,
-                        recycled: false,
-                    });
-                }
-            }
-            segment.set_write_offset(last_good_end);
-            let live = LiveSet::new(segment.segment_bytes());
-            states.insert(
-                sequence,
-                SegmentState {
-                    segment,
-                    live,
-                    refs,
-                },
-            );
-        }
-
-        // Pass 2: the pending messages, in log order, grouped by destination.
-        let mut queues: Vec<RecoveredQueue> = Vec::new();
-        let mut queue_index: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut live_messages = 0;
-        for (&sequence, state) in states.iter_mut() {
-            let bytes = state
-                .segment
-                .bytes()
-                .expect("recovered segments are mapped");
-            for item in SegmentScan::new(bytes, sequence) {
-                let ScanItem::Record {
-                    offset,
-                    record: RecordView::Message(m),
-                    ..
-                } = item
-                else {
-                    continue;
-                };
-                let position = Position {
-                    segment: sequence,
-                    offset,
-                };
-                if acked.contains(&position) {
-                    continue;
-                }
-                state.live.insert(offset);
-                live_messages += 1;
-                let index = *queue_index
-                    .entry(m.destination.to_vec())
-                    .or_insert_with(|| {
-                        queues.push(RecoveredQueue {
-                            destination: m.destination.to_vec(),
-                            messages: Vec::new(),
-                        });
-                        queues.len() - 1
-                    });
-                queues[index].messages.push(RecoveredMessage {
-                    position,
-                    message_id: m.message_id.to_vec(),
-                    timestamp_ms: m.timestamp_ms,
-                    headers: m.headers_owned(),
-                    body: m.body.to_vec(),
-                    expires_ms: m.expires_ms(),
-                    body_bytes: u32::try_from(m.body.len()).unwrap_or(u32::MAX),
-                    head_bytes: u16::try_from(m.head_bytes()).unwrap_or(u16::MAX),
-                    deliveries: deliveries.get(&position).copied().unwrap_or(0),
-                    redelivered: deliveries.contains_key(&position),
-                });
-            }
-        }
+        let scanned = scan_segments(opened, &mut report)?;
+        let mut states = scanned.states;
+        let (queues, live_messages) = rebuild_queues(&mut states, &scanned.marks);
         report.messages_pending = live_messages;
+        let mut log = ShardLog::from_recovered(
+            config,
+            dir,
+            states,
+            next_sequence,
+            scanned.last_recycled,
+            live_messages,
+        );
+        report.reclaimed = log.reclaim()?;
+        Ok((log, Recovery { queues, report }))
+    }
 
+    /// The rebuild's last step: the log as recovery leaves it. Every segment but the last is
+    /// sealed; the last is the active one and appends go on where its good data ends.
+    fn from_recovered(
+        config: LogConfig,
+        dir: File,
+        mut states: BTreeMap<u64, SegmentState>,
+        next_sequence: u64,
+        last_recycled: bool,
+        live_messages: u64,
+    ) -> ShardLog {
         let active = states.keys().next_back().copied();
         for (&sequence, state) in states.iter_mut() {
             if Some(sequence) != active {
@@ -676,7 +475,7 @@ impl ShardLog {
                 offset: 0,
             },
         };
-        let mut log = ShardLog {
+        ShardLog {
             config,
             dir,
             segments: states,
@@ -692,9 +491,7 @@ impl ShardLog {
             active_closed: last_recycled,
             failed: false,
             live_messages,
-        };
-        report.reclaimed = log.reclaim()?;
-        Ok((log, Recovery { queues, report }))
+        }
     }
 
     /// The configuration the log was opened with.
@@ -1248,6 +1045,372 @@ pub fn reclaimable_segments<'a>(
     deletable
 }
 
+/// Recovery, first step: deletes the files the last run kept for reuse (`*.seg.free`). Such a
+/// file holds nothing needed. It is deleted rather than reused: its old sequence is only known
+/// to be lower than the next one while the segments that followed it are still here, and a file
+/// reused under its own old sequence would bring its stale records back as valid.
+fn remove_free_files(dir: &Path, report: &mut RecoveryReport) -> Result<(), LogError> {
+    for path in list_free_files(dir)? {
+        fs::remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+        report.removed_free.push(path);
+    }
+    Ok(())
+}
+
+/// Recovery, scan: opens every listed segment and validates its header (`open_checked`).
+/// Returns the segments kept, each with whether it is recycled, and the sequence number the
+/// next new segment gets (one past the highest listed, kept or not).
+fn open_segments(
+    config: &LogConfig,
+    report: &mut RecoveryReport,
+) -> Result<(Vec<(Segment, bool)>, u64), LogError> {
+    let mut next_sequence = 0;
+    let mut opened: Vec<(Segment, bool)> = Vec::new();
+    for (sequence, path) in list_segments(&config.dir)? {
+        next_sequence = sequence + 1;
+        if let Some(opened_segment) = open_checked(config, sequence, &path, report)? {
+            opened.push(opened_segment);
+        }
+    }
+    Ok((opened, next_sequence))
+}
+
+/// The acks and delivered marks of every segment, gathered by the scan: the rebuild needs them
+/// all before it can tell which messages are still pending. FxHash: one lookup or insert per
+/// record scanned, keyed by positions the log wrote.
+#[derive(Default)]
+struct Marks {
+    acked: FxHashSet<Position>,
+    deliveries: FxHashMap<Position, u32>,
+}
+
+impl Marks {
+    /// Notes an ack or delivered record of segment `sequence`, and in `refs` the other segments
+    /// it points into (a segment must outlive those it acks into; see the module invariants).
+    fn note(&mut self, record: RecordView<'_>, sequence: u64, refs: &mut BTreeSet<u64>) {
+        match record {
+            RecordView::Ack(list) => {
+                for p in list.iter() {
+                    self.acked.insert(p);
+                    if p.segment != sequence {
+                        refs.insert(p.segment);
+                    }
+                }
+            }
+            RecordView::Delivered(list) => {
+                for p in list.iter() {
+                    let count = self.deliveries.entry(p).or_insert(0u32);
+                    *count = count.saturating_add(1);
+                    if p.segment != sequence {
+                        refs.insert(p.segment);
+                    }
+                }
+            }
+            RecordView::Message(_) => {}
+        }
+    }
+}
+
+/// What the scan (pass 1) hands to the rebuild.
+struct Scanned {
+    /// Every segment kept, its write offset at the end of its good data, with no live message
+    /// yet (the rebuild marks them).
+    states: BTreeMap<u64, SegmentState>,
+    marks: Marks,
+    /// The last segment is recycled: it is never appended to again (`active_closed`).
+    last_recycled: bool,
+}
+
+/// Recovery, scan and cut (pass 1): reads each segment's records (`scan_segment`), then
+/// handles what lies after its good data (`cut_torn_tail`), one segment after the other.
+fn scan_segments(
+    opened: Vec<(Segment, bool)>,
+    report: &mut RecoveryReport,
+) -> Result<Scanned, LogError> {
+    let mut marks = Marks::default();
+    let mut states: BTreeMap<u64, SegmentState> = BTreeMap::new();
+    let mut last_recycled = false;
+    let last_index = opened.len().wrapping_sub(1);
+    for (index, (mut segment, recycled)) in opened.into_iter().enumerate() {
+        let sequence = segment.sequence();
+        if index == last_index {
+            last_recycled = recycled;
+        }
+        let bytes = segment.bytes().expect("recovered segments are mapped");
+        let scanned = scan_segment(bytes, sequence, &mut marks, report);
+        cut_torn_tail(
+            &mut segment,
+            &scanned,
+            index == last_index,
+            recycled,
+            report,
+        )?;
+        segment.set_write_offset(scanned.last_good_end);
+        let live = LiveSet::new(segment.segment_bytes());
+        states.insert(
+            sequence,
+            SegmentState {
+                segment,
+                live,
+                refs: scanned.refs,
+            },
+        );
+    }
+    Ok(Scanned {
+        states,
+        marks,
+        last_recycled,
+    })
+}
+
+/// What the scan of one segment found.
+struct SegmentScanned {
+    /// Other segments its ack and delivered records point into.
+    refs: BTreeSet<u64>,
+    /// The first byte after its last good record.
+    last_good_end: u64,
+    /// Where the scan stopped.
+    scan_end: u64,
+    /// Why the data after `last_good_end` is not records, if the scan said.
+    tail_error: Option<FormatError>,
+}
+
+/// Scans one segment's records: counts the good ones, notes acks and delivered marks, and
+/// finds where the good data ends. Damage before that end is a skipped record (reported here);
+/// damage after it belongs to the tail, for `cut_torn_tail`.
+fn scan_segment(
+    bytes: &[u8],
+    sequence: u64,
+    marks: &mut Marks,
+    report: &mut RecoveryReport,
+) -> SegmentScanned {
+    let mut refs = BTreeSet::new();
+    let mut last_good_end = SEGMENT_HEADER_BYTES as u64;
+    let mut damaged: Vec<SkippedRecord> = Vec::new();
+    let mut stop: Option<(u64, FormatError)> = None;
+    let mut scan = SegmentScan::new(bytes, sequence);
+    for item in &mut scan {
+        match item {
+            ScanItem::Record {
+                offset,
+                len,
+                record,
+            } => {
+                report.records += 1;
+                last_good_end = offset + len;
+                marks.note(record, sequence, &mut refs);
+            }
+            ScanItem::Corrupt { offset, len, error } => damaged.push(SkippedRecord {
+                position: Position {
+                    segment: sequence,
+                    offset,
+                },
+                bytes: len,
+                error,
+            }),
+            ScanItem::Unframed { offset, error } => stop = Some((offset, error)),
+        }
+    }
+    let scan_end = scan.offset();
+    let (in_middle, in_tail): (Vec<_>, Vec<_>) = damaged
+        .into_iter()
+        .partition(|s| s.position.offset < last_good_end);
+    report.skipped.extend(in_middle);
+    let tail_error = in_tail
+        .into_iter()
+        .next()
+        .map(|s| s.error)
+        .or(stop.map(|(_, e)| e));
+    SegmentScanned {
+        refs,
+        last_good_end,
+        scan_end,
+        tail_error,
+    }
+}
+
+/// Recovery, cut: what to do with the bytes after a segment's good data depends on whether the
+/// segment is recycled (leftovers behind its data are expected) and whether it is the last one
+/// (the only one appended to, so the only one whose tail is cleared).
+fn cut_torn_tail(
+    segment: &mut Segment,
+    scanned: &SegmentScanned,
+    is_last: bool,
+    recycled: bool,
+    report: &mut RecoveryReport,
+) -> Result<(), LogError> {
+    if recycled {
+        cut_recycled_tail(segment, scanned, is_last, report)
+    } else if is_last {
+        cut_last_tail(segment, scanned, report)
+    } else {
+        note_earlier_tail(segment, scanned, report);
+        Ok(())
+    }
+}
+
+/// A recycled segment's data ends at an end marker right after the last good record; what lies
+/// behind it is leftovers and is not looked at. Without one, the tail is torn: in the last
+/// segment a bounded prefix is copied aside (see `RECYCLED_CUT_COPY_BYTES_MAX`) and the data
+/// ended where the good records end, so appends go on from there; in an earlier one the tear
+/// is only reported.
+fn cut_recycled_tail(
+    segment: &mut Segment,
+    scanned: &SegmentScanned,
+    is_last: bool,
+    report: &mut RecoveryReport,
+) -> Result<(), LogError> {
+    let last_good_end = scanned.last_good_end;
+    let bytes = segment.bytes().expect("recovered segments are mapped");
+    if ends_data_at(bytes, last_good_end) {
+        return Ok(());
+    }
+    let segment_end = bytes.len() as u64;
+    let (cut_bytes, zeroed, saved_to) = if is_last {
+        let window_end = (last_good_end + RECYCLED_CUT_COPY_BYTES_MAX).min(segment_end);
+        let copy_end = scan_last_nonzero(bytes, last_good_end, window_end)
+            .map_or(last_good_end, |last| last + 1);
+        let marker_end = (last_good_end + FRAME_BYTES as u64).min(segment_end);
+        let saved_to = cut_tail(segment, last_good_end, copy_end, marker_end)?;
+        (copy_end - last_good_end, true, saved_to)
+    } else {
+        let examined = scanned
+            .scan_end
+            .max(last_good_end + FRAME_BYTES as u64)
+            .min(segment_end)
+            - last_good_end;
+        (examined, false, None)
+    };
+    report.cuts.push(TailCut {
+        position: Position {
+            segment: segment.sequence(),
+            offset: last_good_end,
+        },
+        bytes: cut_bytes,
+        zeroed,
+        saved_to,
+        error: scanned.tail_error.clone(),
+        recycled: true,
+    });
+    Ok(())
+}
+
+/// The last segment, fresh: everything after its good data up to its last non-zero byte is
+/// copied aside and zeroed, so that new records follow the good ones on clean ground.
+fn cut_last_tail(
+    segment: &mut Segment,
+    scanned: &SegmentScanned,
+    report: &mut RecoveryReport,
+) -> Result<(), LogError> {
+    let last_good_end = scanned.last_good_end;
+    let bytes = segment.bytes().expect("recovered segments are mapped");
+    let Some(last_nonzero) = last_nonzero_from(segment.raw_fd(), bytes, last_good_end) else {
+        return Ok(());
+    };
+    let cut_bytes = last_nonzero - last_good_end + 1;
+    let end = last_good_end + cut_bytes;
+    let saved_to = cut_tail(segment, last_good_end, end, end)?;
+    report.cuts.push(TailCut {
+        position: Position {
+            segment: segment.sequence(),
+            offset: last_good_end,
+        },
+        bytes: cut_bytes,
+        zeroed: true,
+        saved_to,
+        error: scanned.tail_error.clone(),
+        recycled: false,
+    });
+    Ok(())
+}
+
+/// An earlier fresh segment: a damaged tail is reported and left as evidence. A zeroed length
+/// reads as the end of the data and hides the records after it; only non-zero bytes past the
+/// end tell. An earlier segment's rest is small (it rolled because a record did not fit), so
+/// looking costs little.
+fn note_earlier_tail(segment: &Segment, scanned: &SegmentScanned, report: &mut RecoveryReport) {
+    let last_good_end = scanned.last_good_end;
+    let bytes = segment.bytes().expect("recovered segments are mapped");
+    let last_nonzero = last_nonzero_from(segment.raw_fd(), bytes, last_good_end);
+    if scanned.tail_error.is_none() && last_nonzero.is_none() {
+        return;
+    }
+    let bytes = match last_nonzero {
+        Some(last_nonzero) => last_nonzero - last_good_end + 1,
+        None => scanned.scan_end.max(last_good_end) - last_good_end,
+    };
+    report.cuts.push(TailCut {
+        position: Position {
+            segment: segment.sequence(),
+            offset: last_good_end,
+        },
+        bytes,
+        zeroed: false,
+        saved_to: None,
+        error: scanned.tail_error.clone(),
+        recycled: false,
+    });
+}
+
+/// Recovery, rebuild (pass 2): the pending messages (those no ack names), in log order,
+/// grouped by destination in the order each queue's first pending message was written. Marks
+/// them live in their segments; returns the queues and how many messages are pending.
+fn rebuild_queues(
+    states: &mut BTreeMap<u64, SegmentState>,
+    marks: &Marks,
+) -> (Vec<RecoveredQueue>, u64) {
+    let mut queues: Vec<RecoveredQueue> = Vec::new();
+    let mut queue_index: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut live_messages = 0;
+    for (&sequence, state) in states.iter_mut() {
+        let bytes = state
+            .segment
+            .bytes()
+            .expect("recovered segments are mapped");
+        for item in SegmentScan::new(bytes, sequence) {
+            let ScanItem::Record {
+                offset,
+                record: RecordView::Message(m),
+                ..
+            } = item
+            else {
+                continue;
+            };
+            let position = Position {
+                segment: sequence,
+                offset,
+            };
+            if marks.acked.contains(&position) {
+                continue;
+            }
+            state.live.insert(offset);
+            live_messages += 1;
+            let index = *queue_index
+                .entry(m.destination.to_vec())
+                .or_insert_with(|| {
+                    queues.push(RecoveredQueue {
+                        destination: m.destination.to_vec(),
+                        messages: Vec::new(),
+                    });
+                    queues.len() - 1
+                });
+            queues[index].messages.push(RecoveredMessage {
+                position,
+                message_id: m.message_id.to_vec(),
+                timestamp_ms: m.timestamp_ms,
+                headers: m.headers_owned(),
+                body: m.body.to_vec(),
+                expires_ms: m.expires_ms(),
+                body_bytes: u32::try_from(m.body.len()).unwrap_or(u32::MAX),
+                head_bytes: u16::try_from(m.head_bytes()).unwrap_or(u16::MAX),
+                deliveries: marks.deliveries.get(&position).copied().unwrap_or(0),
+                redelivered: marks.deliveries.contains_key(&position),
+            });
+        }
+    }
+    (queues, live_messages)
+}
+
 /// Opens one listed segment and checks its header. Returns `None` (after deleting the file) for
 /// a segment whose creation never finished; else the segment and whether it is recycled.
 fn open_checked(
@@ -1318,13 +1481,6 @@ fn open_checked(
     }
 }
 
-/// The offset of the last non-zero byte at or after `from` in a segment's bytes, if any.
-///
-/// Only regions the file system reports as data (SEEK_DATA/SEEK_HOLE) are read: the unwritten
-/// rest of a preallocated segment is a hole to it, so recovery does not fault in (and fill the
-/// page cache with) up to a whole segment of zeros. Pages written through the map but not yet on
-/// disk are in the page cache, which SEEK_DATA counts as data. Where lseek cannot tell, the whole
-/// range is read.
 /// Cuts a torn tail in recovery: copies `from..copy_end` beside the segment
 /// (`<segment>.seg.cut-<from>`), zeroes `from..zero_end` and syncs. The copy is kept because a
 /// damaged length in the middle of the segment also lands in the tail, with good records behind
@@ -1344,45 +1500,6 @@ fn cut_tail(
     map[from as usize..zero_end as usize].fill(0);
     segment.sync_data()?;
     Ok(saved_to)
-}
-
-pub(crate) fn last_nonzero_from(fd: RawFd, bytes: &[u8], from: u64) -> Option<u64> {
-    let end = bytes.len() as u64;
-    let mut last = None;
-    let mut at = from;
-    while at < end {
-        // SAFETY: lseek on a descriptor the caller keeps open; no pointers involved.
-        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                break; // no data from `at` to the end of the file
-            }
-            return scan_last_nonzero(bytes, at, end).or(last);
-        }
-        let data = (data as u64).max(at);
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            end
-        } else {
-            (hole as u64).min(end)
-        };
-        if data >= end {
-            break;
-        }
-        if let Some(found) = scan_last_nonzero(bytes, data, hole) {
-            last = Some(found);
-        }
-        at = hole.max(data + 1);
-    }
-    last
-}
-
-fn scan_last_nonzero(bytes: &[u8], from: u64, to: u64) -> Option<u64> {
-    bytes[from as usize..to as usize]
-        .iter()
-        .rposition(|&b| b != 0)
-        .map(|i| from + i as u64)
 }
 
 fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
