@@ -543,40 +543,46 @@ impl<S: Store> Shard<S> {
         &mut self,
         recovered: impl IntoIterator<Item = Recovered>,
     ) -> Result<(), RestoreError> {
-        for Recovered {
+        for recovered in recovered {
+            self.restore_one(recovered)?;
+        }
+        Ok(())
+    }
+
+    /// One message of [`Shard::restore`].
+    pub fn restore_one(&mut self, recovered: Recovered) -> Result<(), RestoreError> {
+        let Recovered {
             destination: name,
             entry,
             deliveries,
-        } in recovered
-        {
-            let owner = shard_of(&name, self.shard_count);
-            if owner != self.id {
-                return Err(RestoreError::WrongShard {
-                    destination: String::from_utf8_lossy(&name).into_owned(),
-                    owner,
-                    shard: self.id,
-                });
-            }
-            if DestinationKind::of(&name) != DestinationKind::Queue {
-                return Err(RestoreError::NotAQueue {
-                    destination: String::from_utf8_lossy(&name).into_owned(),
-                });
-            }
-            let id = entry.id();
-            if id.shard == self.id {
-                self.next_message_seq = self.next_message_seq.max(id.seq + 1);
-            }
-            let destination = self
-                .destinations
-                .entry(name.clone())
-                .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
-            // Only the index entry: the body is read back when the message's turn comes, so
-            // memory after a restart does not grow with the backlog's bytes.
-            if let Destination::Queue(queue) = destination {
-                queue.restore(entry, deliveries);
-            }
-            self.track_expiry(&name);
+        } = recovered;
+        let owner = shard_of(&name, self.shard_count);
+        if owner != self.id {
+            return Err(RestoreError::WrongShard {
+                destination: String::from_utf8_lossy(&name).into_owned(),
+                owner,
+                shard: self.id,
+            });
         }
+        if DestinationKind::of(&name) != DestinationKind::Queue {
+            return Err(RestoreError::NotAQueue {
+                destination: String::from_utf8_lossy(&name).into_owned(),
+            });
+        }
+        let id = entry.id();
+        if id.shard == self.id {
+            self.next_message_seq = self.next_message_seq.max(id.seq + 1);
+        }
+        let destination = self
+            .destinations
+            .entry(name.clone())
+            .or_insert_with(|| Destination::Queue(Queue::new(name.clone())));
+        // Only the index entry: the body is read back when the message's turn comes, so
+        // memory after a restart does not grow with the backlog's bytes.
+        if let Destination::Queue(queue) = destination {
+            queue.restore(entry, deliveries);
+        }
+        self.track_expiry(&name);
         Ok(())
     }
 

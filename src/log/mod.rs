@@ -24,6 +24,6 @@ pub use inspect::{list_shards, ShardInspection};
 pub use policy::FsyncPolicy;
 pub use segment::{list_segments, SegmentReader};
 pub use shard::{
-    reclaimable_segments, shard_dir, LogConfig, RecoveredMessage, RecoveredQueue, Recovery,
-    RecoveryReport, ShardLog, SkippedRecord, SyncRequest, SyncTarget, TailCut,
+    reclaimable_segments, shard_dir, LogConfig, PendingMessage, RecoveredMessage, RecoveredQueue,
+    Recovery, RecoveryReport, ShardLog, SkippedRecord, SyncRequest, SyncTarget, TailCut,
 };

@@ -159,17 +159,23 @@ pub struct RecoveredMessage {
     pub timestamp_ms: u64,
     pub headers: Vec<Header<'static>>,
     pub body: Vec<u8>,
-    /// Its `expires` header as a number (0: none, or not a number).
-    pub expires_ms: u64,
-    /// Length of the body.
-    pub body_bytes: u32,
-    /// Bytes of its destination and stored headers (as `name:value` lines), saturated: what
-    /// a queue's estimate of the frame needs besides the body.
-    pub head_bytes: u16,
     /// A delivered record names it: a consumer may have seen it before the restart.
     pub redelivered: bool,
     /// How many deliveries were logged for it (one delivered reference per delivery), for the
     /// dead-letter limit; 0 when `redelivered` is false.
+    pub deliveries: u32,
+}
+
+/// A pending message as [`ShardLog::for_each_pending`] finds it: its record, borrowed from
+/// the segment.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingMessage<'a> {
+    /// Its identity in the log: pass it to `ack` when it is done.
+    pub position: Position,
+    pub view: MessageView<'a>,
+    /// A delivered record names it: a consumer may have seen it before the restart.
+    pub redelivered: bool,
+    /// How many deliveries were logged for it; 0 when `redelivered` is false.
     pub deliveries: u32,
 }
 
@@ -368,6 +374,22 @@ impl LiveSet {
     fn is_empty(&self) -> bool {
         self.count == 0
     }
+
+    /// The live offsets, ascending: log order within the segment.
+    fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(index, &word)| {
+            let base = index as u64 * 64;
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                Some((base + bit) * 8)
+            })
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -414,6 +436,8 @@ pub struct ShardLog {
     failed: bool,
     /// Messages appended or recovered and not yet acknowledged.
     live_messages: u64,
+    /// Delivered marks recovery found, by message, until `for_each_pending` hands them out.
+    recovered_deliveries: FxHashMap<Position, u32>,
 }
 
 impl ShardLog {
@@ -422,10 +446,46 @@ impl ShardLog {
     /// damaged record in the middle is skipped; queues are rebuilt with their unacknowledged
     /// messages in order. Blocking; call before the shard serves.
     ///
+    /// Recovery with every pending message copied out (headers and body), for tools and
+    /// tests; the broker uses [`ShardLog::open_indexed`], which keeps memory independent of
+    /// the backlog.
+    pub fn open(config: LogConfig) -> Result<(ShardLog, Recovery), LogError> {
+        let (mut log, report) = ShardLog::open_indexed(config)?;
+        let mut queues: Vec<RecoveredQueue> = Vec::new();
+        let mut queue_index: HashMap<Vec<u8>, usize> = HashMap::new();
+        log.for_each_pending(|pending| {
+            let m = pending.view;
+            let index = *queue_index
+                .entry(m.destination.to_vec())
+                .or_insert_with(|| {
+                    queues.push(RecoveredQueue {
+                        destination: m.destination.to_vec(),
+                        messages: Vec::new(),
+                    });
+                    queues.len() - 1
+                });
+            queues[index].messages.push(RecoveredMessage {
+                position: pending.position,
+                message_id: m.message_id.to_vec(),
+                timestamp_ms: m.timestamp_ms,
+                headers: m.headers_owned(),
+                body: m.body.to_vec(),
+                deliveries: pending.deliveries,
+                redelivered: pending.redelivered,
+            });
+        })?;
+        Ok((log, Recovery { queues, report }))
+    }
+
+    /// Opens and recovers the log (as [`ShardLog::open`] describes) without reading any
+    /// pending message into memory: they stay in the segments, found again by
+    /// [`ShardLog::for_each_pending`]. What stays in memory is per segment (its live set) and
+    /// the delivered marks, not per message byte.
+    ///
     /// The steps, in order: scan (`remove_free_files`, `open_segments`, then `scan_segments`,
     /// which reads each segment's records and cuts its torn tail, `cut_torn_tail`), rebuild
-    /// (`rebuild_queues`, `from_recovered`), then reclaim what is fully acknowledged.
-    pub fn open(config: LogConfig) -> Result<(ShardLog, Recovery), LogError> {
+    /// (`mark_live`, `from_recovered`), then reclaim what is fully acknowledged.
+    pub fn open_indexed(config: LogConfig) -> Result<(ShardLog, RecoveryReport), LogError> {
         config.validate()?;
         fs::create_dir_all(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
         let dir = File::open(&config.dir).map_err(|e| LogError::io(&config.dir, e))?;
@@ -435,7 +495,7 @@ impl ShardLog {
         report.segments = opened.len();
         let scanned = scan_segments(opened, &mut report)?;
         let mut states = scanned.states;
-        let (queues, live_messages) = rebuild_queues(&mut states, &scanned.marks);
+        let live_messages = mark_live(&mut states, &scanned.marks);
         report.messages_pending = live_messages;
         let mut log = ShardLog::from_recovered(
             config,
@@ -446,7 +506,51 @@ impl ShardLog {
             live_messages,
         );
         report.reclaimed = log.reclaim()?;
-        Ok((log, Recovery { queues, report }))
+        log.recovered_deliveries = scanned.marks.deliveries;
+        Ok((log, report))
+    }
+
+    /// Calls `visit` with each pending message (live, not acknowledged) found by recovery, in
+    /// log order, borrowing its record from the segment's map: nothing is copied, so a backlog
+    /// larger than memory is visited page by page (the kernel may drop the pages after).
+    /// Delivery counts come from the delivered marks recovery found (forgotten after this).
+    pub fn for_each_pending(
+        &mut self,
+        mut visit: impl FnMut(PendingMessage<'_>),
+    ) -> Result<(), LogError> {
+        let deliveries = std::mem::take(&mut self.recovered_deliveries);
+        for (&sequence, state) in self.segments.iter_mut() {
+            let SegmentState { segment, live, .. } = state;
+            let bytes = segment.record_bytes(0)?;
+            for offset in live.offsets() {
+                let position = Position {
+                    segment: sequence,
+                    offset,
+                };
+                let Some(record) = bytes.get(offset as usize..) else {
+                    return Err(LogError::Unreadable(position, "past the segment".into()));
+                };
+                let view = match decode_record(record, sequence) {
+                    Decoded::Record {
+                        record: RecordView::Message(view),
+                        ..
+                    } => view,
+                    _ => {
+                        return Err(LogError::Unreadable(
+                            position,
+                            "recovery marked it live but it does not decode".into(),
+                        ))
+                    }
+                };
+                visit(PendingMessage {
+                    position,
+                    view,
+                    deliveries: deliveries.get(&position).copied().unwrap_or(0),
+                    redelivered: deliveries.contains_key(&position),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The rebuild's last step: the log as recovery leaves it. Every segment but the last is
@@ -488,6 +592,7 @@ impl ShardLog {
             last_sync_issued_ms: None,
             dir_dirty: false,
             free: None,
+            recovered_deliveries: FxHashMap::default(),
             active_closed: last_recycled,
             failed: false,
             live_messages,
@@ -1352,15 +1457,11 @@ fn note_earlier_tail(segment: &Segment, scanned: &SegmentScanned, report: &mut R
     });
 }
 
-/// Recovery, rebuild (pass 2): the pending messages (those no ack names), in log order,
-/// grouped by destination in the order each queue's first pending message was written. Marks
-/// them live in their segments; returns the queues and how many messages are pending.
-fn rebuild_queues(
-    states: &mut BTreeMap<u64, SegmentState>,
-    marks: &Marks,
-) -> (Vec<RecoveredQueue>, u64) {
-    let mut queues: Vec<RecoveredQueue> = Vec::new();
-    let mut queue_index: HashMap<Vec<u8>, usize> = HashMap::new();
+/// Recovery, rebuild (pass 2): marks the pending messages (those no ack names) live in
+/// their segments; returns how many there are. Nothing of them is kept in memory but a bit
+/// each: `ShardLog::for_each_pending` reads them from the segments when the broker rebuilds
+/// its queues.
+fn mark_live(states: &mut BTreeMap<u64, SegmentState>, marks: &Marks) -> u64 {
     let mut live_messages = 0;
     for (&sequence, state) in states.iter_mut() {
         let bytes = state
@@ -1370,7 +1471,7 @@ fn rebuild_queues(
         for item in SegmentScan::new(bytes, sequence) {
             let ScanItem::Record {
                 offset,
-                record: RecordView::Message(m),
+                record: RecordView::Message(_),
                 ..
             } = item
             else {
@@ -1380,35 +1481,13 @@ fn rebuild_queues(
                 segment: sequence,
                 offset,
             };
-            if marks.acked.contains(&position) {
-                continue;
+            if !marks.acked.contains(&position) {
+                state.live.insert(offset);
+                live_messages += 1;
             }
-            state.live.insert(offset);
-            live_messages += 1;
-            let index = *queue_index
-                .entry(m.destination.to_vec())
-                .or_insert_with(|| {
-                    queues.push(RecoveredQueue {
-                        destination: m.destination.to_vec(),
-                        messages: Vec::new(),
-                    });
-                    queues.len() - 1
-                });
-            queues[index].messages.push(RecoveredMessage {
-                position,
-                message_id: m.message_id.to_vec(),
-                timestamp_ms: m.timestamp_ms,
-                headers: m.headers_owned(),
-                body: m.body.to_vec(),
-                expires_ms: m.expires_ms(),
-                body_bytes: u32::try_from(m.body.len()).unwrap_or(u32::MAX),
-                head_bytes: u16::try_from(m.head_bytes()).unwrap_or(u16::MAX),
-                deliveries: marks.deliveries.get(&position).copied().unwrap_or(0),
-                redelivered: marks.deliveries.contains_key(&position),
-            });
         }
     }
-    (queues, live_messages)
+    live_messages
 }
 
 /// Opens one listed segment and checks its header. Returns `None` (after deleting the file) for

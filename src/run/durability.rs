@@ -26,7 +26,7 @@ use crate::broker::{
 };
 use crate::codec::escape::unescape;
 use crate::codec::{Escaping, Header};
-use crate::log::{LogError, MessageRecord, Position, RecoveredQueue, ShardLog, SyncRequest};
+use crate::log::{LogError, MessageRecord, Position, ShardLog, SyncRequest};
 
 /// A sync the shard ring is carrying out.
 #[derive(Debug)]
@@ -129,47 +129,48 @@ impl Durability {
         }
     }
 
-    /// Turns what recovery found into index entries for `Shard::restore`: no body or header
-    /// is kept in memory. `fallback_seq` numbers messages whose stored id is not one of ours
-    /// (written by another tool): counting down from it keeps them apart from the ids this
-    /// boot hands out.
-    pub fn restore_queues(
+    /// Hands `restore` the index entry of every message recovery found pending, in log
+    /// order, for `Shard::restore_one`: no body or header is kept in memory. `fallback_seq`
+    /// numbers messages whose stored id is not one of ours (written by another tool):
+    /// counting down from it keeps them apart from the ids this boot hands out.
+    pub fn recover(
         &mut self,
-        queues: Vec<RecoveredQueue>,
         shard: ShardId,
         mut fallback_seq: u64,
-    ) -> Vec<Recovered> {
-        let mut out = Vec::new();
-        for queue in queues {
-            let destination: Arc<[u8]> = Arc::from(queue.destination.as_slice());
-            for recovered in queue.messages {
-                let id = MessageId::parse(&recovered.message_id).unwrap_or_else(|| {
-                    fallback_seq -= 1;
-                    MessageId {
-                        shard,
-                        seq: fallback_seq,
-                    }
-                });
-                let deliveries = if recovered.redelivered {
-                    recovered.deliveries.max(1)
-                } else {
-                    recovered.deliveries
-                };
-                out.push(Recovered {
-                    destination: destination.clone(),
-                    entry: Paged {
-                        at: pack(recovered.position),
-                        id_seq: id.seq,
-                        expires_ms: recovered.expires_ms,
-                        body_bytes: recovered.body_bytes,
-                        head_bytes: recovered.head_bytes,
-                        id_shard: id.shard.0,
-                    },
-                    deliveries,
-                });
+        mut restore: impl FnMut(Recovered),
+    ) -> Result<(), LogError> {
+        let mut destination: Arc<[u8]> = Arc::from(&b""[..]);
+        self.log.for_each_pending(|pending| {
+            let view = pending.view;
+            let id = MessageId::parse(view.message_id).unwrap_or_else(|| {
+                fallback_seq -= 1;
+                MessageId {
+                    shard,
+                    seq: fallback_seq,
+                }
+            });
+            // One name per run of messages of the same queue, not one per message.
+            if *destination != *view.destination {
+                destination = Arc::from(view.destination);
             }
-        }
-        out
+            let deliveries = if pending.redelivered {
+                pending.deliveries.max(1)
+            } else {
+                pending.deliveries
+            };
+            restore(Recovered {
+                destination: destination.clone(),
+                entry: Paged {
+                    at: pack(pending.position),
+                    id_seq: id.seq,
+                    expires_ms: view.expires_ms(),
+                    body_bytes: u32::try_from(view.body.len()).unwrap_or(u32::MAX),
+                    head_bytes: u16::try_from(view.head_bytes()).unwrap_or(u16::MAX),
+                    id_shard: id.shard.0,
+                },
+                deliveries,
+            });
+        })
     }
 
     /// Takes one broker record. Ack and delivered records of messages the log does not know
@@ -728,9 +729,12 @@ mod tests {
             durability.sync_now(1);
         }
         let config = crate::log::LogConfig::new(dir.path(), 0);
-        let (log, recovery) = ShardLog::open(config).unwrap();
+        let (log, _) = ShardLog::open_indexed(config).unwrap();
         let mut durability = Durability::new(log);
-        let recovered = durability.restore_queues(recovery.queues, ShardId(0), 1 << 40);
+        let mut recovered = Vec::new();
+        durability
+            .recover(ShardId(0), 1 << 40, |r| recovered.push(r))
+            .unwrap();
         assert_eq!(recovered.len(), 1, "the acked message stays gone");
         let original = stored(2);
         assert_eq!(recovered[0].entry.id(), id(2));
@@ -769,9 +773,12 @@ mod tests {
     /// with their delivery counts, and how many good records it read.
     fn reopen(dir: &std::path::Path) -> (Vec<(MessageId, u32)>, u64) {
         let config = crate::log::LogConfig::new(dir, 0);
-        let (log, recovery) = ShardLog::open(config).unwrap();
-        let records = recovery.report.records;
-        let recovered = Durability::new(log).restore_queues(recovery.queues, ShardId(0), 1 << 40);
+        let (log, report) = ShardLog::open_indexed(config).unwrap();
+        let records = report.records;
+        let mut recovered = Vec::new();
+        Durability::new(log)
+            .recover(ShardId(0), 1 << 40, |r| recovered.push(r))
+            .unwrap();
         let ids = recovered
             .iter()
             .map(|r| (r.entry.id(), r.deliveries))

@@ -222,29 +222,31 @@ fn open_shards(
         if config.queue_type == QueueType::Memory {
             return Ok(shard);
         }
-        let (log, recovery) =
-            ShardLog::open(log_config(config, index)).map_err(|source| RunError::Log {
-                shard: index,
-                source,
-            })?;
-        if recovery.report.is_clean() {
-            tracing::info!(shard = index, "log recovered: {}", recovery.report);
+        let log_error = |source| RunError::Log {
+            shard: index,
+            source,
+        };
+        let (log, report) = ShardLog::open_indexed(log_config(config, index)).map_err(log_error)?;
+        if report.is_clean() {
+            tracing::info!(shard = index, "log recovered: {report}");
         } else {
-            tracing::warn!(
-                shard = index,
-                "log recovered with damage: {}",
-                recovery.report
-            );
+            tracing::warn!(shard = index, "log recovered with damage: {report}");
         }
         let mut durability = Durability::new(log);
-        let recovered =
-            durability.restore_queues(recovery.queues, ShardId(index as u16), first_message_seq);
-        shard
-            .restore(recovered)
-            .map_err(|source| RunError::Restore {
+        let mut refused = None;
+        durability
+            .recover(ShardId(index as u16), first_message_seq, |recovered| {
+                if refused.is_none() {
+                    refused = shard.restore_one(recovered).err();
+                }
+            })
+            .map_err(log_error)?;
+        if let Some(source) = refused {
+            return Err(RunError::Restore {
                 shard: index,
                 source,
-            })?;
+            });
+        }
         *shard.store_mut() = Some(durability);
         Ok(shard)
     };
