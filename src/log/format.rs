@@ -1029,6 +1029,24 @@ mod tests {
         }
     }
 
+    /// The padding after the CRC is not covered by it and the reader does not look at it: a
+    /// record whose covered bytes check out is good whatever its padding holds (the writer
+    /// always writes zeros there). Refusing it would drop an intact message; the fuzz check
+    /// (`log::testing::check_record_roundtrip`) compares re-encoded records through the CRC.
+    #[test]
+    fn padding_is_not_checked() {
+        let record = message(&[], b"hi");
+        let mut bytes = segment_with(&[record], 4);
+        let len = record.encoded_len();
+        let crc_end = FRAME_BYTES + record.header_len() + record.body_len() + CRC_BYTES;
+        assert!(crc_end < len, "the record has padding");
+        bytes[64 + crc_end..64 + len].fill(0xEE);
+        match decode_record(&bytes[64..], 4) {
+            Decoded::Record { len: read, .. } => assert_eq!(read, len),
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn arb_header() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
         (
             proptest::collection::vec(any::<u8>(), 0..20),

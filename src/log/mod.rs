@@ -17,6 +17,10 @@ pub mod inspect;
 pub mod policy;
 pub mod segment;
 pub mod shard;
+// Shared by the tests and the fuzz target (fuzz/), which is a separate crate and can only
+// reach what the library exports.
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::LogError;
 pub use format::{FormatError, MessageRecord, Position, RecordView, FORMAT_VERSION};
