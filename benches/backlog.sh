@@ -47,12 +47,12 @@ source "$ROOT/benches/brokers.sh"
 
 declare -A PORT PID
 STARTED=()
-SAMPLER=
+SAMPLER='' CHILD=''
 # Ends what this script started, by pid: TERM, up to 10 s, then KILL; then the data dirs.
 stop_all() {
     local pid deadline=$((SECONDS + 10))
-    for pid in "${STARTED[@]}" $SAMPLER; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${STARTED[@]}" $SAMPLER; do
+    for pid in $CHILD $SAMPLER "${STARTED[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in $CHILD $SAMPLER "${STARTED[@]}"; do
         while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
@@ -61,6 +61,16 @@ stop_all() {
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM
+# Runs a command in the background and waits for it: bash runs a trap only once the
+# foreground command is done, and a fill can take hours; `wait` lets TERM through at once.
+bounded() {
+    "$@" &
+    CHILD=$!
+    local status=0
+    wait "$CHILD" || status=$?
+    CHILD=
+    return "$status"
+}
 
 mkdir -p "$WORK"
 need=$((N * SIZE * 5 / 2))
@@ -90,7 +100,7 @@ log_of() { if [[ $1 == activemq ]]; then echo "$WORK/activemq/out.log"; else ech
 loadgen() {
     local out=$1
     shift
-    timeout -k 10 "$PHASE_TIMEOUT_S" "$LOADGEN_BIN" --json --quiet -n "$N" -s "$SIZE" -d 1e9 \
+    bounded timeout -k 10 "$PHASE_TIMEOUT_S" "$LOADGEN_BIN" --json --quiet -n "$N" -s "$SIZE" -d 1e9 \
         --receipt-timeout "$RECEIPT_TIMEOUT_S" --drain-timeout "$DRAIN_TIMEOUT_S" "$@" \
         >"$out" 2>"${out%.json}.err" && return 0
     log "loadgen $*: exit $? ($(tail -n 1 "${out%.json}.err"))"
@@ -118,7 +128,7 @@ run_broker() {
     loadgen "$dir/fill.json" --port "${PORT[$broker]}" --broker-pid "${PID[$broker]}" \
         --destination "$queue" queue -p "$PRODUCERS" -c 0 --persistent --receipt-every "$RECEIPT_EVERY"
     echo filled >"$dir/phase"
-    sleep "$SETTLE_S"
+    bounded sleep "$SETTLE_S"
     local disk_mib
     disk_mib=$(($(du -sb "$(data_dir_of "$broker")" | cut -f1) >> 20))
 
@@ -129,15 +139,16 @@ run_broker() {
     start_ns=${EPOCHREALTIME/./}000
     "relaunch_$broker"
     echo "${PID[$broker]}" >"$dir/pid"
-    if listen_s=$(python3 "$ROOT/benches/backlog.py" probe --port "${PORT[$broker]}" \
-        --since-ns "$start_ns" --timeout "$RESTART_TIMEOUT_S"); then
+    if bounded python3 "$ROOT/benches/backlog.py" probe --port "${PORT[$broker]}" \
+        --since-ns "$start_ns" --timeout "$RESTART_TIMEOUT_S" >"$dir/listen_s"; then
+        listen_s=$(<"$dir/listen_s")
         echo drain >"$dir/phase"
         launch_ns=${EPOCHREALTIME/./}000
         log "$broker: answers CONNECT ${listen_s} s after the start; drain, $CONSUMERS consumers"
         loadgen "$dir/drain.json" --port "${PORT[$broker]}" --broker-pid "${PID[$broker]}" \
             --destination "$queue" queue -p "$PRODUCERS" -c "$CONSUMERS" --drain-only
         echo drained >"$dir/phase"
-        sleep "$SETTLE_S"
+        bounded sleep "$SETTLE_S"
     else
         log "$broker: did not answer CONNECT within $RESTART_TIMEOUT_S s after the restart"
         listen_s='' launch_ns=$start_ns
