@@ -33,6 +33,16 @@ start_activemq() {
         /etc/activemq/instances-available/main/activemq.xml >"$dir/conf/activemq.xml"
     grep -q "stomp+nio://127.0.0.1:$port" "$dir/conf/activemq.xml" ||
         die "could not put the STOMP connector into activemq.xml"
+    PORT[activemq]=$port
+    launch_activemq
+    wait_port "$port" 120 "${PID[activemq]}" || die "ActiveMQ did not open port $port: see $dir/out.log"
+}
+
+# Starts ActiveMQ on the instance start_activemq made ($WORK/activemq), its data as they are,
+# on PORT[activemq], without waiting for the port: start_activemq's second half, and a restart
+# on the same data (benches/backlog.sh). The JVM is the process itself: PID[activemq].
+launch_activemq() {
+    local dir=$WORK/activemq
     # The JVM options are Debian's defaults (/usr/share/activemq/activemq-options).
     java -Xms512M -Xmx512M -Dorg.apache.activemq.UseDedicatedTaskRunner=true \
         -Djava.io.tmpdir="$dir/tmp" \
@@ -42,26 +52,18 @@ start_activemq() {
         >"$dir/out.log" 2>&1 &
     PID[activemq]=$!
     STARTED+=($!)
-    PORT[activemq]=$port
-    wait_port "$port" 120 "${PID[activemq]}" || die "ActiveMQ did not open port $port: see $dir/out.log"
 }
 
 # stompd from $STOMPD_BIN (or target/release/stompd, built here) under the name `name`, on a
 # fresh data dir, with extra arguments. Usage: start_stompd_as NAME [STOMPD ARGS...]
 start_stompd_as() {
-    local name=$1 bin=${STOMPD_BIN:-} port
+    local name=$1 port
     shift
-    if [[ -z $bin ]]; then
-        (cd "$ROOT" && cargo build --release --bin stompd >&2)
-        bin=$ROOT/target/release/stompd
-    fi
     # A fresh log, like ActiveMQ's scratch data dir: the default (./stompd-data) could hold an
     # earlier run's messages, which a new broker would recover and deliver. Port 0: the kernel
     # picks the port, and the broker says which.
     rm -rf "$WORK/$name-data"
-    "$bin" --listen "127.0.0.1:0" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
-    PID[$name]=$!
-    STARTED+=($!)
+    launch_stompd_as "$name" 0 "$@"
     if port=$(listening_port "$WORK/$name.log" 30 "${PID[$name]}"); then
         PORT[$name]=$port
         return 0
@@ -70,3 +72,18 @@ start_stompd_as() {
     unset "PID[$name]" "PORT[$name]"
 }
 
+# stompd under the name `name` on its data dir ($WORK/NAME-data) as it is, on 127.0.0.1:PORT
+# (0: the kernel picks), without waiting for the port: start_stompd_as's first half, and a
+# restart on the same data (benches/backlog.sh). Its stderr goes to $WORK/NAME.log, afresh.
+# Usage: launch_stompd_as NAME PORT [STOMPD ARGS...]
+launch_stompd_as() {
+    local name=$1 port=$2 bin=${STOMPD_BIN:-}
+    shift 2
+    if [[ -z $bin ]]; then
+        (cd "$ROOT" && cargo build --release --bin stompd >&2)
+        bin=$ROOT/target/release/stompd
+    fi
+    "$bin" --listen "127.0.0.1:$port" --data-dir "$WORK/$name-data" "$@" >"$WORK/$name.log" 2>&1 &
+    PID[$name]=$!
+    STARTED+=($!)
+}

@@ -38,15 +38,16 @@ CASE_DEADLINE_S = float(os.environ.get("CASE_DEADLINE_S", "300"))
 SAMPLE_EVERY_S = 0.25
 
 
-def memory_kib(pid):
-    """(RssAnon, VmRSS) of the process in KiB, or None once it is gone."""
+def memory_kib(pid, names=("RssAnon", "VmRSS")):
+    """The named /proc/PID/status fields of the process in KiB (by default RssAnon and VmRSS;
+    RssFile is its mapped file pages), or None once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             fields = dict(line.split(":", 1) for line in status if ":" in line)
-    except OSError:
+        return tuple(int(fields[name].split()[0]) for name in names)
+    except (OSError, KeyError, ValueError):
+        # Gone, or a zombie (whose status has no memory lines).
         return None
-    kib = lambda name: int(fields[name].split()[0])  # noqa: E731
-    return kib("RssAnon"), kib("VmRSS")
 
 
 class Sampler(threading.Thread):
@@ -79,8 +80,8 @@ def frame(command, headers, body=b""):
 class Connection:
     """A blocking STOMP 1.2 connection with a bounded wait on every read."""
 
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=CASE_DEADLINE_S)
+    def __init__(self, port, timeout=CASE_DEADLINE_S):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.buffer = b""
         self.send("CONNECT", {"accept-version": "1.2", "host": "/", "heart-beat": "0,0"})
         command, headers, _ = self.read_frame()

@@ -118,6 +118,11 @@ enum Workload {
         /// Each producer waits for a RECEIPT every K sends (confirmed publish).
         #[arg(long, value_name = "K")]
         receipt_every: Option<u64>,
+        /// Send nothing: --destination already holds the -n messages of --producers producers
+        /// from an earlier `queue -c 0` run with the same -n, -p, -s and --destination (a
+        /// broker restart may lie between them). The consumers take and check them.
+        #[arg(long, conflicts_with_all = ["persistent", "receipt_every"])]
+        drain_only: bool,
     },
     /// One producer, K subscribers on one topic: fan-out rate and completeness per subscriber.
     Topic {
@@ -260,6 +265,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         receipt_every: None,
         rate: None,
         backlog: false,
+        drain_only: false,
     };
     let report = match &cli.workload {
         Workload::Queue {
@@ -268,8 +274,18 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             ack,
             persistent,
             receipt_every,
+            drain_only,
         } => {
             anyhow::ensure!(*producers >= 1, "--producers must be at least 1");
+            anyhow::ensure!(
+                !drain_only || *consumers >= 1,
+                "--drain-only needs at least one consumer"
+            );
+            // Checked here, not by clap: --destination is global, given before the workload.
+            anyhow::ensure!(
+                !drain_only || run.destination.is_some(),
+                "--drain-only needs --destination, the queue an earlier run filled"
+            );
             workload::run_flow(
                 &common,
                 &Flow {
@@ -278,6 +294,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
                     ack: *ack,
                     persistent: *persistent,
                     receipt_every: receipt_every.filter(|&k| k > 0),
+                    drain_only: *drain_only,
                     ..flow("queue")
                 },
             )?

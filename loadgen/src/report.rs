@@ -95,6 +95,9 @@ pub struct Report {
     pub received: Option<Rate>,
     /// Send to delivery, from the intended send time.
     pub latency: Option<Latency>,
+    /// Seconds from the start of the run (before connecting) to the first MESSAGE at any
+    /// consumer: with `queue --drain-only` after a restart, how soon a backlog is served.
+    pub first_message_s: Option<f64>,
     pub integrity: Option<Integrity>,
     /// Topic: the share of sent messages each subscriber received (1.0 is complete).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -185,6 +188,9 @@ impl Report {
         }
         if let Some(rate) = &self.received {
             rate_line(&mut text, received_name, rate);
+        }
+        if let (None, Some(seconds)) = (&self.sent, self.first_message_s) {
+            let _ = writeln!(text, "  first message {seconds:.3} s after the start");
         }
         if let Some(per_s) = self.connect_per_s {
             let _ = writeln!(

@@ -98,6 +98,9 @@ pub struct Flow {
     pub rate: Option<f64>,
     /// Fill the queue with no consumer, then drain it.
     pub backlog: bool,
+    /// Send nothing: the destination already holds the messages `producers` producers sent
+    /// in an earlier run (split as [`run_flow`] splits `messages`); consumers take them.
+    pub drain_only: bool,
 }
 
 /// Everything sampled at the start of the run and of its measured window (after warm-up), to
@@ -294,7 +297,8 @@ struct ConsumerShared {
 struct ConsumerOutcome {
     tracker: Tracker,
     histogram: Histogram<u64>,
-    /// When the last message arrived, ns since the epoch.
+    /// When the first and the last message arrived, ns since the epoch.
+    first_ns: Option<u64>,
     last_ns: u64,
 }
 
@@ -308,6 +312,7 @@ fn consume(
     let mut tracker = Tracker::new();
     let mut histogram = latency_histogram();
     let (mut count, mut bytes, mut last_ns, mut fresh) = (0u64, 0u64, 0u64, 0u64);
+    let mut first_ns = None;
     let ack_batch = (shared.prefetch / 2).max(1);
     let mut unacked = 0u32;
     while !shared.stop.load(Ordering::Relaxed) {
@@ -316,6 +321,7 @@ fn consume(
                 let now = shared.epoch.elapsed_ns();
                 count += 1;
                 bytes += frame.body.len() as u64;
+                first_ns.get_or_insert(now);
                 last_ns = now;
                 match Stamp::read(frame.body) {
                     Some(stamp) => {
@@ -368,6 +374,7 @@ fn consume(
     Ok(ConsumerOutcome {
         tracker,
         histogram,
+        first_ns,
         last_ns,
     })
 }
@@ -463,7 +470,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     let mut baseline = Baseline::take(common);
     let epoch = baseline.epoch;
     let destination = fresh_destination(common, flow.topic);
-    let warmup = if flow.backlog {
+    let warmup = if flow.backlog || flow.drain_only {
         Duration::ZERO
     } else {
         common.warmup
@@ -484,10 +491,11 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         }
     }
 
-    let producer_connections: Vec<Connection> = (0..flow.producers)
+    let senders = if flow.drain_only { 0 } else { flow.producers };
+    let producer_connections: Vec<Connection> = (0..senders)
         .map(|_| Connection::connect(&common.connect))
         .collect::<Result<_, _>>()?;
-    if report.stomp_version.is_empty() {
+    if report.stomp_version.is_empty() && !producer_connections.is_empty() {
         report.stomp_version = producer_connections[0].version().to_string();
         report.server = producer_connections[0].server().map(str::to_string);
     }
@@ -519,12 +527,13 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     });
     let per_producer = common.messages / flow.producers as u64;
     let remainder = common.messages % flow.producers as u64;
+    let count_of = |index: usize| per_producer + u64::from((index as u64) < remainder);
     let producers: Vec<_> = producer_connections
         .into_iter()
         .enumerate()
         .map(|(index, connection)| {
             let shared = producer_shared.clone();
-            let count = per_producer + u64::from((index as u64) < remainder);
+            let count = count_of(index);
             thread::Builder::new()
                 .name(format!("producer-{index}"))
                 .spawn(move || produce(connection, index as u32, count, &shared))
@@ -545,7 +554,10 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
         baseline.start_window(common);
     }
     let mut producers_done_ns: Option<u64> = None;
-    let mut sent_per_producer = vec![0u64; flow.producers];
+    // Drain only: what the earlier run's producers sent, as it split the count.
+    let mut sent_per_producer: Vec<u64> = (0..flow.producers)
+        .map(|index| if flow.drain_only { count_of(index) } else { 0 })
+        .collect();
     let mut producers = Some(producers);
     // The last time the consumers' count moved: a drain times out only after that long without
     // any delivery, so a slow broker with a deep queue is not mistaken for a lossy one.
@@ -622,7 +634,7 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
     let (mark_ns, mark_sent, mark_received) = warmup_mark.unwrap_or((producers_start, 0, 0));
     let (sent_total, sent_bytes) = producer_shared.meter.total();
     let (received_total, received_bytes) = consumer_shared.meter.total();
-    if !flow.backlog {
+    if !flow.backlog && !flow.drain_only {
         let mark_sent_bytes = mark_sent * common.body_bytes as u64;
         report.sent = Some(Rate::new(
             sent_total - mark_sent,
@@ -644,7 +656,15 @@ pub fn run_flow(common: &Common, flow: &Flow) -> Result<Report, ClientError> {
                 .add(&outcome.histogram)
                 .expect("histograms share bounds");
         }
-        report.latency = Latency::from_histogram(&histogram);
+        // Stamps from another run's clock say nothing about latency.
+        if !flow.drain_only {
+            report.latency = Latency::from_histogram(&histogram);
+        }
+        report.first_message_s = outcomes
+            .iter()
+            .filter_map(|o| o.first_ns)
+            .min()
+            .map(|ns| ns as f64 / 1e9);
         if outcomes.len() == flow.consumers {
             let trackers: Vec<Tracker> = outcomes.into_iter().map(|o| o.tracker).collect();
             report.integrity = Some(if flow.topic {

@@ -283,6 +283,110 @@ fn backlog_fills_then_drains() {
 }
 
 #[test]
+fn drain_only_takes_and_checks_what_an_earlier_fill_left() {
+    // Two runs, as benches/backlog.sh does around a broker restart: producers alone fill the
+    // queue, then consumers alone take it, expecting each producer's share in order.
+    let broker = correct_broker();
+    let destination = format!("/queue/drain-only-{}", std::process::id());
+    let fill = loadgen(
+        &broker,
+        &[
+            "-n",
+            "3001",
+            "--destination",
+            &destination,
+            "queue",
+            "-p",
+            "3",
+            "-c",
+            "0",
+            "--persistent",
+            "--receipt-every",
+            "100",
+        ],
+    );
+    assert_eq!(fill.code, 0, "{}\n{:#}", fill.stderr, fill.report);
+    assert_eq!(fill.report["sent"]["messages"], 3001);
+    let drain = loadgen(
+        &broker,
+        &[
+            "-n",
+            "3001",
+            "--destination",
+            &destination,
+            "queue",
+            "-p",
+            "3",
+            "-c",
+            "2",
+            "--drain-only",
+        ],
+    );
+    assert_clean(&drain, 3001);
+    assert!(drain.report["sent"].is_null(), "{:#}", drain.report);
+    assert_eq!(drain.report["received"]["messages"], 3001);
+    assert!(
+        drain.report["latency"].is_null(),
+        "another run's stamps: no latency"
+    );
+    let first = drain.report["first_message_s"].as_f64().unwrap();
+    assert!(first > 0.0 && first <= drain.report["elapsed_s"].as_f64().unwrap());
+}
+
+#[test]
+fn drain_only_counts_what_the_fill_did_not_leave_as_lost() {
+    let broker = correct_broker();
+    let destination = format!("/queue/drain-short-{}", std::process::id());
+    let fill = loadgen(
+        &broker,
+        &[
+            "-n",
+            "900",
+            "--destination",
+            &destination,
+            "queue",
+            "-p",
+            "3",
+            "-c",
+            "0",
+        ],
+    );
+    assert_eq!(fill.code, 0, "{}", fill.stderr);
+    let drain = loadgen(
+        &broker,
+        &[
+            FAULT_DRAIN[0],
+            FAULT_DRAIN[1],
+            "-n",
+            "1200",
+            "--destination",
+            &destination,
+            "queue",
+            "-p",
+            "3",
+            "--drain-only",
+        ],
+    );
+    assert_fails_loudly(&drain);
+    assert_eq!(integrity(&drain)["lost"], 300);
+    assert_eq!(integrity(&drain)["out_of_order"], 0);
+}
+
+#[test]
+fn drain_only_needs_a_destination() {
+    let outcome = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_stompd-loadgen")).args(["queue", "--drain-only"]),
+        RUN_DEADLINE,
+    );
+    assert_eq!(outcome.status.code(), Some(2), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("--destination"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[test]
 fn connections_each_with_a_live_subscription() {
     let broker = correct_broker();
     // The in-process relay's pid is this test's; a started broker has its own; an external
