@@ -643,6 +643,15 @@ impl<S: Store> Shard<S> {
         }
     }
 
+    /// Every message a queue holds, with where its body is (for the paging checks).
+    #[cfg(test)]
+    pub(crate) fn held_views(&self, destination: &[u8]) -> Vec<super::destination::HeldView> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.held_views(self.config.log_enabled),
+            _ => Vec::new(),
+        }
+    }
+
     /// Bodies of every message a queue holds (for invariant checks in tests).
     #[cfg(test)]
     pub(crate) fn held_bodies(&self, destination: &[u8]) -> Vec<Vec<u8>> {
