@@ -711,6 +711,20 @@ impl Queue {
                     },
                     None,
                 );
+                // The new record lands behind messages that arrived after this one, and a
+                // restart recovers in log order: marked as delivered, its next delivery
+                // says redelivered after a restart as it does here, so the unmarked ones
+                // still keep publish order.
+                if deliveries > 0 {
+                    ctx.append(
+                        Record::Delivered {
+                            destination: self.name.clone(),
+                            id: message.id,
+                            at: None,
+                        },
+                        None,
+                    );
+                }
             }
             let mut returned = Held::resident(message, deliveries, None);
             returned.unsent = 1.min(deliveries);
