@@ -1228,6 +1228,15 @@ impl Session {
         self.write_delivery(ctx, number, message, deliveries);
     }
 
+    /// Auto-acked deliveries waiting in `deferred`: their queue counts them consumed.
+    #[cfg(test)]
+    pub(crate) fn settled_waiting(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.deferred
+            .iter()
+            .filter(|deferred| deferred.settled)
+            .map(|deferred| &deferred.message)
+    }
+
     /// Estimated frame bytes of every delivery waiting in `deferred`.
     #[cfg(test)]
     pub(crate) fn waiting_bytes(&self) -> u64 {

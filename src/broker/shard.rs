@@ -649,6 +649,26 @@ impl<S: Store> Shard<S> {
         }
     }
 
+    /// Every message a queue holds, with where its body is (for the paging checks).
+    #[cfg(test)]
+    pub(crate) fn held_views(&self, destination: &[u8]) -> Vec<super::destination::HeldView> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.held_views(self.config.log_enabled),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Bodies of the auto-acked deliveries waiting in this shard's sessions for room in
+    /// their out buffers: left their queues, not yet written (for the paging checks).
+    #[cfg(test)]
+    pub(crate) fn settled_waiting_bodies(&self) -> Vec<Vec<u8>> {
+        self.sessions
+            .values()
+            .flat_map(Session::settled_waiting)
+            .map(|message| message.body.to_vec())
+            .collect()
+    }
+
     /// Bodies of every message a queue holds (for invariant checks in tests).
     #[cfg(test)]
     pub(crate) fn held_bodies(&self, destination: &[u8]) -> Vec<Vec<u8>> {

@@ -15,6 +15,7 @@ mod hostile;
 mod memory;
 mod metrics;
 mod monitor;
+mod paging;
 mod property;
 mod queue;
 mod receipts;
@@ -113,16 +114,31 @@ impl Cluster {
         config: BrokerConfig,
         auth: Arc<dyn Authenticator>,
     ) -> Cluster {
-        let shards = (0..shard_count)
-            .map(|id| {
-                let (id, auth) = (ShardId(id), auth.clone());
+        let stores = (0..shard_count).map(|_| TestStore::default()).collect();
+        Cluster::with_stores(config, auth, stores, 1)
+    }
+
+    /// Shards over the given stores (one per shard), numbering messages from
+    /// `first_message_seq`.
+    fn with_stores(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+        stores: Vec<TestStore>,
+        first_message_seq: u64,
+    ) -> Cluster {
+        let shard_count = stores.len() as u16;
+        let shards = stores
+            .into_iter()
+            .enumerate()
+            .map(|(id, store)| {
+                let (id, auth) = (ShardId(id as u16), auth.clone());
                 Shard::with_store(
                     id,
                     shard_count,
                     config.clone(),
                     auth,
-                    1,
-                    TestStore::default(),
+                    first_message_seq,
+                    store,
                 )
             })
             .collect();
@@ -143,6 +159,30 @@ impl Cluster {
             trailer_due: std::collections::HashSet::new(),
             throttles: Vec::new(),
         }
+    }
+
+    /// The broker after a kill -9 with every append durable: everything in memory is gone
+    /// (connections, peer messages in flight, the harness's record of appends), and fresh
+    /// shards restore each store's live records, in log order, as the server's recovery does.
+    /// Message ids go on from `first_message_seq`, as the server's start time makes them.
+    pub fn restart(self, first_message_seq: u64) -> Cluster {
+        let config = self.shards[0].config().clone();
+        let now = self.now;
+        let stores: Vec<TestStore> = self
+            .shards
+            .into_iter()
+            .map(|mut shard| std::mem::take(shard.store_mut()))
+            .collect();
+        let recovered: Vec<Vec<Recovered>> = stores.iter().map(TestStore::recovered).collect();
+        let mut cluster =
+            Cluster::with_stores(config, Arc::new(AllowAll), stores, first_message_seq);
+        cluster.now = now;
+        for (shard, recovered) in cluster.shards.iter_mut().zip(recovered) {
+            shard
+                .restore(recovered)
+                .expect("each store holds its own shard's queues");
+        }
+        cluster
     }
 
     pub fn single() -> Cluster {

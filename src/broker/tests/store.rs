@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::broker::{MemoryCharge, Message, Paged, Record, Store, StoreRef, StoredAt};
+use crate::broker::{MemoryCharge, Message, Paged, Record, Recovered, Store, StoreRef, StoredAt};
 
 #[derive(Debug, Default)]
 pub(crate) struct TestStore {
     /// Live records by position, in log order.
     pub live: BTreeMap<u64, Arc<Message>>,
+    /// Delivered marks per live record, as the log's recovery counts them.
+    pub delivered: BTreeMap<u64, u32>,
     next: u64,
 }
 
@@ -43,17 +45,41 @@ impl TestStore {
             } => {
                 let at = at.map(|at| at.0).or_else(|| self.find(destination, *id));
                 if let Some(at) = at {
+                    self.delivered.remove(&at);
                     let removed = self.live.remove(&at);
                     let removed = removed.expect("an ack names a live record");
                     assert_eq!(removed.id, *id, "an ack names its own message's record");
                 }
             }
-            Record::Delivered { at, .. } => {
+            Record::Delivered {
+                destination,
+                id,
+                at,
+            } => {
+                // As the server's log: without a position, the mark names the record written
+                // earlier in the same pass.
+                let at = at.map(|at| at.0).or_else(|| self.find(destination, *id));
                 if let Some(at) = at {
-                    assert!(self.live.contains_key(&at.0), "a mark names a live record");
+                    let marked = self.live.get(&at).expect("a mark names a live record");
+                    assert_eq!(marked.id, *id, "a mark names its own message's record");
+                    *self.delivered.entry(at).or_insert(0) += 1;
                 }
             }
         }
+    }
+
+    /// What the log's recovery hands [`crate::broker::Shard::restore`] after a crash with
+    /// every record durable: the live messages in log order, as index entries, with their
+    /// delivered marks.
+    pub fn recovered(&self) -> Vec<Recovered> {
+        self.live
+            .iter()
+            .map(|(&at, message)| Recovered {
+                destination: message.destination.clone(),
+                entry: Paged::of(message, StoreRef(at)),
+                deliveries: self.delivered.get(&at).copied().unwrap_or(0),
+            })
+            .collect()
     }
 
     fn find(&self, destination: &[u8], id: crate::broker::MessageId) -> Option<u64> {
