@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::format::{FormatError, Position};
 
-/// What went wrong in a shard's log. The broker turns `NoSpace` and `RecordTooLarge` on a SEND
+/// What went wrong in a shard's log. The broker turns `NoSpace`, `DiskBudget` and `RecordTooLarge` on a SEND
 /// into an ERROR frame (no RECEIPT); the others are operating errors it logs.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -13,6 +13,11 @@ pub enum LogError {
     /// touched; acknowledgements free space and appends succeed again once segments are reclaimed.
     #[error("no space for a new log segment {path}: {source}")]
     NoSpace { path: PathBuf, source: io::Error },
+    /// A new segment would take the shard's log past its share of `disk_bytes_max`. As with
+    /// `NoSpace`, nothing stored was touched, and appends succeed again once acknowledged
+    /// segments are reclaimed.
+    #[error("disk_bytes_max exceeded (this shard's log may take at most {max_bytes} bytes)")]
+    DiskBudget { max_bytes: u64 },
     /// The record cannot fit in any segment of the configured size.
     #[error("record of {bytes} bytes does not fit in a log segment (at most {max_bytes} bytes)")]
     RecordTooLarge { bytes: u64, max_bytes: u64 },
@@ -63,6 +68,7 @@ impl LogError {
     pub fn client_message(&self) -> &'static str {
         match self {
             LogError::NoSpace { .. } => "the broker's storage is full",
+            LogError::DiskBudget { .. } => "disk_bytes_max exceeded",
             LogError::RecordTooLarge { .. } => "too large for the broker's log",
             LogError::FieldTooLong { .. } => "a header is too long to store",
             LogError::SyncFailed => "the broker's storage failed",
@@ -83,6 +89,9 @@ mod tests {
         };
         assert!(no_space.to_string().contains("/var/lib/stompd"));
         assert_eq!(no_space.client_message(), "the broker's storage is full");
+        let budget = LogError::DiskBudget { max_bytes: 1 << 20 };
+        assert!(budget.to_string().contains("at most 1048576 bytes"));
+        assert_eq!(budget.client_message(), "disk_bytes_max exceeded");
         let io = LogError::io("/secret/path", io::Error::from_raw_os_error(libc::EIO));
         assert!(!io.client_message().contains('/'));
     }

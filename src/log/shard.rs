@@ -75,6 +75,11 @@ pub struct LogConfig {
     /// populating stalls the caller for 8-17 ms per segment. Kept as a switch so other hosts can
     /// be measured.
     pub populate: bool,
+    /// Most bytes of segment files this log may hold (its share of `disk_bytes_max`): the
+    /// segments, the spare prepared ahead and the reclaimed file kept for reuse. A segment
+    /// that would pass it is not created (`LogError::DiskBudget`), exactly as if the disk were
+    /// full. `u64::MAX`: only the disk limits it.
+    pub disk_bytes_max: u64,
 }
 
 impl LogConfig {
@@ -95,6 +100,7 @@ impl LogConfig {
             segment_bytes: LogConfig::SEGMENT_BYTES_DEFAULT,
             fsync: FsyncPolicy::Always,
             populate: false,
+            disk_bytes_max: u64::MAX,
         }
     }
 
@@ -605,8 +611,9 @@ impl ShardLog {
     }
 
     /// Appends a message and returns its position (its identity for `ack` and `delivered`).
-    /// Rolls to a new segment when the active one is full; `LogError::NoSpace` if that fails,
-    /// in which case nothing was written.
+    /// Rolls to a new segment when the active one is full; `LogError::NoSpace` if that fails
+    /// (`DiskBudget` if the new segment would pass `disk_bytes_max`), in which case nothing was
+    /// written.
     pub fn append_message(
         &mut self,
         message: &MessageRecord<'_>,
@@ -846,6 +853,11 @@ impl ShardLog {
             Some(segment) => segment,
             None => {
                 header.flags = 0;
+                if !self.fits_in_budget() {
+                    return Err(LogError::DiskBudget {
+                        max_bytes: self.config.disk_bytes_max,
+                    });
+                }
                 Segment::create(&self.config.dir, header, self.config.populate)?
             }
         };
@@ -860,6 +872,7 @@ impl ShardLog {
     pub fn wants_spare(&self) -> bool {
         self.spare.is_none()
             && !self.failed
+            && (self.free.is_some() || self.fits_in_budget())
             && (self.active_closed
                 || self.active.map_or(true, |sequence| {
                     self.segments[&sequence].segment.remaining() < self.config.segment_bytes / 2
@@ -1061,6 +1074,21 @@ impl ShardLog {
             .values()
             .map(|s| s.segment.segment_bytes())
             .sum()
+    }
+
+    /// Bytes of disk the log holds against its `disk_bytes_max`: the segment files, the spare
+    /// prepared ahead and the reclaimed file kept for reuse.
+    pub fn disk_bytes_held(&self) -> u64 {
+        self.disk_bytes()
+            + self.spare.as_ref().map_or(0, Segment::segment_bytes)
+            + self.free.as_ref().map_or(0, |_| self.config.segment_bytes)
+    }
+
+    /// Whether one more fresh segment file stays within `disk_bytes_max`.
+    fn fits_in_budget(&self) -> bool {
+        self.disk_bytes_held()
+            .saturating_add(self.config.segment_bytes)
+            <= self.config.disk_bytes_max
     }
 
     /// Deletes every segment that no longer holds anything needed (see the module invariants)
@@ -1640,6 +1668,54 @@ mod tests {
         let generator = 0x1_DB71_0641_u64;
         assert!(!stale_records_cannot_validate(0, generator));
         assert!(validates(0, generator), "the refused pair collides");
+    }
+
+    /// Past the shard's share of `disk_bytes_max` no segment is created: appends fail as on a
+    /// full disk (`DiskBudget`, naming the limit), no spare is wanted, and once the messages
+    /// are acknowledged and their segments reclaimed, appends work again.
+    #[test]
+    fn no_segment_is_created_past_the_disk_budget() {
+        use super::{LogConfig, LogError, MessageRecord, ShardLog};
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = LogConfig::new(dir.path(), 0);
+        config.segment_bytes = 2 * LogConfig::SEGMENT_BYTES_MIN;
+        config.disk_bytes_max = 3 * config.segment_bytes;
+        let budget = config.disk_bytes_max;
+        let (mut log, _) = ShardLog::open(config).unwrap();
+        let body = [7u8; 1000];
+        let record = MessageRecord {
+            destination: b"/queue/budget",
+            message_id: b"id",
+            timestamp_ms: 0,
+            headers: &[],
+            body: &body,
+        };
+        let mut positions = Vec::new();
+        let error = loop {
+            // As the event loop does between appends.
+            if log.wants_spare() {
+                log.prepare_spare(0).unwrap();
+            }
+            match log.append_message(&record, 0) {
+                Ok(position) => positions.push(position),
+                Err(error) => break error,
+            }
+            assert!(positions.len() < 100, "the budget never stopped appends");
+            assert!(log.disk_bytes_held() <= budget);
+        };
+        assert!(
+            matches!(error, LogError::DiskBudget { max_bytes } if max_bytes == budget),
+            "{error}"
+        );
+        assert!(error.to_string().contains("disk_bytes_max exceeded"), "{error}");
+        assert_eq!(log.disk_bytes_held(), budget);
+        assert!(!log.wants_spare(), "a spare past the budget");
+        assert_eq!(log.segment_sequences().len(), 3);
+
+        log.ack(&positions, 0).unwrap();
+        log.reclaim().unwrap();
+        assert!(log.disk_bytes_held() < budget);
+        log.append_message(&record, 0).unwrap();
     }
 
     #[test]
