@@ -262,6 +262,12 @@ pub enum ShardMessage {
     /// Producer flow control: a destination this connection publishes to is over its limits
     /// (`paused`), or no longer is. Each destination sends one release per pause.
     Throttle { conn: ConnectionId, paused: bool },
+    /// Producer flow control for disk: the log of the shard that sends this holds past seven
+    /// eighths of its `disk_bytes_max` share (`paused`), or is back under three quarters. As
+    /// for the memory budget, a connection with an open transaction is not paused (its
+    /// COMMIT is what frees the memory its SENDs hold; past the budget they are refused).
+    /// Each shard sends one release per pause.
+    DiskThrottle { conn: ConnectionId, paused: bool },
     /// A Publish from this connection was refused.
     Rejected {
         conn: ConnectionId,

@@ -214,6 +214,9 @@ pub(crate) struct Session {
     /// This connection published past the memory budget's pause level and waits for the
     /// budget to drain ([`Session::memory_release`], called by the shard's tick).
     memory_paused: bool,
+    /// Shards whose logs ask this connection to stop publishing ([`ShardMessage::DiskThrottle`]):
+    /// paused while not zero, like `memory_paused` (not while a transaction is open).
+    disk_throttles: u32,
 }
 
 impl Session {
@@ -243,6 +246,7 @@ impl Session {
             written_bytes: 0,
             handed_bytes: u64::MAX,
             memory_paused: false,
+            disk_throttles: 0,
         }
     }
 
@@ -305,6 +309,18 @@ impl Session {
         self.update_input(ctx);
     }
 
+    /// Producer flow control for disk: a shard's log asks this connection to stop publishing,
+    /// or lets it go again (each shard releases once what it paused).
+    pub(crate) fn disk_throttle(&mut self, ctx: &mut Ctx<'_>, paused: bool) {
+        if paused {
+            self.disk_throttles += 1;
+        } else {
+            debug_assert!(self.disk_throttles > 0, "a release without a pause");
+            self.disk_throttles = self.disk_throttles.saturating_sub(1);
+        }
+        self.update_input(ctx);
+    }
+
     /// Whether this connection waits for the memory budget to drain.
     pub(crate) fn is_memory_paused(&self) -> bool {
         self.memory_paused
@@ -325,9 +341,12 @@ impl Session {
     /// deadlock ActiveMQ documents for producer flow control). It stays bounded by the queue's
     /// hard limit instead. For the memory budget the same holds of a connection with an open
     /// transaction: its COMMIT or ABORT is what frees the memory it holds, so it is never paused
-    /// for memory (its transactional SENDs are refused at the pause level instead).
+    /// for memory (its transactional SENDs are refused at the pause level instead), nor for
+    /// disk (pausing it would keep that memory held until the log drains; its SENDs are
+    /// refused past the disk budget instead).
     fn update_input(&mut self, ctx: &mut Ctx<'_>) {
-        let held = self.throttles > 0 || (self.memory_paused && self.transactions.is_empty());
+        let budgets = self.memory_paused || self.disk_throttles > 0;
+        let held = self.throttles > 0 || (budgets && self.transactions.is_empty());
         let pause = held
             && self.state == State::Connected
             && self.subscriptions.values().all(|s| s.ack == AckMode::Auto);
@@ -420,7 +439,12 @@ impl Session {
             Command::Ack | Command::Nack => self.acknowledge(ctx, frame)?,
             Command::Begin => self.begin(ctx, frame)?,
             Command::Commit => return self.commit(ctx, frame),
-            Command::Abort => self.abort(frame)?,
+            Command::Abort => {
+                self.abort(frame)?;
+                // The last open transaction ended: a pause for memory or disk it deferred
+                // takes effect now.
+                self.update_input(ctx);
+            }
             Command::Disconnect => {
                 self.end(ctx);
                 match receipt {
@@ -1046,6 +1070,9 @@ impl Session {
                 } => self.settle(ctx, subscription, &taken, Outcome::Rejected { requeue }),
             }
         }
+        // The last open transaction ended: a pause for memory or disk it deferred takes
+        // effect now.
+        self.update_input(ctx);
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use super::destination::{Destination, Queue, Topic};
 use super::effects::{DurableToken, Effect, Effects, Record, Rejection, ShardMessage};
 use super::error::{write_error_frame, ProtocolError};
 use super::session::Session;
-use super::store::{NoStore, Store};
+use super::store::{DiskPressure, NoStore, Store};
 use super::types::{
     shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message, MessageId, QueueStats,
     Recovered, ShardId, StoreRef, MONITOR_DESTINATION,
@@ -84,6 +84,10 @@ pub struct Shard<S: Store = NoStore> {
     /// Sessions that published past the memory budget's pause level: ticks release them once
     /// the budget is back under its resume level. Entries of closed sessions are skipped.
     memory_paused: BTreeSet<u64>,
+    /// Connections (of any shard) paused because this shard's log is past seven eighths of
+    /// its disk budget ([`Store::disk_pressure`]): ticks release them, each once, when it is
+    /// back under three quarters. A release to a connection gone meanwhile is ignored there.
+    disk_paused: BTreeSet<ConnectionId>,
     counters: Counters,
     /// Where paged-out bodies are read back from ([`Store`]).
     store: S,
@@ -143,6 +147,7 @@ impl<S: Store> Shard<S> {
             connect_deadlines: BTreeSet::new(),
             refusals: BTreeMap::new(),
             memory_paused: BTreeSet::new(),
+            disk_paused: BTreeSet::new(),
             counters: Counters::default(),
         }
     }
@@ -502,6 +507,7 @@ impl<S: Store> Shard<S> {
         self.sweep_due_queues(now_ms, out);
         self.check_throttling_topics(now_ms, out);
         self.release_memory_paused(now_ms, out);
+        self.release_disk_paused(now_ms, out);
         for (local, error) in failed {
             let conn = ConnectionId {
                 shard: self.id,
@@ -803,6 +809,25 @@ impl<S: Store> Shard<S> {
         }
     }
 
+    /// Lets the producers paused for disk go once this shard's log is back under three
+    /// quarters of its budget. Checked on the tick, as for memory: the log shrinks when
+    /// reclaim (on the server's tick) deletes acknowledged segments, not on any broker event.
+    fn release_disk_paused(&mut self, now_ms: u64, out: &mut Effects) {
+        if self.disk_paused.is_empty() || self.store.disk_pressure() != DiskPressure::Low {
+            return;
+        }
+        let mut ctx = ctx!(self, now_ms, out);
+        for conn in std::mem::take(&mut self.disk_paused) {
+            ctx.route(
+                conn.shard,
+                ShardMessage::DiskThrottle {
+                    conn,
+                    paused: false,
+                },
+            );
+        }
+    }
+
     fn check_throttling_topics(&mut self, now_ms: u64, out: &mut Effects) {
         let mut ctx = ctx!(self, now_ms, out);
         self.throttling_topics
@@ -911,6 +936,12 @@ impl<S: Store> Shard<S> {
             ShardMessage::Throttle { conn, paused } => {
                 self.handle_throttle(conn, paused, now_ms, out)
             }
+            ShardMessage::DiskThrottle { conn, paused } => {
+                if let Some(session) = self.sessions.get_mut(&conn.local) {
+                    let mut ctx = ctx!(self, now_ms, out);
+                    session.disk_throttle(&mut ctx, paused);
+                }
+            }
             ShardMessage::Rejected { conn, reason } => {
                 self.handle_rejected(conn, reason, now_ms, out)
             }
@@ -1011,7 +1042,25 @@ impl<S: Store> Shard<S> {
             return;
         }
         self.destination(&name);
+        // Producer flow control for disk: a SEND that will be logged while the log is past
+        // seven eighths of its budget pauses its producer (the append itself may still fail
+        // past the budget: `on_append_failed`). Read before this message's own append, which
+        // the server carries out after the call.
+        let pause_for_disk = kind == DestinationKind::Queue
+            && self.config.log_enabled
+            && message.persistent
+            && self.store.disk_pressure() == DiskPressure::High
+            && self.disk_paused.insert(origin);
         let mut ctx = ctx!(self, now_ms, out);
+        if pause_for_disk {
+            ctx.route(
+                origin.shard,
+                ShardMessage::DiskThrottle {
+                    conn: origin,
+                    paused: true,
+                },
+            );
+        }
         match self.destinations.get_mut(&name) {
             Some(Destination::Queue(queue)) => queue.publish(&mut ctx, message, origin, ticket),
             Some(Destination::Topic(topic)) => {

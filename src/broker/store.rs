@@ -8,12 +8,48 @@ use std::sync::Arc;
 
 use super::types::{Message, Paged};
 
+/// How much of its disk budget (`disk_bytes_max`, this shard's share) the store holds, as
+/// producer flow control reads it. The levels are the memory budget's: producers are paused
+/// past seven eighths and released under three quarters, so they do not flap; past the budget
+/// itself the store refuses the append (the SEND gets ERROR `message not stored`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskPressure {
+    /// Under three quarters: producers paused for disk may go on.
+    #[default]
+    Low,
+    /// Between three quarters and seven eighths: nobody new is paused, nobody released.
+    Easing,
+    /// Past seven eighths: a producer whose logged SEND arrives is paused.
+    High,
+}
+
+impl DiskPressure {
+    /// The level of `held` bytes out of a budget of `max` (`u64::MAX`: no budget).
+    pub fn of(held: u64, max: u64) -> DiskPressure {
+        if max == u64::MAX {
+            DiskPressure::Low
+        } else if held > max - max / 8 {
+            DiskPressure::High
+        } else if held > max - max / 4 {
+            DiskPressure::Easing
+        } else {
+            DiskPressure::Low
+        }
+    }
+}
+
 /// A shard's store, as the broker sees it.
 pub trait Store: Send {
     /// The message whose record `entry` names, on queue `destination`, with its body and
     /// headers, or `None` when it cannot be read (the store says why in its log). A message
     /// is only ever paged out once its record is written, so `None` means damage.
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message>;
+
+    /// How full the store's disk budget is now (as of the appends carried out so far). A
+    /// question answered from the store's own bookkeeping: no I/O.
+    fn disk_pressure(&self) -> DiskPressure {
+        DiskPressure::Low
+    }
 }
 
 /// No store: nothing is logged, so nothing is ever paged out (`--queue-type memory`, tests).
@@ -29,5 +65,24 @@ impl Store for NoStore {
 impl<S: Store> Store for Option<S> {
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message> {
         self.as_mut()?.load(destination, entry)
+    }
+
+    fn disk_pressure(&self) -> DiskPressure {
+        self.as_ref().map_or(DiskPressure::Low, S::disk_pressure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiskPressure;
+
+    #[test]
+    fn disk_pressure_levels_are_the_memory_budgets() {
+        let max = 8 << 20;
+        assert_eq!(DiskPressure::of(6 << 20, max), DiskPressure::Low);
+        assert_eq!(DiskPressure::of((6 << 20) + 1, max), DiskPressure::Easing);
+        assert_eq!(DiskPressure::of(7 << 20, max), DiskPressure::Easing);
+        assert_eq!(DiskPressure::of((7 << 20) + 1, max), DiskPressure::High);
+        assert_eq!(DiskPressure::of(u64::MAX - 1, u64::MAX), DiskPressure::Low);
     }
 }

@@ -414,6 +414,9 @@ pub struct ShardLog {
     /// The shard directory, open for the fsync that makes a new segment's name durable.
     dir: File,
     segments: BTreeMap<u64, SegmentState>,
+    /// Sum of the sizes of `segments`, kept as they come and go: flow control asks for it
+    /// per SEND (`disk_bytes_held`), and a large log has thousands of segments.
+    segments_bytes: u64,
     /// The segment appended to, once there is one.
     active: Option<u64>,
     /// Sequence number of the next segment to create.
@@ -585,10 +588,12 @@ impl ShardLog {
                 offset: 0,
             },
         };
+        let segments_bytes = states.values().map(|s| s.segment.segment_bytes()).sum();
         ShardLog {
             config,
             dir,
             segments: states,
+            segments_bytes,
             active,
             next_sequence,
             spare: None,
@@ -795,6 +800,7 @@ impl ShardLog {
             segment: sequence,
             offset: segment.write_offset(),
         };
+        self.segments_bytes += segment.segment_bytes();
         self.segments.insert(
             sequence,
             SegmentState {
@@ -1070,10 +1076,14 @@ impl ShardLog {
     /// Bytes of disk the segment files take (not counting the one reclaimed file that may be
     /// kept for reuse, which is at most one more segment).
     pub fn disk_bytes(&self) -> u64 {
-        self.segments
-            .values()
-            .map(|s| s.segment.segment_bytes())
-            .sum()
+        debug_assert_eq!(
+            self.segments_bytes,
+            self.segments
+                .values()
+                .map(|s| s.segment.segment_bytes())
+                .sum::<u64>()
+        );
+        self.segments_bytes
     }
 
     /// Bytes of disk the log holds against its `disk_bytes_max`: the segment files, the spare
@@ -1110,6 +1120,7 @@ impl ShardLog {
         let mut reclaimed = Vec::with_capacity(deletable.len());
         for sequence in deletable {
             let state = self.segments.remove(&sequence).expect("listed segment");
+            self.segments_bytes -= state.segment.segment_bytes();
             let path = state.segment.path().to_owned();
             // Kept for reuse: one file is enough for the next roll, and a segment of an older
             // format (whose tail rules know no leftovers) or another size never is.

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use crate::broker::{
-    DurableToken, Message, MessageId, Paged, Record, Recovered, ShardId, Store, StoreRef, StoredAt,
+    DiskPressure, DurableToken, Message, MessageId, Paged, Record, Recovered, ShardId, Store,
+    StoreRef, StoredAt,
 };
 use crate::codec::escape::unescape;
 use crate::codec::{Escaping, Header};
@@ -567,6 +568,12 @@ impl Store for Durability {
         );
         message.stored_at = StoredAt::at(entry.at);
         Some(message)
+    }
+
+    /// From the segment files the log holds (a running sum, no I/O) against its share of
+    /// `disk_bytes_max`.
+    fn disk_pressure(&self) -> DiskPressure {
+        DiskPressure::of(self.log.disk_bytes_held(), self.log.config().disk_bytes_max)
     }
 }
 

@@ -10,6 +10,7 @@ use super::*;
 use crate::codec::{Command, Decoded, Decoder, Frame, Header, Limits, Version};
 use store::TestStore;
 
+mod disk;
 mod flow;
 mod hostile;
 mod memory;

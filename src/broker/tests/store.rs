@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::broker::{MemoryCharge, Message, Paged, Record, Recovered, Store, StoreRef, StoredAt};
+use crate::broker::{
+    DiskPressure, MemoryCharge, Message, Paged, Record, Recovered, Store, StoreRef, StoredAt,
+};
 
 #[derive(Debug, Default)]
 pub(crate) struct TestStore {
@@ -14,6 +16,8 @@ pub(crate) struct TestStore {
     /// Delivered marks per live record, as the log's recovery counts them.
     pub delivered: BTreeMap<u64, u32>,
     next: u64,
+    /// What `disk_pressure` answers: tests set it as a log's budget would fill and drain.
+    pub disk: DiskPressure,
 }
 
 impl TestStore {
@@ -98,5 +102,9 @@ impl Store for TestStore {
         let message = stored.moved_to(destination.clone());
         message.stored_at.set(entry.at);
         Some(message)
+    }
+
+    fn disk_pressure(&self) -> DiskPressure {
+        self.disk
     }
 }
