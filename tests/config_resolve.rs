@@ -77,6 +77,11 @@ fn defaults_when_nothing_is_said() {
     assert_eq!(config.dead_letter_deliveries_max, 7);
     assert_eq!(config.prefetch_default, 1000);
     assert_eq!(config.prefetch_bytes_default, 4 * 1024 * 1024);
+    // Bounded by disk: the upper bounds, with the disk budget computed at start.
+    assert_eq!(config.queue_messages_max, 1_000_000_000);
+    assert_eq!(config.queue_bytes_max, 1 << 40);
+    assert_eq!(config.disk_bytes_max, None);
+    assert!(resolved.to_toml().contains("# disk_bytes_max is not set"));
     assert_eq!(config.log_level, "info");
     assert!(resolved
         .origins
@@ -150,6 +155,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         ("queue_messages_max", "500", "500"),
         ("queue_bytes_max", "1000000", "1000000"),
         ("memory_bytes_max", "100000000", "100000000"),
+        ("disk_bytes_max", "1073741824", "1073741824"),
         ("topic_subscriber_stall_ms", "60000", "60000"),
         ("connect_timeout_ms", "500", "500"),
         ("login_failure_delay_ms", "0", "0"),
@@ -199,6 +205,7 @@ fn every_key_is_read_from_file_env_and_flags() {
         assert_eq!(config.queue_messages_max, 500, "{source}");
         assert_eq!(config.queue_bytes_max, 1_000_000, "{source}");
         assert_eq!(config.memory_bytes_max, 100_000_000, "{source}");
+        assert_eq!(config.disk_bytes_max, Some(1 << 30), "{source}");
         assert_eq!(config.topic_subscriber_stall_ms, 60_000, "{source}");
         assert_eq!(config.connect_timeout_ms, 500, "{source}");
         assert_eq!(config.login_failure_delay_ms, 0, "{source}");
@@ -485,6 +492,7 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         ("queue_messages_max", "0", "1..=1000000000"),
         ("queue_bytes_max", "4096", "65536..=1099511627776"),
         ("memory_bytes_max", "1048576", "16777216..=17592186044416"),
+        ("disk_bytes_max", "4096", "262144..=1152921504606846976"),
         ("topic_subscriber_stall_ms", "99", "100..=3600000"),
         ("connect_timeout_ms", "99", "100..=3600000"),
         ("login_failure_delay_ms", "60001", "0..=60000"),
@@ -504,6 +512,53 @@ fn out_of_range_numbers_name_key_range_and_origin() {
         assert!(message.contains(allowed), "{key}={value}: {message}");
         assert!(message.contains(&var), "{key}={value}: {message}");
     }
+}
+
+#[test]
+fn each_shard_s_share_of_the_disk_budget_holds_four_segments() {
+    let message = error_about(
+        &[
+            "--shards",
+            "2",
+            "--segment-bytes",
+            "65536",
+            "--disk-bytes-max",
+            "524287",
+        ],
+        &[],
+        "disk_bytes_max",
+    );
+    assert!(message.contains("at least 524288"), "{message}");
+    assert!(message.contains("--disk-bytes-max"), "{message}");
+    let config = ok(
+        &[
+            "--shards",
+            "2",
+            "--segment-bytes",
+            "65536",
+            "--disk-bytes-max",
+            "524288",
+        ],
+        &[],
+    )
+    .config;
+    assert_eq!(config.disk_bytes_max, Some(524_288));
+}
+
+#[test]
+fn the_default_disk_budget_leaves_a_tenth_of_the_filesystem_free() {
+    const GIB: u64 = 1 << 30;
+    // 100 GiB filesystem, 30 GiB available, the log takes 5 GiB: 5 + 30 - 10.
+    assert_eq!(
+        defaults::disk_bytes_max(5 * GIB, 100 * GIB, 30 * GIB, GIB),
+        25 * GIB
+    );
+    // Less available than the reserve: what the log takes, and never below the minimum.
+    assert_eq!(
+        defaults::disk_bytes_max(3 * GIB, 100 * GIB, 4 * GIB, GIB),
+        3 * GIB
+    );
+    assert_eq!(defaults::disk_bytes_max(0, 100 * GIB, 4 * GIB, GIB), GIB);
 }
 
 #[test]

@@ -62,12 +62,14 @@ pub struct BrokerConfig {
     pub receipts_pending_max: usize,
     /// Messages a queue holds waiting for consumers before its producers are paused (producer
     /// flow control, as ActiveMQ's: their input is not read until the queue drains to three
-    /// quarters of this). 1,000,000 messages: a backlog of a million fits. SENDs already on
-    /// their way when the pause began are taken up to a quarter more; a SEND beyond that is
-    /// refused with an ERROR.
+    /// quarters of this). A billion by default, the configurable maximum: bodies page out to
+    /// the log, so the disk budget (the store's [`DiskPressure`](super::DiskPressure)) and the
+    /// memory budget bound a backlog, not a count per queue. SENDs already on their way when
+    /// the pause began are taken up to a quarter more; a SEND beyond that is refused with an
+    /// ERROR.
     pub queue_messages_max: usize,
     /// Body bytes a queue holds waiting for consumers before its producers are paused, as
-    /// `queue_messages_max`. 1 GiB keeps one runaway queue from taking the machine's memory.
+    /// `queue_messages_max`. 1 TiB by default, the configurable maximum, for the same reason.
     pub queue_bytes_max: u64,
     /// Messages a queue still takes past `queue_messages_max` and its quarter more: what a
     /// producer's core may decode and forward before the pause reaches it. A core decodes at
@@ -150,8 +152,8 @@ impl Default for BrokerConfig {
             transaction_frames_max: 10_000,
             transaction_bytes_per_connection_max: 64 * 1024 * 1024,
             receipts_pending_max: 65_536,
-            queue_messages_max: 1_000_000,
-            queue_bytes_max: 1024 * 1024 * 1024,
+            queue_messages_max: 1_000_000_000,
+            queue_bytes_max: 1 << 40,
             queue_overshoot_messages: 131_072,
             queue_overshoot_bytes: 16 * 1024 * 1024,
             topic_slack_bytes: 8 * 1024 * 1024,

@@ -278,13 +278,14 @@ pub struct RunArgs {
     /// Messages a queue holds for consumers before its producers are paused (producer flow
     /// control: their input is not read until the queue drains to three quarters); SENDs
     /// already on their way are taken up to a quarter more, then refused with ERROR
-    /// (1..=1000000000). [default: 1000000] [env: STOMPD_QUEUE_MESSAGES_MAX]
+    /// (1..=1000000000). [default: 1000000000, bounded by disk: disk_bytes_max and
+    /// memory_bytes_max bound a backlog] [env: STOMPD_QUEUE_MESSAGES_MAX]
     /// [toml: queue_messages_max]
     #[arg(long, value_name = "N")]
     pub queue_messages_max: Option<u64>,
 
     /// Body bytes a queue holds for consumers before its producers are paused, as
-    /// --queue-messages-max (65536..=1099511627776). [default: 1073741824]
+    /// --queue-messages-max (65536..=1099511627776). [default: 1099511627776, bounded by disk]
     /// [env: STOMPD_QUEUE_BYTES_MAX] [toml: queue_bytes_max]
     #[arg(long, value_name = "BYTES")]
     pub queue_bytes_max: Option<u64>,
@@ -296,6 +297,16 @@ pub struct RunArgs {
     /// memory.max, else of MemTotal] [env: STOMPD_MEMORY_BYTES_MAX] [toml: memory_bytes_max]
     #[arg(long, value_name = "BYTES")]
     pub memory_bytes_max: Option<u64>,
+
+    /// Bytes of disk the queue log may take, all shards together; each shard's log gets an
+    /// equal share and at least 4 segments. Past seven eighths of a share, producers to that
+    /// shard's queues are paused (released under three quarters); a SEND whose record would
+    /// pass it gets ERROR `message not stored: disk_bytes_max exceeded`, as on a full disk
+    /// (262144..=1152921504606846976). [default: what the log takes now plus the filesystem's
+    /// available space, less a reserve of 10 % of its size; logged at start]
+    /// [env: STOMPD_DISK_BYTES_MAX] [toml: disk_bytes_max]
+    #[arg(long, value_name = "BYTES")]
+    pub disk_bytes_max: Option<u64>,
 
     /// How long a topic subscriber whose connection is full holds the topic's producers back
     /// before it counts as slow and misses messages past its slack instead, so one client that
@@ -369,6 +380,7 @@ impl RunArgs {
             queue_messages_max: self.queue_messages_max,
             queue_bytes_max: self.queue_bytes_max,
             memory_bytes_max: self.memory_bytes_max,
+            disk_bytes_max: self.disk_bytes_max,
             topic_subscriber_stall_ms: self.topic_subscriber_stall_ms,
             connect_timeout_ms: self.connect_timeout_ms,
             login_failure_delay_ms: self.login_failure_delay_ms,

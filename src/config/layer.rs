@@ -185,6 +185,10 @@ layer! {
     /// Bytes the broker may hold for clients, all cores: stored messages, open transactions,
     /// out buffers, frames being reassembled. Producers are paused as it fills.
     memory_bytes_max: u64,
+    /// Bytes of disk the queue log may take, all shards together (each gets an equal share).
+    /// Producers are paused as a shard's share fills; past it, SENDs to be logged get ERROR.
+    /// Unset: the log's size now plus the filesystem's free space, less 10 % of its size.
+    disk_bytes_max: u64,
     /// How long a topic subscriber whose connection is full holds the topic's producers back
     /// before it counts as slow (and misses messages past its slack instead), ms.
     topic_subscriber_stall_ms: u64,

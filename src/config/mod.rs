@@ -74,11 +74,12 @@ pub mod defaults {
     /// each), small enough that a backlog of large messages is paced instead of handed out
     /// at once (1,000 messages of 64 KiB would be 64 MiB). A larger message goes out alone.
     pub const PREFETCH_BYTES_DEFAULT: u64 = 4 * 1024 * 1024;
-    /// A backlog of a million messages (the benchmarks' backlog case) fits before producers
-    /// are paused; small messages then take a few hundred MiB.
-    pub const QUEUE_MESSAGES_MAX: u64 = 1_000_000;
-    /// 1 GiB: one runaway queue cannot take the machine's memory.
-    pub const QUEUE_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+    /// Bounded by disk: the upper bound. A queue's bodies page out to the log, so what bounds
+    /// a backlog is `disk_bytes_max` (and, for what stays in memory, `memory_bytes_max`), not
+    /// a per-queue count; set this lower only to cap one queue below the others.
+    pub const QUEUE_MESSAGES_MAX: u64 = *super::bounds::QUEUE_MESSAGES.end();
+    /// Bounded by disk, as `QUEUE_MESSAGES_MAX`: the upper bound.
+    pub const QUEUE_BYTES_MAX: u64 = *super::bounds::QUEUE_BYTES.end();
     /// Far longer than a burst takes to drain, far shorter than a publisher's patience.
     pub const TOPIC_SUBSCRIBER_STALL_MS: u64 = 5000;
     /// RabbitMQ's `handshake_timeout`: long enough for a client on a slow link that must
@@ -98,6 +99,35 @@ pub mod defaults {
     /// (a container), else the machine's `MemTotal`. The rest is left for the fixed overhead
     /// (receive rings, per-connection buffers), the page cache the log's mapped segments live
     /// in, and whatever else runs beside the broker. 1 GiB when neither can be read.
+    /// Left free on the log's filesystem by the default `disk_bytes_max`, in percent of its
+    /// size. Why 10 %: `statvfs`'s available space already leaves out ext4's 5 % root
+    /// reserve, so this is on top of what the kernel keeps; it is the space other writers on
+    /// the machine (the broker's own logs, the OS, a package upgrade) keep, and filesystems
+    /// slow down and fragment as they fill (copy-on-write ones need free space just to
+    /// delete). The broker pauses producers and then refuses SENDs before the disk is full,
+    /// not when another process finds it full.
+    pub const DISK_RESERVE_PERCENT: u64 = 10;
+    /// The fewest segments each shard's share of `disk_bytes_max` holds: the active segment,
+    /// the spare prepared ahead, the reclaimed file kept for reuse, and one for a backlog.
+    pub const DISK_SEGMENTS_PER_SHARD_MIN: u64 = 4;
+
+    /// The default `disk_bytes_max` for a log that takes `log_bytes` now on a filesystem of
+    /// `size_bytes` with `available_bytes` free to unprivileged writers: what it takes plus what
+    /// is free, less the reserve, and never below `minimum` (each shard's
+    /// [`DISK_SEGMENTS_PER_SHARD_MIN`] segments; on a filesystem that small the disk itself
+    /// is the limit, as before).
+    pub fn disk_bytes_max(
+        log_bytes: u64,
+        size_bytes: u64,
+        available_bytes: u64,
+        minimum: u64,
+    ) -> u64 {
+        let reserve = size_bytes / 100 * DISK_RESERVE_PERCENT;
+        log_bytes
+            .saturating_add(available_bytes.saturating_sub(reserve))
+            .max(minimum)
+    }
+
     pub fn memory_bytes_max() -> u64 {
         let limit = cgroup_memory_max().or_else(mem_total).unwrap_or(2560 << 20);
         (limit / 5 * 2).clamp(
@@ -161,8 +191,7 @@ pub mod bounds {
     pub const SEGMENT_BYTES_MULTIPLE: u64 = 4096;
     pub const DEAD_LETTER_DELIVERIES: RangeInclusive<u32> = 1..=10_000;
     pub const PREFETCH: RangeInclusive<u32> = 1..=1_000_000;
-    /// 4 KiB (a window of one message, whatever its size, is always allowed) to 1 GiB, the
-    /// default of `queue_bytes_max`.
+    /// 4 KiB (a window of one message, whatever its size, is always allowed) to 1 GiB.
     pub const PREFETCH_BYTES: RangeInclusive<u64> = 4096..=1 << 30;
     /// At least one message; at most a billion (messages live in memory as well as in the log).
     pub const QUEUE_MESSAGES: RangeInclusive<u64> = 1..=1_000_000_000;
@@ -170,6 +199,9 @@ pub mod bounds {
     pub const QUEUE_BYTES: RangeInclusive<u64> = 65_536..=1 << 40;
     /// 16 MiB (a default-sized frame, with room to pause before it) to 16 TiB.
     pub const MEMORY_BYTES: RangeInclusive<u64> = 16 << 20..=1 << 44;
+    /// Four of the smallest segments (one shard's least share) to 1 EiB. Within the range,
+    /// each shard's share must also hold `DISK_SEGMENTS_PER_SHARD_MIN` segments.
+    pub const DISK_BYTES: RangeInclusive<u64> = 262_144..=1 << 60;
     /// 100 ms to an hour: shorter turns every burst into losses, longer lets one stuck client
     /// hold a topic's producers for longer than anyone waits.
     pub const TOPIC_SUBSCRIBER_STALL_MS: RangeInclusive<u64> = 100..=3_600_000;
@@ -234,6 +266,9 @@ pub struct Config {
     pub queue_bytes_max: u64,
     /// Bytes the broker may hold for clients, all cores (the memory budget).
     pub memory_bytes_max: u64,
+    /// Bytes of disk the log may take, all shards (the disk budget); `None`: the default,
+    /// computed at start from the data directory's filesystem ([`defaults::disk_bytes_max`]).
+    pub disk_bytes_max: Option<u64>,
     /// How long a full topic subscriber holds its producers back before it counts as slow.
     pub topic_subscriber_stall_ms: u64,
     /// How long a connection may take to send a complete CONNECT before it is closed.
@@ -271,6 +306,8 @@ impl Config {
             queue_messages_max: Some(defaults::QUEUE_MESSAGES_MAX),
             queue_bytes_max: Some(defaults::QUEUE_BYTES_MAX),
             memory_bytes_max: Some(defaults::memory_bytes_max()),
+            // Depends on the data directory's filesystem: resolved when the broker starts.
+            disk_bytes_max: None,
             topic_subscriber_stall_ms: Some(defaults::TOPIC_SUBSCRIBER_STALL_MS),
             connect_timeout_ms: Some(defaults::CONNECT_TIMEOUT_MS),
             login_failure_delay_ms: Some(defaults::LOGIN_FAILURE_DELAY_MS),
@@ -310,6 +347,7 @@ impl Config {
             queue_messages_max: Some(self.queue_messages_max),
             queue_bytes_max: Some(self.queue_bytes_max),
             memory_bytes_max: Some(self.memory_bytes_max),
+            disk_bytes_max: self.disk_bytes_max,
             topic_subscriber_stall_ms: Some(self.topic_subscriber_stall_ms),
             connect_timeout_ms: Some(self.connect_timeout_ms),
             login_failure_delay_ms: Some(self.login_failure_delay_ms),
@@ -444,6 +482,12 @@ impl Resolved {
         }
         if self.config.auth == AuthConfig::Off {
             out.push_str("# auth_file is not set: no authentication\n");
+        }
+        if self.config.disk_bytes_max.is_none() {
+            out.push_str(
+                "# disk_bytes_max is not set: the log's size plus the filesystem's available \
+                 space, less 10 % of its size, computed at start\n",
+            );
         }
         out
     }
@@ -744,7 +788,8 @@ fn validate(
 ) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let origin = |key: &'static str| origins.get(key).cloned().unwrap_or(Origin::Default);
-    // The defaults layer sets every key but auth_file, so this only fails on a bug here.
+    // The defaults layer sets every key but auth_file and disk_bytes_max, so this only fails
+    // on a bug here.
     fn get<T>(value: Option<T>, key: &str) -> T {
         value.unwrap_or_else(|| panic!("the defaults layer has no value for {key}"))
     }
@@ -840,6 +885,13 @@ fn validate(
         memory_bytes_max.into(),
         (*bounds::MEMORY_BYTES.start()).into()..=(*bounds::MEMORY_BYTES.end()).into(),
     );
+    if let Some(disk_bytes_max) = layer.disk_bytes_max {
+        range(
+            "disk_bytes_max",
+            disk_bytes_max.into(),
+            (*bounds::DISK_BYTES.start()).into()..=(*bounds::DISK_BYTES.end()).into(),
+        );
+    }
     let topic_subscriber_stall_ms =
         get(layer.topic_subscriber_stall_ms, "topic_subscriber_stall_ms");
     range(
@@ -959,6 +1011,24 @@ fn validate(
         });
     }
 
+    if let Some(disk_bytes_max) = layer.disk_bytes_max {
+        let least = (shards as u64)
+            .saturating_mul(defaults::DISK_SEGMENTS_PER_SHARD_MIN)
+            .saturating_mul(segment_bytes);
+        if bounds::DISK_BYTES.contains(&disk_bytes_max) && disk_bytes_max < least {
+            errors.push(ConfigError::Invalid {
+                key: "disk_bytes_max",
+                value: disk_bytes_max.to_string(),
+                origin: origin("disk_bytes_max"),
+                reason: format!(
+                    "each of the {shards} shards' logs needs room for at least {} segments of \
+                     segment_bytes = {segment_bytes}: at least {least}",
+                    defaults::DISK_SEGMENTS_PER_SHARD_MIN
+                ),
+            });
+        }
+    }
+
     let listen_text = get(layer.listen, "listen");
     let listen = parse_listen(&listen_text).unwrap_or_else(|reason| {
         errors.push(ConfigError::Invalid {
@@ -1046,6 +1116,7 @@ fn validate(
         queue_messages_max,
         queue_bytes_max,
         memory_bytes_max,
+        disk_bytes_max: layer.disk_bytes_max,
         topic_subscriber_stall_ms,
         connect_timeout_ms,
         login_failure_delay_ms,

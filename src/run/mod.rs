@@ -124,12 +124,122 @@ pub fn broker_config(config: &Config, login_offloaded: bool) -> BrokerConfig {
     }
 }
 
-/// The log settings of shard `shard`.
-pub fn log_config(config: &Config, shard: usize) -> LogConfig {
+/// The log settings of shard `shard`, whose share of the disk budget is `disk_share` bytes.
+pub fn log_config(config: &Config, shard: usize, disk_share: u64) -> LogConfig {
     let mut log = LogConfig::new(&config.data_dir, shard as u32);
     log.fsync = config.fsync.into();
     log.segment_bytes = config.segment_bytes;
+    log.disk_bytes_max = disk_share;
     log
+}
+
+/// The disk budget the shards' logs share (`disk_bytes_max`), as resolved at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskBudget {
+    /// All shards together.
+    pub total: u64,
+    /// Each shard's log: an equal share (queues are spread over shards by name).
+    pub per_shard: u64,
+    /// How the default was computed; `None` when `disk_bytes_max` was set.
+    pub default_from: Option<DiskSpace>,
+}
+
+/// What the default `disk_bytes_max` was computed from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes the log's files took at start.
+    pub log_bytes: u64,
+    /// The data directory's filesystem: its size and the space unprivileged writers have.
+    pub size_bytes: u64,
+    pub available_bytes: u64,
+}
+
+impl std::fmt::Display for DiskBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes ({} per shard", self.total, self.per_shard)?;
+        match self.default_from {
+            None => write!(f, ", as set)"),
+            Some(space) => write!(
+                f,
+                ", the default: the log's {} bytes plus {} available on its filesystem of {}, \
+                 less a reserve of {} %)",
+                space.log_bytes,
+                space.available_bytes,
+                space.size_bytes,
+                crate::config::defaults::DISK_RESERVE_PERCENT
+            ),
+        }
+    }
+}
+
+/// Resolves `disk_bytes_max`: as set, or by the default rule from the data directory's
+/// filesystem (`statvfs`) and what the log's files take now. The data directory must exist.
+pub fn disk_budget(config: &Config) -> Result<DiskBudget, RunError> {
+    use crate::config::defaults;
+    let shards = config.shards as u64;
+    let minimum = shards * defaults::DISK_SEGMENTS_PER_SHARD_MIN * config.segment_bytes;
+    let data_dir_error = |source| RunError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    };
+    let (total, default_from) = match config.disk_bytes_max {
+        Some(total) => (total, None),
+        None => {
+            let (size_bytes, available_bytes) =
+                filesystem_space(&config.data_dir).map_err(data_dir_error)?;
+            let log_bytes = log_files_bytes(config).map_err(data_dir_error)?;
+            let space = DiskSpace {
+                log_bytes,
+                size_bytes,
+                available_bytes,
+            };
+            let total = defaults::disk_bytes_max(log_bytes, size_bytes, available_bytes, minimum);
+            (total, Some(space))
+        }
+    };
+    Ok(DiskBudget {
+        total,
+        per_shard: total / shards,
+        default_from,
+    })
+}
+
+/// The size of the filesystem that holds `dir`, and the space on it available to an
+/// unprivileged writer, bytes.
+fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+    // SAFETY: a NUL-terminated path and a zeroed struct for the kernel to fill.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let unit = stat.f_frsize as u64;
+    Ok((
+        (stat.f_blocks as u64).saturating_mul(unit),
+        (stat.f_bavail as u64).saturating_mul(unit),
+    ))
+}
+
+/// Bytes the files of every shard's log directory take now.
+fn log_files_bytes(config: &Config) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    for shard in 0..config.shards {
+        let dir = crate::log::shard_dir(&config.data_dir, shard as u32);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            let metadata = entry?.metadata()?;
+            if metadata.is_file() {
+                total = total.saturating_add(metadata.len());
+            }
+        }
+    }
+    Ok(total)
 }
 
 fn epoch_ms() -> u64 {
@@ -205,6 +315,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, RunError> {
 /// Opens (recovers) every shard's log in parallel and restores the broker shards from them.
 fn open_shards(
     config: &Config,
+    disk: &DiskBudget,
     broker: &BrokerConfig,
     authenticator: &Arc<dyn Authenticator>,
     first_message_seq: u64,
@@ -226,7 +337,7 @@ fn open_shards(
             shard: index,
             source,
         };
-        let (log, report) = ShardLog::open_indexed(log_config(config, index)).map_err(log_error)?;
+        let (log, report) = ShardLog::open_indexed(log_config(config, index, disk.per_shard)).map_err(log_error)?;
         if report.is_clean() {
             tracing::info!(shard = index, "log recovered: {report}");
         } else {
@@ -287,14 +398,31 @@ pub fn run(
     };
     let broker = broker_config(config, slow_auth);
 
-    let _lock = if config.queue_type == QueueType::File {
+    let (_lock, disk) = if config.queue_type == QueueType::File {
         check_shard_count(config)?;
-        Some(lock_data_dir(&config.data_dir)?)
+        let lock = lock_data_dir(&config.data_dir)?;
+        let disk = disk_budget(config)?;
+        tracing::info!(
+            disk_bytes_max = disk.total,
+            "disk budget of the log: {disk}"
+        );
+        (Some(lock), Some(disk))
     } else {
-        None
+        (None, None)
     };
     let boot_ms = epoch_ms();
-    let shards = open_shards(config, &broker, &authenticator, boot_ms << 22)?;
+    let unlimited = DiskBudget {
+        total: u64::MAX,
+        per_shard: u64::MAX,
+        default_from: None,
+    };
+    let shards = open_shards(
+        config,
+        disk.as_ref().unwrap_or(&unlimited),
+        &broker,
+        &authenticator,
+        boot_ms << 22,
+    )?;
 
     let server = Server::bind(ServerConfig {
         // The broker's own budget: frames being reassembled count against it too.
@@ -314,6 +442,7 @@ pub fn run(
         shards = config.shards,
         queue_type = %config.queue_type,
         fsync = %config.fsync,
+        disk_bytes_max = disk.map_or(u64::MAX, |disk| disk.total),
         "stompd {} {}{}",
         env!("CARGO_PKG_VERSION"),
         listening::LISTENING_ON,
