@@ -71,7 +71,9 @@ fn a_filling_disk_pauses_producers_then_refuses_and_consuming_lets_them_go_on() 
         ],
     );
     assert!(
-        broker.stderr().contains(&format!("disk_bytes_max={DISK_BYTES_MAX}")),
+        broker
+            .stderr()
+            .contains(&format!("disk_bytes_max={DISK_BYTES_MAX}")),
         "the start-up line names the budget: {}",
         broker.stderr()
     );

@@ -1718,7 +1718,10 @@ mod tests {
             matches!(error, LogError::DiskBudget { max_bytes } if max_bytes == budget),
             "{error}"
         );
-        assert!(error.to_string().contains("disk_bytes_max exceeded"), "{error}");
+        assert!(
+            error.to_string().contains("disk_bytes_max exceeded"),
+            "{error}"
+        );
         assert_eq!(log.disk_bytes_held(), budget);
         assert!(!log.wants_spare(), "a spare past the budget");
         assert_eq!(log.segment_sequences().len(), 3);

@@ -337,7 +337,8 @@ fn open_shards(
             shard: index,
             source,
         };
-        let (log, report) = ShardLog::open_indexed(log_config(config, index, disk.per_shard)).map_err(log_error)?;
+        let (log, report) =
+            ShardLog::open_indexed(log_config(config, index, disk.per_shard)).map_err(log_error)?;
         if report.is_clean() {
             tracing::info!(shard = index, "log recovered: {report}");
         } else {

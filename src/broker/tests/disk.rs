@@ -94,8 +94,14 @@ fn a_client_ack_consumer_or_an_open_transaction_is_not_paused_for_disk() {
     // Its COMMIT is what frees the memory its SENDs hold: it is paused only once no
     // transaction is open.
     let producer = cluster.connect(1);
-    cluster.send(producer, frame(Command::Begin, &[("transaction", "a")], b""));
-    cluster.send(producer, frame(Command::Begin, &[("transaction", "b")], b""));
+    cluster.send(
+        producer,
+        frame(Command::Begin, &[("transaction", "a")], b""),
+    );
+    cluster.send(
+        producer,
+        frame(Command::Begin, &[("transaction", "b")], b""),
+    );
     cluster.send(
         producer,
         frame(
@@ -104,9 +110,15 @@ fn a_client_ack_consumer_or_an_open_transaction_is_not_paused_for_disk() {
             b"in a",
         ),
     );
-    cluster.send(producer, frame(Command::Commit, &[("transaction", "a")], b""));
+    cluster.send(
+        producer,
+        frame(Command::Commit, &[("transaction", "a")], b""),
+    );
     assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
-    cluster.send(producer, frame(Command::Abort, &[("transaction", "b")], b""));
+    cluster.send(
+        producer,
+        frame(Command::Abort, &[("transaction", "b")], b""),
+    );
     assert_eq!(throttles_of(&cluster, producer), vec![true]);
 
     cluster.shards[owner].store_mut().disk = DiskPressure::Low;
