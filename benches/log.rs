@@ -18,10 +18,11 @@ use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use stompd::codec::Header;
 use stompd::log::format::SegmentHeader;
 use stompd::log::segment::Segment;
-use stompd::log::{FsyncPolicy, LogConfig, MessageRecord, Position, ShardLog, FORMAT_VERSION};
+use stompd::log::{
+    BinaryId, FsyncPolicy, LogConfig, MessageRecord, Position, ShardLog, FORMAT_VERSION,
+};
 
 const CHUNK: u64 = 4096;
 const ALWAYS_BATCH: u64 = 64;
@@ -66,7 +67,7 @@ fn bench_append(c: &mut Criterion) {
             config.populate = prefault;
             let (mut log, _) = ShardLog::open(config).unwrap();
             let body = vec![b'x'; payload];
-            let headers = [Header::new(b"persistent", b"true")];
+            let headers: &[u8] = b"persistent:true\n";
             let epoch = Instant::now();
             let mut positions: Vec<Position> = Vec::with_capacity(CHUNK as usize);
             group.bench_function(BenchmarkId::new(name, format!("{payload}B")), |b| {
@@ -81,9 +82,11 @@ fn bench_append(c: &mut Criterion) {
                                 .append_message(
                                     &MessageRecord {
                                         destination: b"/queue/bench",
-                                        message_id: b"ID:bench-1:1",
+                                        id: BinaryId { shard: 1, seq: 1 },
                                         timestamp_ms: 0,
-                                        headers: &headers,
+                                        header_block: headers,
+                                        block_plain: true,
+                                        transient: false,
                                         body: &body,
                                     },
                                     0,
@@ -135,12 +138,14 @@ fn bench_message_ack(c: &mut Criterion) {
         config.fsync = FsyncPolicy::Never;
         let (mut log, _) = ShardLog::open(config).unwrap();
         let body = vec![b'x'; 128];
-        let headers = [Header::new(b"persistent", b"true")];
+        let headers: &[u8] = b"persistent:true\n";
         let record = MessageRecord {
             destination: b"/queue/bench",
-            message_id: b"ID:bench-1:1",
+            id: BinaryId { shard: 1, seq: 1 },
             timestamp_ms: 0,
-            headers: &headers,
+            header_block: headers,
+            block_plain: true,
+            transient: false,
             body: &body,
         };
         let mut pending: std::collections::VecDeque<Position> =
@@ -226,9 +231,11 @@ fn bench_recover(c: &mut Criterion) {
                 .append_message(
                     &MessageRecord {
                         destination: b"/queue/recover",
-                        message_id: b"ID:bench-1:1",
+                        id: BinaryId { shard: 1, seq: 1 },
                         timestamp_ms: 0,
-                        headers: &[],
+                        header_block: b"",
+                        block_plain: true,
+                        transient: false,
                         body: &body,
                     },
                     0,

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                             "  {sequence}:{offset} message {} bytes: destination {:?}, id {:?}, {} headers, body {} bytes, at {} ms",
                             len,
                             String::from_utf8_lossy(m.destination),
-                            String::from_utf8_lossy(m.message_id),
+                            String::from_utf8_lossy(&m.message_id().text()),
                             m.header_count(),
                             m.body.len(),
                             m.timestamp_ms
@@ -67,8 +67,8 @@ fn main() -> ExitCode {
                             // Escaped, so a newline in a value cannot fake another line.
                             println!(
                                 "      {}:{}",
-                                String::from_utf8_lossy(name).escape_debug(),
-                                String::from_utf8_lossy(value).escape_debug()
+                                String::from_utf8_lossy(&name).escape_debug(),
+                                String::from_utf8_lossy(&value).escape_debug()
                             );
                         }
                         if bodies {

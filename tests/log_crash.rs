@@ -13,7 +13,7 @@ use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use stompd::log::{LogConfig, MessageRecord, Position, ShardLog};
+use stompd::log::{BinaryId, LogConfig, MessageRecord, Position, ShardLog, StoredId};
 
 const CYCLES: u64 = 5;
 /// Messages stay unacknowledged for this many later messages, so segments fill with a mix of
@@ -35,8 +35,8 @@ fn body(id: u64) -> Vec<u8> {
 }
 
 /// Message ids are `cycle * 1_000_000 + n`, so each cycle's messages are told apart.
-fn parse_id(bytes: &[u8]) -> u64 {
-    std::str::from_utf8(bytes).unwrap().parse().unwrap()
+fn parse_id(id: &StoredId) -> u64 {
+    id.binary().unwrap().seq
 }
 
 fn fsync(fd: RawFd, data_only: bool) {
@@ -77,15 +77,19 @@ fn crash_child() {
     let mut batch = 1;
     loop {
         for _ in 0..batch {
-            let id = next.to_string();
             let body = body(next);
             let position = log
                 .append_message(
                     &MessageRecord {
                         destination: b"/queue/crash",
-                        message_id: id.as_bytes(),
+                        id: BinaryId {
+                            shard: 0,
+                            seq: next,
+                        },
                         timestamp_ms: next,
-                        headers: &[],
+                        header_block: b"",
+                        block_plain: true,
+                        transient: false,
                         body: &body,
                     },
                     next,

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use stompd::log::format::{SegmentHeader, FRAME_BYTES, SEGMENT_HEADER_BYTES};
-use stompd::log::{LogConfig, MessageRecord, Position, Recovery, ShardLog};
+use stompd::log::{BinaryId, LogConfig, MessageRecord, Position, Recovery, ShardLog};
 
 const SECTOR: usize = 512;
 const CRASHES_PER_SYNC_POINT: usize = 4;
@@ -137,15 +137,16 @@ fn run_workload(
                 let id = *next_id;
                 *next_id += 1;
                 let queue = format!("/queue/{}", id % 3);
-                let text = id.to_string();
                 let body = vec![(id % 251) as u8; body_len(rng)];
                 let p = log
                     .append_message(
                         &MessageRecord {
                             destination: queue.as_bytes(),
-                            message_id: text.as_bytes(),
+                            id: BinaryId { shard: 0, seq: id },
                             timestamp_ms: id,
-                            headers: &[],
+                            header_block: b"",
+                            block_plain: true,
+                            transient: false,
                             body: &body,
                         },
                         id,
@@ -202,7 +203,7 @@ fn check_recovery(recovery: &Recovery, required: &[u64], what: &str) -> Vec<(u64
         let ids: Vec<u64> = queue
             .messages
             .iter()
-            .map(|m| std::str::from_utf8(&m.message_id).unwrap().parse().unwrap())
+            .map(|m| m.message_id.binary().unwrap().seq)
             .collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{what}: order {ids:?}");
         for (m, &id) in queue.messages.iter().zip(&ids) {

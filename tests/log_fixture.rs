@@ -1,20 +1,21 @@
-//! A log written by format version 1 is kept in `tests/fixtures/log-v1/`, and one written by
-//! version 2 (with a recycled segment) in `tests/fixtures/log-v2/`; both must open, with
-//! exactly this content, in every later build. Do not regenerate them when the format changes:
-//! add a fixture for the new version beside them and keep these tests.
+//! A log written by format version 1 is kept in `tests/fixtures/log-v1/`, one written by
+//! version 2 (with a recycled segment) in `tests/fixtures/log-v2/`, and one written by version 3
+//! (binary ids, header blocks, transient records) in `tests/fixtures/log-v3/`; all must open,
+//! with exactly this content, in every later build. Do not regenerate them when the format
+//! changes: add a fixture for the new version beside them and keep these tests.
 //!
-//! It was written by `write_fixture` below:
-//! `STOMPD_WRITE_LOG_FIXTURE=1 cargo test --test log_fixture write_fixture -- --ignored`.
+//! The version 1 and 2 fixtures were written by `write_fixture` and `write_fixture_v2`, which
+//! this build can no longer run (it writes version 3 only): see them in the commits that added
+//! the fixtures, `git show 4a6942a:tests/log_fixture.rs` and `git show 8cc640c:tests/log_fixture.rs`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use stompd::codec::Header;
 use stompd::log::format::{
-    decode_record, Decoded, RecordView, ScanItem, SegmentHeader, SEGMENT_FLAG_RECYCLED,
+    decode_record_as, Decoded, RecordView, ScanItem, SegmentHeader, SEGMENT_FLAG_RECYCLED,
 };
 use stompd::log::{
-    list_segments, LogConfig, MessageRecord, Position, SegmentReader, ShardInspection, ShardLog,
+    list_segments, LogConfig, Position, SegmentReader, ShardInspection, ShardLog, StoredId,
 };
 
 const SEGMENT_BYTES: u64 = 16 * 1024;
@@ -32,68 +33,6 @@ fn config(data_dir: &Path) -> LogConfig {
 
 fn order_body(i: u64) -> Vec<u8> {
     format!("order {i:03};").repeat(40).into_bytes()
-}
-
-#[test]
-#[ignore = "writes the committed fixture; run only to create it"]
-fn write_fixture() {
-    if std::env::var("STOMPD_WRITE_LOG_FIXTURE").is_err() {
-        return;
-    }
-    let dir = fixture_dir();
-    let _ = fs::remove_dir_all(&dir);
-    let (mut log, _) = ShardLog::open(config(&dir)).unwrap();
-    let mut orders = Vec::new();
-    let mut t = 1_700_000_000_000;
-    for i in 0..40u64 {
-        t += 1;
-        let id = format!("ID:fixture-1:{i}");
-        let priority = (i % 10).to_string();
-        let headers = [
-            Header::new(b"persistent", b"true"),
-            Header::new(b"priority", priority.as_bytes()),
-        ];
-        let body = order_body(i);
-        orders.push(
-            log.append_message(
-                &MessageRecord {
-                    destination: b"/queue/orders",
-                    message_id: id.as_bytes(),
-                    timestamp_ms: t,
-                    headers: &headers,
-                    body: &body,
-                },
-                t,
-            )
-            .unwrap(),
-        );
-        if i % 8 == 0 {
-            let id = format!("ID:fixture-1:audit-{i}");
-            let headers = [
-                Header::new(b"content-type", b"text/plain"),
-                Header::new(b"x-colon", b"a:b\nc"),
-                Header::new(b"empty", b""),
-            ];
-            log.append_message(
-                &MessageRecord {
-                    destination: b"/queue/audit",
-                    message_id: id.as_bytes(),
-                    timestamp_ms: t,
-                    headers: &headers,
-                    body: b"",
-                },
-                t,
-            )
-            .unwrap();
-        }
-        if i == 12 {
-            log.ack(&orders[0..10], t).unwrap();
-            log.delivered(&orders[10..12], t).unwrap();
-        }
-    }
-    log.ack(&orders[20..21], t).unwrap();
-    log.sync_now().unwrap();
-    assert!(log.segment_sequences().len() >= 2);
 }
 
 #[test]
@@ -136,7 +75,7 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
     let expected: Vec<u64> = (10..40).filter(|&i| i != 20).collect();
     assert_eq!(orders.messages.len(), expected.len());
     for (m, &i) in orders.messages.iter().zip(&expected) {
-        assert_eq!(m.message_id, format!("ID:fixture-1:{i}").as_bytes());
+        assert_eq!(m.message_id.text(), format!("ID:fixture-1:{i}").as_bytes());
         assert_eq!(m.timestamp_ms, 1_700_000_000_001 + i);
         assert_eq!(m.body, order_body(i));
         assert_eq!(m.headers.len(), 2);
@@ -158,7 +97,11 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
     );
 
     assert_eq!(audit.destination, b"/queue/audit");
-    let ids: Vec<&[u8]> = audit.messages.iter().map(|m| &m.message_id[..]).collect();
+    let ids: Vec<Vec<u8>> = audit
+        .messages
+        .iter()
+        .map(|m| m.message_id.text().into_owned())
+        .collect();
     assert_eq!(
         ids,
         [
@@ -210,94 +153,10 @@ fn a_version_1_log_still_opens_with_exactly_its_content() {
 }
 
 // Version 2: a log whose last segment is a recycled file, with the records of the segment it
-// held before still behind its data. Written by `write_fixture_v2`:
-// `STOMPD_WRITE_LOG_FIXTURE=1 cargo test --test log_fixture write_fixture_v2 -- --ignored`.
+// held before still behind its data. Written by `write_fixture_v2` (see the module comment).
 
 fn fixture_v2_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v2")
-}
-
-fn append_order_v2(log: &mut ShardLog, i: u64, t: u64) -> Position {
-    let id = format!("ID:fixture-2:{i}");
-    let headers = [Header::new(b"persistent", b"true")];
-    let body = order_body(i);
-    log.append_message(
-        &MessageRecord {
-            destination: b"/queue/orders",
-            message_id: id.as_bytes(),
-            timestamp_ms: t,
-            headers: &headers,
-            body: &body,
-        },
-        t,
-    )
-    .unwrap()
-}
-
-#[test]
-#[ignore = "writes the committed fixture; run only to create it"]
-fn write_fixture_v2() {
-    if std::env::var("STOMPD_WRITE_LOG_FIXTURE").is_err() {
-        return;
-    }
-    let dir = fixture_v2_dir();
-    let _ = fs::remove_dir_all(&dir);
-    let (mut log, _) = ShardLog::open(config(&dir)).unwrap();
-    let t0 = 1_700_000_100_000;
-    let mut orders = Vec::new();
-    // Segment 0: orders until one lands in segment 1.
-    loop {
-        let i = orders.len() as u64;
-        let p = append_order_v2(&mut log, i, t0 + i);
-        orders.push(p);
-        if p.segment == 1 {
-            break;
-        }
-    }
-    let in_0: Vec<Position> = orders.iter().copied().filter(|p| p.segment == 0).collect();
-    log.ack(&in_0, t0).unwrap();
-    let first_in_1 = in_0.len();
-    log.delivered(&orders[first_in_1..first_in_1 + 1], t0)
-        .unwrap();
-    assert_eq!(log.reclaim().unwrap(), [0]);
-    // Segment 1 fills up; segment 2 is segment 0's file reused.
-    loop {
-        let i = orders.len() as u64;
-        let p = append_order_v2(&mut log, i, t0 + i);
-        orders.push(p);
-        if p.segment == 2 {
-            break;
-        }
-    }
-    for _ in 0..3 {
-        let i = orders.len() as u64;
-        orders.push(append_order_v2(&mut log, i, t0 + i));
-    }
-    log.ack(&orders[first_in_1 + 2..first_in_1 + 3], t0)
-        .unwrap();
-    log.append_message(
-        &MessageRecord {
-            destination: b"/queue/audit",
-            message_id: b"ID:fixture-2:audit",
-            timestamp_ms: t0,
-            headers: &[
-                Header::new(b"content-type", b"text/plain"),
-                Header::new(b"x-colon", b"a:b\nc"),
-                Header::new(b"empty", b""),
-            ],
-            body: b"",
-        },
-        t0,
-    )
-    .unwrap();
-    log.delivered(&orders[orders.len() - 1..], t0).unwrap();
-    log.sync_now().unwrap();
-    assert_eq!(log.segment_sequences(), [1, 2]);
-    eprintln!(
-        "orders {}, in segment 0: {first_in_1}, first in segment 2: {:?}",
-        orders.len(),
-        orders.iter().position(|p| p.segment == 2)
-    );
 }
 
 /// Copies a fixture's segment files into a fresh data directory.
@@ -340,7 +199,7 @@ fn a_version_2_log_with_a_recycled_segment_opens_with_exactly_its_content() {
         let offset = 64 + 496 * k;
         assert!(
             matches!(
-                decode_record(&recycled[offset..], 0),
+                decode_record_as(&recycled[offset..], 0, 2),
                 Decoded::Record { .. }
             ),
             "old order {k} left over at {offset}"
@@ -355,12 +214,20 @@ fn a_version_2_log_with_a_recycled_segment_opens_with_exactly_its_content() {
     };
     assert_eq!(orders.destination, b"/queue/orders");
     let expected: Vec<u64> = (30..63).filter(|&i| i != 32).collect();
-    let got: Vec<&[u8]> = orders.messages.iter().map(|m| &m.message_id[..]).collect();
+    let got: Vec<Vec<u8>> = orders
+        .messages
+        .iter()
+        .map(|m| m.message_id.text().into_owned())
+        .collect();
     let want: Vec<String> = expected
         .iter()
         .map(|i| format!("ID:fixture-2:{i}"))
         .collect();
     assert_eq!(got, want.iter().map(|w| w.as_bytes()).collect::<Vec<_>>());
+    assert!(orders
+        .messages
+        .iter()
+        .all(|m| m.message_id.binary().is_none()));
     for (m, &i) in orders.messages.iter().zip(&expected) {
         assert_eq!(m.timestamp_ms, 1_700_000_100_000 + i);
         assert_eq!(m.body, order_body(i));
@@ -377,7 +244,10 @@ fn a_version_2_log_with_a_recycled_segment_opens_with_exactly_its_content() {
     );
     assert_eq!(audit.destination, b"/queue/audit");
     assert_eq!(audit.messages.len(), 1);
-    assert_eq!(audit.messages[0].message_id, b"ID:fixture-2:audit");
+    assert_eq!(
+        audit.messages[0].message_id,
+        StoredId::Text(b"ID:fixture-2:audit".to_vec().into())
+    );
     assert_eq!(
         log.appended_upto(),
         Position {

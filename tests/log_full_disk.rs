@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stompd::log::{LogConfig, LogError, MessageRecord, Position, ShardLog};
+use stompd::log::{BinaryId, LogConfig, LogError, MessageRecord, Position, ShardLog};
 
 const SEGMENT_BYTES: u64 = 64 * 1024;
 /// Room for eight segments.
@@ -43,13 +43,17 @@ fn mount_small_tmpfs(at: &Path) -> Option<Mounted> {
 
 fn append(log: &mut ShardLog, i: usize) -> Result<Position, LogError> {
     let body = vec![(i % 251) as u8; 1000];
-    let id = format!("id-{i}");
     log.append_message(
         &MessageRecord {
             destination: b"/queue/full",
-            message_id: id.as_bytes(),
+            id: BinaryId {
+                shard: 0,
+                seq: i as u64,
+            },
             timestamp_ms: i as u64,
-            headers: &[],
+            header_block: b"",
+            block_plain: true,
+            transient: false,
             body: &body,
         },
         i as u64,
@@ -246,7 +250,7 @@ fn a_file_size_limit_refuses_sends_and_damages_nothing() {
     let messages = &recovery.queues[0].messages;
     assert_eq!(messages.len(), stored - acked);
     for (m, i) in messages.iter().zip(acked..) {
-        assert_eq!(m.message_id, format!("id-{i}").as_bytes());
+        assert_eq!(m.message_id.binary().unwrap().seq, i as u64);
         assert_eq!(m.body, vec![(i % 251) as u8; 1000]);
     }
     assert_eq!(

@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use proptest::prelude::*;
-use stompd::codec::Header;
-use stompd::log::{LogConfig, MessageRecord, Position, Recovery, ShardLog};
+use stompd::log::{BinaryId, LogConfig, MessageRecord, Position, Recovery, ShardLog};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -81,7 +80,7 @@ fn check(recovery: &Recovery, model: &[Pending], bodies: &BTreeMap<u64, usize>) 
         let got = got.map_or(&[][..], |q| &q.messages[..]);
         assert_eq!(got.len(), expected.len(), "queue {queue}");
         for (m, p) in got.iter().zip(expected) {
-            assert_eq!(m.message_id, p.id.to_string().as_bytes());
+            assert_eq!(m.message_id.binary().unwrap().seq, p.id);
             assert_eq!(m.redelivered, p.deliveries > 0, "message {}", p.id);
             assert_eq!(m.deliveries, p.deliveries, "message {}", p.id);
             assert_eq!(m.body, body(p.id, bodies[&p.id]));
@@ -93,12 +92,7 @@ fn check(recovery: &Recovery, model: &[Pending], bodies: &BTreeMap<u64, usize>) 
         .queues
         .iter()
         .flat_map(|q| q.messages.iter())
-        .map(|m| {
-            (
-                std::str::from_utf8(&m.message_id).unwrap().parse().unwrap(),
-                m.position,
-            )
-        })
+        .map(|m| (m.message_id.binary().unwrap().seq, m.position))
         .collect();
     all.sort();
     for ((id, position), p) in all.iter().zip(model) {
@@ -125,15 +119,16 @@ proptest! {
                 Op::Append { queue, body_len } => {
                     let id = next_id;
                     next_id += 1;
-                    let id_text = id.to_string();
                     let destination = format!("/queue/{queue}");
-                    let headers = [Header::new(b"id", id_text.as_bytes())];
+                    let block = format!("id:{id}\n");
                     let body = body(id, body_len);
                     let p = log.append_message(&MessageRecord {
                         destination: destination.as_bytes(),
-                        message_id: id_text.as_bytes(),
+                        id: BinaryId { shard: 0, seq: id },
                         timestamp_ms: id,
-                        headers: &headers,
+                        header_block: block.as_bytes(),
+                        block_plain: true,
+                        transient: false,
                         body: &body,
                     }, id).unwrap();
                     prop_assert!(positions.last().map_or(true, |last| *last < p));

@@ -5,12 +5,11 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use stompd::codec::Header;
 use stompd::log::format::SEGMENT_HEADER_BYTES;
 use stompd::log::segment::segment_file_name;
 use stompd::log::{
-    FsyncPolicy, LogConfig, LogError, MessageRecord, Position, RecoveredQueue, Recovery,
-    SegmentReader, ShardLog,
+    BinaryId, FsyncPolicy, LogConfig, LogError, MessageRecord, Position, RecoveredQueue, Recovery,
+    SegmentReader, ShardLog, StoredId,
 };
 
 const SEGMENT_BYTES: u64 = 64 * 1024;
@@ -31,18 +30,19 @@ fn body(i: usize) -> Vec<u8> {
 }
 
 fn append(log: &mut ShardLog, destination: &str, i: usize) -> Position {
-    let id = format!("id-{i}");
-    let headers = [
-        Header::new(b"persistent", b"true"),
-        Header::new(b"custom", id.as_bytes()),
-    ];
+    let block = format!("persistent:true\ncustom:id-{i}\n");
     let body = body(i);
     log.append_message(
         &MessageRecord {
             destination: destination.as_bytes(),
-            message_id: id.as_bytes(),
+            id: BinaryId {
+                shard: 0,
+                seq: i as u64,
+            },
             timestamp_ms: 1_000 + i as u64,
-            headers: &headers,
+            header_block: block.as_bytes(),
+            block_plain: true,
+            transient: false,
             body: &body,
         },
         1_000 + i as u64,
@@ -54,7 +54,7 @@ fn ids(queue: &RecoveredQueue) -> Vec<String> {
     queue
         .messages
         .iter()
-        .map(|m| String::from_utf8(m.message_id.clone()).unwrap())
+        .map(|m| format!("id-{}", m.message_id.binary().unwrap().seq))
         .collect()
 }
 
@@ -103,7 +103,10 @@ fn restart_keeps_unacked_messages_in_order_per_queue() {
     // id-0 (the first for /queue/b) is acked, so /queue/a has the oldest pending message.
     assert_eq!(recovery.queues[0].destination, b"/queue/a");
     let m = &queue(&recovery, "/queue/a").messages[0];
-    assert_eq!(m.message_id, b"id-1");
+    assert_eq!(
+        m.message_id,
+        StoredId::Binary(BinaryId { shard: 0, seq: 1 })
+    );
     assert_eq!(m.body, body(1));
     assert_eq!(m.timestamp_ms, 1_001);
     assert_eq!(m.headers[0].name.as_ref(), b"persistent");
@@ -513,9 +516,11 @@ fn a_failed_sync_stops_appends() {
         .append_message(
             &MessageRecord {
                 destination: b"/queue/a",
-                message_id: b"x",
+                id: BinaryId::default(),
                 timestamp_ms: 0,
-                headers: &[],
+                header_block: b"",
+                block_plain: true,
+                transient: false,
                 body: b"",
             },
             0,
@@ -535,9 +540,11 @@ fn a_record_too_large_for_a_segment_is_refused() {
         .append_message(
             &MessageRecord {
                 destination: b"/queue/a",
-                message_id: b"x",
+                id: BinaryId::default(),
                 timestamp_ms: 0,
-                headers: &[],
+                header_block: b"",
+                block_plain: true,
+                transient: false,
                 body: &body,
             },
             0,
@@ -545,13 +552,15 @@ fn a_record_too_large_for_a_segment_is_refused() {
         .unwrap_err();
     assert!(matches!(err, LogError::RecordTooLarge { max_bytes, .. } if max_bytes == max));
     // The largest that fits does fit.
-    let fits = max as usize - 16 - 24 - 8 - 1 - 4;
+    let fits = max as usize - 16 - 32 - 8 - 4;
     log.append_message(
         &MessageRecord {
             destination: b"/queue/a",
-            message_id: b"x",
+            id: BinaryId::default(),
             timestamp_ms: 0,
-            headers: &[],
+            header_block: b"",
+            block_plain: true,
+            transient: false,
             body: &body[..fits],
         },
         0,
@@ -772,4 +781,73 @@ fn a_stray_byte_at_the_end_of_the_segment_is_found_and_cut() {
     assert_eq!(recovery.report.cuts.len(), 1, "{}", recovery.report);
     assert_eq!(recovery.report.cuts[0].bytes, SEGMENT_BYTES - end.offset);
     assert_eq!(ids(queue(&recovery, "/queue/a")), ["id-0"]);
+}
+
+fn append_transient(log: &mut ShardLog, seq: u64, transient: bool) -> Position {
+    let body = vec![b't'; 3000];
+    log.append_message(
+        &MessageRecord {
+            destination: b"/queue/t",
+            id: BinaryId { shard: 0, seq },
+            timestamp_ms: seq,
+            header_block: b"persistent:false\n",
+            block_plain: true,
+            transient,
+            body: &body,
+        },
+        seq,
+    )
+    .expect("append")
+}
+
+/// A transient record (a non-persistent message written only to save memory) is readable while
+/// the log runs, but after a restart it is neither restored nor live, so a segment holding
+/// nothing else is reclaimed at once.
+#[test]
+fn transient_records_do_not_come_back_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = config(tmp.path());
+    config.segment_bytes = 16 * 1024;
+    let (mut log, _) = ShardLog::open(config.clone()).unwrap();
+    let mut transient = Vec::new();
+    while transient.last().map_or(true, |p: &Position| p.segment == 0) {
+        let seq = transient.len() as u64;
+        transient.push(append_transient(&mut log, seq, true));
+    }
+    let kept = append_transient(&mut log, 100, false);
+    assert_eq!(kept.segment, 1);
+    let view = log.read_message(transient[0]).unwrap();
+    assert!(view.is_transient());
+    assert_eq!(view.header_block().0.as_ref(), b"persistent:false\n");
+    // Live while the run lasts: segment 0 is not reclaimed under a paged-out transient message.
+    assert!(log.reclaim().unwrap().is_empty());
+    assert_eq!(log.live_messages(), transient.len() as u64 + 1);
+    // Releasing one writes nothing and stops it counting.
+    let appended = log.appended_upto();
+    log.release(&transient[..1]).unwrap();
+    assert_eq!(log.appended_upto(), appended);
+    assert!(matches!(
+        log.release(&transient[..1]),
+        Err(LogError::NotLive(_))
+    ));
+    log.sync_now().unwrap();
+    drop(log);
+
+    let (log, recovery) = ShardLog::open(config).unwrap();
+    assert!(recovery.report.is_clean(), "{}", recovery.report);
+    assert_eq!(recovery.queues.len(), 1);
+    let messages = &recovery.queues[0].messages;
+    assert_eq!(messages.len(), 1, "only the persistent message");
+    assert_eq!(messages[0].position, kept);
+    assert_eq!(
+        messages[0].message_id,
+        StoredId::Binary(BinaryId { shard: 0, seq: 100 })
+    );
+    assert_eq!(recovery.report.messages_pending, 1);
+    assert_eq!(log.live_messages(), 1);
+    assert_eq!(
+        recovery.report.reclaimed,
+        [0],
+        "nothing live kept the transient records' segment"
+    );
 }

@@ -14,7 +14,9 @@ use stompd::log::format::{
 use stompd::log::inspect::SegmentSummary;
 use stompd::log::segment::{free_file_name, segment_file_name};
 use stompd::log::shard::RECYCLED_CUT_COPY_BYTES_MAX;
-use stompd::log::{LogConfig, MessageRecord, Position, Recovery, ShardInspection, ShardLog};
+use stompd::log::{
+    BinaryId, LogConfig, MessageRecord, Position, Recovery, ShardInspection, ShardLog,
+};
 
 const SEGMENT_BYTES: u64 = 16 * 1024;
 
@@ -36,14 +38,15 @@ fn body(id: u64, len: usize) -> Vec<u8> {
 }
 
 fn append_sized(log: &mut ShardLog, id: u64, body_len: usize) -> Position {
-    let text = format!("id-{id}");
     let body = body(id, body_len);
     log.append_message(
         &MessageRecord {
             destination: b"/queue/a",
-            message_id: text.as_bytes(),
+            id: BinaryId { shard: 0, seq: id },
             timestamp_ms: id,
-            headers: &[],
+            header_block: b"",
+            block_plain: true,
+            transient: false,
             body: &body,
         },
         id,
@@ -60,7 +63,7 @@ fn ids(recovery: &Recovery) -> Vec<String> {
         .queues
         .iter()
         .flat_map(|q| &q.messages)
-        .map(|m| String::from_utf8(m.message_id.clone()).unwrap())
+        .map(|m| format!("id-{}", m.message_id.binary().unwrap().seq))
         .collect()
 }
 
@@ -687,13 +690,14 @@ fn a_stale_record_of_the_same_sequence_never_comes_back_after_two_crashes() {
         ..
     } = recycled_log(tmp.path());
     let len_of = |id: u64, body_len: usize| {
-        let text = format!("id-{id}");
         let body = body(id, body_len);
         RecordRef::Message(MessageRecord {
             destination: b"/queue/a",
-            message_id: text.as_bytes(),
+            id: BinaryId { shard: 0, seq: id },
             timestamp_ms: id,
-            headers: &[],
+            header_block: b"",
+            block_plain: true,
+            transient: false,
             body: &body,
         })
         .encoded_len() as u64

@@ -6,16 +6,17 @@
 use std::path::Path;
 
 use io_uring::{opcode, types, IoUring};
-use stompd::log::{LogConfig, MessageRecord, Position, ShardLog, SyncRequest};
+use stompd::log::{BinaryId, LogConfig, MessageRecord, Position, ShardLog, SyncRequest};
 
 fn append(log: &mut ShardLog, i: u64) -> Position {
-    let id = i.to_string();
     log.append_message(
         &MessageRecord {
             destination: b"/queue/uring",
-            message_id: id.as_bytes(),
+            id: BinaryId { shard: 0, seq: i },
             timestamp_ms: i,
-            headers: &[],
+            header_block: b"",
+            block_plain: true,
+            transient: false,
             body: &[b'u'; 100],
         },
         i,

@@ -344,6 +344,31 @@ impl Message {
         }
     }
 
+    /// Builds a stored message around a header block that is already in [`Message::header_block`]
+    /// form (escaped for STOMP 1.2, broker headers left out), such as the log's version 3
+    /// records hold: copied as is, never unescaped and escaped again.
+    pub fn from_block(
+        id: MessageId,
+        destination: Arc<[u8]>,
+        header_block: &[u8],
+        header_block_plain: bool,
+        body: &[u8],
+        expires_ms: u64,
+        persistent: bool,
+    ) -> Message {
+        Message {
+            id,
+            destination,
+            header_block: header_block.into(),
+            header_block_plain,
+            body: body.into(),
+            expires_ms,
+            persistent,
+            charge: MemoryCharge::none(),
+            stored_at: StoredAt::new(),
+        }
+    }
+
     /// Counts this message against `budget` until it is dropped (replacing any earlier charge).
     pub fn charge_to(&mut self, budget: &'static MemoryBudget) {
         let bytes = Message::charge_bytes(self.body.len(), self.header_block.len());

@@ -14,23 +14,36 @@
 //! every append also writes an end marker (16 zero bytes of framing) right after its record, so
 //! the data of a recycled segment (one whose file held an earlier segment, marked
 //! [`SEGMENT_FLAG_RECYCLED`]) ends exactly there and the leftovers behind it are never read.
+//!
+//! Record layouts follow the segment's format version: a message record in a version 1 or 2
+//! segment stores its id as text and its headers as unescaped entries; from version 3 on it
+//! stores the broker's binary id and the header block exactly as the broker holds it (STOMP 1.2
+//! escapes), so appending and reading back copy bytes and never escape or unescape. A segment
+//! holds records of its own version only: the writer never appends to an older segment.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::codec::Header;
+use crate::codec::escape::{escape_into, unescape};
+use crate::codec::{Escaping, Header};
 
 /// The first eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STOMPDLG";
 /// The format version this build writes. Readers accept every version from
 /// [`FORMAT_VERSION_MIN`] up to this one, as listed in `docs/log-format.md`.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build still reads (and appends to, in its own format).
 pub const FORMAT_VERSION_MIN: u32 = 1;
 /// Segment header flag (version 2 on): the file held an earlier segment before this one, so
 /// bytes after the end of this segment's data are leftovers. The data then ends at the first
 /// end marker (H = 0, B = 0), and nothing after it is examined.
 pub const SEGMENT_FLAG_RECYCLED: u32 = 1;
+/// The first format version with recycled segments (and end markers): a reclaimed segment
+/// file of this version or later may be reused; a version 1 one never is.
+pub const FORMAT_VERSION_RECYCLING: u32 = 2;
+/// The first format version whose message records carry a binary id and the header block as
+/// the broker holds it (see [`MessageRecord`]).
+pub const FORMAT_VERSION_BLOCK: u32 = 3;
 /// Every flag bit a reader of this version knows; a header with another bit set is refused.
 const SEGMENT_FLAGS_KNOWN: u32 = SEGMENT_FLAG_RECYCLED;
 /// Size of the segment header; records start right after it.
@@ -49,9 +62,20 @@ pub const KIND_ACK: u8 = 2;
 /// Record kind byte: messages handed to a consumer for the first time.
 pub const KIND_DELIVERED: u8 = 3;
 
-/// Fixed part of a message record's header part: kind, flags, reserved, header count,
-/// timestamp, destination length, message id length.
+/// Fixed part of a version 1 or 2 message record's header part: kind, flags, reserved, header
+/// count, timestamp, destination length, message id length.
 pub const MESSAGE_FIXED_BYTES: usize = 24;
+/// Fixed part of a version 3 message record's header part: kind, flags, reserved, header block
+/// length, timestamp, destination length, id shard, reserved, id sequence.
+pub const MESSAGE_V3_FIXED_BYTES: usize = 32;
+/// Message record flag (version 3): a non-persistent message written only to save memory.
+/// Recovery treats it as absent (never restored, never live), whatever acks name it.
+pub const MESSAGE_FLAG_TRANSIENT: u8 = 1;
+/// Message record flag (version 3): no header in the block needed an escape, so the block is
+/// valid as is for every STOMP version (`Message::header_block_plain`).
+pub const MESSAGE_FLAG_BLOCK_PLAIN: u8 = 2;
+/// Every message flag bit version 3 knows; a record with another bit set is damaged.
+const MESSAGE_FLAGS_KNOWN: u8 = MESSAGE_FLAG_TRANSIENT | MESSAGE_FLAG_BLOCK_PLAIN;
 /// Fixed part of an ack or delivered record's header part: kind, flags, reserved, count.
 pub const REFS_FIXED_BYTES: usize = 8;
 /// One message reference in an ack or delivered record: segment u64, offset u64.
@@ -207,19 +231,132 @@ pub fn ends_data_at(bytes: &[u8], at: u64) -> bool {
     rest[..rest.len().min(FRAME_BYTES)].iter().all(|&b| b == 0)
 }
 
-/// A message to store: what the broker keeps of a SEND frame.
+/// The broker's message id in binary (`MessageId`: the shard whose session accepted the SEND
+/// and that shard's counter), as a version 3 message record stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BinaryId {
+    pub shard: u16,
+    pub seq: u64,
+}
+
+impl BinaryId {
+    /// The `message-id` text the broker sends for it: `<shard>-<seq>`.
+    pub fn to_text(&self) -> String {
+        format!("{}-{}", self.shard, self.seq)
+    }
+
+    /// Parses `<shard>-<seq>` (the broker's `message-id` text, as version 1 and 2 records of
+    /// this broker hold it); `None` for anything else (an id another tool wrote).
+    pub fn parse_text(text: &[u8]) -> Option<BinaryId> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (shard, seq) = text.split_once('-')?;
+        Some(BinaryId {
+            shard: shard.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// A stored message id: binary from version 3 on, the `message-id` text the writer gave in
+/// versions 1 and 2 (borrowed from the segment, or owned once recovery copies it out).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StoredId<'a> {
+    Binary(BinaryId),
+    Text(Cow<'a, [u8]>),
+}
+
+impl StoredId<'_> {
+    /// The binary id: as stored (version 3), or parsed from text the broker wrote
+    /// (`<shard>-<seq>`, versions 1 and 2); `None` for text in another form.
+    pub fn binary(&self) -> Option<BinaryId> {
+        match self {
+            StoredId::Binary(id) => Some(*id),
+            StoredId::Text(text) => BinaryId::parse_text(text),
+        }
+    }
+
+    /// The id as `message-id` text: as stored, or rendered `<shard>-<seq>`.
+    pub fn text(&self) -> Cow<'_, [u8]> {
+        match self {
+            StoredId::Binary(id) => Cow::Owned(id.to_text().into_bytes()),
+            StoredId::Text(text) => Cow::Borrowed(text),
+        }
+    }
+
+    /// The same id, owning its text.
+    pub fn into_owned(self) -> StoredId<'static> {
+        match self {
+            StoredId::Binary(id) => StoredId::Binary(id),
+            StoredId::Text(text) => StoredId::Text(Cow::Owned(text.into_owned())),
+        }
+    }
+}
+
+/// A message to store: what the broker keeps of a SEND frame. Written as a version 3 record.
 #[derive(Clone, Copy, Debug)]
 pub struct MessageRecord<'a> {
     /// The queue it was sent to.
     pub destination: &'a [u8],
-    /// The `message-id` the broker assigned.
-    pub message_id: &'a [u8],
+    /// The id the broker assigned.
+    pub id: BinaryId,
     /// When the broker accepted it, Unix milliseconds, as given by the caller.
     pub timestamp_ms: u64,
-    /// The SEND headers the broker keeps for the MESSAGE frame (unescaped values).
-    pub headers: &'a [Header<'a>],
+    /// The SEND headers the broker keeps for the MESSAGE frame, as `Message::header_block`
+    /// holds them: `name:value\n` lines with STOMP 1.2 escapes. Stored as is; empty, or ending
+    /// with a newline.
+    pub header_block: &'a [u8],
+    /// No header in the block needed an escape (`Message::header_block_plain`).
+    pub block_plain: bool,
+    /// A non-persistent message written only to free memory: recovery never brings it back
+    /// (see [`MESSAGE_FLAG_TRANSIENT`]).
+    pub transient: bool,
     /// The message body.
     pub body: &'a [u8],
+}
+
+impl MessageRecord<'_> {
+    /// The flags byte of its record.
+    pub fn flags(&self) -> u8 {
+        let mut flags = 0;
+        if self.transient {
+            flags |= MESSAGE_FLAG_TRANSIENT;
+        }
+        if self.block_plain {
+            flags |= MESSAGE_FLAG_BLOCK_PLAIN;
+        }
+        flags
+    }
+}
+
+/// A message in the version 1 and 2 layout (text id, unescaped header entries). This build
+/// never appends one; it exists so that tests and tools can build old-format segments
+/// ([`encode_legacy_message`]).
+#[derive(Clone, Copy, Debug)]
+pub struct LegacyMessageRecord<'a> {
+    pub destination: &'a [u8],
+    pub message_id: &'a [u8],
+    pub timestamp_ms: u64,
+    pub headers: &'a [Header<'a>],
+    pub body: &'a [u8],
+}
+
+impl LegacyMessageRecord<'_> {
+    /// Length of the header part.
+    pub fn header_len(&self) -> usize {
+        MESSAGE_FIXED_BYTES
+            + self.destination.len()
+            + self.message_id.len()
+            + self
+                .headers
+                .iter()
+                .map(|h| HEADER_ENTRY_FIXED_BYTES + h.name.len() + h.value.len())
+                .sum::<usize>()
+    }
+
+    /// Bytes the record takes in a segment, padding included.
+    pub fn encoded_len(&self) -> usize {
+        record_len(self.header_len() as u64, self.body.len() as u64) as usize
+    }
 }
 
 /// A record to append.
@@ -237,13 +374,7 @@ impl RecordRef<'_> {
     pub fn header_len(&self) -> usize {
         match self {
             RecordRef::Message(m) => {
-                MESSAGE_FIXED_BYTES
-                    + m.destination.len()
-                    + m.message_id.len()
-                    + m.headers
-                        .iter()
-                        .map(|h| HEADER_ENTRY_FIXED_BYTES + h.name.len() + h.value.len())
-                        .sum::<usize>()
+                MESSAGE_V3_FIXED_BYTES + m.destination.len() + m.header_block.len()
             }
             RecordRef::Ack(refs) | RecordRef::Delivered(refs) => {
                 REFS_FIXED_BYTES + REF_BYTES * refs.len()
@@ -320,25 +451,22 @@ fn encode(
     let mut at = FRAME_BYTES;
     match record {
         RecordRef::Message(m) => {
-            let header_count =
-                u32::try_from(m.headers.len()).expect("header count fits the u32 field");
+            debug_assert!(
+                m.header_block.last().map_or(true, |&b| b == b'\n'),
+                "a header block ends with a newline"
+            );
             out[at] = KIND_MESSAGE;
-            out[at + 1] = 0;
+            out[at + 1] = m.flags();
             out[at + 2..at + 4].fill(0);
-            out[at + 4..at + 8].copy_from_slice(&header_count.to_le_bytes());
+            put_u32_len(out, at + 4, m.header_block.len());
             out[at + 8..at + 16].copy_from_slice(&m.timestamp_ms.to_le_bytes());
             put_u32_len(out, at + 16, m.destination.len());
-            put_u32_len(out, at + 20, m.message_id.len());
-            at += MESSAGE_FIXED_BYTES;
+            out[at + 20..at + 22].copy_from_slice(&m.id.shard.to_le_bytes());
+            out[at + 22..at + 24].fill(0);
+            out[at + 24..at + 32].copy_from_slice(&m.id.seq.to_le_bytes());
+            at += MESSAGE_V3_FIXED_BYTES;
             at = put_bytes(out, at, m.destination);
-            at = put_bytes(out, at, m.message_id);
-            for h in m.headers {
-                put_u32_len(out, at, h.name.len());
-                put_u32_len(out, at + 4, h.value.len());
-                at += HEADER_ENTRY_FIXED_BYTES;
-                at = put_bytes(out, at, &h.name);
-                at = put_bytes(out, at, &h.value);
-            }
+            at = put_bytes(out, at, m.header_block);
             debug_assert_eq!(at, FRAME_BYTES + header_len);
             at = put_bytes(out, at, m.body);
         }
@@ -359,6 +487,59 @@ fn encode(
             }
         }
     }
+    finish_record(out, segment_sequence, header_len, body_len, at, end_marker)
+}
+
+/// Encodes a message in the version 1 and 2 layout at the start of `out` (no end marker) and
+/// returns its length, padding included. For tests and tools that build segments of those
+/// versions; the log never appends one. Panics as [`encode_record`] does.
+pub fn encode_legacy_message(
+    out: &mut [u8],
+    segment_sequence: u64,
+    m: &LegacyMessageRecord<'_>,
+) -> usize {
+    let header_len = m.header_len();
+    let len = m.encoded_len();
+    assert!(
+        out.len() >= len,
+        "record of {len} bytes into {} bytes",
+        out.len()
+    );
+    let mut at = FRAME_BYTES;
+    let header_count = u32::try_from(m.headers.len()).expect("header count fits the u32 field");
+    out[at] = KIND_MESSAGE;
+    out[at + 1] = 0;
+    out[at + 2..at + 4].fill(0);
+    out[at + 4..at + 8].copy_from_slice(&header_count.to_le_bytes());
+    out[at + 8..at + 16].copy_from_slice(&m.timestamp_ms.to_le_bytes());
+    put_u32_len(out, at + 16, m.destination.len());
+    put_u32_len(out, at + 20, m.message_id.len());
+    at += MESSAGE_FIXED_BYTES;
+    at = put_bytes(out, at, m.destination);
+    at = put_bytes(out, at, m.message_id);
+    for h in m.headers {
+        put_u32_len(out, at, h.name.len());
+        put_u32_len(out, at + 4, h.value.len());
+        at += HEADER_ENTRY_FIXED_BYTES;
+        at = put_bytes(out, at, &h.name);
+        at = put_bytes(out, at, &h.value);
+    }
+    debug_assert_eq!(at, FRAME_BYTES + header_len);
+    at = put_bytes(out, at, m.body);
+    finish_record(out, segment_sequence, header_len, m.body.len(), at, false)
+}
+
+/// Writes the CRC, the padding, the end marker if asked, and the framing last, for a record
+/// whose header part and body end at `at`. Returns its length, padding included.
+fn finish_record(
+    out: &mut [u8],
+    segment_sequence: u64,
+    header_len: usize,
+    body_len: usize,
+    at: usize,
+    end_marker: bool,
+) -> usize {
+    let len = record_len(header_len as u64, body_len as u64) as usize;
     assert_eq!(at, FRAME_BYTES + header_len + body_len);
     let mut frame = [0u8; FRAME_BYTES];
     frame[0..8].copy_from_slice(&(header_len as u64).to_le_bytes());
@@ -392,59 +573,186 @@ fn put_bytes(out: &mut [u8], at: usize, bytes: &[u8]) -> usize {
     at + bytes.len()
 }
 
-/// A decoded message record, borrowing the segment's bytes.
+/// A decoded message record of any format version, borrowing the segment's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MessageView<'a> {
     pub destination: &'a [u8],
-    pub message_id: &'a [u8],
     pub timestamp_ms: u64,
-    header_count: u32,
-    headers_bytes: &'a [u8],
     pub body: &'a [u8],
+    id: IdBytes<'a>,
+    headers: StoredHeaders<'a>,
+    flags: u8,
+}
+
+/// The id as the record holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IdBytes<'a> {
+    Binary(BinaryId),
+    Text(&'a [u8]),
+}
+
+/// A message record's headers as its format version stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredHeaders<'a> {
+    /// Versions 1 and 2: unescaped `(name, value)` entries.
+    Entries(HeaderIter<'a>),
+    /// Version 3: `name:value\n` lines as the broker holds them (STOMP 1.2 escapes unless
+    /// `plain`), ready to splice into a MESSAGE frame.
+    Block { bytes: &'a [u8], plain: bool },
 }
 
 impl<'a> MessageView<'a> {
-    /// The stored STOMP headers, in the order they were appended.
-    pub fn headers(&self) -> HeaderIter<'a> {
-        HeaderIter {
-            bytes: self.headers_bytes,
-            remaining: self.header_count,
+    /// The stored id: binary (version 3) or the text the writer gave (versions 1 and 2).
+    pub fn message_id(&self) -> StoredId<'a> {
+        match self.id {
+            IdBytes::Binary(id) => StoredId::Binary(id),
+            IdBytes::Text(text) => StoredId::Text(Cow::Borrowed(text)),
         }
     }
 
-    /// The `expires` header as Unix milliseconds; 0 when absent or not a number (never).
+    /// The record's flags byte (0 in versions 1 and 2).
+    pub fn flags(&self) -> u8 {
+        self.flags
+    }
+
+    /// A non-persistent message written only to save memory ([`MESSAGE_FLAG_TRANSIENT`]):
+    /// recovery never restores it.
+    pub fn is_transient(&self) -> bool {
+        self.flags & MESSAGE_FLAG_TRANSIENT != 0
+    }
+
+    /// The headers in the form the record stores them.
+    pub fn stored_headers(&self) -> StoredHeaders<'a> {
+        self.headers
+    }
+
+    /// The header block ready to splice into a MESSAGE frame, and whether it is plain (valid
+    /// unescaped for every STOMP version): borrowed as stored in version 3, built by escaping
+    /// the entries for STOMP 1.2 in versions 1 and 2.
+    pub fn header_block(&self) -> (Cow<'a, [u8]>, bool) {
+        match self.headers {
+            StoredHeaders::Block { bytes, plain } => (Cow::Borrowed(bytes), plain),
+            StoredHeaders::Entries(entries) => {
+                let mut block = Vec::new();
+                let mut plain = true;
+                for (name, value) in entries {
+                    let before = block.len();
+                    escape_into(&mut block, name, Escaping::V1_2);
+                    block.push(b':');
+                    escape_into(&mut block, value, Escaping::V1_2);
+                    block.push(b'\n');
+                    plain &= block.len() - before == name.len() + value.len() + 2;
+                }
+                (Cow::Owned(block), plain)
+            }
+        }
+    }
+
+    /// The stored STOMP headers, unescaped, in the order they were appended. Borrowed unless
+    /// a version 3 block needed an escape; a block line without a colon or with a bad escape is
+    /// left out (the broker never writes one).
+    pub fn headers(&self) -> Headers<'a> {
+        match self.headers {
+            StoredHeaders::Entries(entries) => Headers::Entries(entries),
+            StoredHeaders::Block { bytes, plain } => Headers::Block {
+                lines: bytes,
+                escaping: if plain {
+                    Escaping::None
+                } else {
+                    Escaping::V1_2
+                },
+            },
+        }
+    }
+
+    /// The `expires` header as Unix milliseconds; 0 when absent or not a number (never). The
+    /// first `expires` header counts, as on a SEND.
     pub fn expires_ms(&self) -> u64 {
-        self.headers()
-            .find(|(name, _)| *name == b"expires")
-            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.trim().parse().ok())
+        let value = match self.headers {
+            StoredHeaders::Entries(mut entries) => entries
+                .find(|(name, _)| *name == b"expires")
+                .map(|(_, value)| value),
+            // "expires" needs no escape, so its line starts so in any block.
+            StoredHeaders::Block { bytes, .. } => bytes
+                .split(|&b| b == b'\n')
+                .find_map(|line| line.strip_prefix(b"expires:")),
+        };
+        value
+            .and_then(|value| std::str::from_utf8(value).ok()?.trim().parse().ok())
             .unwrap_or(0)
     }
 
-    /// Bytes of the destination and the headers as `name:value` lines, unescaped: close to
-    /// what a MESSAGE frame carries besides the body.
+    /// Bytes of the destination and the headers as `name:value` lines (unescaped in versions 1
+    /// and 2, the block as stored in version 3, as `Paged::of` counts it): close to what a
+    /// MESSAGE frame carries besides the body.
     pub fn head_bytes(&self) -> usize {
-        let lines: usize = self.headers().map(|(n, v)| n.len() + v.len() + 2).sum();
+        let lines: usize = match self.headers {
+            StoredHeaders::Entries(entries) => entries.map(|(n, v)| n.len() + v.len() + 2).sum(),
+            StoredHeaders::Block { bytes, .. } => bytes.len(),
+        };
         self.destination.len() + lines
     }
 
-    /// Number of stored headers.
+    /// Number of stored headers (lines of a version 3 block).
     pub fn header_count(&self) -> usize {
-        self.header_count as usize
+        match self.headers {
+            StoredHeaders::Entries(entries) => entries.remaining as usize,
+            StoredHeaders::Block { bytes, .. } => memchr::memchr_iter(b'\n', bytes).count(),
+        }
     }
 
-    /// The stored headers as owned codec headers, for a message that outlives the map.
+    /// The stored headers as owned codec headers, unescaped, for a message that outlives the
+    /// map.
     pub fn headers_owned(&self) -> Vec<Header<'static>> {
         self.headers()
             .map(|(n, v)| Header {
-                name: Cow::Owned(n.to_vec()),
-                value: Cow::Owned(v.to_vec()),
+                name: Cow::Owned(n.into_owned()),
+                value: Cow::Owned(v.into_owned()),
             })
             .collect()
     }
 }
 
-/// Iterates the headers of a [`MessageView`]; the layout was checked when it was decoded.
+/// Iterates the headers of a [`MessageView`], unescaped, whatever the record's version.
 #[derive(Clone, Debug)]
+pub enum Headers<'a> {
+    Entries(HeaderIter<'a>),
+    Block { lines: &'a [u8], escaping: Escaping },
+}
+
+impl<'a> Iterator for Headers<'a> {
+    type Item = (Cow<'a, [u8]>, Cow<'a, [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Headers::Entries(entries) => entries
+                .next()
+                .map(|(n, v)| (Cow::Borrowed(n), Cow::Borrowed(v))),
+            Headers::Block { lines, escaping } => loop {
+                if lines.is_empty() {
+                    return None;
+                }
+                let end = memchr::memchr(b'\n', lines).unwrap_or(lines.len());
+                let line = &lines[..end];
+                *lines = &lines[(end + 1).min(lines.len())..];
+                // In an escaped block the first raw ':' is the separator.
+                let Some(colon) = memchr::memchr(b':', line) else {
+                    continue;
+                };
+                if let (Ok(name), Ok(value)) = (
+                    unescape(&line[..colon], *escaping, 0),
+                    unescape(&line[colon + 1..], *escaping, 0),
+                ) {
+                    return Some((name, value));
+                }
+            },
+        }
+    }
+}
+
+/// Iterates the header entries of a version 1 or 2 message record; the layout was checked when
+/// it was decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeaderIter<'a> {
     bytes: &'a [u8],
     remaining: u32,
@@ -514,8 +822,15 @@ pub enum Decoded<'a> {
     Corrupt { len: usize, error: FormatError },
 }
 
-/// Decodes the record at the start of `bytes`, which runs to the end of the segment.
+/// Decodes the record at the start of `bytes`, which runs to the end of a segment of the
+/// current format version ([`FORMAT_VERSION`]), the only version the log appends.
 pub fn decode_record(bytes: &[u8], segment_sequence: u64) -> Decoded<'_> {
+    decode_record_as(bytes, segment_sequence, FORMAT_VERSION)
+}
+
+/// Decodes the record at the start of `bytes`, which runs to the end of a segment written in
+/// `format_version` (from its header): message records are laid out as that version says.
+pub fn decode_record_as(bytes: &[u8], segment_sequence: u64, format_version: u32) -> Decoded<'_> {
     if bytes.len() < FRAME_BYTES {
         // Too short to hold framing: zeros mean the end, anything else is a torn tail.
         return if bytes.iter().all(|&b| b == 0) {
@@ -558,6 +873,7 @@ pub fn decode_record(bytes: &[u8], segment_sequence: u64) -> Decoded<'_> {
     match parse_header_part(
         &bytes[FRAME_BYTES..header_end],
         &bytes[header_end..body_end],
+        format_version,
     ) {
         Ok(record) => {
             // The second half of the assert pair in `encode_record`: what was read is exactly
@@ -569,9 +885,22 @@ pub fn decode_record(bytes: &[u8], segment_sequence: u64) -> Decoded<'_> {
     }
 }
 
-fn parse_header_part<'a>(part: &'a [u8], body: &'a [u8]) -> Result<RecordView<'a>, FormatError> {
+fn parse_header_part<'a>(
+    part: &'a [u8],
+    body: &'a [u8],
+    format_version: u32,
+) -> Result<RecordView<'a>, FormatError> {
     let kind = part[0];
-    if part[1] != 0 {
+    if !matches!(kind, KIND_MESSAGE | KIND_ACK | KIND_DELIVERED) {
+        return Err(FormatError::UnknownKind { kind });
+    }
+    let flags = part[1];
+    let known_flags = if kind == KIND_MESSAGE && format_version >= FORMAT_VERSION_BLOCK {
+        MESSAGE_FLAGS_KNOWN
+    } else {
+        0
+    };
+    if flags & !known_flags != 0 {
         return Err(FormatError::BadField {
             field: "flags",
             offset: 1,
@@ -585,6 +914,9 @@ fn parse_header_part<'a>(part: &'a [u8], body: &'a [u8]) -> Result<RecordView<'a
     }
     let count = u32_at(part, 4) as usize;
     match kind {
+        KIND_MESSAGE if format_version >= FORMAT_VERSION_BLOCK => {
+            parse_message_v3(part, body, flags, count)
+        }
         KIND_MESSAGE => {
             if part.len() < MESSAGE_FIXED_BYTES {
                 return Err(FormatError::BadField {
@@ -614,11 +946,14 @@ fn parse_header_part<'a>(part: &'a [u8], body: &'a [u8]) -> Result<RecordView<'a
             }
             Ok(RecordView::Message(MessageView {
                 destination,
-                message_id,
                 timestamp_ms,
-                header_count: count as u32,
-                headers_bytes: &part[headers_start..],
                 body,
+                id: IdBytes::Text(message_id),
+                headers: StoredHeaders::Entries(HeaderIter {
+                    bytes: &part[headers_start..],
+                    remaining: count as u32,
+                }),
+                flags: 0,
             }))
         }
         KIND_ACK | KIND_DELIVERED => {
@@ -646,6 +981,63 @@ fn parse_header_part<'a>(part: &'a [u8], body: &'a [u8]) -> Result<RecordView<'a
         }
         kind => Err(FormatError::UnknownKind { kind }),
     }
+}
+
+/// A version 3 message header part (`block_len` is the u32 at offset 4): fixed fields, the
+/// destination, then the header block, ending exactly at the end of the part.
+fn parse_message_v3<'a>(
+    part: &'a [u8],
+    body: &'a [u8],
+    flags: u8,
+    block_len: usize,
+) -> Result<RecordView<'a>, FormatError> {
+    if part.len() < MESSAGE_V3_FIXED_BYTES {
+        return Err(FormatError::BadField {
+            field: "message header part",
+            offset: 0,
+        });
+    }
+    if part[22..24] != [0, 0] {
+        return Err(FormatError::BadField {
+            field: "reserved",
+            offset: 22,
+        });
+    }
+    let timestamp_ms = u64_at(part, 8);
+    let destination_len = u32_at(part, 16) as usize;
+    let id = BinaryId {
+        shard: u16::from_le_bytes([part[20], part[21]]),
+        seq: u64_at(part, 24),
+    };
+    let mut at = MESSAGE_V3_FIXED_BYTES;
+    let destination = take(part, &mut at, destination_len, "destination")?;
+    let block_at = at;
+    let block = take(part, &mut at, block_len, "header block")?;
+    if at != part.len() {
+        return Err(FormatError::BadField {
+            field: "message header part length",
+            offset: at,
+        });
+    }
+    // Spliced into MESSAGE frames as is: a block that does not end its last line would run
+    // into the next header.
+    if block.last().is_some_and(|&b| b != b'\n') {
+        return Err(FormatError::BadField {
+            field: "header block end",
+            offset: block_at,
+        });
+    }
+    Ok(RecordView::Message(MessageView {
+        destination,
+        timestamp_ms,
+        body,
+        id: IdBytes::Binary(id),
+        headers: StoredHeaders::Block {
+            bytes: block,
+            plain: flags & MESSAGE_FLAG_BLOCK_PLAIN != 0,
+        },
+        flags,
+    }))
 }
 
 fn take<'a>(
@@ -689,16 +1081,28 @@ pub enum ScanItem<'a> {
 pub struct SegmentScan<'a> {
     bytes: &'a [u8],
     sequence: u64,
+    format_version: u32,
     offset: usize,
     done: bool,
 }
 
 impl<'a> SegmentScan<'a> {
-    /// Scans `bytes` (a whole segment) from the first record on.
+    /// Scans `bytes` (a whole segment) from the first record on, reading records in the format
+    /// version its header names; bytes without a valid header (a test's or a fuzzer's) are read
+    /// in the current version.
     pub fn new(bytes: &'a [u8], sequence: u64) -> SegmentScan<'a> {
+        let format_version = SegmentHeader::decode(bytes)
+            .map(|header| header.format_version)
+            .unwrap_or(FORMAT_VERSION);
+        SegmentScan::with_version(bytes, sequence, format_version)
+    }
+
+    /// Scans `bytes` (a whole segment) whose records are in `format_version`.
+    pub fn with_version(bytes: &'a [u8], sequence: u64, format_version: u32) -> SegmentScan<'a> {
         SegmentScan {
             bytes,
             sequence,
+            format_version,
             offset: SEGMENT_HEADER_BYTES.min(bytes.len()),
             done: false,
         }
@@ -718,7 +1122,11 @@ impl<'a> Iterator for SegmentScan<'a> {
             return None;
         }
         let offset = self.offset as u64;
-        match decode_record(&self.bytes[self.offset..], self.sequence) {
+        match decode_record_as(
+            &self.bytes[self.offset..],
+            self.sequence,
+            self.format_version,
+        ) {
             Decoded::End => {
                 self.done = true;
                 None
@@ -760,12 +1168,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn message<'a>(headers: &'a [Header<'a>], body: &'a [u8]) -> RecordRef<'a> {
+    fn message<'a>(header_block: &'a [u8], body: &'a [u8]) -> RecordRef<'a> {
         RecordRef::Message(MessageRecord {
             destination: b"/queue/a",
-            message_id: b"m-1",
+            id: BinaryId { shard: 1, seq: 7 },
             timestamp_ms: 1_700_000_000_000,
-            headers,
+            header_block,
+            block_plain: !header_block.contains(&b'\\'),
+            transient: false,
             body,
         })
     }
@@ -861,12 +1271,89 @@ mod tests {
         }
     }
 
+    /// The version 3 message record of docs/log-format.md ("Kind 1: message, version 3"), byte
+    /// by byte.
     #[test]
     fn message_layout_is_exactly_as_documented() {
-        let headers = [Header::new(b"persistent", b"true")];
-        let record = message(&headers, b"hi");
+        let record = message(b"persistent:true\n", b"hi");
         let mut out = vec![0xAAu8; 256];
         let len = encode_record(&mut out, 7, &record);
+        let header_len = 32 + 8 + 16;
+        assert_eq!(
+            u64::from_le_bytes(out[0..8].try_into().unwrap()),
+            header_len as u64
+        );
+        assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), 2);
+        assert_eq!(out[16], KIND_MESSAGE);
+        assert_eq!(out[17], MESSAGE_FLAG_BLOCK_PLAIN);
+        assert_eq!(&out[18..20], &[0, 0]);
+        assert_eq!(u32::from_le_bytes(out[20..24].try_into().unwrap()), 16);
+        assert_eq!(
+            u64::from_le_bytes(out[24..32].try_into().unwrap()),
+            1_700_000_000_000
+        );
+        assert_eq!(u32::from_le_bytes(out[32..36].try_into().unwrap()), 8);
+        assert_eq!(u16::from_le_bytes(out[36..38].try_into().unwrap()), 1);
+        assert_eq!(&out[38..40], &[0, 0]);
+        assert_eq!(u64::from_le_bytes(out[40..48].try_into().unwrap()), 7);
+        assert_eq!(&out[48..56], b"/queue/a");
+        assert_eq!(&out[56..72], b"persistent:true\n");
+        assert_eq!(&out[72..74], b"hi");
+        let body_end = 16 + header_len + 2;
+        assert_eq!(body_end, 74);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&7u64.to_le_bytes());
+        crc.update(&out[..body_end]);
+        assert_eq!(
+            u32::from_le_bytes(out[74..78].try_into().unwrap()),
+            crc.finalize()
+        );
+        assert_eq!(len, 80, "78 bytes padded to a multiple of 8");
+        assert_eq!(&out[78..80], &[0, 0], "padding is zero");
+        assert_eq!(out[80], 0xAA, "nothing written past the record");
+
+        let Decoded::Record {
+            record: RecordView::Message(m),
+            len: 80,
+        } = decode_record(&out, 7)
+        else {
+            panic!("{:?}", decode_record(&out, 7));
+        };
+        assert_eq!(
+            m.message_id(),
+            StoredId::Binary(BinaryId { shard: 1, seq: 7 })
+        );
+        assert_eq!(m.message_id().text(), &b"1-7"[..]);
+        assert_eq!(
+            m.stored_headers(),
+            StoredHeaders::Block {
+                bytes: b"persistent:true\n",
+                plain: true
+            }
+        );
+        assert!(!m.is_transient());
+        assert_eq!(m.head_bytes(), 8 + 16);
+        // The same bytes in a version 2 segment are not a version 1/2 message record.
+        assert!(matches!(
+            decode_record_as(&out, 7, 2),
+            Decoded::Corrupt { .. }
+        ));
+    }
+
+    /// The version 1 and 2 message record, as the fixtures hold it; still decoded in segments
+    /// of those versions.
+    #[test]
+    fn legacy_message_layout_is_exactly_as_documented() {
+        let headers = [Header::new(b"persistent", b"true")];
+        let record = LegacyMessageRecord {
+            destination: b"/queue/a",
+            message_id: b"m-1",
+            timestamp_ms: 1_700_000_000_000,
+            headers: &headers,
+            body: b"hi",
+        };
+        let mut out = vec![0xAAu8; 256];
+        let len = encode_legacy_message(&mut out, 7, &record);
         let header_len = 24 + 8 + 3 + (8 + 10 + 4);
         assert_eq!(
             u64::from_le_bytes(out[0..8].try_into().unwrap()),
@@ -901,13 +1388,99 @@ mod tests {
         assert_eq!(len, 80, "79 bytes padded to a multiple of 8");
         assert_eq!(out[79], 0, "padding is zero");
         assert_eq!(out[80], 0xAA, "nothing written past the record");
+        for version in [1, 2] {
+            let Decoded::Record {
+                record: RecordView::Message(m),
+                ..
+            } = decode_record_as(&out, 7, version)
+            else {
+                panic!("version {version}");
+            };
+            assert_eq!(m.message_id(), StoredId::Text(Cow::Borrowed(b"m-1")));
+            assert_eq!(m.message_id().binary(), None);
+            assert_eq!(
+                m.header_block(),
+                (Cow::Borrowed(&b"persistent:true\n"[..]), true)
+            );
+            assert_eq!(m.flags(), 0);
+        }
+    }
+
+    /// Version 3 readers of the block: `expires` from its line, escapes undone by `headers`,
+    /// the transient flag.
+    #[test]
+    fn a_v3_block_gives_expires_headers_and_flags() {
+        let block = b"k:a\\r\\nb\\cc\nexpires:1700000000123\nexpires:5\nplain:v\n";
+        let record = RecordRef::Message(MessageRecord {
+            destination: b"/queue/a",
+            id: BinaryId { shard: 0, seq: 1 },
+            timestamp_ms: 0,
+            header_block: block,
+            block_plain: false,
+            transient: true,
+            body: b"",
+        });
+        let bytes = segment_with(&[record], 3);
+        let Decoded::Record {
+            record: RecordView::Message(m),
+            ..
+        } = decode_record(&bytes[64..], 3)
+        else {
+            panic!();
+        };
+        assert!(m.is_transient());
+        assert_eq!(m.flags(), MESSAGE_FLAG_TRANSIENT);
+        assert_eq!(
+            m.expires_ms(),
+            1_700_000_000_123,
+            "the first expires counts"
+        );
+        assert_eq!(m.header_count(), 4);
+        let headers: Vec<(Vec<u8>, Vec<u8>)> = m
+            .headers()
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
+        assert_eq!(headers[0], (b"k".to_vec(), b"a\r\nb:c".to_vec()));
+        assert_eq!(headers[3], (b"plain".to_vec(), b"v".to_vec()));
+        assert_eq!(m.header_block(), (Cow::Borrowed(&block[..]), false));
+    }
+
+    /// Flag bits version 3 does not know, and a block that does not end its last line, are
+    /// damage even under a good CRC.
+    #[test]
+    fn unknown_message_flags_and_an_unended_block_are_corrupt() {
+        for (flags, block, field) in [
+            (4u8, &b"a:b\n"[..], "flags"),
+            (0x80, b"", "flags"),
+            (0, b"a:b", "header block end"),
+        ] {
+            let record = message(b"a:b\n", b"");
+            let mut bytes = segment_with(&[record], 0);
+            let rec = &mut bytes[64..];
+            rec[17] = flags;
+            if block.len() == 3 {
+                // Same length, last byte not a newline.
+                rec[16 + 32 + 8 + 3] = b'x';
+            }
+            let header_len = u64::from_le_bytes(rec[0..8].try_into().unwrap()) as usize;
+            let body_end = 16 + header_len;
+            let crc = record_crc(0, &rec[..body_end]);
+            rec[body_end..body_end + 4].copy_from_slice(&crc.to_le_bytes());
+            match decode_record(rec, 0) {
+                Decoded::Corrupt {
+                    error: FormatError::BadField { field: f, .. },
+                    ..
+                } => assert_eq!(f, field),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     /// From version 2 on the writer ends the data after every record: 16 zero bytes right
     /// after it (fewer at the segment's end), written over whatever the file held before.
     #[test]
     fn the_end_marker_follows_the_record_as_far_as_it_fits() {
-        let record = message(&[], b"hi");
+        let record = message(b"", b"hi");
         let len = record.encoded_len();
         let mut out = vec![0xAAu8; len + 40];
         assert_eq!(encode_record_with_end_marker(&mut out, 7, &record), len);
@@ -953,7 +1526,7 @@ mod tests {
 
     #[test]
     fn a_record_only_validates_in_its_own_segment() {
-        let bytes = segment_with(&[message(&[], b"x")], 5);
+        let bytes = segment_with(&[message(b"", b"x")], 5);
         assert!(matches!(
             decode_record(&bytes[64..], 5),
             Decoded::Record { .. }
@@ -991,8 +1564,8 @@ mod tests {
 
     #[test]
     fn scan_skips_a_damaged_record_and_keeps_the_next() {
-        let mut bytes = segment_with(&[message(&[], b"one"), message(&[], b"two")], 1);
-        bytes[64 + 40] ^= 0x10; // inside the first record's destination
+        let mut bytes = segment_with(&[message(b"", b"one"), message(b"", b"two")], 1);
+        bytes[64 + 50] ^= 0x10; // inside the first record's destination
         let items: Vec<_> = SegmentScan::new(&bytes, 1).collect();
         assert_eq!(items.len(), 2);
         assert!(matches!(items[0], ScanItem::Corrupt { offset: 64, .. }));
@@ -1007,8 +1580,8 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_nonzero_reserved_bytes_are_corrupt_even_with_a_good_crc() {
-        for (at, value, expected_kind) in [(16usize, 9u8, true), (17, 1, false), (18, 1, false)] {
-            let mut bytes = segment_with(&[message(&[], b"x")], 0);
+        for (at, value, expected_kind) in [(16usize, 9u8, true), (17, 8, false), (18, 1, false)] {
+            let mut bytes = segment_with(&[message(b"", b"x")], 0);
             let rec = &mut bytes[64..];
             rec[at] = value;
             let header_len = u64::from_le_bytes(rec[0..8].try_into().unwrap()) as usize;
@@ -1054,23 +1627,39 @@ mod tests {
         )
     }
 
+    /// A header block as `Message::from_send` builds one: lines escaped for STOMP 1.2.
+    fn block_of(headers: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, bool) {
+        let mut block = Vec::new();
+        for (name, value) in headers {
+            escape_into(&mut block, name, Escaping::V1_2);
+            block.push(b':');
+            escape_into(&mut block, value, Escaping::V1_2);
+            block.push(b'\n');
+        }
+        let plain = !block.contains(&b'\\');
+        (block, plain)
+    }
+
     proptest! {
         #[test]
         fn messages_round_trip(
             destination in proptest::collection::vec(any::<u8>(), 0..50),
-            message_id in proptest::collection::vec(any::<u8>(), 0..30),
+            shard in any::<u16>(),
+            seq in any::<u64>(),
             timestamp_ms in any::<u64>(),
             headers in proptest::collection::vec(arb_header(), 0..8),
+            transient in any::<bool>(),
             body in proptest::collection::vec(any::<u8>(), 0..300),
             sequence in any::<u64>(),
         ) {
-            let headers: Vec<Header<'_>> =
-                headers.iter().map(|(n, v)| Header::new(n, v)).collect();
+            let (block, plain) = block_of(&headers);
             let record = RecordRef::Message(MessageRecord {
                 destination: &destination,
-                message_id: &message_id,
+                id: BinaryId { shard, seq },
                 timestamp_ms,
-                headers: &headers,
+                header_block: &block,
+                block_plain: plain,
+                transient,
                 body: &body,
             });
             let mut out = vec![0u8; record.encoded_len() + 32];
@@ -1081,17 +1670,67 @@ mod tests {
                 Decoded::Record { record: RecordView::Message(m), len: read } => {
                     prop_assert_eq!(read, len);
                     prop_assert_eq!(m.destination, &destination[..]);
-                    prop_assert_eq!(m.message_id, &message_id[..]);
+                    prop_assert_eq!(m.message_id(), StoredId::Binary(BinaryId { shard, seq }));
                     prop_assert_eq!(m.timestamp_ms, timestamp_ms);
                     prop_assert_eq!(m.body, &body[..]);
-                    let read_headers: Vec<_> = m.headers().collect();
-                    let expected: Vec<_> =
-                        headers.iter().map(|h| (&h.name[..], &h.value[..])).collect();
-                    prop_assert_eq!(read_headers, expected);
+                    prop_assert_eq!(m.is_transient(), transient);
+                    prop_assert_eq!(m.header_block(), (Cow::Borrowed(&block[..]), plain));
+                    prop_assert_eq!(m.head_bytes(), destination.len() + block.len());
+                    // The block's lines unescape to the headers sent (a name with a raw colon
+                    // is escaped, so the first raw colon still separates).
+                    let read_headers: Vec<(Vec<u8>, Vec<u8>)> = m
+                        .headers()
+                        .map(|(n, v)| (n.into_owned(), v.into_owned()))
+                        .collect();
+                    prop_assert_eq!(read_headers, headers);
                 }
                 other => prop_assert!(false, "{:?}", other),
             }
             prop_assert_eq!(decode_record(&out[len..], sequence), Decoded::End);
+        }
+
+        /// Version 1 and 2 message records still decode in segments of those versions, and
+        /// their entries escape to the block `Message::from_send` would build.
+        #[test]
+        fn legacy_messages_round_trip(
+            destination in proptest::collection::vec(any::<u8>(), 0..50),
+            message_id in proptest::collection::vec(any::<u8>(), 0..30),
+            timestamp_ms in any::<u64>(),
+            headers in proptest::collection::vec(arb_header(), 0..8),
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+            sequence in any::<u64>(),
+            version in 1u32..=2,
+        ) {
+            let entries: Vec<Header<'_>> =
+                headers.iter().map(|(n, v)| Header::new(n, v)).collect();
+            let record = LegacyMessageRecord {
+                destination: &destination,
+                message_id: &message_id,
+                timestamp_ms,
+                headers: &entries,
+                body: &body,
+            };
+            let mut out = vec![0u8; record.encoded_len() + 32];
+            let len = encode_legacy_message(&mut out, sequence, &record);
+            prop_assert_eq!(len, record.encoded_len());
+            match decode_record_as(&out, sequence, version) {
+                Decoded::Record { record: RecordView::Message(m), len: read } => {
+                    prop_assert_eq!(read, len);
+                    prop_assert_eq!(m.destination, &destination[..]);
+                    prop_assert_eq!(m.message_id(), StoredId::Text(Cow::Borrowed(&message_id[..])));
+                    prop_assert_eq!(m.timestamp_ms, timestamp_ms);
+                    prop_assert_eq!(m.body, &body[..]);
+                    prop_assert!(!m.is_transient());
+                    let read_headers: Vec<(Vec<u8>, Vec<u8>)> = m
+                        .headers()
+                        .map(|(n, v)| (n.into_owned(), v.into_owned()))
+                        .collect();
+                    prop_assert_eq!(&read_headers, &headers);
+                    let (block, plain) = block_of(&headers);
+                    prop_assert_eq!(m.header_block(), (Cow::Owned(block), plain));
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
         }
 
         #[test]
@@ -1122,11 +1761,11 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..200),
             bit in any::<proptest::sample::Index>(),
         ) {
-            let headers = [Header::new(b"k", b"v")];
-            let bytes = segment_with(&[message(&headers, &body)], 11);
-            let len = message(&headers, &body).encoded_len();
+            let headers = b"k:v\n";
+            let bytes = segment_with(&[message(headers, &body)], 11);
+            let len = message(headers, &body).encoded_len();
             // Padding bytes are not covered by the CRC; flip only covered bits.
-            let covered = FRAME_BYTES + message(&headers, &body).header_len() + body.len() + CRC_BYTES;
+            let covered = FRAME_BYTES + message(headers, &body).header_len() + body.len() + CRC_BYTES;
             prop_assert!(covered <= len);
             let bit = bit.index(covered * 8);
             let mut damaged = bytes.clone();

@@ -375,8 +375,9 @@ impl ShardInspection {
         }
         let mut pending: HashMap<u64, u64> = HashMap::new();
         for record in inspection.records() {
-            if matches!(record.record, RecordView::Message(_)) && !acked.contains(&record.position)
-            {
+            // As recovery: a transient message never comes back, so it keeps nothing.
+            let restorable = matches!(record.record, RecordView::Message(m) if !m.is_transient());
+            if restorable && !acked.contains(&record.position) {
                 *pending.entry(record.position.segment).or_insert(0) += 1;
             }
         }

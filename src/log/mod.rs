@@ -23,7 +23,9 @@ pub mod shard;
 pub mod testing;
 
 pub use error::LogError;
-pub use format::{FormatError, MessageRecord, Position, RecordView, FORMAT_VERSION};
+pub use format::{
+    BinaryId, FormatError, MessageRecord, Position, RecordView, StoredId, FORMAT_VERSION,
+};
 pub use inspect::{list_shards, ShardInspection};
 pub use policy::FsyncPolicy;
 pub use segment::{list_segments, SegmentReader};

@@ -116,8 +116,9 @@ pub struct Segment {
     pending: Vec<u8>,
     /// File offset of `pending[0]`.
     pending_at: u64,
-    /// Format version of the header (1 for a segment written by an older build, which is never
-    /// recycled); 0 until recovery has read the header of an existing segment.
+    /// Format version of the header, which its records follow (1 or 2 for a segment written by
+    /// an older build, which is never appended to; a version 1 one is never recycled either);
+    /// 0 until recovery has read the header of an existing segment.
     format_version: u32,
 }
 
@@ -381,6 +382,10 @@ impl Segment {
             "record does not fit: caller must roll"
         );
         assert!(self.map.is_some(), "appending to a sealed segment");
+        debug_assert_eq!(
+            self.format_version, FORMAT_VERSION,
+            "records are appended in the segment's own version only"
+        );
         if self.pending.is_empty() {
             self.pending_at = offset;
         }
@@ -602,13 +607,15 @@ impl SegmentReader {
         }
     }
 
-    /// The records of the segment (none if its header is bad).
+    /// The records of the segment, read in its header's format version (none if its header is
+    /// bad).
     pub fn scan(&self) -> SegmentScan<'_> {
-        let bytes = match (&self.header, &self.map) {
-            (Ok(_), Some(map)) => &map[..],
-            _ => &[],
-        };
-        SegmentScan::new(bytes, self.sequence)
+        match (&self.header, &self.map) {
+            (Ok(header), Some(map)) => {
+                SegmentScan::with_version(&map[..], self.sequence, header.format_version)
+            }
+            _ => SegmentScan::new(&[], self.sequence),
+        }
     }
 }
 

@@ -16,8 +16,8 @@
 //!   segment prepared ahead has the next sequence number; on disk it is an empty segment (an
 //!   end marker right after its header), which recovery simply takes as the active one.
 //! - At most one reclaimed segment file is kept for reuse (`free`, named `<sequence>.seg.free`,
-//!   a name recovery never reads as a segment and deletes). Only a segment in this build's
-//!   format and of the configured size is kept. It is reused only for a higher sequence number
+//!   a name recovery never reads as a segment and deletes). Only a segment of format version 2
+//!   or later (which knows recycling) and of the configured size is kept. It is reused only for a higher sequence number
 //!   than the one it held, differing from it in the low 32 bits only, so its leftover records
 //!   can never validate (the record CRC is seeded with the sequence; see
 //!   `stale_records_cannot_validate`), and it gets its final name only after its new header is
@@ -42,9 +42,10 @@ use smallvec::SmallVec;
 
 use super::error::LogError;
 use super::format::{
-    decode_record, ends_data_at, Decoded, FormatError, MessageRecord, MessageView, Position,
-    RecordRef, RecordView, ScanItem, SegmentHeader, SegmentScan, FORMAT_VERSION, FRAME_BYTES,
-    REFS_FIXED_BYTES, REF_BYTES, SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
+    decode_record_as, ends_data_at, Decoded, FormatError, MessageRecord, MessageView, Position,
+    RecordRef, RecordView, ScanItem, SegmentHeader, SegmentScan, StoredId, FORMAT_VERSION,
+    FORMAT_VERSION_RECYCLING, FRAME_BYTES, REFS_FIXED_BYTES, REF_BYTES, SEGMENT_FLAG_RECYCLED,
+    SEGMENT_HEADER_BYTES,
 };
 use super::policy::FsyncPolicy;
 use super::segment::{
@@ -161,7 +162,8 @@ pub struct SyncRequest {
 pub struct RecoveredMessage {
     /// Its identity in the log: pass it to `ack` when it is done.
     pub position: Position,
-    pub message_id: Vec<u8>,
+    /// Binary from format version 3 on; the text the writer gave in versions 1 and 2.
+    pub message_id: StoredId<'static>,
     pub timestamp_ms: u64,
     pub headers: Vec<Header<'static>>,
     pub body: Vec<u8>,
@@ -437,8 +439,9 @@ pub struct ShardLog {
     /// A reclaimed segment file kept for reuse by the next `create_segment`: the sequence it
     /// held and its path (`<sequence>.seg.free`). At most one; see the module invariants.
     free: Option<(u64, PathBuf)>,
-    /// The active segment is a recycled one found at recovery: it is never appended to again
-    /// (see the module invariants), so the first append rolls to a new segment. It stays the
+    /// The active segment is a recycled one found at recovery, or one of an older format
+    /// version: it is never appended to again (see the module invariants), so the first append
+    /// rolls to a new segment. It stays the
     /// active segment until then, so that it is not reclaimed and sequence numbers never repeat.
     active_closed: bool,
     /// A sync failed: durability can no longer be promised.
@@ -475,7 +478,7 @@ impl ShardLog {
                 });
             queues[index].messages.push(RecoveredMessage {
                 position: pending.position,
-                message_id: m.message_id.to_vec(),
+                message_id: m.message_id().into_owned(),
                 timestamp_ms: m.timestamp_ms,
                 headers: m.headers_owned(),
                 body: m.body.to_vec(),
@@ -530,6 +533,7 @@ impl ShardLog {
         let deliveries = std::mem::take(&mut self.recovered_deliveries);
         for (&sequence, state) in self.segments.iter_mut() {
             let SegmentState { segment, live, .. } = state;
+            let format_version = segment.format_version();
             let bytes = segment.record_bytes(0)?;
             for offset in live.offsets() {
                 let position = Position {
@@ -539,7 +543,7 @@ impl ShardLog {
                 let Some(record) = bytes.get(offset as usize..) else {
                     return Err(LogError::Unreadable(position, "past the segment".into()));
                 };
-                let view = match decode_record(record, sequence) {
+                let view = match decode_record_as(record, sequence, format_version) {
                     Decoded::Record {
                         record: RecordView::Message(view),
                         ..
@@ -573,6 +577,10 @@ impl ShardLog {
         live_messages: u64,
     ) -> ShardLog {
         let active = states.keys().next_back().copied();
+        // A segment holds records of its own version only, so one of an older version is
+        // never appended to: the first append rolls, like after a recycled last segment.
+        let active_older = active
+            .is_some_and(|sequence| states[&sequence].segment.format_version() < FORMAT_VERSION);
         for (&sequence, state) in states.iter_mut() {
             if Some(sequence) != active {
                 state.segment.seal();
@@ -604,7 +612,7 @@ impl ShardLog {
             dir_dirty: false,
             free: None,
             recovered_deliveries: FxHashMap::default(),
-            active_closed: last_recycled,
+            active_closed: last_recycled || active_older,
             failed: false,
             live_messages,
         }
@@ -628,12 +636,7 @@ impl ShardLog {
             return Err(LogError::SyncFailed);
         }
         check_width("destination", message.destination.len())?;
-        check_width("message id", message.message_id.len())?;
-        check_width("header count", message.headers.len())?;
-        for h in message.headers {
-            check_width("header name", h.name.len())?;
-            check_width("header value", h.value.len())?;
-        }
+        check_width("header block", message.header_block.len())?;
         let record = RecordRef::Message(*message);
         let len = record.encoded_len() as u64;
         let max_bytes = self.config.message_bytes_max();
@@ -667,8 +670,9 @@ impl ShardLog {
             .get_mut(&position.segment)
             .ok_or(LogError::NotLive(position))?;
         let sequence = state.segment.sequence();
+        let format_version = state.segment.format_version();
         let bytes = state.segment.record_bytes(position.offset)?;
-        match decode_record(bytes, sequence) {
+        match decode_record_as(bytes, sequence, format_version) {
             Decoded::Record {
                 record: RecordView::Message(view),
                 ..
@@ -696,6 +700,17 @@ impl ShardLog {
             return Err(LogError::SyncFailed);
         }
         self.append_refs(positions, true, now_ms)
+    }
+
+    /// Forgets these transient messages (appended with `MessageRecord::transient`) without
+    /// writing anything: recovery never restores a transient record, so no ack is needed to
+    /// retire it, and its segment can go once nothing else in it is live. `NotLive` (nothing
+    /// changed) if a position is not a live message. Do not use it for a persistent message:
+    /// without an ack record it would come back after a restart.
+    pub fn release(&mut self, positions: &[Position]) -> Result<(), LogError> {
+        self.take_live(positions)?;
+        self.live_messages -= positions.len() as u64;
+        Ok(())
     }
 
     /// Records that these messages were handed to a consumer, so that after a crash they come
@@ -1122,10 +1137,11 @@ impl ShardLog {
             let state = self.segments.remove(&sequence).expect("listed segment");
             self.segments_bytes -= state.segment.segment_bytes();
             let path = state.segment.path().to_owned();
-            // Kept for reuse: one file is enough for the next roll, and a segment of an older
-            // format (whose tail rules know no leftovers) or another size never is.
+            // Kept for reuse: one file is enough for the next roll, and a segment of version 1
+            // (whose tail rules know no leftovers) or another size never is. Version 2 ones are:
+            // the file gets a current header, and no leftover validates under the new sequence.
             let reusable = self.free.is_none()
-                && state.segment.format_version() == FORMAT_VERSION
+                && state.segment.format_version() >= FORMAT_VERSION_RECYCLING
                 && state.segment.segment_bytes() == self.config.segment_bytes;
             drop(state);
             if reusable {
@@ -1510,7 +1526,7 @@ fn mark_live(states: &mut BTreeMap<u64, SegmentState>, marks: &Marks) -> u64 {
         for item in SegmentScan::new(bytes, sequence) {
             let ScanItem::Record {
                 offset,
-                record: RecordView::Message(_),
+                record: RecordView::Message(m),
                 ..
             } = item
             else {
@@ -1520,7 +1536,8 @@ fn mark_live(states: &mut BTreeMap<u64, SegmentState>, marks: &Marks) -> u64 {
                 segment: sequence,
                 offset,
             };
-            if !marks.acked.contains(&position) {
+            // A transient record only saved memory while its run lasted: it never comes back.
+            if !marks.acked.contains(&position) && !m.is_transient() {
                 state.live.insert(offset);
                 live_messages += 1;
             }
@@ -1696,9 +1713,11 @@ mod tests {
         let body = [7u8; 1000];
         let record = MessageRecord {
             destination: b"/queue/budget",
-            message_id: b"id",
+            id: crate::log::BinaryId::default(),
             timestamp_ms: 0,
-            headers: &[],
+            header_block: b"",
+            block_plain: true,
+            transient: false,
             body: &body,
         };
         let mut positions = Vec::new();

@@ -7,22 +7,24 @@
 //! outside the bytes, always end. And a record they accept must be exactly what the encoder
 //! writes for it, or the reader accepts bytes the writer never produces.
 
-use crate::codec::Header;
-
 use super::format::{
-    decode_record, encode_record, encode_record_with_end_marker, ends_data_at, record_len, Decoded,
-    MessageRecord, Position, RecordRef, RecordView, ScanItem, SegmentHeader, SegmentScan,
-    CRC_BYTES, FORMAT_VERSION, FRAME_BYTES, REFS_FIXED_BYTES, SEGMENT_HEADER_BYTES,
+    decode_record, encode_record, encode_record_with_end_marker, ends_data_at, record_len,
+    BinaryId, Decoded, MessageRecord, Position, RecordRef, RecordView, ScanItem, SegmentHeader,
+    SegmentScan, StoredHeaders, StoredId, CRC_BYTES, FORMAT_VERSION, FRAME_BYTES, REFS_FIXED_BYTES,
+    SEGMENT_HEADER_BYTES,
 };
 
-/// A decoded record with its bytes copied out, so it can be handed back to the encoder.
+/// A decoded record with its bytes copied out, so it can be handed back to the encoder. Records
+/// of the current format version: what [`decode_record`] reads and the writer appends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OwnedRecord {
     Message {
         destination: Vec<u8>,
-        message_id: Vec<u8>,
+        id: BinaryId,
         timestamp_ms: u64,
-        headers: Vec<(Vec<u8>, Vec<u8>)>,
+        header_block: Vec<u8>,
+        block_plain: bool,
+        transient: bool,
         body: Vec<u8>,
     },
     Ack(Vec<Position>),
@@ -32,16 +34,22 @@ pub enum OwnedRecord {
 impl OwnedRecord {
     pub fn from_view(view: &RecordView<'_>) -> OwnedRecord {
         match view {
-            RecordView::Message(m) => OwnedRecord::Message {
-                destination: m.destination.to_vec(),
-                message_id: m.message_id.to_vec(),
-                timestamp_ms: m.timestamp_ms,
-                headers: m
-                    .headers()
-                    .map(|(name, value)| (name.to_vec(), value.to_vec()))
-                    .collect(),
-                body: m.body.to_vec(),
-            },
+            RecordView::Message(m) => {
+                let (StoredId::Binary(id), StoredHeaders::Block { bytes, plain }) =
+                    (m.message_id(), m.stored_headers())
+                else {
+                    panic!("a message record of an older format version: {m:?}");
+                };
+                OwnedRecord::Message {
+                    destination: m.destination.to_vec(),
+                    id,
+                    timestamp_ms: m.timestamp_ms,
+                    header_block: bytes.to_vec(),
+                    block_plain: plain,
+                    transient: m.is_transient(),
+                    body: m.body.to_vec(),
+                }
+            }
             RecordView::Ack(list) => OwnedRecord::Ack(list.iter().collect()),
             RecordView::Delivered(list) => OwnedRecord::Delivered(list.iter().collect()),
         }
@@ -52,23 +60,21 @@ impl OwnedRecord {
         match self {
             OwnedRecord::Message {
                 destination,
-                message_id,
+                id,
                 timestamp_ms,
-                headers,
+                header_block,
+                block_plain,
+                transient,
                 body,
-            } => {
-                let headers: Vec<Header<'_>> = headers
-                    .iter()
-                    .map(|(name, value)| Header::new(name, value))
-                    .collect();
-                f(&RecordRef::Message(MessageRecord {
-                    destination,
-                    message_id,
-                    timestamp_ms: *timestamp_ms,
-                    headers: &headers,
-                    body,
-                }))
-            }
+            } => f(&RecordRef::Message(MessageRecord {
+                destination,
+                id: *id,
+                timestamp_ms: *timestamp_ms,
+                header_block,
+                block_plain: *block_plain,
+                transient: *transient,
+                body,
+            })),
             OwnedRecord::Ack(refs) => f(&RecordRef::Ack(refs)),
             OwnedRecord::Delivered(refs) => f(&RecordRef::Delivered(refs)),
         }

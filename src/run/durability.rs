@@ -19,14 +19,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-
 use crate::broker::{
     DiskPressure, DurableToken, Message, MessageId, Paged, Record, Recovered, ShardId, Store,
     StoreRef, StoredAt,
 };
-use crate::codec::escape::unescape;
-use crate::codec::{Escaping, Header};
+use crate::log::format::{BinaryId, StoredHeaders};
 use crate::log::{LogError, MessageRecord, Position, ShardLog, SyncRequest};
 
 /// A sync the shard ring is carrying out.
@@ -143,13 +140,20 @@ impl Durability {
         let mut destination: Arc<[u8]> = Arc::from(&b""[..]);
         self.log.for_each_pending(|pending| {
             let view = pending.view;
-            let id = MessageId::parse(view.message_id).unwrap_or_else(|| {
-                fallback_seq -= 1;
-                MessageId {
-                    shard,
-                    seq: fallback_seq,
+            // Binary from format version 3 on; text the broker wrote (`<shard>-<seq>`) before.
+            let id = match view.message_id().binary() {
+                Some(id) => MessageId {
+                    shard: ShardId(id.shard),
+                    seq: id.seq,
+                },
+                None => {
+                    fallback_seq -= 1;
+                    MessageId {
+                        shard,
+                        seq: fallback_seq,
+                    }
                 }
-            });
+            };
             // One name per run of messages of the same queue, not one per message.
             if *destination != *view.destination {
                 destination = Arc::from(view.destination);
@@ -356,36 +360,22 @@ impl Durability {
         }
     }
 
+    /// Writes `message` as a version 3 record: the binary id and the header block exactly as
+    /// the message holds them, so nothing is unescaped here or escaped again by `load`.
     fn append_message(&mut self, message: &Message, now_ms: u64) -> Result<Position, LogError> {
-        let mut text = [0u8; 48];
-        let id_len = message.id.write_text(&mut text);
-        // Borrowed from the stored block unless a header needed an escape: no allocation
-        // per append in the common case.
-        let mut headers: SmallVec<[Header<'_>; 8]> = SmallVec::new();
-        let escaping = if message.header_block_plain {
-            Escaping::None
-        } else {
-            Escaping::V1_2
-        };
-        for line in message.header_block.split_inclusive(|&b| b == b'\n') {
-            let line = &line[..line.len() - 1];
-            let Some(colon) = memchr::memchr(b':', line) else {
-                continue;
-            };
-            let (Ok(name), Ok(value)) = (
-                unescape(&line[..colon], escaping, 0),
-                unescape(&line[colon + 1..], escaping, 0),
-            ) else {
-                continue;
-            };
-            headers.push(Header { name, value });
-        }
         self.log.append_message(
             &MessageRecord {
                 destination: &message.destination,
-                message_id: &text[..id_len],
+                id: BinaryId {
+                    shard: message.id.shard.0,
+                    seq: message.id.seq,
+                },
                 timestamp_ms: now_ms,
-                headers: &headers,
+                header_block: &message.header_block,
+                block_plain: message.header_block_plain,
+                // A non-persistent message is logged only to free memory: it must not come
+                // back after a restart.
+                transient: !message.persistent,
                 body: &message.body,
             },
             now_ms,
@@ -558,14 +548,28 @@ impl Store for Durability {
                 return None;
             }
         };
-        let mut message = Message::from_send(
-            entry.id(),
-            destination.clone(),
-            view.headers(),
-            view.body,
-            entry.expires_ms,
-            true,
-        );
+        let persistent = !view.is_transient();
+        let mut message = match view.stored_headers() {
+            // Version 3: the block as the broker held it, copied once.
+            StoredHeaders::Block { bytes, plain } => Message::from_block(
+                entry.id(),
+                destination.clone(),
+                bytes,
+                plain,
+                view.body,
+                entry.expires_ms,
+                persistent,
+            ),
+            // Versions 1 and 2 stored unescaped entries: escaped as on a SEND.
+            StoredHeaders::Entries(entries) => Message::from_send(
+                entry.id(),
+                destination.clone(),
+                entries,
+                view.body,
+                entry.expires_ms,
+                persistent,
+            ),
+        };
         message.stored_at = StoredAt::at(entry.at);
         Some(message)
     }

@@ -65,7 +65,10 @@ fn write_text(
     let kind = RecordKind::of(&record.record).as_str();
     match &record.record {
         RecordView::Message(m) => {
-            let state = if inspection.is_acked(record.position) {
+            let state = if m.is_transient() {
+                // Written only to save memory: recovery never restores it.
+                "transient".to_string()
+            } else if inspection.is_acked(record.position) {
                 "acked".to_string()
             } else {
                 match inspection.deliveries(record.position) {
@@ -79,11 +82,11 @@ fn write_text(
                 source.name,
                 record.position,
                 render::text(m.destination),
-                render::text(m.message_id),
+                render::text(&m.message_id().text()),
                 m.timestamp_ms,
             )?;
             for (name, value) in m.headers() {
-                writeln!(out, "    {}:{}", render::text(name), render::text(value))?;
+                writeln!(out, "    {}:{}", render::text(&name), render::text(&value))?;
             }
             writeln!(out, "    body {}", render::body_text(m.body, args.body))
         }
@@ -117,7 +120,11 @@ fn json_record(
     match &record.record {
         RecordView::Message(m) => {
             object.insert("destination".into(), render::json_text(m.destination));
-            object.insert("message_id".into(), render::json_text(m.message_id));
+            object.insert(
+                "message_id".into(),
+                render::json_text(&m.message_id().text()),
+            );
+            object.insert("transient".into(), json!(m.is_transient()));
             object.insert("timestamp_ms".into(), json!(m.timestamp_ms));
             object.insert("acked".into(), json!(inspection.is_acked(record.position)));
             object.insert(
@@ -126,7 +133,7 @@ fn json_record(
             );
             let headers: Vec<Value> = m
                 .headers()
-                .map(|(name, value)| json!([render::json_text(name), render::json_text(value)]))
+                .map(|(name, value)| json!([render::json_text(&name), render::json_text(&value)]))
                 .collect();
             object.insert("headers".into(), Value::Array(headers));
             render::insert_body(&mut object, m.body, args.body);

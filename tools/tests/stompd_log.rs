@@ -25,11 +25,11 @@ use run_bounded::run_bounded;
 
 use serde_json::Value;
 use stompd::client::{ConnectOptions, Connection};
-use stompd::codec::{Command as StompCommand, Header};
+use stompd::codec::Command as StompCommand;
 use stompd::log::format::{encode_record, RecordRef};
 use stompd::log::inspect::{Damage, SegmentSummary};
 use stompd::log::{
-    shard_dir, FsyncPolicy, LogConfig, MessageRecord, Position, SegmentReader, ShardLog,
+    shard_dir, BinaryId, FsyncPolicy, LogConfig, MessageRecord, Position, SegmentReader, ShardLog,
 };
 use stompd_log::verify;
 
@@ -73,17 +73,16 @@ fn write_log(data_dir: &Path, destinations: &[&str], count: usize) -> Vec<Sent> 
         let (mut log, recovery) = ShardLog::open(config(data_dir, shard)).unwrap();
         assert!(recovery.queues.is_empty());
         for i in 0..count {
-            let id = format!("ID:test-{shard}-{i}");
+            // The text the tool renders for the binary id.
+            let id = format!("{shard}-{i}");
             let seq = i.to_string();
             let headers = vec![
                 ("persistent".to_string(), "true".to_string()),
                 ("x-seq".to_string(), seq),
                 ("x-note".to_string(), "a:b\nc".to_string()),
             ];
-            let codec_headers: Vec<Header<'_>> = headers
-                .iter()
-                .map(|(n, v)| Header::new(n.as_bytes(), v.as_bytes()))
-                .collect();
+            // As the broker holds it: escaped for STOMP 1.2.
+            let block = format!("persistent:true\nx-seq:{i}\nx-note:a\\cb\\nc\n");
             // Unique per message, so a subscriber can tell every one apart; long enough that
             // the log spans several segments; a NUL inside, as STOMP bodies may hold.
             let mut body = format!("{destination} message {i} ").into_bytes();
@@ -93,9 +92,14 @@ fn write_log(data_dir: &Path, destinations: &[&str], count: usize) -> Vec<Sent> 
                 .append_message(
                     &MessageRecord {
                         destination: destination.as_bytes(),
-                        message_id: id.as_bytes(),
+                        id: BinaryId {
+                            shard: shard as u16,
+                            seq: i as u64,
+                        },
                         timestamp_ms: 1_700_000_000_000 + i as u64,
-                        headers: &codec_headers,
+                        header_block: block.as_bytes(),
+                        block_plain: false,
+                        transient: false,
                         body: &body,
                     },
                     0,
@@ -426,9 +430,11 @@ fn a_record_being_written_is_not_damage_but_a_tail_that_stays_is() {
     // The broker writes a record's framing last: first everything after the framing.
     let record = RecordRef::Message(MessageRecord {
         destination: b"/queue/live",
-        message_id: b"ID:in-flight",
+        id: BinaryId::default(),
         timestamp_ms: 0,
-        headers: &[],
+        header_block: b"",
+        block_plain: true,
+        transient: false,
         body: b"being written",
     });
     let mut bytes = vec![0u8; record.encoded_len()];
@@ -477,9 +483,11 @@ fn verify_and_dump_are_clean_beside_a_live_writer() {
                 .append_message(
                     &MessageRecord {
                         destination: b"/queue/busy",
-                        message_id: format!("ID:busy-{i}").as_bytes(),
+                        id: BinaryId { shard: 0, seq: i },
                         timestamp_ms: i,
-                        headers: &[],
+                        header_block: b"",
+                        block_plain: true,
+                        transient: false,
                         body: &body,
                     },
                     i,
@@ -579,9 +587,11 @@ fn segment_statuses_agree_with_the_brokers_reclaim() {
             .append_message(
                 &MessageRecord {
                     destination: b"/queue/seg",
-                    message_id: format!("ID:seg-{i}").as_bytes(),
+                    id: BinaryId { shard: 0, seq: i },
                     timestamp_ms: i,
-                    headers: &[],
+                    header_block: b"",
+                    block_plain: true,
+                    transient: false,
                     body: &body,
                 },
                 i,
@@ -976,9 +986,11 @@ fn a_segment_with_an_unreadable_header_is_not_reclaimable() {
             .append_message(
                 &MessageRecord {
                     destination: b"/queue/hdr",
-                    message_id: format!("ID:hdr-{i}").as_bytes(),
+                    id: BinaryId { shard: 0, seq: i },
                     timestamp_ms: i,
-                    headers: &[],
+                    header_block: b"",
+                    block_plain: true,
+                    transient: false,
                     body: &[b'h'; 500],
                 },
                 i,
@@ -1074,16 +1086,21 @@ fn write_recycled_log(data_dir: &Path, destination: &str) -> Vec<(String, Vec<u8
     let mut old = Vec::new();
     let mut i = 0;
     let append = |log: &mut ShardLog, i: usize| {
-        let id = format!("ID:recycled-{i}");
+        let id = format!("0-{i}");
         let mut body = format!("{destination} message {i} ").into_bytes();
         body.resize(300, b'.');
         let position = log
             .append_message(
                 &MessageRecord {
                     destination: destination.as_bytes(),
-                    message_id: id.as_bytes(),
+                    id: BinaryId {
+                        shard: 0,
+                        seq: i as u64,
+                    },
                     timestamp_ms: 0,
-                    headers: &[],
+                    header_block: b"",
+                    block_plain: true,
+                    transient: false,
                     body: &body,
                 },
                 0,

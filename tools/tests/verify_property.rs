@@ -7,8 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
 use proptest::prelude::*;
-use stompd::codec::Header;
-use stompd::log::format::{MessageRecord as Message, RecordRef};
+use stompd::log::format::{BinaryId, MessageRecord as Message, RecordRef};
 use stompd::log::inspect::Damage;
 use stompd::log::{shard_dir, FsyncPolicy, LogConfig, Position, ShardInspection, ShardLog};
 
@@ -23,16 +22,19 @@ fn config(dir: &std::path::Path) -> LogConfig {
 /// position and the number of bytes its CRC covers (framing, header part, body, CRC).
 fn write(dir: &std::path::Path, bodies: &[usize]) -> Vec<(Position, u64)> {
     let (mut log, _) = ShardLog::open(config(dir)).unwrap();
-    let headers = [Header::new(b"persistent", b"true")];
     let mut records = Vec::new();
     for (i, &len) in bodies.iter().enumerate() {
         let body = vec![b'a' + (i % 26) as u8; len];
-        let id = format!("ID:{i}");
         let message = Message {
             destination: b"/queue/p",
-            message_id: id.as_bytes(),
+            id: BinaryId {
+                shard: 0,
+                seq: i as u64,
+            },
             timestamp_ms: i as u64,
-            headers: &headers,
+            header_block: b"persistent:true\n",
+            block_plain: true,
+            transient: false,
             body: &body,
         };
         let record = RecordRef::Message(message);
