@@ -127,10 +127,13 @@ impl Held {
         }
     }
 
-    /// Kept in the log: persistent with the log on (a paged message always is).
+    /// Kept in the log: persistent with the log on, or a non-persistent one sent there to be
+    /// paged out (a paged message always is).
     fn is_logged(&self, ctx: &Ctx<'_>) -> bool {
         match &self.body {
-            Body::Resident { message, .. } => Queue::logged(ctx, message),
+            Body::Resident { message, .. } => {
+                Queue::logged(ctx, message) || message.stored_at.is_logged()
+            }
             Body::Paged(_) => true,
         }
     }
@@ -323,8 +326,10 @@ impl Queue {
     /// then costs memory per message, not per byte. From the back, where the messages wait
     /// longest; it stops at the first one already paged (those before it were paged by an
     /// earlier call). A message whose record is not written yet (held back until the end of
-    /// the call) stays for a later call; a non-persistent one stays in memory.
-    fn page_out(&mut self, ctx: &Ctx<'_>) {
+    /// the call) stays for a later call. A non-persistent message is sent to the store first,
+    /// as a transient record (ActiveMQ's temp store): never restored after a restart, it is
+    /// there only so that memory does not bound the backlog.
+    fn page_out(&mut self, ctx: &mut Ctx<'_>) {
         let budget = ctx.config.memory;
         if !ctx.config.log_enabled || budget.charged() <= budget.page_out_bytes() {
             return;
@@ -333,11 +338,18 @@ impl Queue {
             let Body::Resident { message, .. } = &held.body else {
                 break;
             };
-            if !message.persistent {
-                continue;
-            }
             if let Some(at) = message.stored_at.get() {
                 held.body = Body::Paged(Paged::of(message, at));
+            } else if !message.persistent && !message.stored_at.is_logged() {
+                // (A persistent one's record is on its way already: it was appended when the
+                // queue accepted it.)
+                message.stored_at.set_appended();
+                ctx.append(
+                    Record::Message {
+                        message: message.clone(),
+                    },
+                    None,
+                );
             }
         }
     }
@@ -700,11 +712,12 @@ impl Queue {
         let mut held = Vec::with_capacity(messages.len());
         for (message, deliveries, order) in messages {
             self.dequeued = self.dequeued.saturating_sub(1);
+            // Its record, if any (persistent, or transient for paging), was acked when it was
+            // handed out: it names nothing any more. Until a new one is written, acks of the
+            // message cancel the new one instead, and paging waits for it.
+            message.stored_at.clear();
             if Self::logged(ctx, &message) {
-                // Its auto-ack record is already in the log; log it again so a restart keeps
-                // it. The old record is acked: until the new one is written, acks of it
-                // cancel the new one instead.
-                message.stored_at.clear();
+                // Log it again so a restart keeps it.
                 ctx.append(
                     Record::Message {
                         message: message.clone(),
@@ -756,10 +769,16 @@ impl Queue {
                     let dlq: Arc<[u8]> = Arc::from(dlq.as_slice());
                     let moved = Arc::new(held.message().moved_to(dlq.clone()));
                     let to = shard_of(&dlq, ctx.shard_count);
-                    let from_at = if held.is_logged(ctx) {
-                        held.stored_at()
-                    } else {
-                        None
+                    let from_at = match (held.is_logged(ctx), held.message().persistent) {
+                        (true, true) => held.stored_at(),
+                        // A transient record (paged out while waiting): nothing to keep it
+                        // for, since a non-persistent copy is not logged in the dead-letter
+                        // queue either.
+                        (true, false) => {
+                            self.log_done(ctx, &held);
+                            None
+                        }
+                        (false, _) => None,
                     };
                     ctx.route(
                         to,
@@ -929,7 +948,7 @@ impl Queue {
         let view = |held: &Held| match &held.body {
             Body::Resident { message, .. } => HeldView {
                 id: message.id,
-                logged: log_enabled && message.persistent,
+                logged: log_enabled && (message.persistent || message.stored_at.is_logged()),
                 paged: None,
                 body: Some(message.body.to_vec()),
                 deliveries: held.deliveries,

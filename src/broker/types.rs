@@ -195,6 +195,9 @@ pub struct StoredAt(std::sync::atomic::AtomicU64);
 
 impl StoredAt {
     const NOT_STORED: u64 = u64::MAX;
+    /// A queue sent its record to the store (a non-persistent message being paged out) and the
+    /// store has not written it yet: acks must reach the store, to cancel it.
+    const APPENDED: u64 = u64::MAX - 1;
 
     pub fn new() -> StoredAt {
         StoredAt(std::sync::atomic::AtomicU64::new(Self::NOT_STORED))
@@ -206,9 +209,20 @@ impl StoredAt {
 
     pub fn get(&self) -> Option<StoreRef> {
         match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            Self::NOT_STORED => None,
+            Self::NOT_STORED | Self::APPENDED => None,
             at => Some(StoreRef(at)),
         }
+    }
+
+    /// A record of it was sent to the store (written or not yet).
+    pub fn is_logged(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) != Self::NOT_STORED
+    }
+
+    /// Its record is on its way to the store (see `APPENDED`).
+    pub fn set_appended(&self) {
+        self.0
+            .store(Self::APPENDED, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Not written (again): the message is about to be logged anew.
@@ -218,10 +232,9 @@ impl StoredAt {
     }
 
     pub fn set(&self, at: StoreRef) {
-        debug_assert_ne!(
-            at.0,
-            Self::NOT_STORED,
-            "a store ref is never the not-stored mark"
+        debug_assert!(
+            at.0 < Self::APPENDED,
+            "a store ref is never one of the marks"
         );
         self.0.store(at.0, std::sync::atomic::Ordering::Relaxed);
     }

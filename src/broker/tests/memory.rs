@@ -206,3 +206,51 @@ fn a_logged_backlog_past_half_the_budget_is_paged_out_and_drains_in_order() {
     let store = cluster.shards[usize::from(shard_of(b"/queue/backlog", 2).0)].store_mut();
     assert!(store.live.is_empty(), "every record acknowledged once");
 }
+
+/// Non-persistent messages past half the budget go to the store too, as transient records
+/// (ActiveMQ's temp store): the producer is not paused for memory, everything drains in
+/// order, and every transient record is released once its message is consumed.
+#[test]
+fn a_non_persistent_backlog_is_paged_out_as_transient_records() {
+    let memory = MemoryBudget::leak(256 * 1024);
+    let mut cluster = Cluster::new(
+        1,
+        BrokerConfig {
+            memory,
+            log_enabled: true,
+            ..BrokerConfig::default()
+        },
+    );
+    let producer = cluster.connect(0);
+    let bodies: Vec<String> = (0..400)
+        .map(|n| format!("{n:04}{}", "y".repeat(2044)))
+        .collect();
+    for body in &bodies {
+        let headers = [("destination", "/queue/temp"), ("persistent", "false")];
+        cluster.send(producer, frame(Command::Send, &headers, body.as_bytes()));
+        cluster.appended.clear();
+    }
+    assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
+    assert!(
+        memory.charged() <= memory.page_out_bytes() + 16 * 1024,
+        "{} bytes charged",
+        memory.charged()
+    );
+    let live = cluster.shards[0].store_mut().live.len();
+    assert!(live > 300, "most went to the store ({live} records)");
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "c", "/queue/temp", "auto");
+    let mut received = Vec::new();
+    while received.len() < bodies.len() {
+        let frames = cluster.frames(consumer);
+        assert!(!frames.is_empty(), "stalled after {}", received.len());
+        received.extend(
+            frames
+                .iter()
+                .map(|f| String::from_utf8(f.body.clone()).unwrap()),
+        );
+        cluster.flush(consumer);
+    }
+    assert_eq!(received, bodies, "every body, in order");
+    assert!(cluster.shards[0].store_mut().live.is_empty());
+}

@@ -169,12 +169,12 @@ impl Cluster {
     pub fn restart(self, first_message_seq: u64) -> Cluster {
         let config = self.shards[0].config().clone();
         let now = self.now;
-        let stores: Vec<TestStore> = self
+        let mut stores: Vec<TestStore> = self
             .shards
             .into_iter()
             .map(|mut shard| std::mem::take(shard.store_mut()))
             .collect();
-        let recovered: Vec<Vec<Recovered>> = stores.iter().map(TestStore::recovered).collect();
+        let recovered: Vec<Vec<Recovered>> = stores.iter_mut().map(TestStore::recovered).collect();
         let mut cluster =
             Cluster::with_stores(config, Arc::new(AllowAll), stores, first_message_seq);
         cluster.now = now;

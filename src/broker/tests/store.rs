@@ -75,7 +75,10 @@ impl TestStore {
     /// What the log's recovery hands [`crate::broker::Shard::restore`] after a crash with
     /// every record durable: the live messages in log order, as index entries, with their
     /// delivered marks.
-    pub fn recovered(&self) -> Vec<Recovered> {
+    /// What recovery brings back, as the log's does: the live records but transient ones (a
+    /// non-persistent message paged out), which a restart forgets, here as there.
+    pub fn recovered(&mut self) -> Vec<Recovered> {
+        self.live.retain(|_, message| message.persistent);
         self.live
             .iter()
             .map(|(&at, message)| Recovered {
