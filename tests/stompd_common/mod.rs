@@ -65,6 +65,12 @@ impl Broker {
         Broker::start_with(dir, port, args, |_| {})
     }
 
+    /// Starts stompd on `port`, waiting up to `deadline` for it to listen (a restart that
+    /// recovers a large log takes longer than `START_DEADLINE`).
+    pub fn start_on_within(dir: &Path, port: u16, args: &[&str], deadline: Duration) -> Broker {
+        Broker::start_with_deadline(dir, port, args, deadline, |_| {})
+    }
+
     /// Starts stompd with a file-size limit (RLIMIT_FSIZE) of `bytes`, as `ulimit -f` would.
     pub fn start_file_size_limited(dir: &Path, args: &[&str], bytes: u64) -> Broker {
         use std::os::unix::process::CommandExt;
@@ -119,6 +125,16 @@ impl Broker {
         args: &[&str],
         configure: impl FnOnce(&mut Command),
     ) -> Broker {
+        Broker::start_with_deadline(dir, port, args, START_DEADLINE, configure)
+    }
+
+    fn start_with_deadline(
+        dir: &Path,
+        port: u16,
+        args: &[&str],
+        start_deadline: Duration,
+        configure: impl FnOnce(&mut Command),
+    ) -> Broker {
         let data_dir = dir.join("data");
         let number = BROKERS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stderr_path = dir.join(format!("stompd-{number}.log"));
@@ -140,7 +156,7 @@ impl Broker {
             stderr_path,
         };
         // The line is written once every listener is bound, so the broker accepts from then on.
-        let deadline = Instant::now() + START_DEADLINE;
+        let deadline = Instant::now() + start_deadline;
         loop {
             if let Some(listening) = listening_port(&broker.stderr()) {
                 assert!(port == 0 || listening == port, "{}", broker.stderr());
