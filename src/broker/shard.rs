@@ -1159,13 +1159,27 @@ impl<S: Store> Shard<S> {
     ) {
         let name = message.destination.clone();
         if DestinationKind::of(&name) == DestinationKind::Queue {
-            self.destination(&name);
-            let mut ctx = ctx!(self, now_ms, out);
-            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-                queue.returned(&mut ctx, message, deliveries, order);
-            }
-            self.track_expiry(&name);
+            self.on_queue(&name, now_ms, out, |queue, ctx| {
+                queue.returned(ctx, message, deliveries, order)
+            });
         }
+    }
+
+    /// Runs `f` on queue `name` (created if it was freed meanwhile), then puts the queue on
+    /// the expiry timer if what it now holds expires sooner.
+    fn on_queue(
+        &mut self,
+        name: &Arc<[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+        f: impl FnOnce(&mut Queue, &mut Ctx<'_>),
+    ) {
+        self.destination(name);
+        let mut ctx = ctx!(self, now_ms, out);
+        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(name) {
+            f(queue, &mut ctx);
+        }
+        self.track_expiry(name);
     }
 
     fn handle_returned_all(
@@ -1176,12 +1190,9 @@ impl<S: Store> Shard<S> {
         out: &mut Effects,
     ) {
         if DestinationKind::of(&destination) == DestinationKind::Queue {
-            self.destination(&destination);
-            let mut ctx = ctx!(self, now_ms, out);
-            if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&destination) {
-                queue.returned_all(&mut ctx, messages);
-            }
-            self.track_expiry(&destination);
+            self.on_queue(&destination, now_ms, out, |queue, ctx| {
+                queue.returned_all(ctx, messages)
+            });
         }
     }
 
@@ -1278,12 +1289,9 @@ impl<S: Store> Shard<S> {
         out: &mut Effects,
     ) {
         let name = message.destination.clone();
-        self.destination(&name);
-        let mut ctx = ctx!(self, now_ms, out);
-        if let Some(Destination::Queue(queue)) = self.destinations.get_mut(&name) {
-            queue.accept_dead_letter(&mut ctx, message, from, from_at);
-        }
-        self.track_expiry(&name);
+        self.on_queue(&name, now_ms, out, |queue, ctx| {
+            queue.accept_dead_letter(ctx, message, from, from_at)
+        });
     }
 
     fn handle_moved(

@@ -161,36 +161,47 @@ fn drained_queues_are_freed_round_after_round() {
     }
 }
 
-/// Past half the budget a queue keeps its logged messages' bodies only in the store: a
-/// backlog of many times the budget is taken without pausing the producer, and drains in
-/// order, each body read back when its turn comes.
-#[test]
-fn a_logged_backlog_past_half_the_budget_is_paged_out_and_drains_in_order() {
+/// A logging broker of `shards` with a 256 KiB budget, after one producer sent 400 numbered
+/// bodies of 2 KiB (800 KiB) to `queue`, persistent or not: paging must have let every one in
+/// without pausing the producer, memory held near half the budget. Returns the bodies.
+fn backlog_past_the_budget(
+    shards: u16,
+    queue: &str,
+    persistent: bool,
+) -> (Cluster, &'static MemoryBudget, Vec<String>) {
     let memory = MemoryBudget::leak(256 * 1024);
-    let mut cluster = Cluster::new(
-        2,
-        BrokerConfig {
-            memory,
-            log_enabled: true,
-            ..BrokerConfig::default()
-        },
-    );
+    let config = BrokerConfig {
+        memory,
+        log_enabled: true,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(shards, config);
     let producer = cluster.connect(0);
     let bodies: Vec<String> = (0..400)
         .map(|n| format!("{n:04}{}", "x".repeat(2044)))
         .collect();
+    let persistent = if persistent { "true" } else { "false" };
     for body in &bodies {
-        cluster.publish(producer, "/queue/backlog", body);
+        let headers = [("destination", queue), ("persistent", persistent)];
+        cluster.send(producer, frame(Command::Send, &headers, body.as_bytes()));
         // The harness's record of appends would keep every message (and its charge) alive.
         cluster.appended.clear();
     }
-    // 800 KiB published into a 256 KiB budget: no pause, no refusal, memory held near half.
     assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
     assert!(
         memory.charged() <= memory.page_out_bytes() + 16 * 1024,
         "{} bytes charged",
         memory.charged()
     );
+    (cluster, memory, bodies)
+}
+
+/// Past half the budget a queue keeps its logged messages' bodies only in the store: a
+/// backlog of many times the budget is taken without pausing the producer, and drains in
+/// order, each body read back when its turn comes.
+#[test]
+fn a_logged_backlog_past_half_the_budget_is_paged_out_and_drains_in_order() {
+    let (mut cluster, _, bodies) = backlog_past_the_budget(2, "/queue/backlog", true);
     let consumer = cluster.connect(1);
     cluster.subscribe(consumer, "c", "/queue/backlog", "client-individual");
     let mut received = Vec::new();
@@ -212,30 +223,7 @@ fn a_logged_backlog_past_half_the_budget_is_paged_out_and_drains_in_order() {
 /// order, and every transient record is released once its message is consumed.
 #[test]
 fn a_non_persistent_backlog_is_paged_out_as_transient_records() {
-    let memory = MemoryBudget::leak(256 * 1024);
-    let mut cluster = Cluster::new(
-        1,
-        BrokerConfig {
-            memory,
-            log_enabled: true,
-            ..BrokerConfig::default()
-        },
-    );
-    let producer = cluster.connect(0);
-    let bodies: Vec<String> = (0..400)
-        .map(|n| format!("{n:04}{}", "y".repeat(2044)))
-        .collect();
-    for body in &bodies {
-        let headers = [("destination", "/queue/temp"), ("persistent", "false")];
-        cluster.send(producer, frame(Command::Send, &headers, body.as_bytes()));
-        cluster.appended.clear();
-    }
-    assert_eq!(throttles_of(&cluster, producer), Vec::<bool>::new());
-    assert!(
-        memory.charged() <= memory.page_out_bytes() + 16 * 1024,
-        "{} bytes charged",
-        memory.charged()
-    );
+    let (mut cluster, _, bodies) = backlog_past_the_budget(1, "/queue/temp", false);
     let live = cluster.shards[0].store_mut().live.len();
     assert!(live > 300, "most went to the store ({live} records)");
     let consumer = cluster.connect(0);
