@@ -15,7 +15,7 @@ import csv
 from collections import defaultdict
 from xml.sax.saxutils import escape
 
-from rss_chart import COLOURS, MARGIN_BOTTOM, MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, nice_step
+from rss_chart import COLOURS, MARGIN_BOTTOM, MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, axes
 
 PANEL_WIDTH, PANEL_HEIGHT = 620, 340
 PHASE_FILLS = ["#f3f6fb", "#fbf6ee"]
@@ -67,24 +67,7 @@ def panel(broker, rows, colour, y_max, budget_mib, left):
     out.append(
         f'<rect x="{x0}" y="{MARGIN_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>'
     )
-    step = nice_step(y_max)
-    tick = 0.0
-    while tick <= y_max:
-        _, y = xy(0, tick)
-        out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + plot_w}" y2="{y:.1f}" stroke="#e4e4e4"/>')
-        out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
-        tick += step
-    step = nice_step(x_max)
-    tick = 0.0
-    while tick <= x_max:
-        x, _ = xy(tick, 0)
-        out.append(f'<text x="{x:.1f}" y="{y0 + 16}" text-anchor="middle">{tick:g}</text>')
-        tick += step
-    out.append(f'<text x="{x0 + plot_w / 2}" y="{y0 + 36}" text-anchor="middle">seconds</text>')
-    out.append(
-        f'<text x="{left + 14}" y="{MARGIN_TOP + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 {left + 14} {MARGIN_TOP + plot_h / 2})">MiB</text>'
-    )
+    axes(out, xy, (x0, y0, plot_w, plot_h, left), (x_max, y_max), "MiB", "#e4e4e4")
     if budget_mib and broker.startswith("stompd"):
         _, y = xy(0, budget_mib)
         out.append(

@@ -27,6 +27,31 @@ def nice_step(span, ticks=5):
     return 10 * power
 
 
+def axes(out, xy, frame, maxima, y_label, grid):
+    """Grid lines and tick labels of both axes, and their titles (seconds across, `y_label`
+    up), for a panel whose plot area is `frame` = (x0, y0, width, height, left edge)."""
+    x0, y0, plot_w, plot_h, left = frame
+    x_max, y_max = maxima
+    step = nice_step(y_max)
+    tick = 0.0
+    while tick <= y_max:
+        _, y = xy(0, tick)
+        out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + plot_w}" y2="{y:.1f}" stroke="{grid}"/>')
+        out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+        tick += step
+    step = nice_step(x_max)
+    tick = 0.0
+    while tick <= x_max:
+        x, _ = xy(tick, 0)
+        out.append(f'<text x="{x:.1f}" y="{y0 + 16}" text-anchor="middle">{tick:g}</text>')
+        tick += step
+    out.append(f'<text x="{x0 + plot_w / 2}" y="{y0 + 36}" text-anchor="middle">seconds</text>')
+    out.append(
+        f'<text x="{left + 14}" y="{MARGIN_TOP + plot_h / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 {left + 14} {MARGIN_TOP + plot_h / 2})">{y_label}</text>'
+    )
+
+
 def panel(case, series, brokers, budget_mib, left):
     """SVG elements of one case's panel, `left` pixels from the image's edge."""
     x_max = max(t for points in series.values() for t, _ in points) or 1
@@ -46,24 +71,7 @@ def panel(case, series, brokers, budget_mib, left):
         f'font-weight="bold">{escape(case)}</text>',
         f'<rect x="{x0}" y="{MARGIN_TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
     ]
-    step = nice_step(y_max)
-    tick = 0.0
-    while tick <= y_max:
-        _, y = xy(0, tick)
-        out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + plot_w}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
-        tick += step
-    step = nice_step(x_max)
-    tick = 0.0
-    while tick <= x_max:
-        x, _ = xy(tick, 0)
-        out.append(f'<text x="{x:.1f}" y="{y0 + 16}" text-anchor="middle">{tick:g}</text>')
-        tick += step
-    out.append(f'<text x="{x0 + plot_w / 2}" y="{y0 + 36}" text-anchor="middle">seconds</text>')
-    out.append(
-        f'<text x="{left + 14}" y="{MARGIN_TOP + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 {left + 14} {MARGIN_TOP + plot_h / 2})">RssAnon, MiB</text>'
-    )
+    axes(out, xy, (x0, y0, plot_w, plot_h, left), (x_max, y_max), "RssAnon, MiB", "#eee")
     if budget_mib:
         _, y = xy(0, budget_mib)
         out.append(
