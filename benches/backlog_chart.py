@@ -126,7 +126,9 @@ def main():
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="14">{escape(args.title)}</text>',
+        # Shrunk to fit one panel's width (about 0.55 em per character of a sans-serif face).
+        f'<text x="{width / 2}" y="16" text-anchor="middle" '
+        f'font-size="{min(14, width / (0.55 * max(len(args.title), 1))):.1f}">{escape(args.title)}</text>',
     ]
     for index, (broker, rows) in enumerate(data.items()):
         body += panel(broker, rows, COLOURS[index % len(COLOURS)], y_max, args.budget_mib, index * PANEL_WIDTH)
