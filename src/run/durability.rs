@@ -196,7 +196,7 @@ impl Durability {
         match record {
             Record::Message { message } => {
                 if self.deferred.len() >= DEFERRED_MESSAGES_MAX {
-                    self.write_deferred(1, now_ms);
+                    self.write_deferred(1, true, now_ms);
                 }
                 let waiting = token.map(|token| {
                     let at = self.waiting_popped + self.waiting.len() as u64;
@@ -269,7 +269,7 @@ impl Durability {
                         return self.written_early_at(id, &destination);
                     };
                     let message = self.deferred[index].message.clone();
-                    self.write_deferred(index + 1, now_ms);
+                    self.write_deferred(index + 1, true, now_ms);
                     message.stored_at.get()
                 });
                 if let Some(at) = at {
@@ -288,7 +288,7 @@ impl Durability {
     /// the records on disk or their positions: a sync, `next_settled`, the end of the handler
     /// call.
     pub fn flush(&mut self, now_ms: u64) {
-        self.write_deferred(self.deferred.len(), now_ms);
+        self.write_deferred(self.deferred.len(), false, now_ms);
         self.written_early.clear();
     }
 
@@ -317,7 +317,9 @@ impl Durability {
     }
 
     /// Writes the `count` oldest deferred records.
-    fn write_deferred(&mut self, count: usize, now_ms: u64) {
+    /// `early`: before the end of the pass, so remembered in `written_early` (the flush at
+    /// the end needs no such record: the pass's acks are all in by then).
+    fn write_deferred(&mut self, count: usize, early: bool, now_ms: u64) {
         for _ in 0..count {
             let Some(Deferred { message, waiting }) = self.deferred.pop_front() else {
                 return;
@@ -325,7 +327,9 @@ impl Durability {
             let failed = match self.append_message(&message, now_ms) {
                 Ok(position) => {
                     message.stored_at.set(pack(position));
-                    self.written_early.push(message.clone());
+                    if early {
+                        self.written_early.push(message.clone());
+                    }
                     None
                 }
                 Err(error) => {
