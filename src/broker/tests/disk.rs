@@ -20,15 +20,6 @@ fn logging() -> (Cluster, usize) {
     (cluster, owner)
 }
 
-fn throttles_of(cluster: &Cluster, conn: ConnectionId) -> Vec<bool> {
-    cluster
-        .throttles
-        .iter()
-        .filter(|(c, _)| *c == conn)
-        .map(|(_, paused)| *paused)
-        .collect()
-}
-
 #[test]
 fn a_producer_to_a_queue_whose_log_is_nearly_full_is_paused_then_released_under_three_quarters() {
     let (mut cluster, owner) = logging();

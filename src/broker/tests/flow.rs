@@ -27,16 +27,6 @@ fn publish_many(
     }
 }
 
-/// The throttle effects for one connection, in order.
-fn throttles_of(cluster: &Cluster, conn: ConnectionId) -> Vec<bool> {
-    cluster
-        .throttles
-        .iter()
-        .filter(|(c, _)| *c == conn)
-        .map(|(_, paused)| *paused)
-        .collect()
-}
-
 #[test]
 fn a_queue_past_its_limit_pauses_the_producer_once_and_keeps_every_message() {
     let mut cluster = Cluster::new(1, small_queues(8));

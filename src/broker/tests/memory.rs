@@ -18,15 +18,6 @@ fn budgeted(max: u64) -> (Cluster, &'static MemoryBudget) {
     (cluster, memory)
 }
 
-fn throttles_of(cluster: &Cluster, conn: ConnectionId) -> Vec<bool> {
-    cluster
-        .throttles
-        .iter()
-        .filter(|(c, _)| *c == conn)
-        .map(|(_, paused)| *paused)
-        .collect()
-}
-
 #[test]
 fn a_producer_past_the_pause_level_is_paused_then_released_when_memory_is_freed() {
     // 1 MiB budget: paused past 896 KiB, released under 768 KiB, refused past 1 MiB.

@@ -67,6 +67,16 @@ pub(crate) fn frame<'b>(command: Command, headers: &[(&str, &str)], body: &'b [u
     frame
 }
 
+/// The throttle effects for one connection, in order (true: paused).
+pub(crate) fn throttles_of(cluster: &Cluster, conn: ConnectionId) -> Vec<bool> {
+    cluster
+        .throttles
+        .iter()
+        .filter(|(c, _)| *c == conn)
+        .map(|(_, paused)| *paused)
+        .collect()
+}
+
 /// The `ack` header of a client-ack MESSAGE, to ACK it by.
 pub(crate) fn ack_id(frame: &Sent) -> String {
     frame
