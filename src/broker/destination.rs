@@ -362,7 +362,9 @@ impl Queue {
             return true;
         };
         match ctx.store.load(&self.name, &paged) {
-            Some(message) => {
+            Some(mut message) => {
+                // Back in memory, it counts against the budget as on its SEND.
+                message.charge_to(ctx.config.memory);
                 held.body = Body::Resident {
                     message: Arc::new(message),
                     origin: None,
