@@ -2,7 +2,8 @@
 //! typed messages of [`super::ShardMessage`].
 //!
 //! Queue invariants:
-//! - every accepted, unexpired message is in exactly one place: `ready` (waiting, FIFO) or one
+//! - every accepted, unexpired message is in exactly one place: `ready` (waiting, FIFO), the
+//!   tail (waiting after all of `ready`, kept only in the store; see [`super::tail`]) or one
 //!   consumer's `unacked` (delivered, in delivery order), until it is consumed for good;
 //! - a consumer is handed a message only when it is not paused and its window has room: fewer
 //!   than its prefetch messages in it, and the message's estimated frame bytes fit in its
@@ -24,13 +25,13 @@
 //!   deliveries returned unwritten (`Returned`, `ReturnedAll`) go back to their place by
 //!   arrival order (`order`), however many batches they come back in.
 //!
-//! Producer flow control (queues): once `ready` passes `queue_messages_max` or
-//! `queue_bytes_max`, each connection whose SEND arrives is throttled (told to stop reading
-//! input, [`ShardMessage::Throttle`]) and remembered in `throttled`; every one of them is
-//! released exactly once, when `ready` has drained to three quarters of both limits. SENDs
-//! already under way when the pause began are still taken, up to a quarter over the limits
-//! and a few loop turns' worth of input ([`overshoot_max`]); only beyond that is a SEND
-//! refused.
+//! Producer flow control (queues): once the waiting messages (`ready` and the tail) pass
+//! `queue_messages_max` or `queue_bytes_max`, each connection whose SEND arrives is throttled
+//! (told to stop reading input, [`ShardMessage::Throttle`]) and remembered in `throttled`;
+//! every one of them is released exactly once, when they have drained to three quarters of
+//! both limits. SENDs already under way when the pause began are still taken, up to a quarter
+//! over the limits and a few loop turns' worth of input ([`overshoot_max`]); only beyond that
+//! is a SEND refused.
 //!
 //! Topics keep nothing: each message goes to every current subscriber that can take it. A
 //! subscriber whose connection is full throttles the producers that publish to it, as a queue
@@ -45,10 +46,43 @@ use std::sync::Arc;
 
 use super::ctx::Ctx;
 use super::effects::{Record, Rejection, ShardMessage};
+use super::tail::{Tail, READ_ENTRIES};
 use super::types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, Message, MessageId, Paged,
-    QueueStats, StoreRef,
+    QueueStats, ShardId, StoreRef,
 };
+
+/// While the broker's memory is past the paging level, a queue with at least this many waiting
+/// entries starts a tail ([`Tail`]) rather than hold more; one whose tail exists reads the next
+/// batch back once fewer wait. A consumer that keeps up is never near it, so it is served from
+/// memory whatever other queues hold.
+const HEAD_ENTRIES_LOW: usize = READ_ENTRIES / 4;
+
+/// A message's sender, packed into 8 bytes so that a queue entry stays at 48.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Origin(u64);
+
+impl Origin {
+    /// Not known, or not one that fits (a connection number past 2^48 - 1: never in practice).
+    const NONE: Origin = Origin(u64::MAX);
+    const LOCAL_BITS: u32 = 48;
+
+    fn of(conn: Option<ConnectionId>) -> Origin {
+        match conn {
+            Some(conn) if conn.local < (1 << Self::LOCAL_BITS) - 1 => {
+                Origin(u64::from(conn.shard.0) << Self::LOCAL_BITS | conn.local)
+            }
+            _ => Origin::NONE,
+        }
+    }
+
+    fn get(self) -> Option<ConnectionId> {
+        (self != Origin::NONE).then_some(ConnectionId {
+            shard: ShardId((self.0 >> Self::LOCAL_BITS) as u16),
+            local: self.0 & ((1 << Self::LOCAL_BITS) - 1),
+        })
+    }
+}
 
 /// Where a held message's body is.
 #[derive(Debug)]
@@ -59,7 +93,7 @@ enum Body {
         /// The connection that sent it, while that matters: a message the log then fails to
         /// store is dropped, and its sender hears of it even without a receipt. `None` for
         /// messages recovered, dead-lettered or handed back.
-        origin: Option<ConnectionId>,
+        origin: Origin,
     },
     /// Only in the store: a backlog's message, read back when its turn comes
     /// ([`Queue::page_out`], [`Queue::page_in`]).
@@ -82,7 +116,19 @@ struct Held {
 impl Held {
     fn resident(message: Arc<Message>, deliveries: u32, origin: Option<ConnectionId>) -> Held {
         Held {
-            body: Body::Resident { message, origin },
+            body: Body::Resident {
+                message,
+                origin: Origin::of(origin),
+            },
+            deliveries,
+            unsent: 0,
+            order: 0,
+        }
+    }
+
+    fn paged(entry: Paged, deliveries: u32) -> Held {
+        Held {
+            body: Body::Paged(entry),
             deliveries,
             unsent: 0,
             order: 0,
@@ -142,7 +188,7 @@ impl Held {
     fn stored_at(&self) -> Option<StoreRef> {
         match &self.body {
             Body::Resident { message, .. } => message.stored_at.get(),
-            Body::Paged(paged) => Some(paged.at),
+            Body::Paged(paged) => Some(paged.at()),
         }
     }
 
@@ -208,6 +254,9 @@ pub(crate) struct Queue {
     ready: VecDeque<Held>,
     /// Body bytes in `ready`, for `queue_bytes_max`.
     ready_bytes: u64,
+    /// The waiting messages after those in `ready`, kept only in the store. Boxed: most
+    /// queues never have one.
+    tail: Option<Box<Tail>>,
     /// By key: acks and credits find their consumer in O(log n) even on a queue with
     /// thousands of workers, and the order (connection, then subscription) is deterministic.
     consumers: BTreeMap<ConsumerKey, QueueConsumer>,
@@ -260,6 +309,7 @@ impl Queue {
             name,
             ready: VecDeque::new(),
             ready_bytes: 0,
+            tail: None,
             consumers: BTreeMap::new(),
             last_served: None,
             enqueued: 0,
@@ -340,9 +390,10 @@ impl Queue {
             };
             if let Some(at) = message.stored_at.get() {
                 held.body = Body::Paged(Paged::of(message, at));
-            } else if !message.persistent && !message.stored_at.is_logged() {
+            } else if !message.persistent && !message.stored_at.is_logged() && self.tail.is_none() {
                 // (A persistent one's record is on its way already: it was appended when the
-                // queue accepted it.)
+                // queue accepted it. With a tail, a record written now would come after the
+                // tail's first and be read back as a member: the message stays in memory.)
                 message.stored_at.set_appended();
                 ctx.append(
                     Record::Message {
@@ -367,7 +418,7 @@ impl Queue {
                 message.charge_to(ctx.config.memory);
                 held.body = Body::Resident {
                     message: Arc::new(message),
-                    origin: None,
+                    origin: Origin::NONE,
                 };
                 true
             }
@@ -400,13 +451,13 @@ impl Queue {
             }
             return;
         }
-        let rejection = if self.ready.len() as u64
+        let rejection = if self.waiting()
             >= overshoot_max(
                 ctx.config.queue_messages_max as u64,
                 ctx.config.queue_overshoot_messages,
             ) {
             Some(Rejection::QueueMessagesFull)
-        } else if self.ready_bytes + message.body.len() as u64
+        } else if self.waiting_bytes() + message.body.len() as u64
             > overshoot_max(ctx.config.queue_bytes_max, ctx.config.queue_overshoot_bytes)
         {
             Some(Rejection::QueueBytesFull)
@@ -456,9 +507,7 @@ impl Queue {
                 );
             }
         }
-        self.hold(Held::resident(message, 0, Some(origin)), false);
-        self.dispatch(ctx);
-        self.page_out(ctx);
+        self.take(ctx, message, Some(origin));
         if self.is_over_limits(ctx) && self.throttled.insert(origin) {
             ctx.route(
                 origin.shard,
@@ -470,17 +519,106 @@ impl Queue {
         }
     }
 
+    /// A message the queue accepted, its record appended if it is logged: held in memory, or
+    /// in the store only, as the tail's newest member; then handed out if a consumer can take
+    /// it.
+    fn take(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, origin: Option<ConnectionId>) {
+        if self.goes_to_tail(ctx) {
+            self.push_tail(ctx, message, origin);
+            self.dispatch(ctx);
+        } else {
+            self.hold(Held::resident(message, 0, origin), false);
+            self.dispatch(ctx);
+            self.page_out(ctx);
+        }
+    }
+
+    /// Messages waiting: in `ready`, then in the tail.
+    fn waiting(&self) -> u64 {
+        self.ready.len() as u64 + self.tail.as_ref().map_or(0, |tail| tail.len())
+    }
+
+    /// Body bytes of the messages waiting.
+    fn waiting_bytes(&self) -> u64 {
+        self.ready_bytes + self.tail.as_ref().map_or(0, |tail| tail.bytes())
+    }
+
+    /// A message arriving now goes to the tail: one exists (arrival order), or enough entries
+    /// already wait in memory and the broker's memory is past the paging level, or was when
+    /// the newest of them was paged out (paging brings the memory back under the level, but
+    /// the backlog that made it cross goes on growing). Only with a log to keep it.
+    fn goes_to_tail(&self, ctx: &Ctx<'_>) -> bool {
+        let budget = ctx.config.memory;
+        let under_pressure = || {
+            budget.charged() > budget.page_out_bytes()
+                || self
+                    .ready
+                    .back()
+                    .is_some_and(|held| matches!(held.body, Body::Paged(_)))
+        };
+        ctx.config.log_enabled
+            && (self.tail.is_some() || (self.ready.len() >= HEAD_ENTRIES_LOW && under_pressure()))
+    }
+
+    /// Keeps `message` only in the store, as the tail's newest member. A non-persistent one is
+    /// sent there now, as a transient record (ActiveMQ's temp store), never restored after a
+    /// restart; a persistent one's record was appended when the queue accepted it.
+    fn push_tail(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        origin: Option<ConnectionId>,
+    ) {
+        if !Self::logged(ctx, &message) {
+            message.stored_at.set_appended();
+            ctx.append(
+                Record::Message {
+                    message: message.clone(),
+                },
+                None,
+            );
+        }
+        self.tail
+            .get_or_insert_with(Box::default)
+            .push(message, origin);
+    }
+
+    /// Reads the tail's next batch into `ready` once few entries wait there; when the tail is
+    /// over, the members whose records are not written yet come back into memory.
+    fn refill(&mut self, ctx: &mut Ctx<'_>) {
+        if self.ready.len() >= HEAD_ENTRIES_LOW {
+            return;
+        }
+        let Some(mut tail) = self.tail.take() else {
+            return;
+        };
+        let mut entries = Vec::new();
+        let max = READ_ENTRIES - self.ready.len();
+        let over = tail.read(ctx.store, &self.name, max, &mut entries);
+        for entry in entries {
+            self.hold(Held::paged(entry, 0), false);
+        }
+        match over {
+            None => self.tail = Some(tail),
+            Some(unwritten) => {
+                for (message, origin) in unwritten {
+                    self.hold(Held::resident(message, 0, origin), false);
+                }
+            }
+        }
+    }
+
     /// Waiting messages or their bytes are past the flow-control limits.
     fn is_over_limits(&self, ctx: &Ctx<'_>) -> bool {
-        self.ready.len() > ctx.config.queue_messages_max
-            || self.ready_bytes > ctx.config.queue_bytes_max
+        self.waiting() > ctx.config.queue_messages_max as u64
+            || self.waiting_bytes() > ctx.config.queue_bytes_max
     }
 
     /// Resumes the throttled producers once the queue has drained far enough.
     fn release_producers(&mut self, ctx: &mut Ctx<'_>) {
         if self.throttled.is_empty()
-            || self.ready.len() as u64 > resume_below(ctx.config.queue_messages_max as u64)
-            || self.ready_bytes > resume_below(ctx.config.queue_bytes_max)
+            || self.waiting() > resume_below(ctx.config.queue_messages_max as u64)
+            || self.waiting_bytes() > resume_below(ctx.config.queue_bytes_max)
         {
             return;
         }
@@ -511,36 +649,41 @@ impl Queue {
                 Some(token),
             );
         }
-        self.hold(Held::resident(message, 0, None), false);
-        self.dispatch(ctx);
-        self.page_out(ctx);
+        self.take(ctx, message, None);
     }
 
     /// Drops a message still waiting in `ready` (its log record could not be written, so it
     /// must not be delivered as if stored). One handed out already stays with its consumer.
     /// Returns the sender of the message dropped, when known.
     pub(crate) fn forget_ready(&mut self, id: MessageId) -> Option<ConnectionId> {
-        let index = self.ready.iter().position(|held| held.id() == id)?;
+        let Some(index) = self.ready.iter().position(|held| held.id() == id) else {
+            let origin = self.tail.as_mut()?.forget(id)?;
+            self.enqueued = self.enqueued.saturating_sub(1);
+            return origin;
+        };
         let held = self.ready.remove(index)?;
         self.ready_bytes -= held.body_bytes();
         self.enqueued = self.enqueued.saturating_sub(1);
         match held.body {
-            Body::Resident { origin, .. } => origin,
+            Body::Resident { origin, .. } => origin.get(),
             Body::Paged(_) => None,
         }
     }
 
-    /// Puts recovered messages back at startup, in log order: their index entries only, the
-    /// bodies stay in the store until their turn.
+    /// Puts recovered messages back at startup, in log order. One never delivered joins the
+    /// tail, which keeps only a count of them, so memory after a restart does not grow with
+    /// the backlog; one delivered before the restart (few: at most the consumers' windows)
+    /// waits in `ready` as an index entry, ahead of the tail, to be redelivered first.
     pub(crate) fn restore(&mut self, entry: Paged, deliveries: u32) {
         self.enqueued += 1;
-        let held = Held {
-            body: Body::Paged(entry),
-            deliveries,
-            unsent: 0,
-            order: 0,
-        };
-        self.hold(held, false);
+        if deliveries == 0 {
+            self.tail.get_or_insert_with(Box::default).restore(&entry);
+            return;
+        }
+        if let Some(tail) = &mut self.tail {
+            tail.skip(entry.at());
+        }
+        self.hold(Held::paged(entry, deliveries), false);
     }
 
     pub(crate) fn subscribe(
@@ -719,7 +862,10 @@ impl Queue {
             // message cancel the new one instead, and paging waits for it.
             message.stored_at.clear();
             if Self::logged(ctx, &message) {
-                // Log it again so a restart keeps it.
+                // Log it again so a restart keeps it (a tail's scan passes the new record over).
+                if let Some(tail) = &mut self.tail {
+                    tail.skip_id(message.id);
+                }
                 ctx.append(
                     Record::Message {
                         message: message.clone(),
@@ -808,7 +954,13 @@ impl Queue {
     }
 
     fn hand_out(&mut self, ctx: &mut Ctx<'_>) {
-        while let Some(front) = self.ready.front() {
+        loop {
+            if self.tail.is_some() && !self.consumers.is_empty() {
+                self.refill(ctx);
+            }
+            let Some(front) = self.ready.front() else {
+                return;
+            };
             let frame_bytes = front.frame_bytes_estimate();
             let Some(key) = self.next_with_credit(frame_bytes) else {
                 return;
@@ -917,14 +1069,17 @@ impl Queue {
     /// Nothing waits and nobody listens: the shard forgets the queue, so that names used once
     /// do not pile up (a client cannot grow memory by inventing destination names).
     pub(crate) fn is_idle(&self) -> bool {
-        self.ready.is_empty() && self.consumers.is_empty() && self.throttled.is_empty()
+        self.ready.is_empty()
+            && self.tail.is_none()
+            && self.consumers.is_empty()
+            && self.throttled.is_empty()
     }
 
     pub(crate) fn stats(&self) -> QueueStats {
         let unacked: usize = self.consumers.values().map(|c| c.unacked.len()).sum();
         QueueStats {
             name: self.name.clone(),
-            size: (self.ready.len() + unacked) as u64,
+            size: self.waiting() + unacked as u64,
             dequeued: self.dequeued,
             enqueued: self.enqueued,
         }
@@ -958,7 +1113,7 @@ impl Queue {
             Body::Paged(paged) => HeldView {
                 id: paged.id(),
                 logged: true,
-                paged: Some(paged.at),
+                paged: Some(paged.at()),
                 body: None,
                 deliveries: held.deliveries,
             },
@@ -970,7 +1125,14 @@ impl Queue {
         views
     }
 
-    /// Messages held (waiting or unacknowledged), for tests and invariant checks.
+    /// The tail's members, for the paging checks.
+    #[cfg(test)]
+    pub(crate) fn tail_span(&self) -> Option<super::tail::TailSpan> {
+        self.tail.as_ref().map(|tail| tail.span())
+    }
+
+    /// Messages held in memory (waiting in `ready` or unacknowledged; not the tail's), for
+    /// tests and invariant checks.
     pub(crate) fn held_ids(&self) -> Vec<MessageId> {
         let mut ids: Vec<MessageId> = self.ready.iter().map(Held::id).collect();
         for consumer in self.consumers.values() {
@@ -1191,8 +1353,23 @@ mod tests {
     /// What a waiting message costs a queue (docs/ARCHITECTURE.md, "Queue storage"): the
     /// figures the documentation gives, so a field added here is a documented decision.
     #[test]
-    fn a_queue_entry_is_56_bytes_and_a_paged_body_32() {
+    fn a_queue_entry_is_48_bytes_and_a_paged_body_32() {
         assert_eq!(std::mem::size_of::<Paged>(), 32);
-        assert_eq!(std::mem::size_of::<Held>(), 56);
+        assert_eq!(std::mem::size_of::<Held>(), 48);
+    }
+
+    #[test]
+    fn an_origin_packs_a_connection_or_none() {
+        let conn = ConnectionId {
+            shard: ShardId(3),
+            local: 77,
+        };
+        assert_eq!(Origin::of(Some(conn)).get(), Some(conn));
+        assert_eq!(Origin::of(None).get(), None);
+        let far = ConnectionId {
+            shard: ShardId(u16::MAX),
+            local: (1 << 48) - 1,
+        };
+        assert_eq!(Origin::of(Some(far)).get(), None);
     }
 }

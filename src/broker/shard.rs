@@ -664,6 +664,15 @@ impl<S: Store> Shard<S> {
         }
     }
 
+    /// The tail of a queue, if it has one (for the paging checks).
+    #[cfg(test)]
+    pub(crate) fn tail_span(&self, destination: &[u8]) -> Option<super::tail::TailSpan> {
+        match self.destinations.get(destination) {
+            Some(Destination::Queue(queue)) => queue.tail_span(),
+            _ => None,
+        }
+    }
+
     /// Bodies of the auto-acked deliveries waiting in this shard's sessions for room in
     /// their out buffers: left their queues, not yet written (for the paging checks).
     #[cfg(test)]

@@ -1,12 +1,40 @@
 //! What the broker logic reads back from its shard's store: the bodies of messages a queue
-//! paged out. Writes still leave as [`super::Effect::Append`] effects, carried out by the
+//! paged out, and the records of a queue's tail (see `super::tail`). Writes still leave as [`super::Effect::Append`] effects, carried out by the
 //! server after each call; a read cannot wait for that, so the shard holds its store and a
 //! queue calls it in place (the store is a memory-mapped log: a read touches no socket and
 //! does not block on more than a page fault).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::types::{Message, Paged};
+use super::types::{Message, MessageId, Paged, StoreRef};
+
+/// Live records of a queue that its tail's scan passes over: they are held in memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Skip {
+    /// By position: messages recovery put in the queue's head (delivered before a restart).
+    pub at: BTreeSet<StoreRef>,
+    /// By id: messages logged again while the tail existed (handed back unwritten, see
+    /// `Queue::returned_all`), whose new records land among the tail's. Each is forgotten
+    /// once passed.
+    pub ids: BTreeSet<MessageId>,
+}
+
+impl Skip {
+    /// Whether the scan passes over the record of `id` at `at`.
+    pub fn passes_over(&mut self, at: StoreRef, id: MessageId) -> bool {
+        self.at.contains(&at) || self.ids.remove(&id)
+    }
+}
+
+/// Where a [`Store::scan`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scanned {
+    /// Where the next scan starts: after the last record handed out, or the store's end.
+    pub next: StoreRef,
+    /// The scan reached the end of what the store has written before it found `max` records.
+    pub at_end: bool,
+}
 
 /// How much of its disk budget (`disk_bytes_max`, this shard's share) the store holds, as
 /// producer flow control reads it. The levels are the memory budget's: producers are paused
@@ -45,6 +73,20 @@ pub trait Store: Send {
     /// is only ever paged out once its record is written, so `None` means damage.
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message>;
 
+    /// Appends to `out` the index entries of up to `max` live message records of queue
+    /// `destination`, in store order, from `from` on, but those skipped: the next members of
+    /// a queue's tail ([`Skip::passes_over`] decides on each of the queue's records). Records
+    /// written by an earlier run that were transient are not live. A record that cannot be
+    /// read is passed over (the store says why in its log).
+    fn scan(
+        &mut self,
+        destination: &Arc<[u8]>,
+        from: StoreRef,
+        skip: &mut Skip,
+        max: usize,
+        out: &mut Vec<Paged>,
+    ) -> Scanned;
+
     /// How full the store's disk budget is now (as of the appends carried out so far). A
     /// question answered from the store's own bookkeeping: no I/O.
     fn disk_pressure(&self) -> DiskPressure {
@@ -60,11 +102,39 @@ impl Store for NoStore {
     fn load(&mut self, _destination: &Arc<[u8]>, _entry: &Paged) -> Option<Message> {
         None
     }
+
+    fn scan(
+        &mut self,
+        _destination: &Arc<[u8]>,
+        from: StoreRef,
+        _skip: &mut Skip,
+        _max: usize,
+        _out: &mut Vec<Paged>,
+    ) -> Scanned {
+        Scanned {
+            next: from,
+            at_end: true,
+        }
+    }
 }
 
 impl<S: Store> Store for Option<S> {
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message> {
         self.as_mut()?.load(destination, entry)
+    }
+
+    fn scan(
+        &mut self,
+        destination: &Arc<[u8]>,
+        from: StoreRef,
+        skip: &mut Skip,
+        max: usize,
+        out: &mut Vec<Paged>,
+    ) -> Scanned {
+        match self {
+            Some(store) => store.scan(destination, from, skip, max, out),
+            None => NoStore.scan(destination, from, skip, max, out),
+        }
     }
 
     fn disk_pressure(&self) -> DiskPressure {

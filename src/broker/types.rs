@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::hash::Hasher;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use super::memory::{MemoryBudget, MemoryCharge, MESSAGE_OVERHEAD_BYTES};
@@ -248,12 +249,14 @@ impl PartialEq for StoredAt {
 
 impl Eq for StoredAt {}
 
-/// A queued message whose body is not in memory but in the shard's store: what a queue keeps
-/// per message of a backlog, 32 bytes. Only logged (persistent) messages are paged out, and
-/// only once their record is written, so `at` always names a live record.
+/// A queued message whose body is not in memory but in the shard's store: the index entry a
+/// queue keeps per message between its head and its tail, 32 bytes. Only a message whose
+/// record is written is paged out, so `at` always names a live record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Paged {
-    pub at: StoreRef,
+    /// A record is never at 0 (a segment starts with its header), so the queue entry holding
+    /// this can use 0 as its own tag: that keeps an entry at 48 bytes.
+    at: NonZeroU64,
     pub id_seq: u64,
     /// `expires` (0: never), as [`Message::expires_ms`].
     pub expires_ms: u64,
@@ -267,14 +270,31 @@ impl Paged {
     /// The entry for `message`, written at `at`.
     pub fn of(message: &Message, at: StoreRef) -> Paged {
         let head = message.header_block.len() + message.destination.len();
+        Paged::new(at, message.id, message.expires_ms, message.body.len(), head)
+    }
+
+    /// The entry for a record at `at` (never 0) of message `id`, with `body_bytes` of body and
+    /// `head_bytes` of header block and destination (both saturated).
+    pub fn new(
+        at: StoreRef,
+        id: MessageId,
+        expires_ms: u64,
+        body_bytes: usize,
+        head_bytes: usize,
+    ) -> Paged {
         Paged {
-            at,
-            id_seq: message.id.seq,
-            expires_ms: message.expires_ms,
-            body_bytes: u32::try_from(message.body.len()).unwrap_or(u32::MAX),
-            head_bytes: u16::try_from(head).unwrap_or(u16::MAX),
-            id_shard: message.id.shard.0,
+            at: NonZeroU64::new(at.0).expect("no record is at 0"),
+            id_seq: id.seq,
+            expires_ms,
+            body_bytes: u32::try_from(body_bytes).unwrap_or(u32::MAX),
+            head_bytes: u16::try_from(head_bytes).unwrap_or(u16::MAX),
+            id_shard: id.shard.0,
         }
+    }
+
+    /// Its record in the store.
+    pub fn at(&self) -> StoreRef {
+        StoreRef(self.at.get())
     }
 
     pub fn id(&self) -> MessageId {

@@ -34,6 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::{self, File};
+use std::ops::ControlFlow;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
@@ -362,7 +363,6 @@ impl LiveSet {
         fresh
     }
 
-    #[cfg(test)]
     fn contains(&self, offset: u64) -> bool {
         self.slot(offset)
             .is_some_and(|(word, mask)| self.words[word] & mask != 0)
@@ -564,6 +564,52 @@ impl ShardLog {
             }
         }
         Ok(())
+    }
+
+    /// Visits the live message records from `from` on, in log order, until `visit` breaks:
+    /// what a queue reads its tail back with. Returns where the scan stands: after the last
+    /// record visited, or the log's end. A record the recovery skipped as damaged is passed
+    /// over again; a transient record an earlier run wrote is not live.
+    pub fn scan_live(
+        &mut self,
+        from: Position,
+        mut visit: impl FnMut(Position, MessageView<'_>) -> ControlFlow<()>,
+    ) -> Result<Position, LogError> {
+        for (&sequence, state) in self.segments.range_mut(from.segment..) {
+            let SegmentState { segment, live, .. } = state;
+            let format_version = segment.format_version();
+            let end = segment.write_offset();
+            let mut offset = SEGMENT_HEADER_BYTES as u64;
+            if sequence == from.segment {
+                offset = offset.max(from.offset);
+            }
+            while offset < end {
+                let bytes = segment.record_bytes(offset)?;
+                let (record, len) = match decode_record_as(bytes, sequence, format_version) {
+                    Decoded::Record { record, len } => (record, len as u64),
+                    Decoded::Corrupt { len, .. } => {
+                        offset += len as u64;
+                        continue;
+                    }
+                    Decoded::End | Decoded::Unframed(_) => break,
+                };
+                let position = Position {
+                    segment: sequence,
+                    offset,
+                };
+                offset += len;
+                let RecordView::Message(view) = record else {
+                    continue;
+                };
+                if live.contains(position.offset) && visit(position, view).is_break() {
+                    return Ok(Position {
+                        segment: sequence,
+                        offset,
+                    });
+                }
+            }
+        }
+        Ok(self.appended)
     }
 
     /// The rebuild's last step: the log as recovery leaves it. Every segment but the last is

@@ -17,13 +17,14 @@
 //! stored).
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use crate::broker::{
-    DiskPressure, DurableToken, Message, MessageId, Paged, Record, Recovered, ShardId, Store,
-    StoreRef, StoredAt,
+    DiskPressure, DurableToken, Message, MessageId, Paged, Record, Recovered, Scanned, ShardId,
+    Skip, Store, StoreRef, StoredAt,
 };
-use crate::log::format::{BinaryId, StoredHeaders};
+use crate::log::format::{BinaryId, MessageView, StoredHeaders};
 use crate::log::{LogError, MessageRecord, Position, ShardLog, SyncRequest};
 
 /// A sync the shard ring is carrying out.
@@ -59,6 +60,42 @@ struct Waiting {
     message: Option<(Arc<[u8]>, MessageId)>,
     /// The append itself failed, for this reason.
     failed: Option<&'static str>,
+}
+
+/// Ids for message records whose stored id is not one of ours (versions 1 and 2 kept the
+/// text the writer gave): counting down from the first id of this boot keeps them apart from
+/// the ids it hands out.
+#[derive(Debug)]
+struct FallbackIds {
+    shard: ShardId,
+    next_seq: u64,
+}
+
+impl FallbackIds {
+    /// The queue's index entry for the message record `view` at `position`.
+    fn entry(&mut self, position: Position, view: &MessageView<'_>) -> Paged {
+        // Binary from format version 3 on; text the broker wrote (`<shard>-<seq>`) before.
+        let id = match view.message_id().binary() {
+            Some(id) => MessageId {
+                shard: ShardId(id.shard),
+                seq: id.seq,
+            },
+            None => {
+                self.next_seq -= 1;
+                MessageId {
+                    shard: self.shard,
+                    seq: self.next_seq,
+                }
+            }
+        };
+        Paged::new(
+            pack(position),
+            id,
+            view.expires_ms(),
+            view.body.len(),
+            view.head_bytes(),
+        )
+    }
 }
 
 /// A message record held back until the end of the handler pass.
@@ -106,6 +143,8 @@ pub struct Durability {
     /// `--fsync always`: tokens wait for the sync; otherwise they are released at once.
     receipts_wait_for_sync: bool,
     sync: Option<SyncInFlight>,
+    /// Ids for records of older formats, as recovery and tail scans read them.
+    fallback: FallbackIds,
 }
 
 /// io_uring user tokens of this module's fsyncs (the handler owns the rest of the space).
@@ -124,6 +163,10 @@ impl Durability {
             failed: false,
             receipts_wait_for_sync,
             sync: None,
+            fallback: FallbackIds {
+                shard: ShardId(0),
+                next_seq: u64::MAX,
+            },
         }
     }
 
@@ -134,26 +177,17 @@ impl Durability {
     pub fn recover(
         &mut self,
         shard: ShardId,
-        mut fallback_seq: u64,
+        fallback_seq: u64,
         mut restore: impl FnMut(Recovered),
     ) -> Result<(), LogError> {
+        self.fallback = FallbackIds {
+            shard,
+            next_seq: fallback_seq,
+        };
+        let fallback = &mut self.fallback;
         let mut destination: Arc<[u8]> = Arc::from(&b""[..]);
         self.log.for_each_pending(|pending| {
             let view = pending.view;
-            // Binary from format version 3 on; text the broker wrote (`<shard>-<seq>`) before.
-            let id = match view.message_id().binary() {
-                Some(id) => MessageId {
-                    shard: ShardId(id.shard),
-                    seq: id.seq,
-                },
-                None => {
-                    fallback_seq -= 1;
-                    MessageId {
-                        shard,
-                        seq: fallback_seq,
-                    }
-                }
-            };
             // One name per run of messages of the same queue, not one per message.
             if *destination != *view.destination {
                 destination = Arc::from(view.destination);
@@ -165,14 +199,7 @@ impl Durability {
             };
             restore(Recovered {
                 destination: destination.clone(),
-                entry: Paged {
-                    at: pack(pending.position),
-                    id_seq: id.seq,
-                    expires_ms: view.expires_ms(),
-                    body_bytes: u32::try_from(view.body.len()).unwrap_or(u32::MAX),
-                    head_bytes: u16::try_from(view.head_bytes()).unwrap_or(u16::MAX),
-                    id_shard: id.shard.0,
-                },
+                entry: fallback.entry(pending.position, &view),
                 deliveries,
             });
         })
@@ -541,7 +568,7 @@ fn same_queue(a: &Arc<[u8]>, b: &[u8]) -> bool {
 impl Store for Durability {
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message> {
         let shard = self.log.config().shard;
-        let view = match self.log.read_message(unpack(entry.at)) {
+        let view = match self.log.read_message(unpack(entry.at())) {
             Ok(view) => view,
             Err(error) => {
                 tracing::error!(
@@ -574,8 +601,54 @@ impl Store for Durability {
                 persistent,
             ),
         };
-        message.stored_at = StoredAt::at(entry.at);
+        message.stored_at = StoredAt::at(entry.at());
         Some(message)
+    }
+
+    fn scan(
+        &mut self,
+        destination: &Arc<[u8]>,
+        from: StoreRef,
+        skip: &mut Skip,
+        max: usize,
+        out: &mut Vec<Paged>,
+    ) -> Scanned {
+        let fallback = &mut self.fallback;
+        let mut taken = 0;
+        let scanned = self.log.scan_live(unpack(from), |position, view| {
+            if *view.destination != **destination {
+                return ControlFlow::Continue(());
+            }
+            let entry = fallback.entry(position, &view);
+            if skip.passes_over(entry.at(), entry.id()) {
+                return ControlFlow::Continue(());
+            }
+            out.push(entry);
+            taken += 1;
+            if taken < max {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        });
+        match scanned {
+            Ok(next) => Scanned {
+                next: pack_end(next),
+                at_end: taken < max,
+            },
+            Err(error) => {
+                // Only an unmappable segment gets here: the queue's tail reads what it found.
+                tracing::error!(
+                    shard = self.log.config().shard,
+                    destination = %String::from_utf8_lossy(destination),
+                    "a queue's backlog could not be read from the log: {error}"
+                );
+                Scanned {
+                    next: from,
+                    at_end: true,
+                }
+            }
+        }
     }
 
     /// From the segment files the log holds (a running sum, no I/O) against its share of
@@ -599,6 +672,18 @@ pub fn pack(position: Position) -> StoreRef {
     );
     debug_assert!(position.segment < 1 << (64 - OFFSET_BITS));
     StoreRef(position.segment << OFFSET_BITS | position.offset >> 3)
+}
+
+/// [`pack`] for where a scan stopped, which may be the very end of a 4 GiB segment: the start
+/// of the next one is the same place for a scan.
+fn pack_end(position: Position) -> StoreRef {
+    if position.offset >> 3 >= 1 << OFFSET_BITS {
+        return pack(Position {
+            segment: position.segment + 1,
+            offset: 0,
+        });
+    }
+    pack(position)
 }
 
 pub fn unpack(at: StoreRef) -> Position {

@@ -209,6 +209,46 @@ fn a_logged_backlog_past_half_the_budget_is_paged_out_and_drains_in_order() {
     assert!(store.live.is_empty(), "every record acknowledged once");
 }
 
+/// Past the paging level a backlog's newest messages are kept only in the store, as the
+/// queue's tail: the queue holds a short head of entries however long the backlog grows. A
+/// consumer that keeps up on another queue of the same shard is still served from memory:
+/// nothing it gets is read back from the store.
+#[test]
+fn a_backlog_keeps_a_short_head_and_a_consumer_that_keeps_up_is_served_from_memory() {
+    let (mut cluster, _, bodies) = backlog_past_the_budget(1, "/queue/backlog", true);
+    let head = cluster.shards[0].held_message_ids(b"/queue/backlog").len();
+    let tail = cluster.shards[0]
+        .tail_span(b"/queue/backlog")
+        .expect("the backlog has a tail");
+    let in_tail = tail.written + tail.unwritten.len() as u64;
+    assert_eq!(head as u64 + in_tail, bodies.len() as u64);
+    assert!(
+        head < 100,
+        "{head} entries in memory, {in_tail} in the tail"
+    );
+
+    let producer = cluster.connect(0);
+    let consumer = cluster.connect(0);
+    cluster.subscribe(consumer, "c", "/queue/live", "auto");
+    let loads = cluster.shards[0].store_mut().loads;
+    for n in 0..50 {
+        let body = format!("live {n}");
+        let headers = [("destination", "/queue/live"), ("persistent", "true")];
+        cluster.send(producer, frame(Command::Send, &headers, body.as_bytes()));
+        cluster.appended.clear();
+        let frames = cluster.frames(consumer);
+        assert_eq!(frames.len(), 1, "delivered at once");
+        assert_eq!(frames[0].body, body.as_bytes());
+        cluster.flush(consumer);
+    }
+    assert_eq!(
+        cluster.shards[0].store_mut().loads,
+        loads,
+        "nothing read back"
+    );
+    assert!(cluster.shards[0].tail_span(b"/queue/live").is_none());
+}
+
 /// Non-persistent messages past half the budget go to the store too, as transient records
 /// (ActiveMQ's temp store): the producer is not paused for memory, everything drains in
 /// order, and every transient record is released once its message is consumed.

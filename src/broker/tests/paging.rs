@@ -25,6 +25,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use super::*;
+use crate::broker::destination::HeldView;
+use crate::broker::tail::TailSpan;
 use crate::broker::MemoryBudget;
 
 const QUEUES: usize = 3;
@@ -160,6 +162,8 @@ struct Tally {
     paged_out: u64,
     /// Paged entries seen in all.
     paged: u64,
+    /// Tail members seen before any restart (made by arrivals under pressure, not recovery).
+    tailed: u64,
     restarts: u64,
     /// Final fates: consumed, expired, lost (non-persistent, restart), refused.
     fates: [u64; 4],
@@ -201,6 +205,39 @@ fn queue_index(name: &[u8]) -> usize {
     (0..2 * QUEUES)
         .find(|&index| queue_name(index).as_bytes() == name)
         .unwrap_or_else(|| panic!("unknown queue {}", String::from_utf8_lossy(name)))
+}
+
+/// A tail's members as held views: its written records as the queue will read them from the
+/// store (the queue's live records from `from` on, but those skipped), then those not written.
+fn tail_views(store: &TestStore, name: &[u8], span: &TailSpan) -> Vec<HeldView> {
+    let mut views = Vec::new();
+    if let Some(from) = span.from {
+        let written = store
+            .live
+            .range(from.0..)
+            .filter(|(&at, m)| {
+                *m.destination == *name
+                    && !span.skip.at.contains(&StoreRef(at))
+                    && !span.skip.ids.contains(&m.id)
+            })
+            .take(span.written as usize)
+            .map(|(&at, m)| HeldView {
+                id: m.id,
+                logged: true,
+                paged: Some(StoreRef(at)),
+                body: None,
+                deliveries: 0,
+            });
+        views.extend(written);
+    }
+    views.extend(span.unwritten.iter().map(|m| HeldView {
+        id: m.id,
+        logged: true,
+        paged: None,
+        body: Some(m.body.to_vec()),
+        deliveries: 0,
+    }));
+    views
 }
 
 impl Harness {
@@ -534,7 +571,16 @@ impl Harness {
             }
             for queue in 0..2 * QUEUES {
                 let name = queue_name(queue);
-                let views = shard.held_views(name.as_bytes());
+                let mut views = shard.held_views(name.as_bytes());
+                if let Some(span) = shard.tail_span(name.as_bytes()) {
+                    let members = tail_views(store, name.as_bytes(), &span);
+                    let written = members.iter().filter(|v| v.paged.is_some()).count();
+                    prop_assert_eq!(written as u64, span.written, "{}: tail members", name);
+                    if self.generation == 0 {
+                        self.seen.tailed += members.len() as u64;
+                    }
+                    views.extend(members);
+                }
                 let mut logged = BTreeSet::new();
                 for view in &views {
                     let tag = match (&view.body, view.paged) {
@@ -744,6 +790,7 @@ fn interleavings_keep_the_index_the_cache_and_the_log_in_agreement() {
     let totals = std::sync::Mutex::new([0u64; 6]);
     let paged_out = AtomicU64::new(0);
     let paged = AtomicU64::new(0);
+    let tailed = AtomicU64::new(0);
     let restarts = AtomicU64::new(0);
     let strategy = (
         1..3u16,
@@ -754,6 +801,7 @@ fn interleavings_keep_the_index_the_cache_and_the_log_in_agreement() {
         let seen = run_case(shards, budget, &ops)?;
         paged_out.fetch_add(seen.paged_out, Ordering::Relaxed);
         paged.fetch_add(seen.paged, Ordering::Relaxed);
+        tailed.fetch_add(seen.tailed, Ordering::Relaxed);
         restarts.fetch_add(seen.restarts, Ordering::Relaxed);
         let mut totals = totals.lock().unwrap();
         for (total, count) in totals.iter_mut().zip(
@@ -766,9 +814,11 @@ fn interleavings_keep_the_index_the_cache_and_the_log_in_agreement() {
         Ok(())
     });
     eprintln!(
-        "{cases} cases: {} paged entries seen ({} paged out before any restart), {} restarts",
+        "{cases} cases: {} paged entries seen ({} paged out before any restart), {} tail \
+         members before any restart, {} restarts",
         paged.load(Ordering::Relaxed),
         paged_out.load(Ordering::Relaxed),
+        tailed.load(Ordering::Relaxed),
         restarts.load(Ordering::Relaxed),
     );
     eprintln!(
@@ -781,6 +831,10 @@ fn interleavings_keep_the_index_the_cache_and_the_log_in_agreement() {
     assert!(
         paged_out.load(Ordering::Relaxed) > 0,
         "no case paged anything out: the budget is too large to test paging"
+    );
+    assert!(
+        tailed.load(Ordering::Relaxed) > 0,
+        "no queue kept a tail in the store: the budget is too large to test tails"
     );
     assert!(restarts.load(Ordering::Relaxed) > 0, "no case restarted");
     assert!(paged.load(Ordering::Relaxed) > paged_out.load(Ordering::Relaxed));

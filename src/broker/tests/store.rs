@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::broker::{
-    DiskPressure, MemoryCharge, Message, Paged, Record, Recovered, Store, StoreRef, StoredAt,
+    DiskPressure, MemoryCharge, Message, Paged, Record, Recovered, Scanned, Skip, Store, StoreRef,
+    StoredAt,
 };
 
 #[derive(Debug, Default)]
@@ -18,6 +19,9 @@ pub(crate) struct TestStore {
     next: u64,
     /// What `disk_pressure` answers: tests set it as a log's budget would fill and drain.
     pub disk: DiskPressure,
+    /// Messages read back (`load`), and tail scans (`scan`).
+    pub loads: u64,
+    pub scans: u64,
 }
 
 impl TestStore {
@@ -100,11 +104,39 @@ impl TestStore {
 
 impl Store for TestStore {
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message> {
-        let stored = self.live.get(&entry.at.0)?;
+        self.loads += 1;
+        let stored = self.live.get(&entry.at().0)?;
         assert_eq!(stored.id, entry.id(), "a paged entry names its own record");
         let message = stored.moved_to(destination.clone());
-        message.stored_at.set(entry.at);
+        message.stored_at.set(entry.at());
         Some(message)
+    }
+
+    fn scan(
+        &mut self,
+        destination: &Arc<[u8]>,
+        from: StoreRef,
+        skip: &mut Skip,
+        max: usize,
+        out: &mut Vec<Paged>,
+    ) -> Scanned {
+        self.scans += 1;
+        let mut next = StoreRef(self.next + 8);
+        let mut taken = 0;
+        for (&at, message) in self.live.range(from.0..) {
+            if taken == max {
+                next = StoreRef(at);
+                break;
+            }
+            if message.destination == *destination && !skip.passes_over(StoreRef(at), message.id) {
+                out.push(Paged::of(message, StoreRef(at)));
+                taken += 1;
+            }
+        }
+        Scanned {
+            next,
+            at_end: taken < max,
+        }
     }
 
     fn disk_pressure(&self) -> DiskPressure {
