@@ -56,7 +56,7 @@ pub use effects::{DurableToken, Effect, Effects, HeartbeatPlan, Record, Rejectio
 pub use error::{write_error_frame, ProtocolError, SUPPORTED_VERSIONS};
 pub use memory::{MemoryBudget, MemoryCharge, MESSAGE_OVERHEAD_BYTES, UNLIMITED};
 pub use shard::{RestoreError, Shard, ShardMetrics};
-pub use store::{DiskPressure, NoStore, Scanned, Skip, Store};
+pub use store::{DiskPressure, NoStore, Scanned, Skip, Store, TailScan};
 pub use types::{
     dead_letter_queue, shard_of, AckMode, ConnectionId, ConsumerKey, DestinationKind, Message,
     MessageId, Paged, QueueStats, Recovered, ShardId, StoreRef, StoredAt, DEAD_LETTER_PREFIX,

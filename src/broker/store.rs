@@ -27,6 +27,18 @@ impl Skip {
     }
 }
 
+/// What [`Store::scan`] is asked: up to `max` live message records of queue `destination`,
+/// in store order, from `from` on, but those `skip` passes over, appended to `out` as index
+/// entries.
+#[derive(Debug)]
+pub struct TailScan<'a> {
+    pub destination: &'a Arc<[u8]>,
+    pub from: StoreRef,
+    pub skip: &'a mut Skip,
+    pub max: usize,
+    pub out: &'a mut Vec<Paged>,
+}
+
 /// Where a [`Store::scan`] stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scanned {
@@ -73,19 +85,11 @@ pub trait Store: Send {
     /// is only ever paged out once its record is written, so `None` means damage.
     fn load(&mut self, destination: &Arc<[u8]>, entry: &Paged) -> Option<Message>;
 
-    /// Appends to `out` the index entries of up to `max` live message records of queue
-    /// `destination`, in store order, from `from` on, but those skipped: the next members of
-    /// a queue's tail ([`Skip::passes_over`] decides on each of the queue's records). Records
-    /// written by an earlier run that were transient are not live. A record that cannot be
-    /// read is passed over (the store says why in its log).
-    fn scan(
-        &mut self,
-        destination: &Arc<[u8]>,
-        from: StoreRef,
-        skip: &mut Skip,
-        max: usize,
-        out: &mut Vec<Paged>,
-    ) -> Scanned;
+    /// Reads the next members of a queue's tail ([`TailScan`]; [`Skip::passes_over`] decides
+    /// on each of the queue's records). Records written by an earlier run that were transient
+    /// are not live. A record that cannot be read is passed over (the store says why in its
+    /// log).
+    fn scan(&mut self, scan: TailScan<'_>) -> Scanned;
 
     /// How full the store's disk budget is now (as of the appends carried out so far). A
     /// question answered from the store's own bookkeeping: no I/O.
@@ -103,16 +107,9 @@ impl Store for NoStore {
         None
     }
 
-    fn scan(
-        &mut self,
-        _destination: &Arc<[u8]>,
-        from: StoreRef,
-        _skip: &mut Skip,
-        _max: usize,
-        _out: &mut Vec<Paged>,
-    ) -> Scanned {
+    fn scan(&mut self, scan: TailScan<'_>) -> Scanned {
         Scanned {
-            next: from,
+            next: scan.from,
             at_end: true,
         }
     }
@@ -123,17 +120,10 @@ impl<S: Store> Store for Option<S> {
         self.as_mut()?.load(destination, entry)
     }
 
-    fn scan(
-        &mut self,
-        destination: &Arc<[u8]>,
-        from: StoreRef,
-        skip: &mut Skip,
-        max: usize,
-        out: &mut Vec<Paged>,
-    ) -> Scanned {
+    fn scan(&mut self, scan: TailScan<'_>) -> Scanned {
         match self {
-            Some(store) => store.scan(destination, from, skip, max, out),
-            None => NoStore.scan(destination, from, skip, max, out),
+            Some(store) => store.scan(scan),
+            None => NoStore.scan(scan),
         }
     }
 

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::store::{Skip, Store};
+use super::store::{Skip, Store, TailScan};
 use super::types::{ConnectionId, Message, MessageId, Paged, StoreRef};
 
 /// How many index entries one read brings back: a batch is a few tens of KiB of memory per
@@ -165,7 +165,13 @@ impl Tail {
         if let Some(from) = self.from {
             let before = out.len();
             let wanted = max.min(usize::try_from(self.count).unwrap_or(usize::MAX));
-            let scanned = store.scan(name, from, &mut self.skip, wanted, out);
+            let scanned = store.scan(TailScan {
+                destination: name,
+                from,
+                skip: &mut self.skip,
+                max: wanted,
+                out,
+            });
             for entry in &out[before..] {
                 self.count -= 1;
                 self.bytes -= u64::from(entry.body_bytes);

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::broker::{
     DiskPressure, DurableToken, Message, MessageId, Paged, Record, Recovered, Scanned, ShardId,
-    Skip, Store, StoreRef, StoredAt,
+    Store, StoreRef, StoredAt, TailScan,
 };
 use crate::log::format::{BinaryId, MessageView, StoredHeaders};
 use crate::log::{LogError, MessageRecord, Position, ShardLog, SyncRequest};
@@ -605,14 +605,14 @@ impl Store for Durability {
         Some(message)
     }
 
-    fn scan(
-        &mut self,
-        destination: &Arc<[u8]>,
-        from: StoreRef,
-        skip: &mut Skip,
-        max: usize,
-        out: &mut Vec<Paged>,
-    ) -> Scanned {
+    fn scan(&mut self, scan: TailScan<'_>) -> Scanned {
+        let TailScan {
+            destination,
+            from,
+            skip,
+            max,
+            out,
+        } = scan;
         let fallback = &mut self.fallback;
         let mut taken = 0;
         let scanned = self.log.scan_live(unpack(from), |position, view| {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::broker::{
-    DiskPressure, MemoryCharge, Message, Paged, Record, Recovered, Scanned, Skip, Store, StoreRef,
-    StoredAt,
+    DiskPressure, MemoryCharge, Message, Paged, Record, Recovered, Scanned, Store, StoreRef,
+    StoredAt, TailScan,
 };
 
 #[derive(Debug, Default)]
@@ -112,30 +112,24 @@ impl Store for TestStore {
         Some(message)
     }
 
-    fn scan(
-        &mut self,
-        destination: &Arc<[u8]>,
-        from: StoreRef,
-        skip: &mut Skip,
-        max: usize,
-        out: &mut Vec<Paged>,
-    ) -> Scanned {
+    fn scan(&mut self, scan: TailScan<'_>) -> Scanned {
         self.scans += 1;
         let mut next = StoreRef(self.next + 8);
         let mut taken = 0;
-        for (&at, message) in self.live.range(from.0..) {
-            if taken == max {
+        for (&at, message) in self.live.range(scan.from.0..) {
+            if taken == scan.max {
                 next = StoreRef(at);
                 break;
             }
-            if message.destination == *destination && !skip.passes_over(StoreRef(at), message.id) {
-                out.push(Paged::of(message, StoreRef(at)));
+            let at = StoreRef(at);
+            if message.destination == *scan.destination && !scan.skip.passes_over(at, message.id) {
+                scan.out.push(Paged::of(message, at));
                 taken += 1;
             }
         }
         Scanned {
             next,
-            at_end: taken < max,
+            at_end: taken < scan.max,
         }
     }
 
