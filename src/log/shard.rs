@@ -38,15 +38,16 @@ use std::ops::ControlFlow;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use roaring::RoaringBitmap;
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use super::error::LogError;
 use super::format::{
     decode_record_as, ends_data_at, Decoded, FormatError, MessageRecord, MessageView, Position,
     RecordRef, RecordView, ScanItem, SegmentHeader, SegmentScan, StoredId, FORMAT_VERSION,
-    FORMAT_VERSION_RECYCLING, FRAME_BYTES, REFS_FIXED_BYTES, REF_BYTES, SEGMENT_FLAG_RECYCLED,
-    SEGMENT_HEADER_BYTES,
+    FORMAT_VERSION_RECYCLING, FRAME_BYTES, RECORD_ALIGN, REFS_FIXED_BYTES, REF_BYTES,
+    SEGMENT_FLAG_RECYCLED, SEGMENT_HEADER_BYTES,
 };
 use super::policy::FsyncPolicy;
 use super::segment::{
@@ -323,87 +324,104 @@ pub struct Recovery {
     pub report: RecoveryReport,
 }
 
-/// The offsets of one segment's messages that are not acknowledged yet: one bit per 8-byte slot
-/// (every record starts at a multiple of 8), so insert, test and remove are a shift and a mask,
-/// with no hashing, and acks in send order walk the bitmap sequentially (cache friendly however
-/// large the backlog). It takes 1/64 of the segment's size in memory (1 MiB for 64 MiB),
-/// allocated zeroed, so untouched parts cost no resident memory. It replaced a SipHash
-/// `HashSet<u64>` whose lookups were ~20% of a shard's time under a backlog (see
-/// docs/PERFORMANCE.md).
-#[derive(Debug)]
+/// Which of one segment's message records are live (appended, or found pending by recovery, and
+/// not acknowledged or released since), at a cost that does not grow with the backlog: a count
+/// of the live ones, plus the set of those that died while the segment is kept. Pending messages
+/// cost nothing here, so a segment nobody acked in holds no set at all; a set grows only with
+/// acks and releases, and is dropped as soon as no message of the segment is live (`dead_below`
+/// then says all of it is dead). It replaced a bitmap of one bit per 8-byte slot, which took 1/64
+/// of every segment whatever was acked (180 MiB of anonymous memory for an 11.5 GiB backlog).
+///
+/// The dead set is a `RoaringBitmap` of `offset / 8` (every record starts at a multiple of
+/// `RECORD_ALIGN`): acks mostly come in send order and land in the same few 64 Ki-slot
+/// containers (one per 512 KiB of segment), each a sorted array of u16 until it fills past 4096
+/// values and becomes an 8 KiB bitmap. So a segment of 1 KiB records costs about 2 bytes per
+/// dead record (at most about 128 KiB per 64 MiB segment), and one of records under 128 bytes at
+/// most 1/64 of the segment, the old fixed cost.
+///
+/// The set knows which records died, not where records start: an offset inside a record (or at
+/// an ack or delivered record) of a segment with a live message reads as live. Positions come
+/// from the log's own `append_message` (and recovery), and the broker names only those, so that
+/// is enough; what is refused is every offset never written (in the segment header, at or past
+/// the write offset), every offset no record can start at (not a multiple of 8), and every
+/// offset of a segment whose messages are all dead.
+#[derive(Debug, Default)]
 struct LiveSet {
-    words: Vec<u64>,
-    count: usize,
+    /// Message records live in the segment.
+    count: u64,
+    /// Slots of the records at or after `dead_below` that were acked or released (and, after
+    /// recovery, the transient ones); `None` while there are none.
+    dead: Option<RoaringBitmap>,
+    /// Every record before this offset is dead: where the segment was written up to when its
+    /// count last fell to 0.
+    dead_below: u64,
 }
 
 impl LiveSet {
-    fn new(segment_bytes: u64) -> LiveSet {
-        LiveSet {
-            words: vec![0; (segment_bytes / 8).div_ceil(64) as usize],
-            count: 0,
-        }
+    /// A message record was appended at the write offset, past every record the set knows.
+    fn appended(&mut self) {
+        self.count += 1;
     }
 
-    /// Word index and bit mask of `offset`, or `None` for an offset no record can start at.
-    fn slot(&self, offset: u64) -> Option<(usize, u64)> {
-        if offset % 8 != 0 {
-            return None;
-        }
-        let index = offset / 8;
-        let word = usize::try_from(index / 64).ok()?;
-        (word < self.words.len()).then_some((word, 1u64 << (index % 64)))
-    }
-
-    /// Marks `offset` live; false if it already was.
-    fn insert(&mut self, offset: u64) -> bool {
-        let (word, mask) = self.slot(offset).expect("record offset inside its segment");
-        let fresh = self.words[word] & mask == 0;
-        self.words[word] |= mask;
-        self.count += usize::from(fresh);
-        fresh
-    }
-
-    fn contains(&self, offset: u64) -> bool {
-        self.slot(offset)
-            .is_some_and(|(word, mask)| self.words[word] & mask != 0)
-    }
-
-    /// Clears `offset`; false if it was not live.
-    fn remove(&mut self, offset: u64) -> bool {
-        let Some((word, mask)) = self.slot(offset) else {
+    /// Whether the record at `offset` is live, in a segment written up to `write_offset`.
+    fn is_live(&self, offset: u64, write_offset: u64) -> bool {
+        let Some(slot) = record_slot(offset) else {
             return false;
         };
-        let was = self.words[word] & mask != 0;
-        self.words[word] &= !mask;
-        self.count -= usize::from(was);
-        was
+        self.count > 0
+            && offset >= self.dead_below.max(SEGMENT_HEADER_BYTES as u64)
+            && offset < write_offset
+            && !self.dead.as_ref().is_some_and(|dead| dead.contains(slot))
     }
 
-    fn is_empty(&self) -> bool {
-        self.count == 0
+    /// Marks the record at `offset` dead; false (nothing changed) if it was not live.
+    fn kill(&mut self, offset: u64, write_offset: u64) -> bool {
+        if !self.is_live(offset, write_offset) {
+            return false;
+        }
+        let slot = record_slot(offset).expect("a live offset has a slot");
+        self.dead
+            .get_or_insert_with(RoaringBitmap::new)
+            .insert(slot);
+        self.count -= 1;
+        true
     }
 
-    /// The live offsets, ascending: log order within the segment.
-    fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(index, &word)| {
-            let base = index as u64 * 64;
-            let mut bits = word;
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let bit = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                Some((base + bit) * 8)
-            })
-        })
+    /// Undoes `kill(offset, ..)`, as long as `forget_dead` did not run in between.
+    fn revive(&mut self, offset: u64) {
+        let dead = self.dead.as_mut().expect("killed, so a dead set");
+        let removed = dead.remove(record_slot(offset).expect("killed, so a slot"));
+        debug_assert!(removed, "revived but not killed");
+        self.count += 1;
+        if dead.is_empty() {
+            self.dead = None;
+        }
     }
+
+    /// Once no message is live, drops the dead set: everything before `write_offset` is dead, and
+    /// records appended later start at or after it.
+    fn forget_dead(&mut self, write_offset: u64) {
+        if self.count == 0 {
+            self.dead = None;
+            self.dead_below = write_offset;
+        }
+    }
+}
+
+/// The slot of the record starting at `offset` in a dead set, or `None` where no record can
+/// start: records start at multiples of `RECORD_ALIGN` (8), and a segment of at most 4 GiB has
+/// fewer than 2^29 slots, so every slot fits a u32.
+fn record_slot(offset: u64) -> Option<u32> {
+    if offset % RECORD_ALIGN as u64 != 0 {
+        return None;
+    }
+    u32::try_from(offset / RECORD_ALIGN as u64).ok()
 }
 
 #[derive(Debug)]
 struct SegmentState {
     segment: Segment,
-    /// Offsets of this segment's messages that are not acknowledged yet.
+    /// Which of this segment's messages are not acknowledged yet.
     live: LiveSet,
     /// Other segments that this segment's ack and delivered records point into.
     refs: BTreeSet<u64>,
@@ -427,6 +445,8 @@ pub struct ShardLog {
     spare: Option<Segment>,
     /// End of the last appended record.
     appended: Position,
+    /// Where the log ended when it was opened: records before it were written by earlier runs.
+    recovered_end: Position,
     /// Everything before this is durable.
     synced: Position,
     /// A sync request is out and not yet marked synced or failed: the lowest segment sequence
@@ -491,8 +511,8 @@ impl ShardLog {
 
     /// Opens and recovers the log (as [`ShardLog::open`] describes) without reading any
     /// pending message into memory: they stay in the segments, found again by
-    /// [`ShardLog::for_each_pending`]. What stays in memory is per segment (its live set) and
-    /// the delivered marks, not per message byte.
+    /// [`ShardLog::for_each_pending`]. What stays in memory is per segment (a count of its live
+    /// messages, and which were acked since) and the delivered marks, not per pending message.
     ///
     /// The steps, in order: scan (`remove_free_files`, `open_segments`, then `scan_segments`,
     /// which reads each segment's records and cuts its torn tail, `cut_torn_tail`), rebuild
@@ -507,7 +527,7 @@ impl ShardLog {
         report.segments = opened.len();
         let scanned = scan_segments(opened, &mut report)?;
         let mut states = scanned.states;
-        let live_messages = mark_live(&mut states, &scanned.marks);
+        let live_messages = mark_live(&mut states, scanned.marks.acked);
         report.messages_pending = live_messages;
         let mut log = ShardLog::from_recovered(
             config,
@@ -524,7 +544,10 @@ impl ShardLog {
 
     /// Calls `visit` with each pending message (live, not acknowledged) found by recovery, in
     /// log order, borrowing its record from the segment's map: nothing is copied, so a backlog
-    /// larger than memory is visited page by page (the kernel may drop the pages after).
+    /// larger than memory is visited page by page (the kernel may drop the pages after). Each
+    /// segment with a live message is scanned record by record (the log keeps no list of them)
+    /// until all its live ones were seen; transient records are skipped (a transient message
+    /// appended in this run is live, but is no recovered message).
     /// Delivery counts come from the delivered marks recovery found (forgotten after this).
     pub fn for_each_pending(
         &mut self,
@@ -533,34 +556,52 @@ impl ShardLog {
         let deliveries = std::mem::take(&mut self.recovered_deliveries);
         for (&sequence, state) in self.segments.iter_mut() {
             let SegmentState { segment, live, .. } = state;
+            if live.count == 0 {
+                continue;
+            }
             let format_version = segment.format_version();
+            let write_offset = segment.write_offset();
             let bytes = segment.record_bytes(0)?;
-            for offset in live.offsets() {
+            let mut unseen = live.count;
+            let mut scan = SegmentScan::with_version(bytes, sequence, format_version);
+            for item in &mut scan {
+                let ScanItem::Record {
+                    offset,
+                    record: RecordView::Message(view),
+                    ..
+                } = item
+                else {
+                    continue;
+                };
+                if !live.is_live(offset, write_offset) {
+                    continue;
+                }
+                unseen -= 1;
                 let position = Position {
                     segment: sequence,
                     offset,
                 };
-                let Some(record) = bytes.get(offset as usize..) else {
-                    return Err(LogError::Unreadable(position, "past the segment".into()));
+                if !view.is_transient() {
+                    visit(PendingMessage {
+                        position,
+                        view,
+                        deliveries: deliveries.get(&position).copied().unwrap_or(0),
+                        redelivered: deliveries.contains_key(&position),
+                    });
+                }
+                if unseen == 0 {
+                    break;
+                }
+            }
+            if unseen > 0 {
+                let position = Position {
+                    segment: sequence,
+                    offset: scan.offset(),
                 };
-                let view = match decode_record_as(record, sequence, format_version) {
-                    Decoded::Record {
-                        record: RecordView::Message(view),
-                        ..
-                    } => view,
-                    _ => {
-                        return Err(LogError::Unreadable(
-                            position,
-                            "recovery marked it live but it does not decode".into(),
-                        ))
-                    }
-                };
-                visit(PendingMessage {
+                return Err(LogError::Unreadable(
                     position,
-                    view,
-                    deliveries: deliveries.get(&position).copied().unwrap_or(0),
-                    redelivered: deliveries.contains_key(&position),
-                });
+                    format!("{unseen} live messages not found by the scan"),
+                ));
             }
         }
         Ok(())
@@ -577,6 +618,10 @@ impl ShardLog {
     ) -> Result<Position, LogError> {
         for (&sequence, state) in self.segments.range_mut(from.segment..) {
             let SegmentState { segment, live, .. } = state;
+            if live.count == 0 {
+                // Nothing live to find: not worth reading.
+                continue;
+            }
             let format_version = segment.format_version();
             let end = segment.write_offset();
             let mut offset = SEGMENT_HEADER_BYTES as u64;
@@ -601,7 +646,7 @@ impl ShardLog {
                 let RecordView::Message(view) = record else {
                     continue;
                 };
-                if live.contains(position.offset) && visit(position, view).is_break() {
+                if live.is_live(position.offset, end) && visit(position, view).is_break() {
                     return Ok(Position {
                         segment: sequence,
                         offset,
@@ -652,6 +697,7 @@ impl ShardLog {
             next_sequence,
             spare: None,
             appended,
+            recovered_end: appended,
             synced: appended,
             sync_in_flight: None,
             last_sync_issued_ms: None,
@@ -696,7 +742,7 @@ impl ShardLog {
         let sequence = self.room_for(len + reserve, now_ms)?;
         let state = self.segments.get_mut(&sequence).expect("active segment");
         let offset = state.segment.append(&record);
-        state.live.insert(offset);
+        state.live.appended();
         self.live_messages += 1;
         self.appended = Position {
             segment: sequence,
@@ -742,6 +788,7 @@ impl ShardLog {
     pub fn ack(&mut self, positions: &[Position], now_ms: u64) -> Result<(), LogError> {
         self.take_live(positions)?;
         self.live_messages -= positions.len() as u64;
+        self.forget_dead(positions);
         if self.failed {
             return Err(LogError::SyncFailed);
         }
@@ -756,6 +803,7 @@ impl ShardLog {
     pub fn release(&mut self, positions: &[Position]) -> Result<(), LogError> {
         self.take_live(positions)?;
         self.live_messages -= positions.len() as u64;
+        self.forget_dead(positions);
         Ok(())
     }
 
@@ -764,26 +812,43 @@ impl ShardLog {
     /// to keep a dead-letter count across restarts). Needs no sync of its own: it rides on the
     /// next one.
     pub fn delivered(&mut self, positions: &[Position], now_ms: u64) -> Result<(), LogError> {
-        // Taking them checks each is live and none is named twice, without allocating; they
-        // are live again right after.
-        self.take_live(positions)?;
-        self.restore_live(positions);
+        self.check_live(positions)?;
         if self.failed {
             return Err(LogError::SyncFailed);
         }
         self.append_refs(positions, false, now_ms)
     }
 
+    /// Whether `position` is a live message: appended in this run, or found pending by recovery
+    /// (transient records found by recovery never are), and not acknowledged or released since.
+    /// Like `ack`, it trusts that `position` is one the log handed out: it is false for any
+    /// offset never written, not a multiple of 8, or in a segment that is gone or whose messages
+    /// are all done, but an offset inside a record of a segment with a live message reads as
+    /// live (see `LiveSet`).
+    pub fn is_live(&self, position: Position) -> bool {
+        self.segments.get(&position.segment).is_some_and(|state| {
+            state
+                .live
+                .is_live(position.offset, state.segment.write_offset())
+        })
+    }
+
+    /// Where the log ended when it was opened (`appended_upto` then): every record before it
+    /// was written by an earlier run, every record at or after it by this one.
+    pub fn recovered_end(&self) -> Position {
+        self.recovered_end
+    }
+
     /// Clears every position's live mark, or none of them: `NotLive` (nothing changed) for the
-    /// first one that is not a live message or that was already named earlier in `positions`.
-    /// One bitmap lookup per position; a single ack does not touch anything else.
+    /// first one that is not live (`is_live`) or that was already named earlier in `positions`.
+    /// One segment lookup and one dead-set insert per position.
     fn take_live(&mut self, positions: &[Position]) -> Result<(), LogError> {
         for (index, p) in positions.iter().enumerate() {
-            let removed = self
+            let taken = self
                 .segments
                 .get_mut(&p.segment)
-                .is_some_and(|s| s.live.remove(p.offset));
-            if !removed {
+                .is_some_and(|state| state.live.kill(p.offset, state.segment.write_offset()));
+            if !taken {
                 self.restore_live(&positions[..index]);
                 return Err(LogError::NotLive(*p));
             }
@@ -795,8 +860,34 @@ impl ShardLog {
     fn restore_live(&mut self, positions: &[Position]) {
         for p in positions {
             let state = self.segments.get_mut(&p.segment).expect("taken from here");
-            let fresh = state.live.insert(p.offset);
-            debug_assert!(fresh);
+            state.live.revive(p.offset);
+        }
+    }
+
+    /// `NotLive` for the first position that is not live, else for one named twice; changes
+    /// nothing. Unlike `take_live` and `restore_live`, it touches no dead set, so marking a
+    /// delivery in a segment nobody acked in allocates none.
+    fn check_live(&self, positions: &[Position]) -> Result<(), LogError> {
+        if let Some(p) = positions.iter().find(|&&p| !self.is_live(p)) {
+            return Err(LogError::NotLive(*p));
+        }
+        match first_repeated(positions) {
+            Some(p) => Err(LogError::NotLive(p)),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops the dead sets of the segments of `positions`, just taken, that hold no live
+    /// message any more (see `LiveSet::forget_dead`).
+    fn forget_dead(&mut self, positions: &[Position]) {
+        let mut last = None;
+        for p in positions {
+            if last == Some(p.segment) {
+                continue;
+            }
+            last = Some(p.segment);
+            let state = self.segments.get_mut(&p.segment).expect("taken from here");
+            state.live.forget_dead(state.segment.write_offset());
         }
     }
 
@@ -846,7 +937,7 @@ impl ShardLog {
             None => self.create_segment(now_ms)?,
         };
         let sequence = segment.sequence();
-        let live = LiveSet::new(segment.segment_bytes());
+        let live = LiveSet::default();
         if let Some(old) = self.active {
             let state = self.segments.get_mut(&old).expect("active segment");
             if let Err(error) = state.segment.write_pending() {
@@ -1173,7 +1264,7 @@ impl ShardLog {
         let deletable = reclaimable_segments(
             self.segments
                 .iter()
-                .map(|(&sequence, state)| (sequence, !state.live.is_empty(), &state.refs)),
+                .map(|(&sequence, state)| (sequence, state.live.count > 0, &state.refs)),
             |sequence| {
                 Some(sequence) == active || sync_in_flight.is_some_and(|first| sequence >= first)
             },
@@ -1286,7 +1377,11 @@ fn open_segments(
 /// record scanned, keyed by positions the log wrote.
 #[derive(Default)]
 struct Marks {
-    acked: FxHashSet<Position>,
+    /// The slots (`record_slot`) acks name, by segment: a bitmap of u32 costs a few bytes per
+    /// ack where a set of positions costs 16 and more. An ack naming an offset no record can
+    /// start at is dropped here; one naming a slot where no message record starts is dropped by
+    /// the rebuild (`recovered_live_set`).
+    acked: FxHashMap<u64, RoaringBitmap>,
     deliveries: FxHashMap<Position, u32>,
 }
 
@@ -1297,7 +1392,9 @@ impl Marks {
         match record {
             RecordView::Ack(list) => {
                 for p in list.iter() {
-                    self.acked.insert(p);
+                    if let Some(slot) = record_slot(p.offset) {
+                        self.acked.entry(p.segment).or_default().insert(slot);
+                    }
                     if p.segment != sequence {
                         refs.insert(p.segment);
                     }
@@ -1352,7 +1449,7 @@ fn scan_segments(
             report,
         )?;
         segment.set_write_offset(scanned.last_good_end);
-        let live = LiveSet::new(segment.segment_bytes());
+        let live = LiveSet::default();
         states.insert(
             sequence,
             SegmentState {
@@ -1558,38 +1655,50 @@ fn note_earlier_tail(segment: &Segment, scanned: &SegmentScanned, report: &mut R
     });
 }
 
-/// Recovery, rebuild (pass 2): marks the pending messages (those no ack names) live in
-/// their segments; returns how many there are. Nothing of them is kept in memory but a bit
-/// each: `ShardLog::for_each_pending` reads them from the segments when the broker rebuilds
-/// its queues.
-fn mark_live(states: &mut BTreeMap<u64, SegmentState>, marks: &Marks) -> u64 {
+/// Recovery, rebuild (pass 2): counts each segment's pending messages (those no ack names) and
+/// notes its dead ones (`recovered_live_set`); returns how many are pending in all. Nothing of
+/// a pending message is kept in memory: `ShardLog::for_each_pending` reads them from the
+/// segments when the broker rebuilds its queues.
+fn mark_live(
+    states: &mut BTreeMap<u64, SegmentState>,
+    mut acked: FxHashMap<u64, RoaringBitmap>,
+) -> u64 {
     let mut live_messages = 0;
     for (&sequence, state) in states.iter_mut() {
-        let bytes = state
-            .segment
-            .bytes()
-            .expect("recovered segments are mapped");
-        for item in SegmentScan::new(bytes, sequence) {
-            let ScanItem::Record {
-                offset,
-                record: RecordView::Message(m),
-                ..
-            } = item
-            else {
-                continue;
-            };
-            let position = Position {
-                segment: sequence,
-                offset,
-            };
-            // A transient record only saved memory while its run lasted: it never comes back.
-            if !marks.acked.contains(&position) && !m.is_transient() {
-                state.live.insert(offset);
-                live_messages += 1;
-            }
-        }
+        let acked_here = acked.remove(&sequence).unwrap_or_default();
+        state.live = recovered_live_set(&state.segment, &acked_here);
+        live_messages += state.live.count;
     }
     live_messages
+}
+
+/// A recovered segment's live set: its message records are live unless an ack names them or
+/// they are transient (a transient record only saved memory while its run lasted: it never
+/// comes back). Only message records found here are counted or noted dead, so an ack naming
+/// anything else (a damaged or foreign record) changes nothing.
+fn recovered_live_set(segment: &Segment, acked: &RoaringBitmap) -> LiveSet {
+    let bytes = segment.bytes().expect("recovered segments are mapped");
+    let mut live = LiveSet::default();
+    for item in SegmentScan::new(bytes, segment.sequence()) {
+        let ScanItem::Record {
+            offset,
+            record: RecordView::Message(m),
+            ..
+        } = item
+        else {
+            continue;
+        };
+        let slot = record_slot(offset).expect("records start at multiples of 8");
+        if m.is_transient() || acked.contains(slot) {
+            // The scan goes up, so this appends to the bitmap's last container.
+            let dead = live.dead.get_or_insert_with(RoaringBitmap::new);
+            dead.try_push(slot).expect("slots in ascending order");
+        } else {
+            live.count += 1;
+        }
+    }
+    live.forget_dead(segment.write_offset());
+    live
 }
 
 /// Opens one listed segment and checks its header. Returns `None` (after deleting the file) for
@@ -1683,6 +1792,22 @@ fn cut_tail(
     Ok(saved_to)
 }
 
+/// A position named twice in `positions`: the first repeated one, or for long lists the lowest
+/// repeated one. The broker names one position per call, so short lists are compared pairwise
+/// without allocating; long ones are sorted.
+fn first_repeated(positions: &[Position]) -> Option<Position> {
+    if positions.len() <= 16 {
+        return positions
+            .iter()
+            .enumerate()
+            .find(|&(index, p)| positions[..index].contains(p))
+            .map(|(_, &p)| p);
+    }
+    let mut sorted = positions.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
 fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
     if u32::try_from(len).is_err() {
         return Err(LogError::FieldTooLong { field, len });
@@ -1692,27 +1817,239 @@ fn check_width(field: &'static str, len: usize) -> Result<(), LogError> {
 
 #[cfg(test)]
 mod tests {
-    use super::LiveSet;
+    use super::{LiveSet, LogConfig, LogError, MessageRecord, Position, ShardLog};
+    use crate::log::BinaryId;
+
+    /// A segment written up to `write_offset` with live records at `offsets`, in order.
+    fn live_set(offsets: &[u64]) -> LiveSet {
+        let mut live = LiveSet::default();
+        for _ in offsets {
+            live.appended();
+        }
+        live
+    }
 
     #[test]
-    fn live_set_tracks_record_offsets_across_the_whole_segment() {
-        let segment_bytes = 8192;
-        let mut live = LiveSet::new(segment_bytes);
-        assert!(live.is_empty());
-        for offset in [64, 72, 504, 512, segment_bytes - 8] {
-            assert!(live.insert(offset));
-            assert!(live.contains(offset));
+    fn live_set_kills_each_record_once_in_any_order() {
+        let end = 8192;
+        let offsets = [64, 72, 504, 512, end - 8];
+        let mut live = live_set(&offsets);
+        assert!(live.dead.is_none(), "nothing died: no set");
+        assert!(offsets.iter().all(|&o| live.is_live(o, end)));
+        assert!(live.kill(512, end));
+        assert!(live.kill(64, end));
+        assert!(!live.kill(512, end), "killed once only");
+        assert!(!live.is_live(512, end) && !live.is_live(64, end));
+        assert!(live.is_live(72, end));
+        assert_eq!(live.count, 3);
+        live.revive(64);
+        assert!(live.is_live(64, end));
+        live.forget_dead(end);
+        assert!(live.dead.is_some(), "kept while a message is live");
+        for offset in offsets.iter().filter(|&&o| o != 512) {
+            assert!(live.kill(*offset, end), "{offset}");
         }
-        assert!(!live.insert(72), "already live");
-        assert_eq!(live.count, 5);
-        assert!(!live.contains(80));
-        assert!(live.remove(72));
-        assert!(!live.remove(72), "removed once only");
-        assert!(!live.contains(72));
-        for offset in [64, 504, 512, segment_bytes - 8] {
-            assert!(live.remove(offset));
+        live.forget_dead(end);
+        assert!(live.dead.is_none(), "nothing live: the set goes");
+        assert!(offsets.iter().all(|&o| !live.is_live(o, end)));
+        // A record appended after that is live, the ones before stay dead.
+        live.appended();
+        assert!(live.is_live(end, end + 64));
+        assert!(!live.is_live(72, end + 64));
+    }
+
+    /// What the set refuses without knowing where records start: every offset never written,
+    /// every offset not a multiple of 8. An offset inside a live segment's written part reads as
+    /// live: positions come from the log's own appends (see `LiveSet`).
+    #[test]
+    fn live_set_offsets_no_record_can_start_at_are_never_live() {
+        let mut live = live_set(&[64]);
+        let end = 4096;
+        for offset in [
+            0,
+            8,
+            56,
+            65,
+            68,
+            end,
+            end + 8,
+            1 << 40,
+            u64::MAX - 7,
+            u64::MAX,
+        ] {
+            assert!(!live.is_live(offset, end), "{offset}");
+            assert!(!live.kill(offset, end), "{offset}");
         }
-        assert!(live.is_empty());
+        assert!(live.is_live(64, end));
+        assert!(live.is_live(72, end), "inside the record: not known");
+        assert!(live.kill(64, end));
+        assert!(!live.is_live(72, end), "no live message in the segment");
+    }
+
+    /// Dead-set memory for a 64 MiB segment of 1 KiB messages, all acked but the last: the worst
+    /// case a kept segment reaches (the bitmap it replaced took 1 MiB whatever was acked).
+    /// Roaring keeps one container per 64 Ki slots (512 KiB of segment); with records this size
+    /// each is an array of u16, one per dead record.
+    #[test]
+    fn a_nearly_all_acked_segment_of_1_kib_records_holds_under_a_quarter_mib() {
+        let end = LogConfig::SEGMENT_BYTES_DEFAULT;
+        let record = super::super::format::record_len(64, 1024); // a 1 KiB body, a few headers
+        let offsets: Vec<u64> = (64..end - record).step_by(record as usize).collect();
+        let mut live = live_set(&offsets);
+        for &offset in &offsets[..offsets.len() - 1] {
+            assert!(live.kill(offset, end));
+        }
+        let stats = live.dead.as_ref().unwrap().statistics();
+        assert_eq!(stats.n_containers, 128);
+        assert_eq!(stats.n_bitset_containers, 0, "arrays: 2 bytes a record");
+        let payload = u64::from(stats.n_values_array_containers) * 2;
+        eprintln!(
+            "{} records of {record} bytes, {} dead: {payload} bytes of arrays in {} containers",
+            offsets.len(),
+            stats.cardinality,
+            stats.n_containers
+        );
+        assert!(payload < 256 * 1024, "{payload}");
+        assert!(live.kill(*offsets.last().unwrap(), end));
+        live.forget_dead(end);
+        assert!(live.dead.is_none());
+    }
+
+    fn small_log(dir: &std::path::Path) -> ShardLog {
+        let mut config = LogConfig::new(dir, 0);
+        config.segment_bytes = 2 * LogConfig::SEGMENT_BYTES_MIN;
+        ShardLog::open_indexed(config).unwrap().0
+    }
+
+    fn append(log: &mut ShardLog, seq: u64, transient: bool) -> Position {
+        let body = [b'x'; 1000];
+        let record = MessageRecord {
+            destination: b"/queue/live",
+            id: BinaryId { shard: 0, seq },
+            timestamp_ms: seq,
+            header_block: b"",
+            block_plain: true,
+            transient,
+            body: &body,
+        };
+        log.append_message(&record, 0).unwrap()
+    }
+
+    fn has_dead_set(log: &ShardLog, segment: u64) -> bool {
+        log.segments[&segment].live.dead.is_some()
+    }
+
+    #[test]
+    fn acks_and_releases_in_any_order_retire_each_message_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        let p: Vec<Position> = (0..5).map(|seq| append(&mut log, seq, seq == 4)).collect();
+        assert_eq!(p[0].segment, p[4].segment, "one segment");
+        assert!(p.iter().all(|&q| log.is_live(q)));
+        log.ack(&[p[3]], 0).unwrap();
+        log.ack(&[p[0], p[2]], 0).unwrap();
+        log.release(&[p[4]]).unwrap();
+        assert_eq!(log.live_messages(), 1);
+        let live: Vec<bool> = p.iter().map(|&q| log.is_live(q)).collect();
+        assert_eq!(live, [false, true, false, false, false]);
+        for q in [p[0], p[3], p[4]] {
+            assert!(matches!(log.ack(&[q], 0), Err(LogError::NotLive(r)) if r == q));
+            assert!(matches!(log.release(&[q]), Err(LogError::NotLive(r)) if r == q));
+            assert!(matches!(log.delivered(&[q], 0), Err(LogError::NotLive(r)) if r == q));
+        }
+        assert!(matches!(log.ack(&[p[1], p[1]], 0), Err(LogError::NotLive(r)) if r == p[1]));
+        assert!(matches!(log.ack(&[p[1], p[3]], 0), Err(LogError::NotLive(r)) if r == p[3]));
+        assert!(log.is_live(p[1]), "a refused batch changes nothing");
+        assert_eq!(log.live_messages(), 1);
+        log.ack(&[p[1]], 0).unwrap();
+        assert_eq!(log.live_messages(), 0);
+        assert!(!has_dead_set(&log, p[1].segment), "all dead: the set goes");
+        assert!(p.iter().all(|&q| !log.is_live(q)));
+    }
+
+    /// Pending messages cost no dead set, nor do delivered marks; an ack makes one, and it goes
+    /// again once the segment's messages are all done (even the active segment, not reclaimed).
+    #[test]
+    fn a_segment_nobody_acked_in_holds_no_dead_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        let p: Vec<Position> = (0..12).map(|seq| append(&mut log, seq, false)).collect();
+        let segments = log.segment_sequences();
+        assert!(segments.len() >= 2);
+        log.delivered(&p, 0).unwrap();
+        assert!(segments.iter().all(|&s| !has_dead_set(&log, s)));
+        let last = p.last().unwrap().segment;
+        let in_last: Vec<Position> = p.iter().copied().filter(|q| q.segment == last).collect();
+        log.ack(&in_last[1..], 0).unwrap();
+        assert!(has_dead_set(&log, last), "a message is live");
+        log.ack(&in_last[..1], 0).unwrap();
+        assert!(!has_dead_set(&log, last), "none is live");
+        log.ack(&[p[0]], 0).unwrap();
+        assert!(has_dead_set(&log, p[0].segment));
+        assert!(segments[1..].iter().all(|&s| !has_dead_set(&log, s)));
+    }
+
+    /// Recovery counts only message records no ack names, leaves transient records dead, and
+    /// ignores acks that name no message record; `recovered_end` is where the earlier run ended.
+    #[test]
+    fn recovery_rebuilds_live_sets_from_acks_and_transient_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        assert_eq!(log.recovered_end(), log.appended_upto(), "an empty log");
+        let p: Vec<Position> = (0..4).map(|seq| append(&mut log, seq, false)).collect();
+        let transient = append(&mut log, 9, true);
+        log.ack(&[p[1]], 0).unwrap();
+        // Acks no run of the log writes: inside a record, unaligned, past the data.
+        let at = |offset| Position {
+            segment: p[0].segment,
+            offset,
+        };
+        let bogus = [at(p[0].offset + 8), at(p[2].offset + 4), at(1 << 20)];
+        log.append_refs(&bogus, true, 0).unwrap();
+        log.sync_now().unwrap();
+        let end = log.appended_upto();
+        drop(log);
+
+        let mut log = small_log(dir.path());
+        assert_eq!(log.recovered_end(), end);
+        assert_eq!(log.live_messages(), 3);
+        let live: Vec<bool> = p.iter().map(|&q| log.is_live(q)).collect();
+        assert_eq!(live, [true, false, true, true]);
+        assert!(!log.is_live(transient));
+        let mut pending = Vec::new();
+        log.for_each_pending(|m| pending.push(m.position)).unwrap();
+        assert_eq!(pending, [p[0], p[2], p[3]]);
+        assert!(matches!(
+            log.ack(&[transient], 0),
+            Err(LogError::NotLive(_))
+        ));
+        let later = append(&mut log, 10, false);
+        assert!(later >= log.recovered_end());
+        assert_eq!(log.recovered_end(), end, "fixed at open");
+        log.ack(&[p[0], p[2], p[3], later], 0).unwrap();
+        assert_eq!(log.live_messages(), 0);
+    }
+
+    /// Acked in reverse order across segments: each segment goes once its messages are all
+    /// acked, but the active one.
+    #[test]
+    fn segments_are_reclaimed_once_all_their_messages_are_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = small_log(dir.path());
+        let p: Vec<Position> = (0..20).map(|seq| append(&mut log, seq, false)).collect();
+        let last = *p.last().unwrap();
+        assert!(last.segment >= 2, "three segments or more");
+        for q in p.iter().rev().skip(1) {
+            log.ack(&[*q], 0).unwrap();
+        }
+        let reclaimed = log.reclaim().unwrap();
+        assert_eq!(reclaimed, (0..last.segment).collect::<Vec<_>>());
+        assert_eq!(log.segment_sequences()[0], last.segment);
+        assert_eq!(log.live_messages(), 1);
+        log.ack(&[last], 0).unwrap();
+        log.reclaim().unwrap();
+        assert_eq!(log.segment_sequences(), [log.appended_upto().segment]);
+        assert_eq!(log.live_messages(), 0);
     }
 
     /// The premise of recycling, checked on real CRCs: a record written under one sequence
@@ -1795,16 +2132,5 @@ mod tests {
         log.reclaim().unwrap();
         assert!(log.disk_bytes_held() < budget);
         log.append_message(&record, 0).unwrap();
-    }
-
-    #[test]
-    fn live_set_offsets_no_record_can_start_at_are_never_live() {
-        let mut live = LiveSet::new(4096);
-        live.insert(64);
-        for offset in [65, 68, 4096, 1 << 40, u64::MAX - 7, u64::MAX] {
-            assert!(!live.contains(offset), "{offset}");
-            assert!(!live.remove(offset), "{offset}");
-        }
-        assert!(live.contains(64));
     }
 }
