@@ -1110,14 +1110,42 @@ impl<H: ShardHandler> Shard<H> {
     }
 
     /// Decodes bytes fresh from the ring: in place when no partial frame is waiting, else
-    /// behind it in the reassembly buffer.
+    /// behind it in the reassembly buffer. When the waiting frame's length is known (its head
+    /// is whole and has a `content-length`), only the rest of that frame is copied behind it,
+    /// and the frames after it are decoded in place: a stream of frames that straddle receives
+    /// would otherwise be copied whole, receive after receive.
     fn decode(&mut self, slot: u32, bytes: &[u8]) {
         let reader = &mut self.readers[slot as usize];
         if !reader.reassembly.is_empty() {
-            reader.reassembly.extend_from_slice(bytes);
+            let held = reader.reassembly.len();
+            let rest = match reader.decoder.frame_len() {
+                Some(length) if length > held && length - held < bytes.len() => length - held,
+                _ => bytes.len(),
+            };
+            reader.reassembly.extend_from_slice(&bytes[..rest]);
             self.decode_reassembly(slot);
-            return;
+            if rest == bytes.len() {
+                return;
+            }
+            let reader = &mut self.readers[slot as usize];
+            if !reader.reassembly.is_empty() {
+                // The frame is still waiting (input stopped, or the turn's frame budget is
+                // spent): what follows it waits behind it.
+                reader.reassembly.extend_from_slice(&bytes[rest..]);
+                self.recharge_reassembly(slot);
+                self.park_if_stopped(slot);
+                return;
+            }
+            return self.decode_in_place(slot, &bytes[rest..]);
         }
+        self.decode_in_place(slot, bytes);
+    }
+
+    /// Decodes `bytes` where they lie, no partial frame waiting; keeps an unfinished last
+    /// frame (or everything, if input stopped) in the reassembly buffer.
+    fn decode_in_place(&mut self, slot: u32, bytes: &[u8]) {
+        let reader = &mut self.readers[slot as usize];
+        debug_assert!(reader.reassembly.is_empty());
         let consumed = dispatch_frames(
             &mut reader.decoder,
             bytes,
