@@ -24,7 +24,7 @@ use socket2::Socket;
 use crate::codec::{Decoded, Decoder, Limits, Version};
 
 use super::bufring::BufRing;
-use super::core::{Conn, ConnState, IoCore, Slot, FRAMES_PER_TURN_MAX};
+use super::core::{Conn, ConnState, IoCore, Slot, BYTES_PER_TURN_MAX, FRAMES_PER_TURN_MAX};
 use super::handler::{CloseReason, ConnId, ShardHandler, ShardId, ShardIo};
 use super::mesh::{PeerIn, PeerOut, ShardShared};
 use super::out::OutQueue;
@@ -995,6 +995,7 @@ impl<H: ShardHandler> Shard<H> {
             over_budget: false,
             decode_turn: 0,
             decoded_in_turn: 0,
+            decoded_bytes_in_turn: 0,
             parked: false,
             writable_owed: false,
             flushed_owed: false,
@@ -1331,8 +1332,11 @@ fn dispatch_frames<H: ShardHandler>(
         if conn.decode_turn != turn {
             conn.decode_turn = turn;
             conn.decoded_in_turn = 0;
+            conn.decoded_bytes_in_turn = 0;
         }
-        if conn.decoded_in_turn >= FRAMES_PER_TURN_MAX {
+        if conn.decoded_in_turn >= FRAMES_PER_TURN_MAX
+            || conn.decoded_bytes_in_turn >= BYTES_PER_TURN_MAX
+        {
             conn.over_budget = true;
             core.over_budget.push(slot);
             break;
@@ -1345,6 +1349,9 @@ fn dispatch_frames<H: ShardHandler>(
         match decoder.decode(&bytes[position..]) {
             Ok(Decoded::Frame { frame, consumed }) => {
                 position += consumed;
+                if let Some(conn) = core.conn_mut(slot) {
+                    conn.decoded_bytes_in_turn += consumed;
+                }
                 core.frames_in += 1;
                 handler.on_frame(id, &frame, &mut ShardIo { core: &mut *core });
             }
