@@ -109,6 +109,10 @@ pub(super) struct ShardParams<'a, M> {
 struct Reader {
     decoder: Decoder,
     reassembly: Vec<u8>,
+    /// Bytes at the front of `reassembly` already decoded: always less than its length, or both
+    /// zero. Dropped from the front only once they are at least what follows them, so a turn
+    /// that decodes its budget from a long parked input does not move all the rest.
+    decoded: usize,
     /// The reassembly buffer's capacity as last charged to the memory budget.
     charged: u64,
 }
@@ -512,7 +516,8 @@ impl<H: ShardHandler> Shard<H> {
                 continue;
             };
             out_max = out_max.max(conn.out.bytes());
-            reassembly += self.readers[slot as usize].reassembly.len();
+            let reader = &self.readers[slot as usize];
+            reassembly += reader.reassembly.len() - reader.decoded;
             if !conn.is_open() {
                 continue;
             }
@@ -738,6 +743,7 @@ impl<H: ShardHandler> Shard<H> {
         self.core.open_count -= 1;
         let reader = &mut self.readers[slot as usize];
         reader.reassembly.clear();
+        reader.decoded = 0;
         if reader.reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             reader.reassembly = Vec::new();
         }
@@ -965,6 +971,7 @@ impl<H: ShardHandler> Shard<H> {
                 self.readers.push(Reader {
                     decoder: Decoder::new(self.limits),
                     reassembly: Vec::new(),
+                    decoded: 0,
                     charged: 0,
                 });
                 (self.core.slots.len() - 1) as u32
@@ -1005,6 +1012,7 @@ impl<H: ShardHandler> Shard<H> {
         self.readers[slot as usize] = Reader {
             decoder: Decoder::new(self.limits),
             reassembly: std::mem::take(&mut self.readers[slot as usize].reassembly),
+            decoded: 0,
             charged: self.readers[slot as usize].charged,
         };
         self.core.open_count += 1;
@@ -1118,7 +1126,7 @@ impl<H: ShardHandler> Shard<H> {
     fn decode(&mut self, slot: u32, bytes: &[u8]) {
         let reader = &mut self.readers[slot as usize];
         if !reader.reassembly.is_empty() {
-            let held = reader.reassembly.len();
+            let held = reader.reassembly.len() - reader.decoded;
             let rest = match reader.decoder.frame_len() {
                 Some(length) if length > held && length - held < bytes.len() => length - held,
                 _ => bytes.len(),
@@ -1179,17 +1187,26 @@ impl<H: ShardHandler> Shard<H> {
         let Reader {
             decoder,
             reassembly,
+            decoded,
             ..
         } = &mut self.readers[slot as usize];
         if reassembly.is_empty() {
             return;
         }
-        let consumed =
-            dispatch_frames(decoder, reassembly, &mut self.handler, &mut self.core, slot);
-        if self.core.conn(slot).is_some_and(Conn::is_open) {
-            reassembly.drain(..consumed);
-        } else {
+        let consumed = dispatch_frames(
+            decoder,
+            &reassembly[*decoded..],
+            &mut self.handler,
+            &mut self.core,
+            slot,
+        );
+        *decoded += consumed;
+        if *decoded == reassembly.len() || !self.core.conn(slot).is_some_and(Conn::is_open) {
             reassembly.clear();
+            *decoded = 0;
+        } else if *decoded >= reassembly.len() - *decoded {
+            reassembly.drain(..*decoded);
+            *decoded = 0;
         }
         if reassembly.is_empty() && reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             *reassembly = Vec::new();
