@@ -933,3 +933,34 @@ fn frame_writer_header_u64() {
         assert_eq!(out, format!("RECEIPT\nn:{text}\n\n\0").as_bytes());
     }
 }
+
+/// `Decoder::frame_len` (which lets the server copy only the rest of a frame that straddles
+/// receives): unknown until the head is whole, then the frame's length with its NUL, whatever
+/// part of the body has arrived; unknown for a body that only its NUL ends.
+#[test]
+fn frame_len_is_known_once_the_head_with_content_length_is_whole() {
+    let input = b"SEND\ndestination:/queue/a\ncontent-length:5\n\nhello\0SEND";
+    let head = b"SEND\ndestination:/queue/a\ncontent-length:5\n\n".len();
+    for cut in 0..head {
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        assert_eq!(decoder.decode(&input[..cut]), Ok(Decoded::NeedMore));
+        assert_eq!(decoder.frame_len(), None, "cut {cut}");
+    }
+    for cut in head..head + 6 {
+        let mut decoder = Decoder::new(Limits::DEFAULT);
+        assert_eq!(decoder.decode(&input[..cut]), Ok(Decoded::NeedMore));
+        assert_eq!(decoder.frame_len(), Some(head + 6), "cut {cut}");
+    }
+    let mut decoder = Decoder::new(Limits::DEFAULT);
+    match decoder.decode(input) {
+        Ok(Decoded::Frame { consumed, .. }) => assert_eq!(consumed, head + 6),
+        other => panic!("expected a frame, got {other:?}"),
+    }
+    // The next frame has not begun its head: nothing is known of it.
+    assert_eq!(decoder.frame_len(), None);
+
+    let mut decoder = Decoder::new(Limits::DEFAULT);
+    let no_length = b"SEND\ndestination:/queue/a\n\nhel";
+    assert_eq!(decoder.decode(no_length), Ok(Decoded::NeedMore));
+    assert_eq!(decoder.frame_len(), None);
+}

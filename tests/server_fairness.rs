@@ -116,3 +116,75 @@ fn a_flooding_connection_does_not_hold_up_another_and_keeps_its_order() {
         "the other connection's frame waited for the whole flood"
     );
 }
+
+/// Counts frames and answers "done" to the one whose body is "last".
+struct Counter {
+    frames: Arc<Mutex<usize>>,
+}
+
+impl ShardHandler for Counter {
+    type PeerMsg = ();
+
+    fn on_open(&mut self, _conn: ConnId, _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_frame(&mut self, conn: ConnId, frame: &Frame<'_>, io: &mut ShardIo<'_, ()>) {
+        *self.frames.lock().unwrap() += 1;
+        if frame.body == b"last" {
+            io.write(conn, b"done\n");
+        }
+    }
+
+    fn on_close(&mut self, _conn: ConnId, _reason: &CloseReason, _io: &mut ShardIo<'_, ()>) {}
+
+    fn on_peer(&mut self, _from: ShardId, _msg: (), _io: &mut ShardIo<'_, ()>) {}
+}
+
+/// Large frames are bounded per turn by their bytes (64 KiB), not only by their count: 3 MiB
+/// of 1 KiB frames, far fewer than 4,096 a turn would allow, still wait for later turns, and
+/// every one of them is handled.
+#[test]
+fn a_flood_of_large_frames_is_bounded_per_turn_by_bytes() {
+    let server = Server::bind(test_config(1)).unwrap();
+    let addr = server.local_addr();
+    let stats = server.stats();
+    let frames = Arc::new(Mutex::new(0usize));
+    let shutdown = Shutdown::new();
+    let thread = {
+        let (frames, shutdown) = (frames.clone(), shutdown.clone());
+        std::thread::spawn(move || {
+            server.run(
+                move |_, _| Counter {
+                    frames: frames.clone(),
+                },
+                shutdown,
+            )
+        })
+    };
+
+    let mut flood = TcpStream::connect(addr).unwrap();
+    flood.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    flood.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+    let body = "x".repeat(1024);
+    let count = 3000;
+    let mut bytes = Vec::new();
+    for _ in 0..count {
+        bytes.extend_from_slice(
+            format!("SEND\ncontent-length:{}\n\n{body}\0", body.len()).as_bytes(),
+        );
+    }
+    bytes.extend_from_slice(b"SEND\n\nlast\0");
+    flood.write_all(&bytes).unwrap();
+    read_done(&mut flood);
+
+    let budget_spent: u64 = stats
+        .shards()
+        .iter()
+        .map(|shard| shard.frame_budget_spent)
+        .sum();
+    shutdown.trigger();
+    thread.join().unwrap().unwrap();
+    assert_eq!(*frames.lock().unwrap(), count + 1);
+    // 3 MiB at most 64 KiB a turn: when the receives deliver faster than the loop turns, the
+    // connection waits for a later turn; under the frame count alone it never would.
+    assert!(budget_spent >= 1, "the byte budget was never spent");
+}

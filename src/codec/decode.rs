@@ -136,6 +136,18 @@ impl Decoder {
         self.scanned_bytes
     }
 
+    /// How long the frame being decoded is, its NUL included, once its head is whole and
+    /// declared a `content-length` (`None` before that, and for a body ended by its NUL alone).
+    /// A caller that holds the frame's start in a buffer of its own can append just the rest
+    /// of the frame there and decode whatever follows it where it lies.
+    pub fn frame_len(&self) -> Option<usize> {
+        match (self.in_body, self.content_length) {
+            // `check_declared_frame` refused a length that would overflow this sum.
+            (true, Some(length)) => Some(self.body_start + length + 1),
+            _ => None,
+        }
+    }
+
     /// Decodes the next item at the front of `input`. See the module docs for the contract.
     pub fn decode<'a>(&mut self, input: &'a [u8]) -> Result<Decoded<'a>, DecodeError> {
         debug_assert!(

@@ -44,12 +44,14 @@ pub(super) struct Conn {
     pub(super) send_cancel_sent: bool,
     /// The handler paused reading.
     pub(super) paused: bool,
-    /// Decoded its share of frames this loop turn ([`FRAMES_PER_TURN_MAX`]); the rest waits
-    /// for the next turn, in the reassembly buffer.
+    /// Decoded its share of frames this loop turn ([`FRAMES_PER_TURN_MAX`] or
+    /// [`BYTES_PER_TURN_MAX`]); the rest waits for the next turn, in the reassembly buffer.
     pub(super) over_budget: bool,
     /// The turn `decoded_in_turn` counts for.
     pub(super) decode_turn: u64,
     pub(super) decoded_in_turn: u32,
+    /// Bytes of the frames counted in `decoded_in_turn`.
+    pub(super) decoded_bytes_in_turn: usize,
     /// Received bytes wait undecoded in the reassembly buffer because input is paused.
     pub(super) parked: bool,
     /// The handler saw the out buffer full and is owed an `on_writable`.
@@ -79,6 +81,19 @@ impl Conn {
 /// by a whole receive batch (8 MiB) nor outruns producer flow control by more than a turn's
 /// worth. 4,096 small frames take about a millisecond to handle.
 pub(super) const FRAMES_PER_TURN_MAX: u32 = 4096;
+
+/// Bytes of frames one connection may have decoded in one loop turn (the frame that crosses it
+/// is finished). Peer messages (a consumer's credit, a delivery) are taken in and sends
+/// completed only between turns, and one send takes at most an out buffer (256 KiB by default)
+/// to a consumer, while 4,096 frames of 1 KiB are 4 MiB: with turns that long a producer put
+/// far more into a queue each turn than its consumer took out, the backlog grew until every
+/// message was logged instead of handed on, which made the queue's core slower still
+/// (`stompd-loadgen queue -s 1024`: p50 latency 1.6–4.6 s and about 6.4 µs of broker CPU per
+/// message before, 20–300 ms and about 4 µs with this; BENCHMARKS.md). Bounding the turn only
+/// while this core's own output was backed up did not help: the producer's core is often not
+/// the consumer's. Taking fewer peer messages per turn (128 instead of 1,024) measured no
+/// better.
+pub(super) const BYTES_PER_TURN_MAX: usize = 64 * 1024;
 
 pub(super) struct Slot {
     pub(super) generation: u32,

@@ -287,7 +287,7 @@ pub struct ShardStatsSnapshot {
     pub input_pauses: u64,
     /// Receives re-armed because the provided buffer ring ran dry.
     pub recv_buffer_exhausted: u64,
-    /// Times a connection decoded its frame budget for a loop turn (4,096) and the rest of its
+    /// Times a connection decoded its frame budget for a loop turn (4,096 frames or 64 KiB) and the rest of its
     /// input waited for the next turn.
     pub frame_budget_spent: u64,
 }

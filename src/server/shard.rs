@@ -24,7 +24,7 @@ use socket2::Socket;
 use crate::codec::{Decoded, Decoder, Limits, Version};
 
 use super::bufring::BufRing;
-use super::core::{Conn, ConnState, IoCore, Slot, FRAMES_PER_TURN_MAX};
+use super::core::{Conn, ConnState, IoCore, Slot, BYTES_PER_TURN_MAX, FRAMES_PER_TURN_MAX};
 use super::handler::{CloseReason, ConnId, ShardHandler, ShardId, ShardIo};
 use super::mesh::{PeerIn, PeerOut, ShardShared};
 use super::out::OutQueue;
@@ -109,6 +109,10 @@ pub(super) struct ShardParams<'a, M> {
 struct Reader {
     decoder: Decoder,
     reassembly: Vec<u8>,
+    /// Bytes at the front of `reassembly` already decoded: always less than its length, or both
+    /// zero. Dropped from the front only once they are at least what follows them, so a turn
+    /// that decodes its budget from a long parked input does not move all the rest.
+    decoded: usize,
     /// The reassembly buffer's capacity as last charged to the memory budget.
     charged: u64,
 }
@@ -512,7 +516,8 @@ impl<H: ShardHandler> Shard<H> {
                 continue;
             };
             out_max = out_max.max(conn.out.bytes());
-            reassembly += self.readers[slot as usize].reassembly.len();
+            let reader = &self.readers[slot as usize];
+            reassembly += reader.reassembly.len() - reader.decoded;
             if !conn.is_open() {
                 continue;
             }
@@ -738,6 +743,7 @@ impl<H: ShardHandler> Shard<H> {
         self.core.open_count -= 1;
         let reader = &mut self.readers[slot as usize];
         reader.reassembly.clear();
+        reader.decoded = 0;
         if reader.reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             reader.reassembly = Vec::new();
         }
@@ -965,6 +971,7 @@ impl<H: ShardHandler> Shard<H> {
                 self.readers.push(Reader {
                     decoder: Decoder::new(self.limits),
                     reassembly: Vec::new(),
+                    decoded: 0,
                     charged: 0,
                 });
                 (self.core.slots.len() - 1) as u32
@@ -995,6 +1002,7 @@ impl<H: ShardHandler> Shard<H> {
             over_budget: false,
             decode_turn: 0,
             decoded_in_turn: 0,
+            decoded_bytes_in_turn: 0,
             parked: false,
             writable_owed: false,
             flushed_owed: false,
@@ -1004,6 +1012,7 @@ impl<H: ShardHandler> Shard<H> {
         self.readers[slot as usize] = Reader {
             decoder: Decoder::new(self.limits),
             reassembly: std::mem::take(&mut self.readers[slot as usize].reassembly),
+            decoded: 0,
             charged: self.readers[slot as usize].charged,
         };
         self.core.open_count += 1;
@@ -1110,14 +1119,42 @@ impl<H: ShardHandler> Shard<H> {
     }
 
     /// Decodes bytes fresh from the ring: in place when no partial frame is waiting, else
-    /// behind it in the reassembly buffer.
+    /// behind it in the reassembly buffer. When the waiting frame's length is known (its head
+    /// is whole and has a `content-length`), only the rest of that frame is copied behind it,
+    /// and the frames after it are decoded in place: a stream of frames that straddle receives
+    /// would otherwise be copied whole, receive after receive.
     fn decode(&mut self, slot: u32, bytes: &[u8]) {
         let reader = &mut self.readers[slot as usize];
         if !reader.reassembly.is_empty() {
-            reader.reassembly.extend_from_slice(bytes);
+            let held = reader.reassembly.len() - reader.decoded;
+            let rest = match reader.decoder.frame_len() {
+                Some(length) if length > held && length - held < bytes.len() => length - held,
+                _ => bytes.len(),
+            };
+            reader.reassembly.extend_from_slice(&bytes[..rest]);
             self.decode_reassembly(slot);
-            return;
+            if rest == bytes.len() {
+                return;
+            }
+            let reader = &mut self.readers[slot as usize];
+            if !reader.reassembly.is_empty() {
+                // The frame is still waiting (input stopped, or the turn's frame budget is
+                // spent): what follows it waits behind it.
+                reader.reassembly.extend_from_slice(&bytes[rest..]);
+                self.recharge_reassembly(slot);
+                self.park_if_stopped(slot);
+                return;
+            }
+            return self.decode_in_place(slot, &bytes[rest..]);
         }
+        self.decode_in_place(slot, bytes);
+    }
+
+    /// Decodes `bytes` where they lie, no partial frame waiting; keeps an unfinished last
+    /// frame (or everything, if input stopped) in the reassembly buffer.
+    fn decode_in_place(&mut self, slot: u32, bytes: &[u8]) {
+        let reader = &mut self.readers[slot as usize];
+        debug_assert!(reader.reassembly.is_empty());
         let consumed = dispatch_frames(
             &mut reader.decoder,
             bytes,
@@ -1150,17 +1187,26 @@ impl<H: ShardHandler> Shard<H> {
         let Reader {
             decoder,
             reassembly,
+            decoded,
             ..
         } = &mut self.readers[slot as usize];
         if reassembly.is_empty() {
             return;
         }
-        let consumed =
-            dispatch_frames(decoder, reassembly, &mut self.handler, &mut self.core, slot);
-        if self.core.conn(slot).is_some_and(Conn::is_open) {
-            reassembly.drain(..consumed);
-        } else {
+        let consumed = dispatch_frames(
+            decoder,
+            &reassembly[*decoded..],
+            &mut self.handler,
+            &mut self.core,
+            slot,
+        );
+        *decoded += consumed;
+        if *decoded == reassembly.len() || !self.core.conn(slot).is_some_and(Conn::is_open) {
             reassembly.clear();
+            *decoded = 0;
+        } else if *decoded >= reassembly.len() - *decoded {
+            reassembly.drain(..*decoded);
+            *decoded = 0;
         }
         if reassembly.is_empty() && reassembly.capacity() > REASSEMBLY_KEEP_BYTES_MAX {
             *reassembly = Vec::new();
@@ -1303,8 +1349,11 @@ fn dispatch_frames<H: ShardHandler>(
         if conn.decode_turn != turn {
             conn.decode_turn = turn;
             conn.decoded_in_turn = 0;
+            conn.decoded_bytes_in_turn = 0;
         }
-        if conn.decoded_in_turn >= FRAMES_PER_TURN_MAX {
+        if conn.decoded_in_turn >= FRAMES_PER_TURN_MAX
+            || conn.decoded_bytes_in_turn >= BYTES_PER_TURN_MAX
+        {
             conn.over_budget = true;
             core.over_budget.push(slot);
             break;
@@ -1317,6 +1366,9 @@ fn dispatch_frames<H: ShardHandler>(
         match decoder.decode(&bytes[position..]) {
             Ok(Decoded::Frame { frame, consumed }) => {
                 position += consumed;
+                if let Some(conn) = core.conn_mut(slot) {
+                    conn.decoded_bytes_in_turn += consumed;
+                }
                 core.frames_in += 1;
                 handler.on_frame(id, &frame, &mut ShardIo { core: &mut *core });
             }
