@@ -78,7 +78,7 @@ free=$(df -B1 --output=avail "$WORK" | tail -n 1)
 ((free >= need)) || die "$WORK has $((free >> 20)) MiB free; N=$N x SIZE=$SIZE needs $((need >> 20)) MiB (2.5x)"
 
 if [[ -z ${STOMPD_BIN:-} || -z ${LOADGEN_BIN:-} ]]; then
-    (cd "$ROOT" && cargo build --release --bin stompd --bin stompd-loadgen >&2)
+    (cd "$ROOT" && cargo build --release -p stompd --bin stompd && cargo build --release -p stompd-loadgen >&2)
 fi
 : "${STOMPD_BIN:=$ROOT/target/release/stompd}" "${LOADGEN_BIN:=$ROOT/target/release/stompd-loadgen}"
 export STOMPD_BIN

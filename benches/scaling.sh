@@ -16,7 +16,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STOMPD_BIN=${STOMPD_BIN:-$ROOT/target/release/stompd}
 LOADGEN_BIN=${LOADGEN_BIN:-$ROOT/target/release/stompd-loadgen}
 if [[ ! -x $STOMPD_BIN || ! -x $LOADGEN_BIN ]]; then
-    (cd "$ROOT" && cargo build --release --bin stompd --bin stompd-loadgen >&2)
+    (cd "$ROOT" && cargo build --release -p stompd --bin stompd && cargo build --release -p stompd-loadgen >&2)
 fi
 mkdir -p "$WORK"
 
