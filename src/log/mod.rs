@@ -8,6 +8,9 @@
 //! - [`shard`]: the shard's log: append, ack, delivered marks, group-commit syncs handed to
 //!   the event loop, reclamation of fully-acknowledged segments, recovery.
 //! - [`policy`]: `--fsync always | every:<ms> | never`.
+//! - [`store`]: the store the broker talks to ([`Durability`]): the broker's records as
+//!   appends, deferred to the end of a pass, reads of paged messages and queue tails, recovery
+//!   into the broker's queues, and the order in which durability is reported.
 //! - [`inspect`]: read-only snapshots of a shard directory for the `stompd-log` tool, with the
 //!   scanner and reclaim rule recovery uses.
 
@@ -17,6 +20,7 @@ pub mod inspect;
 pub mod policy;
 pub mod segment;
 pub mod shard;
+pub mod store;
 // Shared by the tests and the fuzz target (fuzz/), which is a separate crate and can only
 // reach what the library exports.
 #[doc(hidden)]
@@ -33,3 +37,4 @@ pub use shard::{
     reclaimable_segments, shard_dir, LogConfig, PendingMessage, RecoveredMessage, RecoveredQueue,
     Recovery, RecoveryReport, ShardLog, SkippedRecord, SyncRequest, SyncTarget, TailCut,
 };
+pub use store::{Durability, NotStored, Settled, SYNC_TOKEN};

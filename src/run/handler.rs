@@ -20,8 +20,8 @@ use crate::codec::Frame;
 use crate::server::{CloseReason, ConnId, ShardHandler, ShardIo};
 
 use super::auth::{AuthClient, Submitted};
-use super::durability::{Durability, NotStored, Settled, SYNC_TOKEN};
 use super::trim::Trimmer;
+use crate::log::{Durability, NotStored, Settled, SYNC_TOKEN};
 
 type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<FnvHasher>>;
 

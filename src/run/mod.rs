@@ -13,7 +13,6 @@
 //! caller waits. Nothing is shared between shards except the bounded queues of the server.
 
 pub mod auth;
-pub mod durability;
 pub mod handler;
 pub mod listening;
 pub mod trim;
@@ -32,8 +31,8 @@ use crate::log::{LogConfig, LogError, ShardLog};
 use crate::server::{HeartbeatConfig, Server, ServerConfig, ServerError, Shutdown};
 
 use self::auth::{AuthPool, PasswordAuthenticator};
-use self::durability::Durability;
 use self::handler::BrokerHandler;
+use crate::log::Durability;
 
 /// Why the broker could not start or stopped with an error. Each message says how to fix it.
 #[derive(Debug, Error)]

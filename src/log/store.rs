@@ -1,7 +1,8 @@
-//! One shard's durable store as the running broker uses it: turns the broker's
-//! [`Record`]s into log appends, keeps each live message's log [`Position`] so later acks and
-//! delivered marks find it, drives the group-commit fsync through the shard's io_uring, and
-//! says which [`DurableToken`]s may be reported to the broker.
+//! One shard's store as the broker talks to it ([`crate::broker::Store`]): turns the broker's
+//! [`Record`]s into log appends (acks and delivered marks name the records by the
+//! [`StoreRef`]s the store gave), reads paged messages and queue tails back, recovers the
+//! queues at start, hands the group-commit fsync to the shard's io_uring, and says which
+//! [`DurableToken`]s may be reported to the broker.
 //!
 //! Message records are deferred until the end of the handler pass ([`Durability::flush`]): a
 //! message auto-acked in the same pass that accepted it (a consumer with credit was waiting)
