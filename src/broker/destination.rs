@@ -218,6 +218,8 @@ struct QueueConsumer {
     unacked: VecDeque<Held>,
     /// Auto acks: deliveries the session has not yet reported written ([`ShardMessage::Credit`]).
     in_flight: u32,
+    /// Client acks: deliveries handed out, to tell at unsubscribe those still on their way.
+    handed: u64,
 }
 
 impl QueueConsumer {
@@ -705,16 +707,26 @@ impl Queue {
                 paused,
                 unacked: VecDeque::new(),
                 in_flight: 0,
+                handed: 0,
             },
         );
         debug_assert!(previous.is_none(), "consumer keys are never reused");
         self.dispatch(ctx);
     }
 
-    pub(crate) fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey) {
-        let Some(consumer) = self.consumers.remove(&key) else {
+    /// The consumer is gone; its session took in `received` of the client-ack deliveries
+    /// handed to it. The others were still on their way, the newest ones: they never reached
+    /// the client, so they do not count toward dead-lettering (`unsent`). None of them can
+    /// have been acked, so they are the last of `unacked`.
+    pub(crate) fn unsubscribe(&mut self, ctx: &mut Ctx<'_>, key: ConsumerKey, received: u64) {
+        let Some(mut consumer) = self.consumers.remove(&key) else {
             return;
         };
+        let on_their_way = consumer.handed.saturating_sub(received);
+        let on_their_way = usize::try_from(on_their_way).unwrap_or(usize::MAX);
+        for held in consumer.unacked.iter_mut().rev().take(on_their_way) {
+            held.unsent += 1;
+        }
         self.take_back(ctx, consumer.unacked.into_iter().collect(), false);
         self.dispatch(ctx);
     }
@@ -1014,6 +1026,7 @@ impl Queue {
                         None,
                     );
                 }
+                consumer.handed += 1;
                 consumer.unacked.push_back(held);
             }
         }

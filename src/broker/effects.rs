@@ -167,6 +167,9 @@ pub enum ShardMessage {
     Unsubscribe {
         consumer: ConsumerKey,
         destination: Arc<[u8]>,
+        /// Client-ack deliveries the session took in for it: those the queue handed out
+        /// beyond these were still on their way and never reached the client.
+        received: u64,
     },
     /// A SEND (or a committed one). `origin` hears of a refusal; with `ticket` it also hears of
     /// acceptance (once durable, when that is required), to release a RECEIPT.

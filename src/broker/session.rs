@@ -128,6 +128,8 @@ struct Subscription {
     waiting_bytes: u64,
     /// What the destination was last told: hand this subscription nothing for now.
     flow_paused: bool,
+    /// Client-ack deliveries taken in (see [`ShardMessage::Unsubscribe`]).
+    received: u64,
 }
 
 #[derive(Debug)]
@@ -781,6 +783,7 @@ impl Session {
                 queue,
                 waiting_bytes: 0,
                 flow_paused,
+                received: 0,
             },
         );
         self.update_input(ctx);
@@ -864,6 +867,7 @@ impl Session {
                 ShardMessage::Unsubscribe {
                     consumer,
                     destination: subscription.destination.clone(),
+                    received: subscription.received,
                 },
             );
             // Auto-ack deliveries still waiting were forgotten by their queue: they go back,
@@ -1196,6 +1200,11 @@ impl Session {
                 );
             }
             return;
+        }
+        if !settled {
+            if let Some(subscription) = self.subscriptions.get_mut(&number) {
+                subscription.received += 1;
+            }
         }
         if message.is_expired(ctx.now_ms) {
             // It expired on its way from another shard: still never delivered.

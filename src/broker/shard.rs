@@ -890,7 +890,8 @@ impl<S: Store> Shard<S> {
             ShardMessage::Unsubscribe {
                 consumer,
                 destination,
-            } => self.handle_unsubscribe(consumer, &destination, now_ms, out),
+                received,
+            } => self.handle_unsubscribe(consumer, &destination, received, now_ms, out),
             ShardMessage::Publish {
                 message,
                 origin,
@@ -1013,12 +1014,13 @@ impl<S: Store> Shard<S> {
         &mut self,
         consumer: ConsumerKey,
         destination: &Arc<[u8]>,
+        received: u64,
         now_ms: u64,
         out: &mut Effects,
     ) {
         let mut ctx = ctx!(self, now_ms, out);
         match self.destinations.get_mut(destination) {
-            Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer),
+            Some(Destination::Queue(queue)) => queue.unsubscribe(&mut ctx, consumer, received),
             Some(Destination::Topic(topic)) => topic.unsubscribe(&mut ctx, consumer),
             None => {}
         }

@@ -1082,3 +1082,50 @@ fn flush_and_pump(cluster: &mut Cluster, conn: ConnectionId) {
     cluster.flush(conn);
     while cluster.step_link(0) {}
 }
+
+/// Found while tuning loop turns: a client-ack delivery still on its way between cores when
+/// its consumer's connection closes never reached the session, so it must not count toward
+/// dead-lettering. With `deliveries_max: 1` it would otherwise move to the dead-letter queue
+/// without ever having been sent; it goes back to its queue, and the next consumer gets it.
+#[test]
+fn a_delivery_in_flight_when_its_consumer_goes_is_not_counted_toward_dead_lettering() {
+    let config = BrokerConfig {
+        deliveries_max: 1,
+        ..BrokerConfig::default()
+    };
+    let mut cluster = Cluster::new(2, config);
+    let queue = "/queue/in-flight";
+    let owner = shard_of(queue.as_bytes(), 2).0;
+    let other = 1 - owner;
+    let producer = cluster.connect(owner);
+    cluster.publish(producer, queue, "never sent");
+    let consumer = cluster.connect(other);
+    cluster.auto_pump = false;
+    cluster.subscribe(consumer, "s", queue, "client-individual");
+    // The queue's shard takes the SUBSCRIBE and hands the message out: its Deliver waits on
+    // the link to the consumer's shard while the connection goes.
+    while !cluster.links[&(other, owner)].is_empty() {
+        assert!(cluster.step_link(0));
+    }
+    assert_eq!(
+        cluster.links[&(owner, other)].len(),
+        1,
+        "the Deliver on its way"
+    );
+    cluster.lose(consumer);
+    while cluster.step_link(0) {}
+    cluster.auto_pump = true;
+    assert!(
+        cluster.take(consumer).is_empty(),
+        "it never reached the client"
+    );
+    assert!(
+        cluster.shards[usize::from(shard_of(b"/queue/DLQ.in-flight", 2).0)]
+            .held_message_ids(b"/queue/DLQ.in-flight")
+            .is_empty(),
+        "not dead-lettered"
+    );
+    let next = cluster.connect(other);
+    cluster.subscribe(next, "s", queue, "client-individual");
+    assert_eq!(bodies(&cluster.frames(next)), ["never sent"]);
+}
