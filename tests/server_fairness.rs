@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use server_common::{test_config, READ_TIMEOUT};
 use stompd::codec::Frame;
-use stompd::server::{CloseReason, ConnId, Server, ShardHandler, ShardId, ShardIo, Shutdown};
+use stompd::server::{
+    CloseReason, ConnId, Server, ShardHandler, ShardId, ShardIo, Shutdown, StatsHandle,
+};
 
 /// Frames in the flood: far more than one turn's budget (4,096), and small, so a receive
 /// batch holds many turns' worth.
@@ -41,6 +43,15 @@ impl ShardHandler for Recorder {
     fn on_close(&mut self, _conn: ConnId, _reason: &CloseReason, _io: &mut ShardIo<'_, ()>) {}
 
     fn on_peer(&mut self, _from: ShardId, _msg: (), _io: &mut ShardIo<'_, ()>) {}
+}
+
+/// Loop turns in which a connection stopped decoding at its byte budget, over all shards.
+fn frame_budget_spent(stats: &StatsHandle) -> u64 {
+    stats
+        .shards()
+        .iter()
+        .map(|shard| shard.frame_budget_spent)
+        .sum()
 }
 
 fn read_done(stream: &mut TcpStream) {
@@ -88,11 +99,7 @@ fn a_flooding_connection_does_not_hold_up_another_and_keeps_its_order() {
     read_done(&mut flood);
 
     let seen = seen.lock().unwrap().clone();
-    let budget_spent: u64 = stats
-        .shards()
-        .iter()
-        .map(|shard| shard.frame_budget_spent)
-        .sum();
+    let budget_spent = frame_budget_spent(&stats);
     shutdown.trigger();
     thread.join().unwrap().unwrap();
     let other_at = seen.iter().position(|body| body == "other").unwrap();
@@ -176,11 +183,7 @@ fn a_flood_of_large_frames_is_bounded_per_turn_by_bytes() {
     flood.write_all(&bytes).unwrap();
     read_done(&mut flood);
 
-    let budget_spent: u64 = stats
-        .shards()
-        .iter()
-        .map(|shard| shard.frame_budget_spent)
-        .sum();
+    let budget_spent = frame_budget_spent(&stats);
     shutdown.trigger();
     thread.join().unwrap().unwrap();
     assert_eq!(*frames.lock().unwrap(), count + 1);
