@@ -45,7 +45,7 @@ impl ShardHandler for Recorder {
     fn on_peer(&mut self, _from: ShardId, _msg: (), _io: &mut ShardIo<'_, ()>) {}
 }
 
-/// Loop turns in which a connection stopped decoding at its byte budget, over all shards.
+/// Times a connection used its frame budget for a loop turn (frames or bytes), over all shards.
 fn frame_budget_spent(stats: &StatsHandle) -> u64 {
     stats
         .shards()
