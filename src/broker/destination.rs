@@ -17,8 +17,9 @@
 //!   `max(prefetch_bytes, one message)`;
 //! - a message's `deliveries` counts every time it was handed out (the client is told:
 //!   `redelivered`, `delivery-count`); `unsent` counts those that the consumer's session
-//!   reported never written to the socket ([`ShardMessage::Unsent`]), which do not count
-//!   toward `deliveries_max`;
+//!   reported never written to the socket ([`ShardMessage::Unsent`]) or never took in (still
+//!   on their way when the consumer went: [`ShardMessage::Unsubscribe`]'s `received`), which
+//!   do not count toward `deliveries_max`;
 //! - messages that come back (NACK, consumer gone) return to the front of `ready` in their
 //!   original order with their delivery count, so the next delivery is marked redelivered, or
 //!   move to the dead-letter queue once they were delivered `deliveries_max` times; auto-acked
