@@ -647,7 +647,8 @@ impl<S: Store> Shard<S> {
         self.sessions.len()
     }
 
-    /// Ids of every message a queue holds, waiting or unacknowledged (for invariant checks).
+    /// Ids of every message a queue holds in memory, waiting or unacknowledged, not those of
+    /// its tail (for invariant checks).
     pub fn held_message_ids(&self, destination: &[u8]) -> Vec<MessageId> {
         match self.destinations.get(destination) {
             Some(Destination::Queue(queue)) => queue.held_ids(),
